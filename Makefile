@@ -1,0 +1,33 @@
+# The two commands a user needs: `make app` and `make test`. Both set everything up from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PORT ?= 8501
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msae-installed
+
+.PHONY: app test bench setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes in first and pinned, so nothing below can pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+app: setup
+	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV)

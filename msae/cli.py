@@ -1,0 +1,137 @@
+"""The `msae` command: one entry point, sub-commands, flags generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from msae.train import TensorBatches, TrainConfig, Trainer, TrainingError
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (so the help text stays in one place)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _parse_tuple(kind):
+    def parse(text: str):
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of `cls`, typed from its annotation, documented from its docstring."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = docs.get(f.name, "")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if typing.get_origin(base) is tuple:
+            item = typing.get_args(base)[0]
+            shown = ",".join(str(v) for v in default) if default else None
+            parser.add_argument(flag, type=_parse_tuple(item), default=default, metavar="A,B,...", help=f"{help_text} (default: {shown})")
+            continue
+        parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def load_activations_file(path: Path) -> torch.Tensor:
+    """The `activations` tensor (N, d_in) of a safetensors file, checked."""
+    if not path.exists():
+        raise CLIError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "activations" not in f.keys():
+                raise CLIError(f"{path}: no tensor named 'activations' (found: {', '.join(f.keys()) or 'none'})")
+            acts = f.get_tensor("activations")
+    except SafetensorError as exc:
+        raise CLIError(f"{path}: not a readable safetensors file ({exc})") from None
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise CLIError(f"{path}: 'activations' must be a 2-D float tensor (N, d_in), got {tuple(acts.shape)} {acts.dtype}")
+    return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(TrainConfig, args)
+    if args.activations is None:
+        raise CLIError("train: give --activations FILE.safetensors (a tensor 'activations' of shape (N, d_in))")
+    acts = load_activations_file(Path(args.activations))
+    trainer = Trainer(cfg, TensorBatches(acts), Path(args.out), run_info={"activations": str(args.activations)})
+    dirs = trainer.train(resume=args.resume)
+    for name, run_dir in dirs.items():
+        last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+        m = json.loads(last)
+        fvu = ", ".join(f"{v:.4f}" for v in m["fvu"])
+        print(f"{name}: {run_dir}  fvu per width [{fvu}]  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}")
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from msae import toy
+
+    return toy.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msae", description="Matryoshka sparse autoencoders: train, analyse, explore.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a Matryoshka and/or vanilla SAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--activations", help="safetensors file with a tensor 'activations' of shape (N, d_in)")
+    train.add_argument("--out", required=True, help="run directory to write (one SAE) or to hold one per SAE")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_dataclass_args(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    toy_parser = sub.add_parser("toy", help="train vanilla and Matryoshka SAEs on a toy hierarchy and compare them")
+    from msae import toy
+
+    toy.add_args(toy_parser)
+    toy_parser.set_defaults(func=cmd_toy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, TrainingError, ValueError) as exc:
+        print(f"msae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

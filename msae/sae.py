@@ -1,0 +1,189 @@
+"""The sparse autoencoder: one module for Matryoshka (several nested widths) and vanilla (one width) SAEs.
+
+Latents are split into consecutive groups; the nested dictionaries are the prefixes of `widths`
+(m_1 < m_2 < ... < m_G = d_sae). A vanilla SAE is the case G = 1. Tensors are named and shaped as in
+SAELens: W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in), threshold ().
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from msae import sparse
+from msae.sparse import Entries
+
+ACTIVATIONS = ("batchtopk", "topk", "relu", "jumprelu")
+"""jumprelu (pre-activation kept above a per-latent threshold) is for SAEs loaded from elsewhere; not trained here."""
+
+
+class SAEOutput(NamedTuple):
+    """What one forward pass returns."""
+
+    entries: Entries
+    """Active latents of every row, in coordinate form (rows, cols, vals)."""
+    recons: Tensor
+    """(G, B, d_in) reconstruction at every nested width, the last being the full SAE."""
+    mse: Tensor
+    """(G,) squared error summed over d_in, averaged over rows, at every width (the loss terms)."""
+    fvu: Tensor
+    """(G,) fraction of variance unexplained at every width: squared error / squared deviation from the batch mean."""
+    l0: Tensor
+    """() mean number of active latents per row."""
+    l1: Tensor
+    """() mean over rows of the summed latent activations (the ReLU SAE's sparsity penalty)."""
+    aux_loss: Tensor
+    """() AuxK loss: dead latents reconstructing the residual, over the residual's variance (0 without dead)."""
+
+
+class SAE(nn.Module):
+    """A Matryoshka (or, with one width, vanilla) sparse autoencoder."""
+
+    def __init__(
+        self,
+        d_in: int,
+        widths: Sequence[int],
+        k: int = 32,
+        activation: str = "batchtopk",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if not widths or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] <= 0:
+            raise ValueError(f"widths must be positive and strictly increasing, got {widths}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation in ("batchtopk", "topk") and not 0 < k <= widths[-1]:
+            raise ValueError(f"k must be between 1 and d_sae={widths[-1]}, got {k}")
+        self.d_in = int(d_in)
+        self.widths = widths
+        self.k = int(k)
+        self.activation = activation
+        d_sae = widths[-1]
+        factory = dict(dtype=dtype, device=device)
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        # BatchTopK's inference threshold θ: negative until learned (BatchTopK is then used in eval too).
+        # A (d_sae,) vector holds per-latent JumpReLU thresholds of SAEs loaded from elsewhere.
+        self.register_buffer("threshold", torch.tensor(-1.0, **factory))
+        self.reset_parameters()
+
+    @property
+    def d_sae(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.widths)
+
+    @property
+    def group_bounds(self) -> Tensor:
+        """(G,) end index of each group (= the nested widths)."""
+        return torch.tensor(self.widths, device=self.W_dec.device)
+
+    def group_of(self, latents: Tensor) -> Tensor:
+        """Group index (0-based) of each latent index."""
+        return torch.bucketize(latents, self.group_bounds, right=True)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows, encoder = decoder transpose, zero biases."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float64)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.threshold.fill_(-1.0)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of each decoder row's gradient its component along the (unit) row itself."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    def uses_batchtopk(self) -> bool:
+        """True when selection is BatchTopK over the batch (training, or a threshold not learned yet)."""
+        return self.activation == "batchtopk" and (self.training or bool((self.threshold < 0).all()))
+
+    def select(self, x: Tensor) -> Entries:
+        """The active latents of x (no gradient), by the SAE's activation rule."""
+        x_c = (x - self.b_dec).detach()
+        W_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
+        if self.activation == "relu":
+            return sparse.select_above(x_c, W_enc, b_enc, 0.0)
+        if self.activation == "jumprelu":
+            return sparse.select_above(x_c, W_enc, b_enc, self.threshold)
+        if self.activation == "topk":
+            return sparse.select_topk(x_c, W_enc, b_enc, self.k)
+        if self.uses_batchtopk():
+            return sparse.select_batchtopk(x_c, W_enc, b_enc, self.k)
+        return sparse.select_above(x_c, W_enc, b_enc, self.threshold)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense (B, d_sae) latent activations; use `select` for large batches."""
+        entries = self.select(x)
+        return entries.dense(x.shape[0], self.d_sae)
+
+    def decode(self, latents_BF: Tensor, width: int | None = None) -> Tensor:
+        """Reconstruction from dense latents using the first `width` latents (default: all)."""
+        width = self.d_sae if width is None else width
+        return latents_BF[:, :width] @ self.W_dec[:width] + self.b_dec
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
+        """Encode, reconstruct at every nested width in one cumulative pass, and measure it.
+
+        Gradients reach the SAE's parameters only: x is treated as data. `dead_mask` (d_sae,) turns on AuxK
+        with the k_aux (default d_in // 2) largest pre-activations of the dead latents."""
+        n_rows = x.shape[0]
+        entries = self.select(x)
+        aux_entries = None
+        if dead_mask is not None and dead_mask.any():
+            dead_idx = dead_mask.nonzero().squeeze(1)
+            k_aux = self.d_in // 2 if k_aux is None else k_aux
+            aux_entries = sparse.select_aux(
+                (x - self.b_dec).detach(), self.W_enc.detach(), self.b_enc.detach(), dead_idx, k_aux
+            )
+        all_entries = entries if aux_entries is None else Entries(*(torch.cat(p) for p in zip(entries, aux_entries)))
+        all_vals = sparse.encode_at(x, self.W_enc, self.b_enc, self.b_dec, all_entries)
+        vals = all_vals[: entries.vals.numel()]
+
+        # One bag per (group, row): the group's part of each row's reconstruction; cumsum over groups nests them.
+        groups = self.group_of(entries.cols)
+        bag = groups * n_rows + entries.rows
+        order = torch.argsort(bag, stable=True)
+        parts = sparse.decode_bags(vals[order], self.W_dec, entries.cols[order], bag[order], self.n_groups * n_rows)
+        mse, recons = sparse.nested_mse(parts.view(self.n_groups, n_rows, self.d_in), self.b_dec, x)
+        total_var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        fvu = mse / total_var.clamp_min(torch.finfo(x.dtype).tiny)
+        l0 = x.new_tensor(entries.vals.numel() / max(n_rows, 1))
+        l1 = vals.sum() / max(n_rows, 1)
+
+        aux_loss = x.new_zeros(())
+        if aux_entries is not None and aux_entries.vals.numel() > 0:
+            aux_vals = all_vals[entries.vals.numel() :]
+            aux_recon = sparse.decode_bags(aux_vals, self.W_dec, aux_entries.cols, aux_entries.rows, n_rows)
+            residual = (x - recons[-1]).detach()
+            residual_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+            aux_loss = (aux_recon - residual).pow(2).sum(dim=-1).mean() / residual_var.clamp_min(
+                torch.finfo(x.dtype).tiny
+            )
+        return SAEOutput(entries._replace(vals=vals), recons, mse, fvu, l0, l1, aux_loss)
+
+
+def default_lr(d_sae: int) -> float:
+    """The scaling-law learning rate used by the reference trainers: 2e-4 / sqrt(d_sae / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)

@@ -1,0 +1,248 @@
+"""Sparse kernels for the SAE step: latent selection without a dense latent matrix, and decode / encoder
+gradients that touch only the k·B active latents.
+
+Only the encoder matmul is dense. Pre-activations are produced in row chunks and reduced at once to the
+entries that survive (BatchTopK, TopK, a threshold or ReLU), so the (B, d_sae) matrix never exists. Every
+gradient is then computed from the surviving entries alone:
+
+    d b_enc[i]   = sum_j dpre_j                      over entries j of latent i
+    d W_enc[:,i] = sum_j dpre_j (x_j - b_dec)         (an embedding_bag over rows, bagged by latent)
+    d b_dec      = -W_enc @ d b_enc                   (b_dec enters the encoder as x - b_dec)
+    d W_dec[i]   = sum_j f_j grad_out[bag_j]          (an embedding_bag over grad rows, bagged by latent)
+    d f_j        = <grad_out[bag_j], W_dec[col_j]>    (embedding_bag's per-sample-weight backward)
+
+`tests/test_sparse.py` checks every one of these against the plain dense computation in float64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_ROWS = 256
+"""Rows of pre-activations computed at a time: 256 x 16,384 fp32 is 16 MB, small enough to stay in cache
+while it is reduced to its surviving entries."""
+
+BATCHTOPK_MARGIN = (2.0, 8.0)
+"""BatchTopK first keeps every pre-activation above a threshold estimated on the first chunk so that about
+MARGIN x k x B candidates survive, then takes the exact top k·B among them. If too few survive (a batch
+unlike its first chunk) it retries with the next, larger margin, and finally with every positive value."""
+
+
+class Entries(NamedTuple):
+    """Active latents of a batch in coordinate form, sorted by row (then by latent within a row)."""
+
+    rows: Tensor
+    """(nnz,) int64: batch row of each entry."""
+    cols: Tensor
+    """(nnz,) int64: latent index of each entry."""
+    vals: Tensor
+    """(nnz,) activation value of each entry (> 0)."""
+
+    def dense(self, n_rows: int, d_sae: int) -> Tensor:
+        """The (n_rows, d_sae) latent matrix; for inspection and tests, never on the training path."""
+        out = self.vals.new_zeros(n_rows, d_sae)
+        out[self.rows, self.cols] = self.vals
+        return out
+
+
+def _empty_entries(like: Tensor) -> Entries:
+    empty = torch.empty(0, dtype=torch.long, device=like.device)
+    return Entries(empty, empty, like.new_empty(0))
+
+
+def _concat(parts: list[Entries], like: Tensor) -> Entries:
+    if not parts:
+        return _empty_entries(like)
+    return Entries(*(torch.cat(field) for field in zip(*parts)))
+
+
+def _above(pre_CF: Tensor, threshold: float | Tensor, row0: int) -> Entries:
+    """Entries of one chunk whose pre-activation exceeds `threshold` (>= 0; a scalar or one per latent)."""
+    flat = pre_CF.reshape(-1)
+    idx = (pre_CF > threshold).reshape(-1).nonzero().squeeze(1)
+    d_sae = pre_CF.shape[1]
+    return Entries(idx // d_sae + row0, idx % d_sae, flat[idx])
+
+
+def _pre_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, chunk_rows: int):
+    """Yield (row0, pre-activations of rows row0:row0+chunk) for centred inputs x_c."""
+    for row0 in range(0, x_c.shape[0], chunk_rows):
+        yield row0, torch.addmm(b_enc, x_c[row0 : row0 + chunk_rows], W_enc)
+
+
+def _top_values(entries: Entries, n: int) -> Entries:
+    """The n largest entries, back in row-major order."""
+    if entries.vals.numel() <= n:
+        return entries
+    keep = entries.vals.topk(n, sorted=False).indices.sort().values
+    return Entries(entries.rows[keep], entries.cols[keep], entries.vals[keep])
+
+
+@torch.no_grad()
+def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """Exact BatchTopK: the k·B largest positive pre-activations of the whole batch."""
+    n_rows = x_c.shape[0]
+    n_keep = k * n_rows
+    first_rows = min(chunk_rows, n_rows)
+    pre0 = torch.addmm(b_enc, x_c[:first_rows], W_enc)
+    for margin in (*BATCHTOPK_MARGIN, None):
+        threshold = 0.0
+        if margin is not None:
+            n_cand = int(margin * k * first_rows)
+            if n_cand < pre0.numel():
+                threshold = max(0.0, pre0.reshape(-1).topk(n_cand, sorted=False).values.min().item())
+        parts = [_above(pre0, threshold, 0)]
+        for row0, pre in _pre_chunks(x_c[first_rows:], W_enc, b_enc, chunk_rows):
+            parts.append(_above(pre, threshold, row0 + first_rows))
+        cand = _concat(parts, x_c)
+        # Exact when at least n_keep values exceed the threshold: everything left out is <= threshold.
+        if cand.vals.numel() >= n_keep or threshold == 0.0:
+            return _top_values(cand, n_keep)
+    raise AssertionError("unreachable: the last margin keeps every positive value")
+
+
+@torch.no_grad()
+def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """Per-row TopK of the positive pre-activations."""
+    parts = []
+    for row0, pre in _pre_chunks(x_c, W_enc, b_enc, chunk_rows):
+        vals, cols = pre.topk(k, dim=1)
+        cols, order = cols.sort(dim=1)
+        vals = vals.gather(1, order)
+        rows = torch.arange(row0, row0 + pre.shape[0], device=pre.device).unsqueeze(1).expand_as(cols)
+        keep = vals > 0
+        parts.append(Entries(rows[keep], cols[keep], vals[keep]))
+    return _concat(parts, x_c)
+
+
+@torch.no_grad()
+def select_above(
+    x_c: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: float | Tensor, chunk_rows: int = CHUNK_ROWS
+) -> Entries:
+    """Every pre-activation above `threshold`, a scalar or a (d_sae,) vector (JumpReLU), never below 0.
+
+    0 gives ReLU; BatchTopK's learned θ gives its inference rule."""
+    threshold = threshold.clamp_min(0.0) if isinstance(threshold, Tensor) else max(threshold, 0.0)
+    parts = [_above(pre, threshold, row0) for row0, pre in _pre_chunks(x_c, W_enc, b_enc, chunk_rows)]
+    return _concat(parts, x_c)
+
+
+@torch.no_grad()
+def select_aux(
+    x_c: Tensor, W_enc: Tensor, b_enc: Tensor, dead_idx: Tensor, k_aux: int, chunk_rows: int = CHUNK_ROWS
+) -> Entries:
+    """AuxK: per row, the k_aux largest positive pre-activations among the dead latents `dead_idx`."""
+    k_aux = min(k_aux, dead_idx.numel())
+    if k_aux == 0:
+        return _empty_entries(x_c)
+    W_dead = W_enc[:, dead_idx]
+    parts = []
+    for row0, pre in _pre_chunks(x_c, W_dead, b_enc[dead_idx], chunk_rows):
+        vals, local = pre.topk(k_aux, dim=1)
+        rows = torch.arange(row0, row0 + pre.shape[0], device=pre.device).unsqueeze(1).expand_as(local)
+        keep = vals > 0
+        parts.append(Entries(rows[keep], dead_idx[local[keep]], vals[keep]))
+    return _concat(parts, x_c)
+
+
+def _bag_offsets(sorted_keys: Tensor, n_bags: int) -> Tensor:
+    """Start offset of every bag for keys already sorted ascending (empty bags allowed)."""
+    counts = torch.bincount(sorted_keys, minlength=n_bags)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _per_entry_dot(grad_out: Tensor, weight: Tensor, cols: Tensor, offsets: Tensor, bags: Tensor) -> Tensor:
+    """<grad_out[bags_j], weight[cols_j]> for every entry j, without materialising either gather."""
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, weight, cols, offsets, bags, 0, -1)
+
+
+def _sum_by_latent(src: Tensor, src_rows: Tensor, cols: Tensor, weights: Tensor, d_sae: int) -> Tensor:
+    """(d_sae, d) with row i = sum over entries j of latent i of weights_j * src[src_rows_j]."""
+    order = torch.argsort(cols)
+    cols_sorted = cols[order]
+    return F.embedding_bag(
+        src_rows[order], src, _bag_offsets(cols_sorted, d_sae), mode="sum", per_sample_weights=weights[order]
+    )
+
+
+class _EncodeAt(torch.autograd.Function):
+    """Pre-activations at the selected entries, with gradients to W_enc, b_enc and b_dec from those alone."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, vals):
+        ctx.save_for_backward(x, W_enc, b_dec, rows, cols)
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, dvals):
+        x, W_enc, b_dec, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        db_enc = torch.bincount(cols, weights=dvals, minlength=d_sae).to(dvals.dtype)
+        dW_enc = None
+        if ctx.needs_input_grad[1]:
+            dW_enc = _sum_by_latent(x - b_dec, rows, cols, dvals, d_sae).t().contiguous()
+        db_dec = -(W_enc @ db_enc) if ctx.needs_input_grad[3] else None
+        return None, dW_enc, db_enc, db_dec, None, None, None
+
+
+class _DecodeBags(torch.autograd.Function):
+    """out[b] = sum of vals_j W_dec[cols_j] over the entries j of bag b (entries sorted by bag)."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, cols, bags, n_bags):
+        offsets = _bag_offsets(bags, n_bags)
+        ctx.save_for_backward(vals, W_dec, cols, bags, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        vals, W_dec, cols, bags, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dvals = _per_entry_dot(grad_out, W_dec, cols, offsets, bags) if ctx.needs_input_grad[0] else None
+        dW_dec = _sum_by_latent(grad_out, bags, cols, vals, W_dec.shape[0]) if ctx.needs_input_grad[1] else None
+        return dvals, dW_dec, None, None, None
+
+
+class _NestedMSE(torch.autograd.Function):
+    """Nested reconstructions b_dec + cumsum(parts) and their squared errors, with a fused backward.
+
+    The gradient of part h collects the errors of every width that contains it (g >= h): one reverse running
+    sum over the G levels instead of autograd's flip-cumsum-flip and separate pow/sum/mean passes."""
+
+    @staticmethod
+    def forward(ctx, parts, b_dec, x):
+        recons = torch.cumsum(parts, dim=0).add_(b_dec)  # (G, B, d_in)
+        diff = recons - x
+        mse = diff.pow(2).sum(dim=-1).mean(dim=-1)  # (G,)
+        ctx.save_for_backward(diff)
+        ctx.mark_non_differentiable(recons)
+        return mse, recons
+
+    @staticmethod
+    def backward(ctx, grad_mse, _grad_recons):
+        (diff,) = ctx.saved_tensors
+        n_rows = diff.shape[1]
+        grad = diff * (grad_mse * (2.0 / n_rows)).view(-1, 1, 1)
+        for h in range(grad.shape[0] - 2, -1, -1):
+            grad[h] += grad[h + 1]
+        db_dec = grad[0].sum(dim=0) if ctx.needs_input_grad[1] else None
+        return grad, db_dec, None
+
+
+def nested_mse(parts: Tensor, b_dec: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mse (G,), recons (G, B, d_in)) for the per-group decoder parts (G, B, d_in); recons carries no gradient."""
+    return _NestedMSE.apply(parts, b_dec, x)
+
+
+def encode_at(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, entries: Entries) -> Tensor:
+    """Differentiable pre-activation values of `entries` (computed already, without grad, by a selector)."""
+    return _EncodeAt.apply(x, W_enc, b_enc, b_dec, entries.rows, entries.cols, entries.vals)
+
+
+def decode_bags(vals: Tensor, W_dec: Tensor, cols: Tensor, bags: Tensor, n_bags: int) -> Tensor:
+    """(n_bags, d_in) sums of vals_j W_dec[cols_j] per bag; `bags` must be sorted ascending."""
+    return _DecodeBags.apply(vals, W_dec, cols, bags, n_bags)
