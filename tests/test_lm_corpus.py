@@ -1,0 +1,193 @@
+"""The real built-in model on small slices: hooks, early exit, the activation cache, corpora, end to end."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from msae import corpus as corpus_mod
+from msae.activations import CachedActivations, ExtractConfig, extract, read_manifest
+from msae.cli import main as cli_main
+from msae.corpus import CorpusError, file_documents, strip_wiki_markup
+from msae.io import load_sae
+from msae.lm import decoder_layers, load_lm, residual_after
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_lm("smollm2-135m", device="cpu")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    paragraphs = [
+        "The cat sat on the mat and looked at the rain falling over the quiet village street.",
+        "Rivers carry water from the mountains to the sea, shaping valleys over millions of years.",
+        "A compiler translates source code into machine instructions that a processor can execute.",
+    ]
+    path.write_text("\n\n".join(paragraphs * 6) + "\n")
+    return path
+
+
+def test_hook_equals_the_full_models_hidden_state(lm):
+    ids = lm.tokenizer(["The capital of France is Paris.", "Sparse autoencoders find features."], padding=True, return_tensors="pt")
+    layer = 15
+    hooked = residual_after(lm, ids["input_ids"], ids["attention_mask"], layer)
+    full = lm.model(**ids, output_hidden_states=True).hidden_states[layer + 1]
+    assert hooked.shape == (2, ids["input_ids"].shape[1], lm.d_model)
+    torch.testing.assert_close(hooked, full)
+
+
+def test_forward_stops_after_the_hooked_block(lm):
+    ran = []
+    handle = decoder_layers(lm.model)[16].register_forward_hook(lambda *a: ran.append(True))
+    try:
+        ids = lm.tokenizer("early exit", return_tensors="pt")
+        residual_after(lm, ids["input_ids"], ids["attention_mask"], 15)
+    finally:
+        handle.remove()
+    assert ran == []
+
+
+def test_bad_layer_is_refused(lm):
+    ids = lm.tokenizer("x", return_tensors="pt")
+    with pytest.raises(ValueError, match="layer must be between 0 and 29"):
+        residual_after(lm, ids["input_ids"], ids["attention_mask"], 30)
+
+
+def test_unknown_model_gives_a_clear_error():
+    from msae.lm import LMLoadError
+
+    with pytest.raises(LMLoadError, match="could not load model 'no-such-org/no-such-model'"):
+        load_lm("no-such-org/no-such-model", device="cpu")
+
+
+def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
+    cfg = ExtractConfig(corpus=str(text_file), tokens=250, ctx_len=32, lm_batch=2, shard_rows=60, layer=15)
+    straight = extract(cfg, lm=lm, root=tmp_path / "a")
+    manifest = read_manifest(straight)
+    assert manifest["rows"] >= 250 and len(manifest["shards"]) >= 3
+    assert manifest["dropped"]["position_0"] == manifest["contexts_done"]
+
+    stamp = (straight / "manifest.json").stat().st_mtime_ns
+    assert extract(cfg, lm=lm, root=tmp_path / "a") == straight
+    assert (straight / "manifest.json").stat().st_mtime_ns == stamp, "a full cache is reused untouched"
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two_shards(rows, _total):
+        written = tmp_path / "b" / straight.name
+        if (written / "manifest.json").exists() and len(read_manifest(written)["shards"]) >= 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        extract(cfg, lm=lm, root=tmp_path / "b", progress=stop_after_two_shards)
+    resumed = extract(cfg, lm=lm, root=tmp_path / "b")
+    assert read_manifest(resumed)["rows"] == manifest["rows"]
+    for shard in manifest["shards"]:
+        with safe_open(str(straight / shard["file"]), "pt") as f, safe_open(str(resumed / shard["file"]), "pt") as g:
+            for key in f.keys():
+                torch.testing.assert_close(f.get_tensor(key), g.get_tensor(key), atol=1e-2, rtol=1e-3)
+
+
+def test_cached_rows_match_the_model(lm, text_file, tmp_path):
+    cfg = ExtractConfig(corpus=str(text_file), tokens=40, ctx_len=32, lm_batch=2, layer=15)
+    cache = extract(cfg, lm=lm, root=tmp_path)
+    shard = read_manifest(cache)["shards"][0]["file"]
+    with safe_open(str(cache / shard), "pt") as f:
+        acts, ctx_tokens = f.get_tensor("activations"), f.get_tensor("context_tokens")
+        context, position = f.get_tensor("context"), f.get_tensor("position")
+    ids = ctx_tokens[:1].long()
+    mask = (ids >= 0).long()
+    full = residual_after(lm, ids.clamp_min(0), mask, 15)[0]
+    rows = context == 0
+    torch.testing.assert_close(acts[rows].float(), full[position[rows].long()], atol=0.5, rtol=2e-3)
+    assert (position > 0).all(), "position 0 never enters the cache"
+
+
+def test_shuffled_buffer_is_bounded_and_covers_every_row(lm, text_file, tmp_path):
+    cfg = ExtractConfig(corpus=str(text_file), tokens=300, ctx_len=32, lm_batch=2, shard_rows=50, layer=15)
+    cache = extract(cfg, lm=lm, root=tmp_path)
+    source = CachedActivations(cache, buffer_rows=100)
+    assert source.n_rows > 2 * source.buffer_rows, "the corpus must be larger than the buffer"
+    per_epoch = source.n_rows // 16
+    seen = torch.cat([b for _, b in zip(range(per_epoch), source.batches(0, 16, seed=0))])
+    all_rows = torch.cat([source._load(s) for s in source.shards])
+    assert seen.shape[0] >= all_rows.shape[0] - 16 * 4  # at most one partial batch per buffer group is carried off
+    # The text repeats, so equal rows exist: an epoch may show each row only as often as the cache holds it.
+    from collections import Counter
+
+    held = Counter(tuple(r[:8].tolist()) for r in all_rows)
+    shown = Counter(tuple(r[:8].tolist()) for r in seen)
+    assert all(shown[key] <= held[key] for key in shown), "a row repeats within an epoch"
+    assert not torch.equal(seen[:16], all_rows[:16]), "rows are shuffled"
+    again = torch.cat([b for _, b in zip(range(3), source.batches(2, 16, seed=0))])
+    torch.testing.assert_close(again[:16], seen[32:48]), "starting at step 2 gives step 2's batch"
+
+
+def test_strip_wiki_markup():
+    raw = "{{Infobox|x={{y}}}}'''Anarchism''' is a [[political philosophy]] that [[self-governance|self-governs]].<ref>cite</ref>\n==History==\n[[Category:Politics]]"
+    assert strip_wiki_markup(raw) == "Anarchism is a political philosophy that self-governs.\nHistory"
+
+
+def test_builtin_corpus_has_real_text():
+    docs = corpus_mod.builtin_documents()
+    first = [next(docs) for _ in range(5)]
+    assert all(len(d.text) > 200 for d in first)
+    assert not any("[[" in d.text or "{{" in d.text for d in first)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.txt", b"fine line\n\xff\xfe broken\n", "line 2, byte 1: not valid UTF-8"),
+        ("empty.txt", b"", "the file is empty"),
+        ("blank.txt", b"\n\n\n", "no text found"),
+        ("bin.txt", b"ELF\x00\x01\x02", "looks like a binary file"),
+        ("rows.csv", b"id,body\n1,hello\n", "no 'text' column (columns: id, body)"),
+        ("rows.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', 'line 2: no "text" field'),
+        ("rows.jsonl", b'{"text": "ok"}\nnot json\n', "line 2: not valid JSON"),
+        ("data.parquet", b"PAR1 not really", "not a readable parquet file"),
+        ("notes.docx", b"whatever", "unsupported file type .docx"),
+    ],
+)
+def test_bad_corpora_are_refused_with_the_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        list(file_documents(path))
+    assert name in str(info.value)
+
+
+def test_user_file_formats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\nsecond doc\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    (tmp_path / "a.csv").write_text('text,id\n"multi\nline",1\nplain,2\n')
+    pq.write_table(pa.table({"text": ["p1", "p2", None]}), tmp_path / "a.parquet")
+    assert [d.text for d in file_documents(tmp_path / "a.txt")] == ["first doc\nstill first", "second doc"]
+    assert [d.text for d in file_documents(tmp_path / "a.jsonl")] == ["one", "two"]
+    assert [d.text for d in file_documents(tmp_path / "a.csv")] == ["multi\nline", "plain"]
+    assert [d.text for d in file_documents(tmp_path / "a.parquet")] == ["p1", "p2"]
+
+
+def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(tmp_path / "cache"))
+    argv = ["train", "--model", "smollm2-135m", "--layer", "3", "--corpus", str(text_file), "--tokens", "600",
+            "--ctx-len", "64", "--arch", "matryoshka", "--also-vanilla", "--widths", "32,128", "--k", "8",
+            "--steps", "12", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    for name in ("matryoshka", "vanilla"):
+        sae, cfg = load_sae(tmp_path / "run" / name)
+        assert sae.d_in == 576
+        info = cfg["msae"]["extraction"]
+        assert info["model"] == "smollm2-135m" and info["layer"] == 3
+        assert info["exhausted"] and 0 < info["rows"] < 600, "the tiny corpus runs out before 600 tokens"
+        assert info["corpus"].startswith("file:")
+    lines = (tmp_path / "run" / "matryoshka" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 12
