@@ -126,8 +126,9 @@ StepFn = Callable[[torch.Tensor], None]
 def make_activations(n: int, d_in: int = D_IN, rank: int = 64, seed: int = SEED) -> torch.Tensor:
     """Fixed-seed Gaussian activations with low-rank structure: (n, d_in) float32.
 
-    A rank-`rank` signal with decaying per-direction scales plus isotropic noise,
-    roughly unit variance per coordinate.
+    A rank-`rank` signal with decaying per-direction scales plus isotropic noise
+    (variance about 0.5 per coordinate).  Needs only torch, so the msae side can
+    import it to build identical data.
     """
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d_in, rank, generator=g))[0].T  # (rank, d_in), orthonormal rows

@@ -222,6 +222,26 @@ def extract(
     return cache
 
 
+def train_shards(manifest: dict) -> list[dict]:
+    """Every shard but the last, which is held out for evaluation (a single shard is all training)."""
+    shards = manifest["shards"]
+    return shards[:-1] if len(shards) >= 2 else shards
+
+
+def heldout_shards(manifest: dict) -> list[dict]:
+    shards = manifest["shards"]
+    return shards[-1:] if len(shards) >= 2 else []
+
+
+def heldout_contexts(cache: Path) -> Tensor | None:
+    """(n, ctx_len) token ids (-1 padded) of the held-out contexts, or None when nothing is held out."""
+    shards = heldout_shards(read_manifest(cache))
+    if not shards:
+        return None
+    with safe_open(str(Path(cache) / shards[0]["file"]), framework="pt") as f:
+        return f.get_tensor("context_tokens")
+
+
 class CachedActivations:
     """A BatchSource over a cache: shards in a seeded order each epoch, shuffled through a bounded buffer.
 
@@ -229,10 +249,10 @@ class CachedActivations:
     a time (as many as fit in the buffer), the group's rows permuted and cut into batches; rows left over
     carry into the next group, so an epoch visits every row once but the last, partial batch."""
 
-    def __init__(self, cache: Path, buffer_rows: int = 1 << 19, max_rows: int | None = None, skip_shards: int = 0):
+    def __init__(self, cache: Path, buffer_rows: int = 1 << 19, max_rows: int | None = None, heldout: bool = False):
         self.cache = Path(cache)
         self.manifest = read_manifest(self.cache)
-        self.shards = self.manifest["shards"][skip_shards:]
+        self.shards = heldout_shards(self.manifest) if heldout else train_shards(self.manifest)
         if max_rows is not None:
             kept, total = [], 0
             for shard in self.shards:
@@ -242,7 +262,8 @@ class CachedActivations:
                 total += shard["rows"]
             self.shards = kept
         if not self.shards:
-            raise ValueError(f"{self.cache}: the activation cache holds no shards")
+            which = "held-out" if heldout else "training"
+            raise ValueError(f"{self.cache}: the activation cache holds no {which} shards")
         self.d_in = int(self.manifest["d_model"])
         self.buffer_rows = buffer_rows
         self.n_rows = sum(s["rows"] for s in self.shards)
@@ -268,6 +289,12 @@ class CachedActivations:
             for b in range(n_full):
                 yield buffer[b * batch_size : (b + 1) * batch_size]
             carry = buffer[n_full * batch_size :]
+
+    def all_rows(self, batch_size: int) -> Iterator[Tensor]:
+        """Every row once, in cache order (for evaluation)."""
+        for shard in self.shards:
+            rows = self._load(shard)
+            yield from rows.split(batch_size)
 
     def batches(self, start_step: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         if self.n_rows < batch_size:

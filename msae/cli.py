@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from msae.activations import CachedActivations, ExtractConfig, extract, extraction_info
+from msae import io
+from msae.activations import CachedActivations, ExtractConfig, extract, extraction_info, heldout_contexts, read_manifest
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError
 from msae.train import TensorBatches, TrainConfig, Trainer, TrainingError
@@ -101,11 +102,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, source, Path(args.out), run_info=run_info)
     dirs = trainer.train(resume=args.resume)
     for name, run_dir in dirs.items():
-        last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
-        m = json.loads(last)
+        m = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         fvu = ", ".join(f"{v:.4f}" for v in m["fvu"])
-        print(f"{name}: {run_dir}  fvu per width [{fvu}]  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}")
+        print(f"{name}: {run_dir}  training fvu per width [{fvu}]  l0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}")
+    if args.activations is None:
+        evaluate_runs(dirs, cache, extract_cfg, args.eval_contexts)
     return 0
+
+
+def evaluate_runs(dirs: dict[str, Path], cache: Path, extract_cfg: ExtractConfig, n_contexts: int) -> None:
+    """Held-out metrics of every run, written to eval.json beside it and printed."""
+    from msae.evaluate import ce_loss_recovered, reconstruction_metrics
+    from msae.lm import load_lm
+
+    try:
+        heldout = CachedActivations(cache, heldout=True)
+    except ValueError:
+        print("no held-out shard in the activation cache (it has one shard): held-out evaluation skipped")
+        return
+    contexts = heldout_contexts(cache)[:n_contexts]
+    lm = load_lm(extract_cfg.model, extract_cfg.device)
+    layer = read_manifest(cache)["key"]["layer"]
+    for name, run_dir in dirs.items():
+        sae, _cfg = io.load_sae(run_dir, device=lm.device)
+        result = reconstruction_metrics(sae, heldout.all_rows(4096))
+        result.update(ce_loss_recovered(lm, sae, contexts, layer))
+        result["layer"] = layer
+        io.atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        fvu = ", ".join(f"{v:.4f}" for v in result["fvu"])
+        print(f"{name} held-out ({result['rows']:,} rows): fvu per width [{fvu}]  l0 {result['l0']:.1f}  "
+              f"dead {result['dead_fraction']:.3f}  CE loss recovered {result['ce_loss_recovered']:.3f} "
+              f"(clean {result['ce_clean']:.3f}, SAE {result['ce_sae']:.3f}, zero {result['ce_zero']:.3f})")
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
@@ -137,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "without it, activations are extracted from --model on --corpus (and cached)")
     train.add_argument("--out", required=True, help="run directory to write (one SAE) or to hold one per SAE")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts for CE loss recovered (default: 64)")
     add_dataclass_args(train, TrainConfig)
     add_dataclass_args(train, ExtractConfig, skip=("device",))
     train.set_defaults(func=cmd_train)

@@ -103,7 +103,7 @@ def _architecture_name(sae: SAE) -> str:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    """"float32" for torch.float32, as SAELens writes it."""
+    """The dtype's name as SAELens writes it: "float32" for torch.float32."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -327,7 +327,7 @@ def _build_sae(plan: _Plan, tensors: Mapping[str, Tensor], device: torch.device 
     """An SAE in eval mode holding `tensors` (ours, checked)."""
     dtype = dtype or tensors["W_enc"].dtype
     k_arg = {} if plan.k is None else {"k": plan.k}
-    sae = SAE(plan.d_in, plan.widths, activation=plan.activation, dtype=dtype, device=device, **k_arg)
+    sae = SAE(plan.d_in, plan.widths, activation=plan.activation, dtype=dtype, device=device, init=False, **k_arg)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(tensors[name])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
+from msae.io import CFG_FILE, WEIGHTS_FILE
 
 
 def find_runs(*roots: Path) -> list[Path]:

@@ -50,7 +50,9 @@ class SAE(nn.Module):
         activation: str = "batchtopk",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        init: bool = True,
     ):
+        """`init=False` leaves the weights uninitialised, for a loader that overwrites them at once."""
         super().__init__()
         widths = [int(w) for w in widths]
         if not widths or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] <= 0:
@@ -72,7 +74,8 @@ class SAE(nn.Module):
         # BatchTopK's inference threshold θ: negative until learned (BatchTopK is then used in eval too).
         # A (d_sae,) vector holds per-latent JumpReLU thresholds of SAEs loaded from elsewhere.
         self.register_buffer("threshold", torch.tensor(-1.0, **factory))
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     @property
     def d_sae(self) -> int:

@@ -179,7 +179,7 @@ def test_user_file_formats(tmp_path):
 def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(tmp_path / "cache"))
     argv = ["train", "--model", "smollm2-135m", "--layer", "3", "--corpus", str(text_file), "--tokens", "600",
-            "--ctx-len", "64", "--arch", "matryoshka", "--also-vanilla", "--widths", "32,128", "--k", "8",
+            "--ctx-len", "64", "--shard-rows", "100", "--eval-contexts", "4", "--arch", "matryoshka", "--also-vanilla", "--widths", "32,128", "--k", "8",
             "--steps", "12", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path / "run")]
     assert cli_main(argv) == 0, capsys.readouterr().err
     for name in ("matryoshka", "vanilla"):
@@ -191,3 +191,7 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
         assert info["corpus"].startswith("file:")
     lines = (tmp_path / "run" / "matryoshka" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 12
+    held = json.loads((tmp_path / "run" / "matryoshka" / "eval.json").read_text())
+    assert len(held["fvu"]) == 2 and held["rows"] > 0 and 0 < held["l0"]
+    assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
+    assert "CE loss recovered" in capsys.readouterr().out

@@ -1,0 +1,96 @@
+"""Held-out quality of a trained SAE: reconstruction per nested width, sparsity, and the LM's loss with the
+SAE's reconstruction spliced into the residual stream ("CE loss recovered")."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from msae.lm import LoadedLM, decoder_layers
+from msae.sae import SAE
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> dict:
+    """FVU and explained variance (1 - FVU, against the mean) at every nested width, L0 and the fraction of
+    latents that never fired, over all rows of `batches` (raw activations, SAE in eval mode)."""
+    sae.eval()
+    sq_err = None
+    n_rows, total_active = 0, 0
+    sums, sq_sums = None, None
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    for x in batches:
+        x = x.to(sae.W_dec.device, sae.W_dec.dtype)
+        out = sae(x)
+        err = (out.recons - x).pow(2).sum(dim=(1, 2)).double()  # (G,)
+        sq_err = err if sq_err is None else sq_err + err
+        sums = x.double().sum(0) if sums is None else sums + x.double().sum(0)
+        sq_sums = x.double().pow(2).sum() if sq_sums is None else sq_sums + x.double().pow(2).sum()
+        n_rows += x.shape[0]
+        total_active += out.entries.vals.numel()
+        fired[out.entries.cols] = True
+    if n_rows == 0:
+        raise ValueError("no held-out rows to evaluate on")
+    total_var = sq_sums - sums.pow(2).sum() / n_rows
+    fvu = (sq_err / total_var).tolist()
+    return {
+        "rows": n_rows,
+        "widths": list(sae.widths),
+        "fvu": fvu,
+        "explained_variance": [1 - v for v in fvu],
+        "l0": total_active / n_rows,
+        "dead_fraction": 1 - fired.float().mean().item(),
+    }
+
+
+def _lm_loss(lm: LoadedLM, ids: Tensor, mask: Tensor) -> Tensor:
+    """Summed next-token cross-entropy and the number of predicted tokens, over the unpadded positions."""
+    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+@torch.no_grad()
+def ce_loss_recovered(lm: LoadedLM, sae: SAE, context_tokens: Tensor, layer: int, batch: int = 8) -> dict:
+    """The LM's next-token loss on `context_tokens` (padded with -1) clean, with block `layer`'s output
+    replaced by the SAE's reconstruction, and by zeros; recovered = (zero - sae) / (zero - clean).
+
+    Position 0 keeps its clean value in both ablations: it is the attention-sink outlier that training drops."""
+    sae.eval()
+    block = decoder_layers(lm.model)[layer]
+    mode = {"replace": None}
+
+    def splice(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if mode["replace"] is None:
+            return output
+        new = hidden.clone()
+        body = hidden[:, 1:].reshape(-1, hidden.shape[-1])
+        if mode["replace"] == "sae":
+            recon = sae.decode(sae.encode(body.to(sae.W_dec.dtype))).to(hidden.dtype)
+        else:
+            recon = torch.zeros_like(body)
+        new[:, 1:] = recon.view(hidden.shape[0], -1, hidden.shape[-1])
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    count = 0
+    handle = block.register_forward_hook(splice)
+    try:
+        for start in range(0, context_tokens.shape[0], batch):
+            chunk = context_tokens[start : start + batch].long()
+            mask = (chunk >= 0).long().to(lm.device)
+            ids = chunk.clamp_min(0).to(lm.device)
+            for name, replace in (("clean", None), ("sae", "sae"), ("zero", "zero")):
+                mode["replace"] = replace
+                loss, n = _lm_loss(lm, ids, mask)
+                totals[name] += loss.item()
+            count += n.item()
+    finally:
+        handle.remove()
+    ce = {name: total / max(count, 1) for name, total in totals.items()}
+    recovered = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else float("nan")
+    return {"tokens": count, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_loss_recovered": recovered}
