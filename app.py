@@ -1,5 +1,6 @@
 """msae explorer: the home page lists the trained runs found on disk and shows each one's training."""
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -8,14 +9,15 @@ import streamlit as st
 
 from msae.runs import find_runs, read_metrics, summary
 
-ROOTS = (Path("assets"), Path("runs"))
+HERE = Path(__file__).resolve().parent
+ROOTS = (HERE / "assets", HERE / "runs", *(Path(p) for p in os.environ.get("MSAE_RUNS", "").split(os.pathsep) if p))
 
 st.set_page_config(page_title="msae explorer", layout="wide")
 st.title("msae: Matryoshka SAE explorer")
 
 runs = find_runs(*ROOTS)
 if not runs:
-    st.info("No trained runs found under assets/ or runs/. Train one with `msae train ... --out runs/NAME`.")
+    st.info("No trained runs found under assets/, runs/ or $MSAE_RUNS. Train one with `msae train ... --out runs/NAME`.")
     st.stop()
 
 table = pd.DataFrame([summary(r) for r in runs])
