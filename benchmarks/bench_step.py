@@ -3,11 +3,12 @@
     python benchmarks/bench_step.py [--steps 10] [--out benchmarks/results/step.json] [--peers-python PY]
 
 Measured at d_in 576, k 32, batch 4096, widths 1024..16384 (issue 2), each in both allocator modes (glibc
-default, and glibc keeping freed memory: see MALLOC_KEEP below), each timing in a fresh process:
+default, and glibc keeping freed memory: peers.MALLOC_KEEP_ENV), each timing in a fresh process:
   (a) Matryoshka vs vanilla BatchTopK of the same width        target <= 1.2x
   (b) one Matryoshka vs five vanilla SAEs of the nested widths target >= 1.6x cheaper
   (c) our vanilla vs a plain dense PyTorch TopK step           target >= 1.8x faster
   (d) our Matryoshka vs SAELens / dictionary_learning           target >= 4x SAELens, same mode
+      (with AuxK running every step on both sides, and without it on both sides)
 (d) needs the peers installed in another interpreter (--peers-python; see benchmarks/peers.py).
 All sides train on the same activations file.
 """
@@ -21,21 +22,16 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402  (plain torch; the peer packages themselves load only in the peers venv)
+
 D_IN, K, BATCH = 576, 32, 4096
 WIDTHS = (1024, 2048, 4096, 8192, 16384)
-
-MALLOC_KEEP = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
-}
-"""glibc otherwise returns each large temporary to the OS and faults its pages in again on the next step."""
-
 
 def make_activations(path: Path, n_rows: int = BATCH * 4, seed: int = 0) -> None:
     """Low-rank structured Gaussian activations with a few large-norm rows, like a residual stream."""
@@ -50,72 +46,83 @@ def make_activations(path: Path, n_rows: int = BATCH * 4, seed: int = 0) -> None
     save_file({"activations": acts.contiguous()}, str(path))
 
 
-def time_ours(acts_path: str, widths: list[int], steps: int, warmup: int = 2) -> dict:
-    """Median seconds of msae's full training step (forward, loss with AuxK, backward, Adam, constraints)."""
+def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, warmup: int = 2) -> dict:
+    """Median seconds of msae's full training step (forward, loss with AuxK, backward, Adam, constraints).
+
+    With `aux`, every latent that did not fire in the previous step counts as dead, so AuxK runs every step,
+    as the peers' with-aux variants do."""
     import torch
     from safetensors.torch import load_file
 
     from msae.train import TrainConfig, geometric_median, make_state, sae_step
 
     acts = load_file(acts_path)["activations"]
-    cfg = TrainConfig(widths=tuple(widths), k=K, batch_size=BATCH, steps=100_000, threshold_start_step=0)
+    cfg = TrainConfig(widths=tuple(widths), k=K, batch_size=BATCH, steps=100_000, threshold_start_step=0,
+                      dead_tokens=1 if aux else 10_000_000)
     state = make_state("bench", tuple(widths), D_IN, cfg, torch.device("cpu"), torch.float32)
     scale = 1.0 / acts.pow(2).sum(1).mean().sqrt()
     with torch.no_grad():
         state.sae.b_dec.copy_(geometric_median((acts[:BATCH] * scale).double()).float())
     n_batches = acts.shape[0] // BATCH
-    times = []
+    times, dead = [], []
     for i in range(warmup + steps):
         x = acts[(i % n_batches) * BATCH : (i % n_batches + 1) * BATCH] * scale
         start = time.perf_counter()
-        sae_step(state, x, i, cfg)
+        metrics = sae_step(state, x, i, cfg)
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times[warmup:]), "steps_s": times[warmup:]}
+        dead.append(round(metrics["dead_fraction"] * state.sae.d_sae))
+    return {"median_s": statistics.median(times[warmup:]), "steps_s": times[warmup:], "dead_latents": dead[warmup:]}
 
 
 def time_dense(acts_path: str, steps: int) -> dict:
-    sys.path.insert(0, str(HERE))
-    import peers
     from safetensors.torch import load_file
 
     return peers.time_plain_dense_topk(load_file(acts_path)["activations"], d_sae=WIDTHS[-1], k=K, n_steps=steps)
 
 
-def run_child(args: list[str], malloc_keep: bool, python: str = sys.executable) -> dict:
-    """Run one timing in a fresh process, so allocator state and mode never leak between measurements."""
+def run_child(args: list[str], malloc_keep: bool) -> dict:
+    """Run one of our timings in a fresh process, so allocator state and mode never leak between them."""
     env = dict(os.environ)
     if malloc_keep:
-        env.update(MALLOC_KEEP)
-    out = subprocess.run([python, *args], env=env, capture_output=True, text=True, check=False)
+        env.update(peers.MALLOC_KEEP_ENV)
+    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool) -> dict:
+    """The peers' real trainers, in their own venv (peers.py applies the allocator mode itself)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        cmd = [python, str(HERE / "peers.py"), "--out", str(out), "--activations", str(acts_path), "--n-steps", str(steps),
+               "--peers", "saelens,dictionary_learning,saelens_noaux,dictionary_learning_noaux"]
+        done = subprocess.run(cmd + (["--malloc-keep"] if malloc_keep else []), capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.exists():
+            return {"peers_error": (done.stderr or done.stdout).strip().splitlines()[-3:]}
+        return {f"peer_{name}": result for name, result in json.loads(out.read_text()).items()}
+
+
 def measure(acts_path: Path, steps: int, peers_python: str | None) -> dict:
     results: dict = {}
+    me = [str(Path(__file__).resolve()), "--child"]
     for mode, keep in (("default", False), ("malloc_keep", True)):
-        me = [str(Path(__file__).resolve()), "--child"]
         r = {
-            "matryoshka": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps)], keep),
-            "vanilla": run_child([*me, "ours", str(acts_path), str(WIDTHS[-1]), str(steps)], keep),
-            "plain_dense_topk": run_child([*me, "dense", str(acts_path), "", str(steps)], keep),
+            "matryoshka": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "0"], keep),
+            "matryoshka_aux": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "1"], keep),
+            "vanilla": run_child([*me, "ours", str(acts_path), str(WIDTHS[-1]), str(steps), "0"], keep),
+            "plain_dense_topk": run_child([*me, "dense", str(acts_path), "", str(steps), "0"], keep),
         }
         for w in WIDTHS[:-1]:
-            r[f"vanilla_{w}"] = run_child([*me, "ours", str(acts_path), str(w), str(steps)], keep)
+            r[f"vanilla_{w}"] = run_child([*me, "ours", str(acts_path), str(w), str(steps), "0"], keep)
         if peers_python:
-            peer = run_child(
-                [str(HERE / "peers.py"), "--activations", str(acts_path), "--steps", str(steps), "--stdout-json"],
-                keep,
-                python=peers_python,
-            )
-            r.update({f"peer_{k}": v for k, v in peer.items()})
+            r.update(run_peers(peers_python, acts_path, steps, keep))
         results[mode] = r
     return results
 
 
 def ratios(mode: dict) -> dict:
-    med = {k: v.get("median_s") for k, v in mode.items()}
+    med = {k: v.get("median_s") for k, v in mode.items() if isinstance(v, dict)}
     out = {}
     if med.get("matryoshka") and med.get("vanilla"):
         out["a_matryoshka_over_vanilla"] = med["matryoshka"] / med["vanilla"]
@@ -124,17 +131,19 @@ def ratios(mode: dict) -> dict:
             out["b_five_vanillas_over_matryoshka"] = sum(five) / med["matryoshka"]
     if med.get("plain_dense_topk") and med.get("vanilla"):
         out["c_dense_topk_over_our_vanilla"] = med["plain_dense_topk"] / med["vanilla"]
-    for peer in ("sae_lens", "dictionary_learning"):
-        if med.get(f"peer_{peer}") and med.get("matryoshka"):
-            out[f"d_{peer}_over_our_matryoshka"] = med[f"peer_{peer}"] / med["matryoshka"]
+    for peer in ("saelens", "dictionary_learning"):
+        if med.get(f"peer_{peer}") and med.get("matryoshka_aux"):
+            out[f"d_{peer}_over_ours_with_aux"] = med[f"peer_{peer}"] / med["matryoshka_aux"]
+        if med.get(f"peer_{peer}_noaux") and med.get("matryoshka"):
+            out[f"d_{peer}_over_ours_no_aux"] = med[f"peer_{peer}_noaux"] / med["matryoshka"]
     return out
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        what, acts_path, widths, steps = sys.argv[2:6]
+        what, acts_path, widths, steps, aux = sys.argv[2:7]
         if what == "ours":
-            result = time_ours(acts_path, [int(w) for w in widths.split(",")], int(steps))
+            result = time_ours(acts_path, [int(w) for w in widths.split(",")], int(steps), aux == "1")
         else:
             result = time_dense(acts_path, int(steps))
         print(json.dumps(result))
@@ -143,7 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "step.json")
     parser.add_argument("--activations", type=Path, default=HERE / "results" / "bench_acts.safetensors")
-    parser.add_argument("--peers-python", help="python of a venv with sae-lens / dictionary_learning")
+    parser.add_argument("--peers-python", help="python of a venv with sae-lens / dictionary_learning (see peers.py)")
     args = parser.parse_args()
     if not args.activations.exists():
         make_activations(args.activations)
