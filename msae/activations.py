@@ -1,5 +1,10 @@
 """The activation cache: residual-stream rows extracted once into safetensors shards with their token ids and
-contexts, and read back through a shuffled buffer of bounded size."""
+contexts, and read back through a shuffled buffer of bounded size.
+
+A shard holds, per row: `activations` (n, d_model), `token_ids`, `context` (global context index) and
+`position` (in its context); per context: `context_tokens` (n_ctx, ctx_len, -1 padded) and `context_doc`
+(document index in the corpus; absent in shards written before it was added); and `context_start`, the
+global index of its first context."""
 
 from __future__ import annotations
 
@@ -112,14 +117,17 @@ class _ShardWriter:
         self.cache, self.manifest, self.dtype = cache, manifest, dtype
         self.parts: dict[str, list[Tensor]] = {"activations": [], "token_ids": [], "context": [], "position": []}
         self.contexts: list[Tensor] = []
+        self.context_docs: list[Tensor] = []
         self.pending_rows = 0
         self.pending_contexts = 0
         self.pending_dropped = {k: 0 for k in manifest["dropped"]}
 
-    def add(self, acts: Tensor, token_ids: Tensor, context: Tensor, position: Tensor, ctx_tokens: Tensor, dropped: dict):
+    def add(self, acts: Tensor, token_ids: Tensor, context: Tensor, position: Tensor, ctx_tokens: Tensor,
+            ctx_docs: Tensor, dropped: dict):
         for name, value in zip(self.parts, (acts.to(self.dtype), token_ids, context, position)):
             self.parts[name].append(value.cpu())
         self.contexts.append(ctx_tokens.cpu())
+        self.context_docs.append(ctx_docs)
         self.pending_rows += acts.shape[0]
         self.pending_contexts += ctx_tokens.shape[0]
         for k, v in dropped.items():
@@ -132,6 +140,7 @@ class _ShardWriter:
             name = f"shard_{index:05d}.safetensors"
             tensors = {k: torch.cat(v) for k, v in self.parts.items()}
             tensors["context_tokens"] = torch.cat(self.contexts)
+            tensors["context_doc"] = torch.cat(self.context_docs)
             tensors["context_start"] = torch.tensor([m["contexts_done"]], dtype=torch.long)
             io.atomic_save_safetensors(tensors, self.cache / name)
             m["shards"].append({"file": name, "rows": self.pending_rows, "contexts": self.pending_contexts})
@@ -143,6 +152,7 @@ class _ShardWriter:
         io.atomic_write_text(self.cache / MANIFEST, json.dumps(m, indent=1))
         self.parts = {k: [] for k in self.parts}
         self.contexts = []
+        self.context_docs = []
         self.pending_rows = self.pending_contexts = 0
         self.pending_dropped = {k: 0 for k in self.pending_dropped}
 
@@ -204,7 +214,9 @@ def extract(
             "outlier": int((~ok).sum()),
         }
         ctx_tokens = ids.masked_fill(~mask.bool(), -1).to(torch.int32)
-        writer.add(rows[ok.to(rows.device)], ids[keep][ok].to(torch.int32), context[ok], position[keep][ok].to(torch.int16), ctx_tokens, dropped)
+        ctx_docs = torch.tensor([doc for _t, doc in batch], dtype=torch.int32)
+        writer.add(rows[ok.to(rows.device)], ids[keep][ok].to(torch.int32), context[ok], position[keep][ok].to(torch.int16),
+                   ctx_tokens, ctx_docs, dropped)
         next_ctx += len(batch)
         bar.update(int(ok.sum()))
         if progress is not None:

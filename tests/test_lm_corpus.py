@@ -195,3 +195,29 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
     assert len(held["fvu"]) == 2 and held["rows"] > 0 and 0 < held["l0"]
     assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
     assert "CE loss recovered" in capsys.readouterr().out
+
+
+def test_contexts_never_cross_documents(lm):
+    docs = [corpus_mod.Document("alpha " * 150, "a"), corpus_mod.Document("beta gamma " * 40, "b")]
+    out = list(corpus_mod.contexts(iter(docs), lm.tokenizer, ctx_len=64))
+    ids = {i: lm.tokenizer(d.text, add_special_tokens=False)["input_ids"] for i, d in enumerate(docs)}
+    rebuilt = {0: [], 1: []}
+    for tokens, doc in out:
+        assert len(tokens) <= 64
+        rebuilt[doc].extend(tokens)
+    assert rebuilt == ids
+
+
+def test_cache_records_the_document_of_every_context(lm, text_file, tmp_path):
+    cache = extract(ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=16, lm_batch=4, layer=2), lm=lm, root=tmp_path)
+    with safe_open(str(cache / read_manifest(cache)["shards"][0]["file"]), "pt") as f:
+        docs, ctx = f.get_tensor("context_doc"), f.get_tensor("context_tokens")
+    assert docs.shape[0] == ctx.shape[0] and docs[0] == 0 and (docs[1:] >= docs[:-1]).all()
+    assert docs[-1] > 0, "several documents were read"
+
+
+def test_corpus_command_names_every_builtin_part(capsys):
+    assert cli_main(["corpus"]) == 0
+    out = capsys.readouterr().out
+    for name in ("wikipedia", "news", "python-docs"):
+        assert f"{name}:" in out
