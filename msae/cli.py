@@ -15,8 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from msae import io
+from msae.analysis.analyze import AnalysisError
 from msae.activations import CachedActivations, ExtractConfig, extract, extraction_info, heldout_contexts, read_manifest
 from msae.corpus import CorpusError
+from msae.io import SAELoadError
 from msae.lm import LMLoadError
 from msae.train import TensorBatches, TrainConfig, Trainer, TrainingError
 
@@ -155,6 +157,45 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return toy.main(args)
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import AnalyzeConfig, analyze
+    from msae.analysis.features import StoreConfig
+    from msae.analysis.hierarchy import LinkConfig
+
+    acfg = AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption, device=args.device,
+                         model=args.model, layer=args.layer, corpus=args.corpus,
+                         store=config_from_args(StoreConfig, args), links=config_from_args(LinkConfig, args))
+    manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg)
+    print(format_analysis(manifest))
+    return 0
+
+
+def format_analysis(m: dict) -> str:
+    """The headline figures of an analysis, for the terminal."""
+    lines = [f"{m['run']}: {m['rows']:,} rows, d_sae {m['d_sae']}, widths {m['widths']}, "
+             f"dead {m['dead_fraction']:.3f}",
+             "  L0 per width: " + ", ".join(f"{w}: {v:.1f}" for w, v in zip(m["widths"], m["l0_per_width"]))]
+    if "hierarchy" in m:
+        h = m["hierarchy"]
+        lines.append(f"  parent-child links: {h['links']:,}; parents with >= 2 children: {h['parents_with_2plus_children']}; "
+                     f"mean coverage {h['mean_coverage']}")
+        for lvl in h["per_level"]:
+            lines.append(f"    group {lvl['group']} (width {lvl['width']}): {lvl['links']} links, "
+                         f"{lvl['children_with_a_parent']}/{lvl['live_latents']} live latents have a parent")
+        for name, share in m["splitting"].items():
+            lines.append(f"  {name}: share of latents split into >= 2 (decoder cos 0.3/0.5/0.7): "
+                         + " / ".join(f"{v:.3f}" for v in share.values()))
+    for name, s in m.get("against", {}).items():
+        lines.append(f"  against {name}: split share by decoder cos (0.3/0.5/0.7) "
+                     + " / ".join(f"{v:.3f}" for v in s["split_share_decoder"].values())
+                     + f", by links {s['split_share_links']:.3f}; matched pairs {s['matching']['pairs']}")
+    if "absorption" in m:
+        lines.append("  absorption: " + json.dumps({k: v.get("overall", v) if isinstance(v, dict) else v
+                                                    for k, v in m["absorption"].items()})[:600])
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msae", description="Matryoshka sparse autoencoders: train, analyse, explore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens")
     corpus.set_defaults(func=cmd_corpus)
 
+    analyze_parser = sub.add_parser("analyze", help="feature store, hierarchy, splitting, matching and absorption of a run")
+    analyze_parser.add_argument("run_dir", help="run directory (sae_weights.safetensors + cfg.json)")
+    analyze_parser.add_argument("--against", action="append", default=[],
+                                help="another run on the same model and layer: splitting and matching (repeatable)")
+    analyze_parser.add_argument("--tokens", type=int, help="cache rows to analyse (default: the whole cache)")
+    analyze_parser.add_argument("--no-absorption", action="store_true", help="skip first-letter absorption")
+    analyze_parser.add_argument("--device", default="cpu", help="device for the SAEs and the LM (cpu, cuda)")
+    analyze_parser.add_argument("--model", help="model, when cfg.json does not record it")
+    analyze_parser.add_argument("--layer", type=int, help="layer, when cfg.json does not record it")
+    analyze_parser.add_argument("--corpus", help="corpus, when cfg.json does not record it")
+    from msae.analysis.features import StoreConfig
+    from msae.analysis.hierarchy import LinkConfig
+
+    add_dataclass_args(analyze_parser, StoreConfig)
+    add_dataclass_args(analyze_parser, LinkConfig)
+    analyze_parser.set_defaults(func=cmd_analyze)
+
     toy_parser = sub.add_parser("toy", help="train vanilla and Matryoshka SAEs on a toy hierarchy and compare them")
     from msae import toy
 
@@ -186,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, TrainingError, CorpusError, LMLoadError, ValueError) as exc:
+    except (CLIError, TrainingError, CorpusError, LMLoadError, ValueError, AnalysisError, SAELoadError) as exc:
         print(f"msae {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Feature analysis over an activation cache: feature store, hierarchy, splitting, absorption, matching, search."""

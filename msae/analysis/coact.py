@@ -1,0 +1,91 @@
+"""Co-activation statistics between two sets of latents on the same rows, from sparse entries only.
+
+For a candidate parent A and child B, over the rows where both fire: Σ a_A·a_B, Σ a_A² and the count. Since A's
+activation is 0 where it does not fire, these are also the sums over all rows where B fires, which is what the
+directed masked cosine needs (DESIGN.md §3, parent–child links)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from msae.analysis.stream import Sparse
+
+
+@dataclass
+class Pairs:
+    """Pair statistics, one entry per (parent, child) that fired together at least once."""
+
+    parent: Tensor
+    """(P,) int64 parent latent."""
+    child: Tensor
+    """(P,) int64 child latent."""
+    dot: Tensor
+    """(P,) float64 Σ a_parent · a_child over rows where both fire."""
+    parent_sq: Tensor
+    """(P,) float64 Σ a_parent² over rows where the child fires."""
+    count: Tensor
+    """(P,) int64 rows where both fire."""
+
+
+DENSE_BUDGET_BYTES = 2 << 30
+"""Accumulate into a dense (parents × children) table when it fits in this; otherwise sparsely, by sorting."""
+
+
+def _pairs_in_chunk(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: Tensor, n: int):
+    """Every (parent entry, child entry) on the same row of a chunk of `n` rows (entries sorted by row)."""
+    c_count = torch.bincount(cr, minlength=n)
+    c_start = c_count.cumsum(0) - c_count
+    m = c_count[pr]  # children on the row of each parent entry
+    rep = torch.repeat_interleave(torch.arange(pr.numel()), m)
+    within = torch.arange(rep.numel()) - torch.repeat_interleave(m.cumsum(0) - m, m)
+    child = c_start[pr[rep]] + within
+    a_p, a_c = pv[rep], cv[child]
+    return pc[rep], cc[child], torch.stack([a_p * a_c, a_p * a_p, torch.ones_like(a_p)], dim=1)
+
+
+def coactivation(
+    parents: Sparse,
+    children: Sparse,
+    parent_limit: int | None = None,
+    child_from: int = 0,
+    chunk_rows: int = 4096,
+    dense_budget: int = DENSE_BUDGET_BYTES,
+) -> Pairs:
+    """Statistics for every parent < `parent_limit` of `parents` and child >= `child_from` of `children`.
+
+    Both must cover the same rows. Only pairs that fire together on a row are ever formed (about L0² a row);
+    their products are summed into a dense parents × children table when it fits `dense_budget`, else into a
+    sorted sparse one."""
+    if parents.n_rows != children.n_rows:
+        raise ValueError(f"the two SAEs cover {parents.n_rows} and {children.n_rows} rows; they must match")
+    n_par = parents.d_sae if parent_limit is None else parent_limit
+    n_child = children.d_sae - child_from
+    dense = n_par * n_child * 3 * 8 <= dense_budget
+    table = torch.zeros(n_par * n_child, 3, dtype=torch.float64) if dense else None
+    keys_acc, vals_acc = torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.float64)
+    for start in range(0, parents.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, parents.n_rows)
+        pr, pc, pv = parents.slice_rows(start, stop)
+        keep = pc < n_par
+        pr, pc, pv = pr[keep], pc[keep], pv[keep].double()
+        cr, cc, cv = children.slice_rows(start, stop)
+        keep = cc >= child_from
+        cr, cc, cv = cr[keep], cc[keep] - child_from, cv[keep].double()
+        if pr.numel() == 0 or cr.numel() == 0:
+            continue
+        p, c, v = _pairs_in_chunk(pr, pc, pv, cr, cc, cv, stop - start)
+        key = p * n_child + c
+        if dense:
+            table.index_add_(0, key, v)
+        else:
+            keys_acc, inverse = torch.unique(torch.cat([keys_acc, key]), return_inverse=True)
+            vals_acc = torch.zeros(keys_acc.numel(), 3, dtype=torch.float64).index_add_(
+                0, inverse, torch.cat([vals_acc, v]))
+    if dense:
+        keys_acc = (table[:, 2] > 0).nonzero().squeeze(1)
+        vals_acc = table[keys_acc]
+    return Pairs(keys_acc // n_child, keys_acc % n_child + child_from, vals_acc[:, 0], vals_acc[:, 1],
+                 vals_acc[:, 2].round().long())

@@ -1,0 +1,296 @@
+"""One streaming pass of SAEs over an activation cache: every SAE's active latents kept in compressed sparse
+rows, plus, per latent of the first SAE, its top activating examples and a uniform sample, each with the
+±window tokens around it and the latent's activation on every one of them.
+
+Memory is bounded by the number of active entries (rows × L0), never by rows × latents; the examples are
+merged shard by shard, so only one shard's rows and one shard's entries are in RAM beside them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from msae.activations import read_manifest
+from msae.sae import SAE
+
+
+@dataclass
+class Sparse:
+    """Active latents of `n_rows` cache rows as compressed sparse rows (latents sorted within a row)."""
+
+    row_ptr: Tensor
+    """(n_rows + 1,) int64: entries of row r are [row_ptr[r], row_ptr[r + 1])."""
+    cols: Tensor
+    """(nnz,) int32 latent indices."""
+    vals: Tensor
+    """(nnz,) float32 activations (> 0)."""
+    d_sae: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_ptr.numel() - 1
+
+    def rows(self) -> Tensor:
+        """(nnz,) int64 row of every entry."""
+        counts = self.row_ptr.diff()
+        return torch.repeat_interleave(torch.arange(self.n_rows), counts)
+
+    def slice_rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows relative to start, cols int64, vals) of rows [start, stop)."""
+        a, b = int(self.row_ptr[start]), int(self.row_ptr[stop])
+        counts = self.row_ptr[start : stop + 1].diff()
+        rows = torch.repeat_interleave(torch.arange(stop - start), counts)
+        return rows, self.cols[a:b].long(), self.vals[a:b]
+
+
+@dataclass
+class Examples:
+    """Per latent, `n` example tokens chosen by a key (largest key wins), with their windows.
+
+    Slots not filled yet have key -inf and row -1."""
+
+    key: Tensor
+    """(F, n) float32 the ranking key (the activation for top examples, a random priority for samples)."""
+    act: Tensor
+    """(F, n) float32 activation of the latent on the example token."""
+    row: Tensor
+    """(F, n) int64 cache row of the example."""
+    context: Tensor
+    """(F, n) int64 global context index."""
+    position: Tensor
+    """(F, n) int64 position of the token in its context."""
+    tokens: Tensor
+    """(F, n, 2w+1) int32 token ids around the example (-1 outside the context)."""
+    acts: Tensor
+    """(F, n, 2w+1) float32 the latent's activation on each of those tokens (0 where it does not fire or the row
+    was dropped from the cache)."""
+
+    @classmethod
+    def empty(cls, d_sae: int, n: int, window: int) -> "Examples":
+        span = 2 * window + 1
+        return cls(
+            key=torch.full((d_sae, n), -torch.inf),
+            act=torch.zeros(d_sae, n),
+            row=torch.full((d_sae, n), -1, dtype=torch.long),
+            context=torch.full((d_sae, n), -1, dtype=torch.long),
+            position=torch.full((d_sae, n), -1, dtype=torch.long),
+            tokens=torch.full((d_sae, n, span), -1, dtype=torch.int32),
+            acts=torch.zeros(d_sae, n, span),
+        )
+
+    @property
+    def n(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def window(self) -> int:
+        return (self.tokens.shape[2] - 1) // 2
+
+
+@dataclass
+class StreamResult:
+    """What one pass gathered."""
+
+    sparse: list[Sparse]
+    """Active latents of every SAE, in the order given."""
+    top: Examples
+    """The first SAE's top activating examples per latent."""
+    sample: Examples
+    """A uniform random sample of each latent's firings (for quantile examples)."""
+    context_tokens: Tensor
+    """(n_contexts, ctx_len) int32 token ids of every context read, by global context index (-1 padded)."""
+    context_doc: dict[int, int]
+    """Document index of every context seen (empty for caches written before documents were recorded)."""
+    n_rows: int
+    seconds: float
+
+
+def _rank_within_latent(cols: Tensor, keys: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """Order entries by latent, largest key first within a latent; returns (order, rank within its latent)."""
+    by_key = torch.argsort(keys, descending=True, stable=True)
+    order = by_key[torch.argsort(cols[by_key], stable=True)]
+    sorted_cols = cols[order]
+    starts = torch.zeros(d_sae + 1, dtype=torch.long)
+    starts[1:] = torch.bincount(sorted_cols, minlength=d_sae).cumsum(0)
+    rank = torch.arange(order.numel()) - starts[sorted_cols]
+    return order, rank
+
+
+class _ShardView:
+    """A shard's rows addressed by (context, position), for cutting windows."""
+
+    def __init__(self, context: Tensor, position: Tensor, context_tokens: Tensor, context_start: int, row0: int):
+        self.context_tokens = context_tokens  # (n_ctx, ctx_len) int32, -1 padded
+        self.context_start = context_start
+        n_ctx, ctx_len = context_tokens.shape
+        self.row_at = torch.full((n_ctx, ctx_len), -1, dtype=torch.long)  # shard-local row, -1 when dropped
+        self.row_at[context - context_start, position] = torch.arange(context.numel())
+        self.context, self.position, self.row0 = context, position, row0
+
+    def windows(self, local_rows: Tensor, latents: Tensor, window: int, lookup: Callable[[Tensor, Tensor], Tensor]):
+        """Tokens (m, 2w+1) and the given latents' activations on them for examples at `local_rows`."""
+        ctx_local = self.context[local_rows] - self.context_start
+        offsets = torch.arange(-window, window + 1)
+        pos = self.position[local_rows].unsqueeze(1) + offsets  # (m, 2w+1)
+        ctx_len = self.context_tokens.shape[1]
+        inside = (pos >= 0) & (pos < ctx_len)
+        pos_c = pos.clamp(0, ctx_len - 1)
+        ctx_e = ctx_local.unsqueeze(1).expand_as(pos_c)
+        tokens = torch.where(inside, self.context_tokens[ctx_e, pos_c], torch.tensor(-1, dtype=torch.int32))
+        rows = torch.where(inside, self.row_at[ctx_e, pos_c], torch.tensor(-1))
+        acts = torch.zeros(pos.shape)
+        have = rows >= 0
+        acts[have] = lookup(rows[have], latents.unsqueeze(1).expand_as(rows)[have])
+        return tokens, acts
+
+
+def _merge(ex: Examples, cols: Tensor, keys: Tensor, vals: Tensor, local_rows: Tensor, view: _ShardView,
+           lookup: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Merge one shard's candidate entries into `ex` (largest keys win) and cut windows for the new winners."""
+    d_sae, n = ex.key.shape
+    order, rank = _rank_within_latent(cols, keys, d_sae)
+    best = order[rank < n]
+    best_rank = rank[rank < n]
+    cand_key = torch.full((d_sae, n), -torch.inf)
+    cand_idx = torch.full((d_sae, n), -1, dtype=torch.long)
+    cand_key[cols[best], best_rank] = keys[best]
+    cand_idx[cols[best], best_rank] = best
+    merged_key, pick = torch.cat([ex.key, cand_key], dim=1).topk(n, dim=1)  # (F, n), pick in [0, 2n)
+    from_new = (pick >= n) & torch.isfinite(merged_key)
+    old = pick.clamp_max(n - 1)
+    for name in ("act", "row", "context", "position", "tokens", "acts"):
+        field = getattr(ex, name)
+        idx = old if field.dim() == 2 else old.unsqueeze(2).expand(-1, -1, field.shape[2])
+        setattr(ex, name, field.gather(1, idx))
+    ex.key = merged_key
+    lat, slot = from_new.nonzero(as_tuple=True)
+    entry = cand_idx[lat, pick[lat, slot] - n]
+    rows_local = local_rows[entry]
+    ex.act[lat, slot] = vals[entry]
+    ex.row[lat, slot] = rows_local + view.row0
+    ex.context[lat, slot] = view.context[rows_local]
+    ex.position[lat, slot] = view.position[rows_local].long()
+    tokens, acts = view.windows(rows_local, lat, ex.window, lookup)
+    ex.tokens[lat, slot] = tokens
+    ex.acts[lat, slot] = acts
+
+
+def _entry_lookup(rows: Tensor, cols: Tensor, vals: Tensor, d_sae: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Activation at (row, latent) pairs from entries sorted by row then latent (0 where absent)."""
+    keys = rows * d_sae + cols
+
+    def lookup(q_rows: Tensor, q_cols: Tensor) -> Tensor:
+        q = q_rows * d_sae + q_cols
+        at = torch.searchsorted(keys, q).clamp_max(max(keys.numel() - 1, 0))
+        if keys.numel() == 0:
+            return torch.zeros(q.shape)
+        return torch.where(keys[at] == q, vals[at], torch.zeros(()))
+
+    return lookup
+
+
+def cache_shards(cache: Path, max_rows: int | None = None) -> list[dict]:
+    """Every shard of the cache in order (training and held-out: the analysis describes the whole corpus)."""
+    shards, total = [], 0
+    for shard in read_manifest(cache)["shards"]:
+        if max_rows is not None and total >= max_rows:
+            break
+        shards.append(shard)
+        total += shard["rows"]
+    return shards
+
+
+@torch.no_grad()
+def stream(
+    saes: Sequence[SAE],
+    cache: Path,
+    top_n: int = 20,
+    sample_n: int = 20,
+    window: int = 16,
+    max_rows: int | None = None,
+    chunk_rows: int = 8192,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> StreamResult:
+    """Run every SAE over the cache once; examples are kept for the first SAE."""
+    import time
+
+    t0 = time.perf_counter()
+    cache = Path(cache)
+    shards = cache_shards(cache, max_rows)
+    total = sum(s["rows"] for s in shards) if max_rows is None else min(max_rows, sum(s["rows"] for s in shards))
+    main = saes[0]
+    top = Examples.empty(main.d_sae, top_n, window)
+    sample = Examples.empty(main.d_sae, sample_n, window)
+    parts = [{"counts": [], "cols": [], "vals": []} for _ in saes]
+    generator = torch.Generator().manual_seed(seed)
+    context_doc: dict[int, int] = {}
+    context_parts: list[Tensor] = []
+    row0 = 0
+    for shard in shards:
+        with safe_open(str(cache / shard["file"]), framework="pt") as f:
+            n_take = shard["rows"] if max_rows is None else min(shard["rows"], max_rows - row0)
+            acts = f.get_slice("activations")[:n_take]
+            context = f.get_slice("context")[:n_take].long()
+            position = f.get_slice("position")[:n_take].long()
+            context_tokens = f.get_tensor("context_tokens")
+            context_start = int(f.get_tensor("context_start")[0])
+            if context_start != sum(c.shape[0] for c in context_parts):
+                raise ValueError(f"{cache / shard['file']}: contexts do not follow on from the previous shard")
+            context_parts.append(context_tokens)
+            if "context_doc" in f.keys():
+                docs = f.get_tensor("context_doc").tolist()
+                context_doc.update({context_start + i: d for i, d in enumerate(docs)})
+        view = _ShardView(context, position, context_tokens, context_start, row0)
+        for i, sae in enumerate(saes):
+            dtype = sae.W_enc.dtype
+            shard_rows, shard_cols, shard_vals = [], [], []
+            for start in range(0, n_take, chunk_rows):
+                x = acts[start : start + chunk_rows].to(sae.W_enc.device, dtype)
+                e = sae.select(x)
+                shard_rows.append(e.rows.cpu() + start)
+                shard_cols.append(e.cols.cpu())
+                shard_vals.append(e.vals.float().cpu())
+            rows, cols, vals = torch.cat(shard_rows), torch.cat(shard_cols), torch.cat(shard_vals)
+            parts[i]["counts"].append(torch.bincount(rows, minlength=n_take))
+            parts[i]["cols"].append(cols.to(torch.int32))
+            parts[i]["vals"].append(vals)
+            if i == 0:
+                lookup = _entry_lookup(rows, cols, vals, sae.d_sae)
+                _merge(top, cols, vals, vals, rows, view, lookup)
+                priority = torch.rand(vals.shape, generator=generator)
+                _merge(sample, cols, priority, vals, rows, view, lookup)
+        row0 += n_take
+        if progress is not None:
+            progress(row0, total)
+    sparse = []
+    for sae, p in zip(saes, parts):
+        counts = torch.cat(p["counts"]) if p["counts"] else torch.zeros(0, dtype=torch.long)
+        row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.long)
+        row_ptr[1:] = counts.cumsum(0)
+        sparse.append(Sparse(row_ptr, torch.cat(p["cols"]) if p["cols"] else torch.zeros(0, dtype=torch.int32),
+                             torch.cat(p["vals"]) if p["vals"] else torch.zeros(0), sae.d_sae))
+    context_tokens = torch.cat(context_parts) if context_parts else torch.zeros(0, 0, dtype=torch.int32)
+    return StreamResult(sparse, top, sample, context_tokens, context_doc, row0, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def encode_rows(sae: SAE, x: Tensor, chunk_rows: int = 8192) -> Sparse:
+    """Active latents of the rows of `x` (for activations held in memory: toys, tests, small texts)."""
+    counts, cols, vals = [], [], []
+    for start in range(0, x.shape[0], chunk_rows):
+        chunk = x[start : start + chunk_rows].to(sae.W_enc.device, sae.W_enc.dtype)
+        e = sae.select(chunk)
+        counts.append(torch.bincount(e.rows.cpu(), minlength=chunk.shape[0]))
+        cols.append(e.cols.cpu().to(torch.int32))
+        vals.append(e.vals.float().cpu())
+    row_ptr = torch.zeros(x.shape[0] + 1, dtype=torch.long)
+    if counts:
+        row_ptr[1:] = torch.cat(counts).cumsum(0)
+    return Sparse(row_ptr, torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32),
+                  torch.cat(vals) if vals else torch.zeros(0), sae.d_sae)
