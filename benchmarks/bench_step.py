@@ -85,14 +85,19 @@ def run_child(args: list[str], malloc_keep: bool) -> dict:
     env = dict(os.environ)
     if malloc_keep:
         env.update(peers.MALLOC_KEEP_ENV)
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": (out.stderr or out.stdout).strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # The 1-minute load average around the timing: about the thread count when the machine was otherwise idle.
+    result["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return result
 
 
 def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool) -> dict:
     """The peers' real trainers, in their own venv (peers.py applies the allocator mode itself)."""
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         cmd = [python, str(HERE / "peers.py"), "--out", str(out), "--activations", str(acts_path), "--n-steps", str(steps),
@@ -100,13 +105,18 @@ def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool) -> di
         done = subprocess.run(cmd + (["--malloc-keep"] if malloc_keep else []), capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             return {"peers_error": (done.stderr or done.stdout).strip().splitlines()[-3:]}
-        return {f"peer_{name}": result for name, result in json.loads(out.read_text()).items()}
+        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        return {f"peer_{name}": {**result, "load_avg_around_all_peers": load} for name, result in json.loads(out.read_text()).items()}
 
 
-def measure(acts_path: Path, steps: int, peers_python: str | None) -> dict:
+MODES = {"default": False, "malloc_keep": True}
+
+
+def measure(acts_path: Path, steps: int, peers_python: str | None, modes: list[str]) -> dict:
     results: dict = {}
     me = [str(Path(__file__).resolve()), "--child"]
-    for mode, keep in (("default", False), ("malloc_keep", True)):
+    for mode in modes:
+        keep = MODES[mode]
         r = {
             "matryoshka": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "0"], keep),
             "matryoshka_aux": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "1"], keep),
@@ -153,12 +163,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "step.json")
     parser.add_argument("--activations", type=Path, default=HERE / "results" / "bench_acts.safetensors")
     parser.add_argument("--peers-python", help="python of a venv with sae-lens / dictionary_learning (see peers.py)")
+    parser.add_argument("--modes", default="default,malloc_keep", help="allocator modes to measure (comma-separated)")
     args = parser.parse_args()
     if not args.activations.exists():
         make_activations(args.activations)
     import torch
 
-    results = measure(args.activations, args.steps, args.peers_python)
+    results = measure(args.activations, args.steps, args.peers_python, args.modes.split(","))
     report = {
         "setup": {"d_in": D_IN, "k": K, "batch": BATCH, "widths": WIDTHS, "steps": args.steps},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

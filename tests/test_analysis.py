@@ -52,7 +52,20 @@ def test_coactivation_matches_dense_products(dense_budget):
     assert pairs.parent.numel() == int((want["count"] > 0).sum())
 
 
+def test_pruning_in_blocks_keeps_each_childs_best_candidates():
+    sp, _ = random_sparse(3000, 300, 10, seed=3)
+    stats = latent_stats(sp, histogram_edges(sp.vals, 8))
+    cfg = hierarchy.LinkConfig(keep_per_child=3)
+    W_dec = torch.randn(300, 16)
+    full = hierarchy.links_table(coactivation(sp, sp), stats, stats, W_dec, W_dec, cfg)
+    pruned = coactivation(sp, sp, prune=hierarchy.candidate_filter(stats, stats, cfg), parent_block=37)
+    assert pruned.parent.numel() < coactivation(sp, sp).parent.numel()
+    again = hierarchy.links_table(pruned, stats, stats, W_dec, W_dec, cfg)
+    pd.testing.assert_frame_equal(full.reset_index(drop=True), again.reset_index(drop=True))
+
+
 def test_link_scores_follow_the_definition():
+    """cos(acts_A, acts_B over the rows where B fires) × max(B)/max(A), the ratio capped at 1."""
     sp, dense = random_sparse(2000, 40, 6, seed=2)
     dense = dense.float().double()
     stats = latent_stats(sp, histogram_edges(sp.vals, 8))
@@ -62,7 +75,7 @@ def test_link_scores_follow_the_definition():
         a, b = int(pairs.parent[i]), int(pairs.child[i])
         on = dense[:, b] > 0
         cos = torch.nn.functional.cosine_similarity(dense[on, a], dense[on, b], dim=0)
-        expect = cos * dense[:, b].max() / dense[:, a].max()
+        expect = cos * (dense[:, b].max() / dense[:, a].max()).clamp_max(1.0)
         assert score[i].item() == pytest.approx(expect.item(), rel=1e-4)
 
 

@@ -7,6 +7,7 @@ directed masked cosine needs (DESIGN.md §3, parent–child links)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -46,6 +47,10 @@ def _pairs_in_chunk(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, 
     return pc[rep], cc[child], torch.stack([a_p * a_c, a_p * a_p, torch.ones_like(a_p)], dim=1)
 
 
+def _subset(pairs: Pairs, keep: Tensor) -> Pairs:
+    return Pairs(pairs.parent[keep], pairs.child[keep], pairs.dot[keep], pairs.parent_sq[keep], pairs.count[keep])
+
+
 def coactivation(
     parents: Sparse,
     children: Sparse,
@@ -53,12 +58,16 @@ def coactivation(
     child_from: int = 0,
     chunk_rows: int = 4096,
     dense_budget: int = DENSE_BUDGET_BYTES,
+    prune: Callable[[Pairs], Tensor] | None = None,
+    parent_block: int = 512,
 ) -> Pairs:
     """Statistics for every parent < `parent_limit` of `parents` and child >= `child_from` of `children`.
 
     Both must cover the same rows. Only pairs that fire together on a row are ever formed (about L0² a row);
     their products are summed into a dense parents × children table when it fits `dense_budget`, else into a
-    sorted sparse one."""
+    sorted sparse one. `prune(pairs) -> keep mask` drops pairs as they are read out of the dense table,
+    `parent_block` parents at a time, so the pairs never all exist at once (it must keep whatever a later
+    block could need: e.g. a child's best candidates within the block, not overall)."""
     if parents.n_rows != children.n_rows:
         raise ValueError(f"the two SAEs cover {parents.n_rows} and {children.n_rows} rows; they must match")
     n_par = parents.d_sae if parent_limit is None else parent_limit
@@ -84,8 +93,18 @@ def coactivation(
             keys_acc, inverse = torch.unique(torch.cat([keys_acc, key]), return_inverse=True)
             vals_acc = torch.zeros(keys_acc.numel(), 3, dtype=torch.float64).index_add_(
                 0, inverse, torch.cat([vals_acc, v]))
-    if dense:
-        keys_acc = (table[:, 2] > 0).nonzero().squeeze(1)
-        vals_acc = table[keys_acc]
-    return Pairs(keys_acc // n_child, keys_acc % n_child + child_from, vals_acc[:, 0], vals_acc[:, 1],
-                 vals_acc[:, 2].round().long())
+    if not dense:
+        pairs = _as_pairs(keys_acc, vals_acc, n_child, child_from)
+        return pairs if prune is None else _subset(pairs, prune(pairs))
+    table = table.view(n_par, n_child, 3)
+    blocks = []
+    for p0 in range(0, n_par, parent_block):
+        block = table[p0 : p0 + parent_block]
+        local = (block[:, :, 2] > 0).reshape(-1).nonzero().squeeze(1)
+        pairs = _as_pairs(local + p0 * n_child, block.reshape(-1, 3)[local], n_child, child_from)
+        blocks.append(pairs if prune is None else _subset(pairs, prune(pairs)))
+    return Pairs(*(torch.cat([getattr(b, f) for b in blocks]) for f in ("parent", "child", "dot", "parent_sq", "count")))
+
+
+def _as_pairs(keys: Tensor, vals: Tensor, n_child: int, child_from: int) -> Pairs:
+    return Pairs(keys // n_child, keys % n_child + child_from, vals[:, 0], vals[:, 1], vals[:, 2].round().long())

@@ -9,6 +9,7 @@ linked parent. Decoder cosine is reported beside the score as a second signal.""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -47,11 +48,45 @@ def pair_decoder_cos(W_par: Tensor, W_child: Tensor, parent: Tensor, child: Tens
 
 
 def score_pairs(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(score, masked cosine, max ratio) of every pair."""
+    """(score, masked cosine, max ratio) of every pair.
+
+    The ratio max(child) / max(parent) is capped at 1: it is there to discount a parent far stronger than the
+    child, and uncapped it lets a rare, strong child pass the threshold with nearly any frequent latent (on the
+    shipped Matryoshka run, children then had 231 "parents" each on average)."""
     child_sq = child_stats["sum_sq"][pairs.child]
     masked_cos = pairs.dot / (pairs.parent_sq * child_sq).sqrt().clamp_min(1e-30)
-    ratio = child_stats["max"][pairs.child] / parent_stats["max"][pairs.parent].clamp_min(1e-30)
+    ratio = (child_stats["max"][pairs.child] / parent_stats["max"][pairs.parent].clamp_min(1e-30)).clamp_max(1.0)
     return (masked_cos * ratio).float(), masked_cos.float(), ratio.float()
+
+
+def candidate_filter(parent_stats: dict, child_stats: dict, cfg: "LinkConfig", parent_group: Tensor | None = None,
+                     child_group: Tensor | None = None) -> Callable[[Pairs], Tensor]:
+    """The pairs links_table can use: parent in an earlier group (when groups are given), and among the child's
+    `keep_per_child` best in the batch of pairs at hand or at the threshold."""
+
+    def keep(pairs: Pairs) -> Tensor:
+        ok = torch.ones(pairs.parent.numel(), dtype=torch.bool)
+        if parent_group is not None:
+            ok = parent_group[pairs.parent] < child_group[pairs.child]
+        score = score_pairs(pairs, parent_stats, child_stats)[0]
+        score = torch.where(ok, score, torch.full_like(score, -torch.inf))
+        rank = _rank_in_child(pairs.child, score)
+        return ok & ((rank < cfg.keep_per_child) | (score >= cfg.threshold))
+
+    return keep
+
+
+def _rank_in_child(child: Tensor, score: Tensor) -> Tensor:
+    """Rank of every pair's score among the pairs of the same child (0 = best)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(child[order], stable=True)]
+    sorted_child = child[order]
+    first = torch.ones_like(sorted_child, dtype=torch.bool)
+    first[1:] = sorted_child[1:] != sorted_child[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(order.numel()), torch.zeros_like(order)), dim=0).values
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel()) - start
+    return rank
 
 
 def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tensor, W_child: Tensor,
@@ -59,15 +94,10 @@ def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tens
     """Every child's best `keep_per_child` candidates and every link, one row each; `linked` marks the DAG's
     edges and `tree` the child's best linked parent."""
     score, masked_cos, ratio = score_pairs(pairs, parent_stats, child_stats)
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(pairs.child[order], stable=True)]
-    child_sorted = pairs.child[order]
-    n_child = int(child_stats["count"].numel())
-    starts = torch.zeros(n_child + 1, dtype=torch.long)
-    starts[1:] = torch.bincount(child_sorted, minlength=n_child).cumsum(0)
-    rank = torch.arange(order.numel()) - starts[child_sorted]
-    keep = order[(rank < cfg.keep_per_child) | (score[order] >= cfg.threshold)]
-    rank_kept = rank[(rank < cfg.keep_per_child) | (score[order] >= cfg.threshold)]
+    rank = _rank_in_child(pairs.child, score)
+    keep = ((rank < cfg.keep_per_child) | (score >= cfg.threshold)).nonzero().squeeze(1)
+    keep = keep[torch.argsort(pairs.child[keep] * (pairs.child.numel() + 1) + rank[keep])]  # by child, best first
+    rank_kept = rank[keep]
     parent, child = pairs.parent[keep], pairs.child[keep]
     linked = score[keep] >= cfg.threshold
     frame = pd.DataFrame({
@@ -96,18 +126,17 @@ def nested_links(sp: Sparse, widths: list[int], stats: dict, W_dec: Tensor, cfg:
     if len(widths) < 2:
         raise ValueError("a hierarchy needs at least two nested widths; this SAE has one (a vanilla SAE: use "
                          "--against with a wider SAE to see how its features split)")
-    pairs = coactivation(sp, sp, parent_limit=widths[-2], child_from=widths[0], chunk_rows=chunk_rows)
-    bounds = torch.tensor(widths)
-    group = torch.bucketize(torch.arange(widths[-1]), bounds, right=True)
-    keep = group[pairs.parent] < group[pairs.child]
-    pairs = Pairs(*(getattr(pairs, f)[keep] for f in ("parent", "child", "dot", "parent_sq", "count")))
+    group = torch.bucketize(torch.arange(widths[-1]), torch.tensor(widths), right=True)
+    prune = candidate_filter(stats, stats, cfg, group, group)
+    pairs = coactivation(sp, sp, parent_limit=widths[-2], child_from=widths[0], chunk_rows=chunk_rows, prune=prune)
+    pairs = Pairs(*(getattr(pairs, f)[prune(pairs)] for f in ("parent", "child", "dot", "parent_sq", "count")))
     return links_table(pairs, stats, stats, W_dec, W_dec, cfg, group, group)
 
 
 def cross_links(narrow: Sparse, wide: Sparse, narrow_stats: dict, wide_stats: dict, W_narrow: Tensor, W_wide: Tensor,
                 cfg: LinkConfig, chunk_rows: int = 8192) -> pd.DataFrame:
     """Links from the latents of one SAE (parents) to those of another over the same rows (children)."""
-    pairs = coactivation(narrow, wide, chunk_rows=chunk_rows)
+    pairs = coactivation(narrow, wide, chunk_rows=chunk_rows, prune=candidate_filter(narrow_stats, wide_stats, cfg))
     return links_table(pairs, narrow_stats, wide_stats, W_narrow, W_wide, cfg)
 
 

@@ -1,0 +1,90 @@
+"""Time and peak memory of `msae analyze`; writes a JSON.
+
+    python benchmarks/bench_analyze.py RUN_DIR [--against OTHER] [--tokens N] [--no-absorption]
+        [--out benchmarks/results/analyze.json]
+    python benchmarks/bench_analyze.py --random-widths 1024,2048,4096,8192,16384 --like RUN_DIR ...
+
+With --random-widths, a randomly initialised Matryoshka SAE of those widths is analysed over RUN_DIR's
+activation cache instead (the memory bound of issue 4: 16,384 latents over the cache must fit in 8 GB; a random
+SAE fires more evenly than a trained one, which makes the co-activation table larger, not smaller).
+The analysis runs in a child process so that its peak RSS is its own; results are merged into the JSON under a
+key naming the run, so several runs share one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    from msae import io
+    from msae.analysis.analyze import AnalyzeConfig, analyze
+    from msae.sae import SAE
+
+    run_dir = Path(args.run_dir)
+    if args.random_widths:
+        widths = [int(w) for w in args.random_widths.split(",")]
+        sae, cfg = io.load_sae(run_dir, dtype=torch.float32)
+        rand = SAE(sae.d_in, widths, k=sae.k)
+        tmp = Path(tempfile.mkdtemp(prefix="msae-bench-analyze-"))
+        io.save_sae(rand, tmp / "random", cfg={"msae": cfg["msae"]})
+        run_dir = tmp / "random"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    manifest = analyze(run_dir, against=[Path(a) for a in args.against],
+                       acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption))
+    seconds = time.perf_counter() - t0
+    return {
+        "run": str(args.run_dir) + (f" (random SAE, widths {args.random_widths})" if args.random_widths else ""),
+        "against": args.against,
+        "rows": manifest["rows"],
+        "d_sae": manifest["d_sae"],
+        "seconds": round(seconds, 1),
+        "timings_s": {k: round(v, 1) for k, v in manifest["timings_s"].items()},
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--against", action="append", default=[])
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--no-absorption", action="store_true")
+    parser.add_argument("--random-widths")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "analyze.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    done = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["machine"] = {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform()}
+    out = json.loads(args.out.read_text()) if args.out.exists() else {}
+    out[result["run"]] = result
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
