@@ -1,37 +1,143 @@
-"""msae explorer: the home page lists the trained runs found on disk and shows each one's training."""
+"""msae explorer, home page: the runs found on disk, the chosen run's summary and training curves, and adding an
+SAE by upload (sae_weights.safetensors + cfg.json, SAELens layout)."""
 
-import os
+import json
+import shutil
 from pathlib import Path
 
-import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
-from msae.runs import find_runs, read_metrics, summary
+import explorer
+from msae import views
+from msae.io import SAELoadError, check_fits, load_sae
+from msae.lm import DEFAULT_MODEL
+from msae.runs import read_metrics, summary
+from msae.uploads import UploadError, max_upload_mb, read_cfg_json, run_source, safe_name, save_sae_upload
 
-HERE = Path(__file__).resolve().parent
-ROOTS = (HERE / "assets", HERE / "runs", *(Path(p) for p in os.environ.get("MSAE_RUNS", "").split(os.pathsep) if p))
-
-st.set_page_config(page_title="msae explorer", layout="wide")
+run = explorer.setup("Home")
 st.title("msae: Matryoshka SAE explorer")
+st.caption("Sparse autoencoders on a language model's residual stream, Matryoshka (nested dictionaries) beside "
+           "vanilla. Pick a run in the sidebar; every page shows it.")
 
-runs = find_runs(*ROOTS)
-if not runs:
-    st.info("No trained runs found under assets/, runs/ or $MSAE_RUNS. Train one with `msae train ... --out runs/NAME`.")
-    st.stop()
+def row_of(run: Path) -> dict:
+    try:
+        return summary(run)
+    except (OSError, ValueError) as exc:
+        return {"run": str(run), "architecture": f"unreadable: {type(exc).__name__}: {exc}"}
 
-table = pd.DataFrame([summary(r) for r in runs])
-st.subheader(f"{len(runs)} runs found")
-st.dataframe(table, hide_index=True, use_container_width=True)
 
-choice = st.selectbox("Run", [str(r) for r in runs])
-metrics = read_metrics(Path(choice))
-if metrics:
-    info = summary(Path(choice))
-    fig = go.Figure()
-    for i, width in enumerate(info["widths"]):
-        fig.add_scatter(x=[m["step"] for m in metrics], y=[m["fvu"][i] for m in metrics], name=f"width {width}")
-    fig.update_layout(title="FVU per nested width during training", xaxis_title="step", yaxis_title="FVU", yaxis_type="log")
-    st.plotly_chart(fig, use_container_width=True)
+runs = explorer.all_runs()
+if runs:
+    rows = [row_of(r) for r in runs]
+    st.subheader(f"{len(runs)} runs found")
+    st.dataframe(views.runs_table(rows, [explorer.short_name(r) for r in runs]), hide_index=True)
 else:
-    st.caption("This run has no metrics.jsonl.")
+    st.info("No trained runs found under assets/, runs/ or $MSAE_RUNS. Train one on the Train page (or with "
+            "`msae train ... --out runs/NAME`), or add one below.")
+
+
+def show_summary(run: Path) -> None:
+    try:
+        info = summary(run)
+        cfg = json.loads((run / "cfg.json").read_text())
+    except (OSError, ValueError) as exc:
+        st.error(f"{explorer.short_name(run)}: its cfg.json cannot be read ({type(exc).__name__}: {exc})")
+        return
+    info["model"], info["layer"] = run_source(cfg)
+    heldout = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else None
+    store = explorer.store_of(run, quiet=True)
+    st.subheader(f"Run {explorer.short_name(run)}")
+    fvu = (heldout or {}).get("fvu") or info.get("fvu")
+    cols = st.columns(6)
+    cols[0].metric("model", str(info["model"] or "—"))
+    cols[1].metric("layer", str(info["layer"] if info["layer"] is not None else "—"))
+    cols[2].metric("latents (d_sae)", f"{info['d_sae']:,}")
+    cols[3].metric("k", str(info["k"]))
+    cols[4].metric("FVU, full width" + (" (held-out)" if heldout else ""), f"{fvu[-1]:.3f}" if fvu else "—")
+    l0 = (heldout or {}).get("l0", info.get("l0"))
+    cols[5].metric("L0", f"{l0:.1f}" if l0 is not None else "—")
+    st.dataframe(views.summary_table(info, heldout, store.manifest if store else None), hide_index=True)
+    if store is None:
+        st.info(f"This run has no feature store yet, so Features, Hierarchy and Diagnostics have nothing to show: "
+                f"run `msae analyze {run}` (add `--against OTHER_RUN` to compare it with another).")
+    metrics = read_metrics(run)
+    if metrics:
+        st.plotly_chart(views.training_figure(metrics, info["widths"]))
+        st.plotly_chart(views.l0_figure(metrics))
+    else:
+        st.caption("This run has no metrics.jsonl.")
+
+
+if run is not None:
+    show_summary(run)
+
+
+def add_uploaded_sae() -> None:
+    limit = max_upload_mb()
+    st.caption(f"Both files of an SAE in SAELens's layout (ours too); at most {limit} MB each. The SAE is checked "
+               f"against its config and against the model it reads before it is added.")
+    c1, c2 = st.columns(2)
+    weights = c1.file_uploader("sae_weights.safetensors", key="upload_weights", max_upload_size=limit)
+    cfg_file = c2.file_uploader("cfg.json", key="upload_cfg", max_upload_size=limit)
+    cfg = None
+    if cfg_file is not None:
+        try:
+            cfg = read_cfg_json(cfg_file.name, cfg_file.getvalue())
+        except UploadError as exc:
+            st.error(str(exc))
+    if cfg is None:
+        return
+    model_cfg, layer_cfg = run_source(cfg)
+    c1, c2, c3 = st.columns(3)
+    # Keyed by the cfg.json upload, so a new cfg.json brings its own model and layer as defaults.
+    name = c1.text_input("name", key=f"upload_name_{cfg_file.file_id}", placeholder="my-sae",
+                         help="The run's directory name under runs/uploaded/.")
+    model = c2.text_input("model", value=model_cfg or DEFAULT_MODEL, key=f"upload_model_{cfg_file.file_id}",
+                          help="Built-in name, local path or Hugging Face id of the model the SAE reads.")
+    layer = c3.number_input("layer", min_value=0, value=layer_cfg if layer_cfg is not None else 15, step=1,
+                            key=f"upload_layer_{cfg_file.file_id}",
+                            help="The block whose residual stream the SAE reads.")
+    if not st.button("Add this SAE", disabled=weights is None, key="upload_add"):
+        return
+    if not name.strip():
+        st.error("Not added: give the run a name.")
+        return
+    try:
+        dest = explorer.upload_dir() / safe_name(name)
+        save_sae_upload(weights.getvalue(), cfg_file.getvalue(), dest, model=model.strip() or None, layer=int(layer))
+    except UploadError as exc:
+        st.error(f"Not added: {exc}")
+        return
+    lm = explorer.lm_of(model.strip())
+    problem = None
+    if lm is None:
+        problem = f"its model {model!r} cannot be loaded here"
+    else:
+        sae, _ = load_sae(dest)
+        try:
+            check_fits(sae, lm.d_model, f"{model} layer {int(layer)}")
+        except SAELoadError as exc:
+            problem = str(exc)
+        if int(layer) >= lm.n_layers:
+            problem = f"{model} has layers 0 to {lm.n_layers - 1}, not {int(layer)}"
+    if problem:
+        shutil.rmtree(dest, ignore_errors=True)
+        st.error(f"Not added: the SAE does not fit: {problem}")
+        return
+    explorer.select_run(dest)
+    st.session_state["flash"] = f"Added {explorer.short_name(dest)}; it is now the chosen run."
+    st.rerun()
+
+
+st.divider()
+with st.expander("Add an SAE by upload", expanded=False):
+    add_uploaded_sae()
+if "flash" in st.session_state:
+    st.success(st.session_state.pop("flash"))
+
+if explorer.model_needs_preparing(DEFAULT_MODEL):
+    st.info(f"The built-in model {DEFAULT_MODEL} has not been prepared on this machine yet: the first page that "
+            f"reads text converts it from its GGUF file (about 15 s, once).")
+    if st.button("Prepare it now"):
+        explorer.lm_of(DEFAULT_MODEL)
+        st.rerun()

@@ -167,7 +167,28 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                          store=config_from_args(StoreConfig, args), links=config_from_args(LinkConfig, args))
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg)
     print(format_analysis(manifest))
+    absorption_file = Path(args.run_dir) / "absorption.json"
+    if acfg.absorption and absorption_file.exists():
+        print(format_absorption(json.loads(absorption_file.read_text())))
     return 0
+
+
+def cmd_absorption(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import measure_absorption
+
+    result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer)
+    print(format_absorption(result))
+    return 0
+
+
+def format_absorption(result: dict) -> str:
+    """Absorption per SAE, for the terminal."""
+    lines = [f"absorption on {result['model']} layer {result['layer']}: {result['n_words']} words"]
+    for name, r in result["saes"].items():
+        mean = r["mean"]
+        lines.append(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in mean.items()))
+    return "\n".join(lines)
 
 
 def format_analysis(m: dict) -> str:
@@ -189,9 +210,6 @@ def format_analysis(m: dict) -> str:
         lines.append(f"  against {name}: split share by decoder cos (0.3/0.5/0.7) "
                      + " / ".join(f"{v:.3f}" for v in s["split_share_decoder"].values())
                      + f", by links {s['split_share_links']:.3f}; matched pairs {s['matching']['pairs']}")
-    if "absorption" in m:
-        lines.append("  absorption: " + json.dumps({k: v.get("overall", v) if isinstance(v, dict) else v
-                                                    for k, v in m["absorption"].items()})[:600])
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
     return "\n".join(lines)
 
@@ -231,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(analyze_parser, StoreConfig)
     add_dataclass_args(analyze_parser, LinkConfig)
     analyze_parser.set_defaults(func=cmd_analyze)
+
+    absorption_parser = sub.add_parser("absorption", help="first-letter absorption of one or more runs (one set of probes)")
+    absorption_parser.add_argument("run_dir", help="run directory; absorption.json is written here")
+    absorption_parser.add_argument("--against", action="append", default=[], help="another run to measure beside it")
+    absorption_parser.add_argument("--layer", type=int, help="layer, when cfg.json does not record it")
+    absorption_parser.set_defaults(func=cmd_absorption)
 
     toy_parser = sub.add_parser("toy", help="train vanilla and Matryoshka SAEs on a toy hierarchy and compare them")
     from msae import toy

@@ -253,9 +253,8 @@ def analyze(
     absorption = None
     if acfg.absorption:
         t = time.perf_counter()
-        absorption = _absorption(run_dir, [p for p, *_ in others], lm, ecfg.layer)
+        absorption = measure_absorption(run_dir, [p for p, *_ in others], lm, ecfg.layer)
         timings["absorption"] = time.perf_counter() - t
-        manifest["absorption"] = absorption
     timings["total"] = time.perf_counter() - t0
     manifest["timings_s"] = timings
 
@@ -276,8 +275,6 @@ def analyze(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
     _write_dir(run_dir / STORE_DIR, fill)
-    if absorption is not None:
-        io.atomic_write_text(run_dir / "absorption.json", json.dumps(absorption, indent=1) + "\n")
     return manifest
 
 
@@ -343,11 +340,18 @@ def _against(sae: SAE, sp: Sparse, stats: dict, other: SAE, osp: Sparse, edges, 
     return {"links": links, "matching": pairs, "parents": kids}, summary
 
 
-def _absorption(run_dir: Path, others: list[Path], lm: LoadedLM, layer: int) -> dict:
+def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM | None = None,
+                       layer: int | None = None) -> dict:
+    """First-letter absorption of the run and `others` from one set of probes; written to RUN_DIR/absorption.json."""
     from msae.analysis import absorption
 
-    runs = {run_name(run_dir): run_dir, **{run_name(p): p for p in others}}
-    return absorption.measure(runs, lm=lm, layer=layer)
+    runs = {run_name(run_dir): Path(run_dir), **{run_name(p): Path(p) for p in others}}
+    try:
+        result = absorption.measure(runs, lm=lm, layer=layer)
+    except (absorption.AbsorptionError, io.SAELoadError) as exc:
+        raise AnalysisError(str(exc)) from None
+    absorption.write(result, run_dir)
+    return result
 
 
 @dataclass
