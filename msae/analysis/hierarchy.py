@@ -25,6 +25,10 @@ class LinkConfig:
 
     threshold: float = 0.6
     """A candidate whose score reaches this is a link (DESIGN.md §3)."""
+    min_cofires: int = 10
+    """A candidate is linked only if both fire together on at least this many tokens. With fewer, one strong
+    token of the child decides the cosine: any latent active there scores near 1 (on the shipped Matryoshka run,
+    children firing under 100 times got ~300 such "parents" each)."""
     keep_per_child: int = 5
     """Best-scoring candidates kept per child whether linked or not (the app's link-strength filter)."""
     split_cosine: float = 0.5
@@ -71,9 +75,13 @@ def candidate_filter(parent_stats: dict, child_stats: dict, cfg: "LinkConfig", p
         score = score_pairs(pairs, parent_stats, child_stats)[0]
         score = torch.where(ok, score, torch.full_like(score, -torch.inf))
         rank = _rank_in_child(pairs.child, score)
-        return ok & ((rank < cfg.keep_per_child) | (score >= cfg.threshold))
+        return ok & ((rank < cfg.keep_per_child) | _is_link(score, pairs, cfg))
 
     return keep
+
+
+def _is_link(score: Tensor, pairs: Pairs, cfg: "LinkConfig") -> Tensor:
+    return (score >= cfg.threshold) & (pairs.count >= cfg.min_cofires)
 
 
 def _rank_in_child(child: Tensor, score: Tensor) -> Tensor:
@@ -94,12 +102,14 @@ def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tens
     """Every child's best `keep_per_child` candidates and every link, one row each; `linked` marks the DAG's
     edges and `tree` the child's best linked parent."""
     score, masked_cos, ratio = score_pairs(pairs, parent_stats, child_stats)
+    is_link = _is_link(score, pairs, cfg)
     rank = _rank_in_child(pairs.child, score)
-    keep = ((rank < cfg.keep_per_child) | (score >= cfg.threshold)).nonzero().squeeze(1)
+    # The tree parent is the best-scoring link, which need not be the best-scoring candidate.
+    link_rank = _rank_in_child(pairs.child, torch.where(is_link, score, torch.full_like(score, -torch.inf)))
+    keep = ((rank < cfg.keep_per_child) | is_link).nonzero().squeeze(1)
     keep = keep[torch.argsort(pairs.child[keep] * (pairs.child.numel() + 1) + rank[keep])]  # by child, best first
-    rank_kept = rank[keep]
     parent, child = pairs.parent[keep], pairs.child[keep]
-    linked = score[keep] >= cfg.threshold
+    linked = is_link[keep]
     frame = pd.DataFrame({
         "parent": parent.numpy(),
         "child": child.numpy(),
@@ -111,7 +121,7 @@ def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tens
         "child_fires": child_stats["count"][child].numpy(),
         "parent_fires": parent_stats["count"][parent].numpy(),
         "linked": linked.numpy(),
-        "tree": (linked & (rank_kept == 0)).numpy(),
+        "tree": (linked & (link_rank[keep] == 0)).numpy(),
     })
     if parent_group is not None:
         frame["parent_group"] = parent_group[parent].numpy()
