@@ -200,6 +200,9 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     shards = [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
     x = torch.cat([s["activations"] for s in shards]).float()
     dense = sae.eval().encode(x)
+    too_large = x.norm(dim=1) > manifest["max_norm"]
+    assert manifest["high_norm_rows_silenced"] == int(too_large.sum())
+    dense[too_large] = 0
     count = (dense > 0).sum(0)
     assert (lat["count"].to_numpy() == count.numpy()).all()
     torch.testing.assert_close(torch.tensor(lat["max_act"].to_numpy()).float(), dense.max(0).values, rtol=1e-5, atol=1e-5)
@@ -237,6 +240,28 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     assert int(busiest["latent"]) in set(search.by_promoted(store, promoted, n=10_000)["latent"])
     with pytest.raises(search.SearchError, match="does not exist"):
         search.by_id(store, 10**6)
+
+
+def test_stream_silences_rows_above_the_norm_limit(small_runs):
+    runs, cache, _ = small_runs
+    from safetensors.torch import load_file
+
+    sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)
+    shards = [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+    x = torch.cat([s["activations"] for s in shards]).float()
+    norms = x.norm(dim=1)
+    limit = float(norms.median())
+    result = stream([sae], cache, max_norm=limit)
+    silenced = norms > limit
+    assert result.skipped_rows == int(silenced.sum()) > 0 and result.n_rows == x.shape[0]
+    sp = result.sparse[0]
+    per_row = sp.row_ptr.diff()
+    assert (per_row[silenced] == 0).all() and per_row[~silenced].sum() == sp.cols.numel()
+    dense = sae.eval().encode(x)
+    dense[silenced] = 0
+    assert torch.equal(torch.bincount(sp.cols.long(), minlength=sae.d_sae), (dense > 0).sum(0))
+    kept_rows = set(result.top.row[result.top.row >= 0].tolist())
+    assert kept_rows and not kept_rows & set(silenced.nonzero().squeeze(1).tolist())
 
 
 def test_text_latents_match_the_cache(small_runs, lm):

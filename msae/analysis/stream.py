@@ -108,6 +108,8 @@ class StreamResult:
     """Document index of every context seen (empty for caches written before documents were recorded)."""
     n_rows: int
     seconds: float
+    skipped_rows: int = 0
+    """Rows left silent because their norm exceeded `max_norm` (they count in n_rows, with no latent active)."""
 
 
 def _rank_within_latent(cols: Tensor, keys: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
@@ -216,8 +218,12 @@ def stream(
     chunk_rows: int = 8192,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    max_norm: float | None = None,
 ) -> StreamResult:
-    """Run every SAE over the cache once; examples are kept for the first SAE."""
+    """Run every SAE over the cache once; examples are kept for the first SAE.
+
+    Rows whose norm exceeds `max_norm` count as rows with no latent active: one such row (a massive activation
+    the cache's own filter let through) is otherwise the top example of hundreds of latents at once."""
     import time
 
     t0 = time.perf_counter()
@@ -231,7 +237,7 @@ def stream(
     generator = torch.Generator().manual_seed(seed)
     context_doc: dict[int, int] = {}
     context_parts: list[Tensor] = []
-    row0 = 0
+    row0 = skipped = 0
     for shard in shards:
         with safe_open(str(cache / shard["file"]), framework="pt") as f:
             n_take = shard["rows"] if max_rows is None else min(shard["rows"], max_rows - row0)
@@ -247,6 +253,10 @@ def stream(
                 docs = f.get_tensor("context_doc").tolist()
                 context_doc.update({context_start + i: d for i, d in enumerate(docs)})
         view = _ShardView(context, position, context_tokens, context_start, row0)
+        too_large = torch.zeros(n_take, dtype=torch.bool)
+        if max_norm is not None:
+            too_large = acts.float().norm(dim=1) > max_norm
+        skipped += int(too_large.sum())
         for i, sae in enumerate(saes):
             dtype = sae.W_enc.dtype
             shard_rows, shard_cols, shard_vals = [], [], []
@@ -257,6 +267,9 @@ def stream(
                 shard_cols.append(e.cols.cpu())
                 shard_vals.append(e.vals.float().cpu())
             rows, cols, vals = torch.cat(shard_rows), torch.cat(shard_cols), torch.cat(shard_vals)
+            if too_large.any():
+                kept = ~too_large[rows]
+                rows, cols, vals = rows[kept], cols[kept], vals[kept]
             parts[i]["counts"].append(torch.bincount(rows, minlength=n_take))
             parts[i]["cols"].append(cols.to(torch.int32))
             parts[i]["vals"].append(vals)
@@ -276,7 +289,8 @@ def stream(
         sparse.append(Sparse(row_ptr, torch.cat(p["cols"]) if p["cols"] else torch.zeros(0, dtype=torch.int32),
                              torch.cat(p["vals"]) if p["vals"] else torch.zeros(0), sae.d_sae))
     context_tokens = torch.cat(context_parts) if context_parts else torch.zeros(0, 0, dtype=torch.int32)
-    return StreamResult(sparse, top, sample, context_tokens, context_doc, row0, time.perf_counter() - t0)
+    return StreamResult(sparse, top, sample, context_tokens, context_doc, row0, time.perf_counter() - t0,
+                        skipped)
 
 
 @torch.no_grad()
