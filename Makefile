@@ -7,7 +7,7 @@ GENSIM ?= 4.4.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msae-installed
 
-.PHONY: app test bench setup clean
+.PHONY: app test bench setup browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ setup: $(STAMP)
 app: setup
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
 
-test: setup
+# The real-browser test (tests/test_browser.py) drives Debian's chromium through playwright. As root with apt, install
+# it where it is missing; otherwise (or if apt fails) that test is skipped and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's chromium for the browser test (apt-get)..."; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "warning: apt-get could not install chromium; the browser test will be skipped"; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 bench: setup
