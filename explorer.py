@@ -28,6 +28,11 @@ RUN_KEY = "run"
 """st.session_state key of the chosen run (a path string), shared by every page."""
 LATENT_KEY = "latent"
 """st.session_state key (and query parameter) of the latent the Features page shows."""
+APP_THREADS = int(os.environ.get("MSAE_APP_THREADS") or 1)
+"""torch threads of the app process ($MSAE_APP_THREADS). One: a warm 128-token prompt took 0.33 s with 1 thread and
+0.73 s with 2 while another job used both cores of a 2-core machine (benchmarks/bench_prompt.py); a training job
+started from the Train page runs in its own process with its own threads."""
+torch.set_num_threads(APP_THREADS)
 
 
 def write_dir() -> Path:
