@@ -196,6 +196,9 @@ def extract(
         if next_ctx + len(batch) <= done:  # written before an interruption
             next_ctx += len(batch)
             continue
+        if next_ctx < done:  # the cache ends inside this batch (it was written with another lm_batch)
+            batch = batch[done - next_ctx:]
+            next_ctx = done
         tokens = [t for t, _doc in batch]
         ids, mask = _pad(tokens, cfg.ctx_len, pad_id)
         resid = residual_after(lm, ids, mask, layer).float()  # (B, T, d)

@@ -264,6 +264,21 @@ def test_stream_silences_rows_above_the_norm_limit(small_runs):
     assert kept_rows and not kept_rows & set(silenced.nonzero().squeeze(1).tolist())
 
 
+def test_a_cache_whose_rows_point_at_other_contexts_is_refused(small_runs, tmp_path):
+    runs, cache, _ = small_runs
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / cache.name
+    shutil.copytree(cache, broken)
+    last = json.loads((broken / "manifest.json").read_text())["shards"][-1]["file"]
+    tensors = load_file(str(broken / last))
+    tensors["context"] = tensors["context"] - 1  # the shift an extraction resumed mid-batch used to leave
+    save_file(tensors, str(broken / last))
+    sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"{last}: its rows do not point at their tokens"):
+        stream([sae], broken)
+
+
 def test_text_latents_match_the_cache(small_runs, lm):
     runs, cache, text = small_runs
     sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)

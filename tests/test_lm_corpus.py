@@ -93,6 +93,38 @@ def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
                 torch.testing.assert_close(f.get_tensor(key), g.get_tensor(key), atol=1e-2, rtol=1e-3)
 
 
+def test_a_cache_grown_with_another_batch_size_keeps_rows_and_contexts_aligned(lm, text_file, tmp_path):
+    # 3 contexts a batch, then 4: the second extraction starts inside one of its batches.
+    first = extract(ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=32, lm_batch=3, shard_rows=60, layer=15),
+                    lm=lm, root=tmp_path)
+    done = read_manifest(first)["contexts_done"]
+    assert done % 4, "the first extraction must stop inside a batch of the second"
+    grown = extract(ExtractConfig(corpus=str(text_file), tokens=400, ctx_len=32, lm_batch=4, shard_rows=60, layer=15),
+                    lm=lm, root=tmp_path)
+    assert grown == first
+    manifest = read_manifest(grown)
+    starts, rows = [], 0
+    for shard in manifest["shards"]:
+        with safe_open(str(grown / shard["file"]), "pt") as f:
+            start = int(f.get_tensor("context_start")[0])
+            ctx_tokens, context = f.get_tensor("context_tokens"), f.get_tensor("context") - start
+            position, token_ids = f.get_tensor("position").long(), f.get_tensor("token_ids")
+        assert context.min() >= 0 and context.max() < ctx_tokens.shape[0]
+        assert torch.equal(ctx_tokens[context, position], token_ids), f"{shard['file']}: rows point at other contexts"
+        starts.append(start)
+        rows += shard["rows"]
+    assert starts == [sum(s["contexts"] for s in manifest["shards"][:i]) for i in range(len(starts))]
+    # No context was extracted twice: the stored contexts are the corpus's, in order.
+    stored = torch.cat([safe_open(str(grown / s["file"]), "pt").get_tensor("context_tokens")
+                        for s in manifest["shards"]])
+    straight = extract(ExtractConfig(corpus=str(text_file), tokens=rows, ctx_len=32, lm_batch=4, shard_rows=10**6,
+                                     layer=15), lm=lm, root=tmp_path / "straight")
+    with safe_open(str(straight / read_manifest(straight)["shards"][0]["file"]), "pt") as f:
+        expected = f.get_tensor("context_tokens")
+    n = min(len(stored), len(expected))
+    assert torch.equal(stored[:n], expected[:n])
+
+
 def test_cached_rows_match_the_model(lm, text_file, tmp_path):
     cfg = ExtractConfig(corpus=str(text_file), tokens=40, ctx_len=32, lm_batch=2, layer=15)
     cache = extract(cfg, lm=lm, root=tmp_path)

@@ -190,9 +190,12 @@ def analyze(
 
     median_norm = read_manifest(cache).get("median_norm")
     max_norm = acfg.max_norm_factor * median_norm if acfg.max_norm_factor and median_norm else None
-    result = stream([sae] + [o[1] for o in others], cache, top_n=acfg.store.top_n,
-                    sample_n=acfg.store.quantiles * acfg.store.per_quantile, window=acfg.store.window,
-                    max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm)
+    try:
+        result = stream([sae] + [o[1] for o in others], cache, top_n=acfg.store.top_n,
+                        sample_n=acfg.store.quantiles * acfg.store.per_quantile, window=acfg.store.window,
+                        max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm)
+    except ValueError as exc:
+        raise AnalysisError(str(exc)) from None
     timings["stream"] = result.seconds
     if result.n_rows == 0:
         raise AnalysisError(f"{cache}: the activation cache holds no rows")

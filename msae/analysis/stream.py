@@ -196,6 +196,19 @@ def _entry_lookup(rows: Tensor, cols: Tensor, vals: Tensor, d_sae: int) -> Calla
     return lookup
 
 
+def _check_rows_match_contexts(path: Path, context: Tensor, position: Tensor, context_tokens: Tensor,
+                               token_ids: Tensor) -> None:
+    """Every row's token must be the one its (context, position) points at in the shard's stored contexts, or the
+    examples would show another text."""
+    n_ctx, ctx_len = context_tokens.shape
+    inside = (context >= 0) & (context < n_ctx) & (position >= 0) & (position < ctx_len)
+    if not inside.all() or not torch.equal(context_tokens[context, position], token_ids.to(context_tokens.dtype)):
+        raise ValueError(
+            f"{path}: its rows do not point at their tokens in the stored contexts (an extraction resumed with "
+            f"another lm_batch, before msae fixed that); delete {path.parent} and extract it again"
+        )
+
+
 def cache_shards(cache: Path, max_rows: int | None = None) -> list[dict]:
     """Every shard of the cache in order (training and held-out: the analysis describes the whole corpus)."""
     shards, total = [], 0
@@ -248,6 +261,9 @@ def stream(
             context_start = int(f.get_tensor("context_start")[0])
             if context_start != sum(c.shape[0] for c in context_parts):
                 raise ValueError(f"{cache / shard['file']}: contexts do not follow on from the previous shard")
+            token_ids = f.get_slice("token_ids")[:n_take]
+            _check_rows_match_contexts(cache / shard["file"], context - context_start, position, context_tokens,
+                                       token_ids)
             context_parts.append(context_tokens)
             if "context_doc" in f.keys():
                 docs = f.get_tensor("context_doc").tolist()
