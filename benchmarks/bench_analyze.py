@@ -2,11 +2,13 @@
 
     python benchmarks/bench_analyze.py RUN_DIR [--against OTHER] [--tokens N] [--no-absorption]
         [--out benchmarks/results/analyze.json]
-    python benchmarks/bench_analyze.py --random-widths 1024,2048,4096,8192,16384 --like RUN_DIR ...
+    python benchmarks/bench_analyze.py RUN_DIR --random-widths 1024,2048,4096,8192,16384 --no-absorption \
+        [--grow-cache 1000000]
 
 With --random-widths, a randomly initialised Matryoshka SAE of those widths is analysed over RUN_DIR's
 activation cache instead (the memory bound of issue 4: 16,384 latents over the cache must fit in 8 GB; a random
-SAE fires more evenly than a trained one, which makes the co-activation table larger, not smaller).
+SAE fires more evenly than a trained one, which makes the co-activation table larger, not smaller);
+--grow-cache repeats the cache's shards (as new contexts) up to that many rows, for more rows than the corpus has.
 The analysis runs in a child process so that its peak RSS is its own; results are merged into the JSON under a
 key naming the run, so several runs share one file.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,37 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+def grown_cache(cache: Path, rows: int, out: Path) -> tuple[Path, int]:
+    """A copy of `cache` (its shards linked, not copied) that goes on with its own shards again from the first,
+    re-indexed as new contexts, until it holds at least `rows` rows; returns the copy and its row count. For the
+    memory bound on more rows than the built-in corpus gives: the repeated rows are real activations, so an SAE
+    fires on them as on the first pass."""
+    from safetensors.torch import load_file, save_file
+
+    from msae.activations import MANIFEST, read_manifest
+
+    manifest = read_manifest(cache)
+    out.mkdir(parents=True)
+    for shard in manifest["shards"]:
+        (out / shard["file"]).symlink_to(cache / shard["file"])
+    shards, total = list(manifest["shards"]), manifest["rows"]
+    n_contexts = sum(s["contexts"] for s in shards)
+    for i, shard in enumerate(manifest["shards"] * 8):
+        if total >= rows:
+            break
+        tensors = load_file(str(cache / shard["file"]))
+        shift = n_contexts - int(tensors["context_start"][0])
+        tensors["context_start"] = tensors["context_start"] + shift
+        tensors["context"] = tensors["context"] + shift
+        name = f"repeat_{i:05d}.safetensors"
+        save_file(tensors, str(out / name))
+        shards.append({**shard, "file": name})
+        total += shard["rows"]
+        n_contexts += shard["contexts"]
+    (out / MANIFEST).write_text(json.dumps({**manifest, "shards": shards, "rows": total}, indent=1))
+    return out, total
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -40,6 +74,10 @@ def child(args: argparse.Namespace) -> dict:
         sae, cfg = io.load_sae(run_dir, dtype=torch.float32)
         rand = SAE(sae.d_in, widths, k=sae.k)
         tmp = Path(tempfile.mkdtemp(prefix="msae-bench-analyze-"))
+        if args.grow_cache:
+            extraction = cfg["msae"]["extraction"]
+            cache, extraction["rows"] = grown_cache(Path(extraction["cache"]), args.grow_cache, tmp / "cache")
+            extraction["cache"] = str(cache)
         io.save_sae(rand, tmp / "random", cfg={"msae": cfg["msae"]})
         run_dir = tmp / "random"
     if args.threads:
@@ -48,8 +86,12 @@ def child(args: argparse.Namespace) -> dict:
     manifest = analyze(run_dir, against=[Path(a) for a in args.against],
                        acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption))
     seconds = time.perf_counter() - t0
+    if args.random_widths:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "run": str(args.run_dir) + (f" (random SAE, widths {args.random_widths})" if args.random_widths else ""),
+        "run": str(args.run_dir) + (f" (random SAE, widths {args.random_widths}"
+                                    f"{f', cache grown to {args.grow_cache:,} rows' if args.grow_cache else ''})"
+                                    if args.random_widths else ""),
         "against": args.against,
         "rows": manifest["rows"],
         "d_sae": manifest["d_sae"],
@@ -68,6 +110,8 @@ def main() -> None:
     parser.add_argument("--no-absorption", action="store_true")
     parser.add_argument("--random-widths")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--grow-cache", type=int, metavar="ROWS",
+                        help="with --random-widths: repeat the cache's shards until it holds ROWS rows")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "analyze.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
