@@ -29,7 +29,10 @@ def read_json(path: Path) -> dict | None:
 st.header("Absorption")
 absorption = manifest.get("absorption") or read_json(run / "absorption.json")
 if absorption is None:
-    for other in compared.values():
+    # Measured from another run: one it was compared with, or one beside it (the shipped pair keeps it with the
+    # Matryoshka run).
+    siblings = sorted(p.parent for p in run.parent.glob("*/absorption.json"))
+    for other in [*compared.values(), *siblings]:
         found = read_json(other / "absorption.json")
         if found and explorer.run_name(run) in found.get("saes", {}):
             absorption = found

@@ -340,6 +340,9 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
         assert list(table["SAE"]) == ["matryoshka", "vanilla"]
         at.radio(key="absorption_metric").set_value("full_absorption_rate").run()
         assert figures(ok(at))[0]["data"][0]["y"] == pytest.approx([0.05, 0.05])
+        # The vanilla run shows the same result, found beside it.
+        beside = ok(open_page("pages/3_Diagnostics.py", env["vanilla"]))
+        assert [t["name"] for t in figures(beside)[0]["data"]] == ["matryoshka", "vanilla"]
     finally:
         (run / "absorption.json").unlink()
 
