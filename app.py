@@ -48,7 +48,7 @@ def show_summary(run: Path) -> None:
     store = explorer.store_of(run, quiet=True)
     st.subheader(f"Run {explorer.short_name(run)}")
     fvu = (heldout or {}).get("fvu") or info.get("fvu")
-    cols = st.columns(6)
+    cols = st.columns([2.2, 0.8, 1.2, 0.6, 1.4, 0.8])  # room for a model name such as smollm2-135m
     cols[0].metric("model", str(info["model"] or "—"))
     cols[1].metric("layer", str(info["layer"] if info["layer"] is not None else "—"))
     cols[2].metric("latents (d_sae)", f"{info['d_sae']:,}")
