@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -212,7 +213,9 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
         want = dense[:, latent].topk(min(20, int(count[latent]))).values
         torch.testing.assert_close(torch.tensor(ex["act"].to_numpy()).float(), want, rtol=1e-5, atol=1e-5)
         for _, row in ex.iterrows():
-            assert row["acts"][row["center"]] == pytest.approx(row["act"], rel=1e-5)
+            # The window's activations are stored as float16 (for shading), the example's own at full precision.
+            assert row["acts"].dtype == np.float16
+            assert row["acts"][row["center"]] == pytest.approx(row["act"], rel=1e-3)
             assert row["tokens"][row["center"]] == int(torch.cat([s["token_ids"] for s in shards])[row["row"]])
         q = store.examples_of(latent, "quantile")
         assert len(q) == min(20, int(count[latent])) and (q["act"] <= ex["act"].max() + 1e-6).all()

@@ -24,6 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -149,8 +150,28 @@ def _write_dir(final: Path, fill: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# Store precision: every statistic, link score and each example's activation (`act`) at full precision; the
+# per-token activations of an example's window (`acts`, for shading) and the promoted and suppressed logits (for
+# display) as float16. With int64 columns narrowed to int32, the shipped pair's two stores (8192 latents each) and
+# the SAEs fit in the 60 MB that assets/ may hold.
+
+
+def _narrow(frame: pd.DataFrame) -> pd.DataFrame:
+    """int64 columns (and int64 array cells) as int32 where the values fit."""
+    out = frame.copy()
+    for name in out.columns:
+        col = out[name]
+        if pd.api.types.is_integer_dtype(col.dtype) and col.dtype.itemsize > 4:
+            if len(col) == 0 or (col.min() >= -(2**31) and col.max() < 2**31):
+                out[name] = col.astype("int32")
+        elif col.dtype == object and len(col) and isinstance(col.iloc[0], np.ndarray) and col.iloc[0].dtype == np.int64:
+            if all(len(a) == 0 or (a.min() >= -(2**31) and a.max() < 2**31) for a in col):
+                out[name] = [a.astype(np.int32) for a in col]
+    return out
+
+
 def _parquet(frame: pd.DataFrame, path: Path) -> None:
-    frame.to_parquet(path, index=False, compression="zstd")
+    _narrow(frame).to_parquet(path, index=False, compression="zstd", compression_level=19)
 
 
 def analyze(

@@ -124,7 +124,7 @@ def _example_rows(ex: Examples, picks: list[tuple[int, int, int]], kind: str) ->
         "row": ex.row[lat, slot].numpy(),
         "context": ex.context[lat, slot].numpy(),
         "position": ex.position[lat, slot].numpy(),
-        "acts": list(ex.acts[lat, slot].numpy()),
+        "acts": list(ex.acts[lat, slot].half().numpy()),  # for shading only: float16 (see STORE_PRECISION)
     })
 
 
@@ -201,9 +201,9 @@ def latents_frame(sae: SAE, stats: dict[str, Tensor], n_rows: int, top: Examples
     if W_U is not None and W_U.shape[1] == sae.d_in:
         top_v, top_i, bot_v, bot_i = promoted_tokens(sae.W_dec.detach().cpu(), W_U, cfg.promoted)
         frame["promoted_ids"] = list(top_i.numpy())
-        frame["promoted_logits"] = list(top_v.numpy())
+        frame["promoted_logits"] = list(top_v.half().numpy())
         frame["suppressed_ids"] = list(bot_i.numpy())
-        frame["suppressed_logits"] = list(bot_v.numpy())
+        frame["suppressed_logits"] = list(bot_v.half().numpy())
         if vocab is not None:
             frame["promoted"] = [[vocab[t] for t in row] for row in top_i.tolist()]
             frame["suppressed"] = [[vocab[t] for t in row] for row in bot_i.tolist()]
