@@ -306,7 +306,10 @@ def hierarchy_figure(nodes: pd.DataFrame, kind: str = "icicle", max_depth: int |
                        "%{customdata[4]:.2f}<extra></extra>"),
         maxdepth=max_depth if max_depth else -1,
     ))
-    fig.update_layout(height=640, margin=dict(t=10, l=10, r=10, b=10))
+    # An icicle stacks the roots in one column: give each at least 16 px, so their labels stay readable.
+    roots = int((nodes["parent"] < 0).sum())
+    height = min(4000, max(640, 16 * roots)) if kind == "icicle" else 640
+    fig.update_layout(height=height, margin=dict(t=10, l=10, r=10, b=10))
     return fig
 
 

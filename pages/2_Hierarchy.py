@@ -33,7 +33,8 @@ with st.container(border=True):
     min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=threshold, step=0.05,
                           key="tree_score", help="Below the link threshold you see the store's best candidates too.")
     kind = c4.radio("view", views.TREE_KINDS, horizontal=True, key="tree_kind")
-    max_nodes = c4.number_input("at most nodes", 50, 20_000, 1500, step=250, key="tree_max")
+    max_nodes = c4.number_input("at most nodes", 50, 20_000, 400, step=100, key="tree_max",
+                                help="The largest trees are drawn first, whole, while they fit.")
 
 nodes = views.hierarchy_nodes(latents, links, min_score, groups, min_freq)
 if nodes.empty:

@@ -266,7 +266,10 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
     tree = figures(at)[0]["data"][0]
     assert tree["type"] == "icicle"
-    want = views.hierarchy_nodes(store.latents, store.links, store.manifest["link_config"]["threshold"])
+    every = views.hierarchy_nodes(store.latents, store.links, store.manifest["link_config"]["threshold"])
+    limit = at.number_input(key="tree_max").value
+    want = views.largest_trees(every, limit)  # whole trees, the largest first, while they fit
+    assert len(want) <= max(limit, every.groupby("root").size().max())
     assert sorted(tree["ids"]) == sorted(views.node_id(l) for l in want["latent"])
     parents = dict(zip(tree["ids"], tree["parents"]))
     for node in want.itertuples():
