@@ -52,7 +52,8 @@ else:
                "that has moved out of the letter's main latents into other latents; lower is better. Only letters "
                f"with probe F1 > 0.6 count ({absorption.get('model', '')} layer {absorption.get('layer', '')}, "
                f"{absorption.get('n_test_words', '?')} test words). The paper reports 0.05 for Matryoshka against "
-               "0.49 for BatchTopK on Gemma-2-2B.")
+               "0.49 for BatchTopK on Gemma-2-2B. Read it beside the main-latent F1 in the table: far below the "
+               "probe's, it means the SAE has no latent for the letter, and the fraction says little about absorption.")
     st.dataframe(views.absorption_table(absorption), hide_index=True)
 
 st.header("Feature splitting")
