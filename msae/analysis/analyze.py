@@ -150,12 +150,6 @@ def _write_dir(final: Path, fill: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# Store precision: every statistic, link score and each example's activation (`act`) at full precision; the
-# per-token activations of an example's window (`acts`, for shading) and the promoted and suppressed logits (for
-# display) as float16. With int64 columns narrowed to int32, the shipped pair's two stores (8192 latents each) and
-# the SAEs fit in the 60 MB that assets/ may hold.
-
-
 def _narrow(frame: pd.DataFrame) -> pd.DataFrame:
     """int64 columns (and int64 array cells) as int32 where the values fit."""
     out = frame.copy()
@@ -171,6 +165,10 @@ def _narrow(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _parquet(frame: pd.DataFrame, path: Path) -> None:
+    """A store table, ints narrowed, zstd level 19. Precision: every statistic, link score and each example's
+    activation (`act`) in full; the per-token activations of an example's window (`acts`, for shading) and the
+    promoted and suppressed logits (for display) come as float16 from features.py. So the shipped pair's two stores
+    (8192 latents each) and the SAEs fit in the 60 MB that assets/ may hold."""
     _narrow(frame).to_parquet(path, index=False, compression="zstd", compression_level=19)
 
 

@@ -124,7 +124,7 @@ def _example_rows(ex: Examples, picks: list[tuple[int, int, int]], kind: str) ->
         "row": ex.row[lat, slot].numpy(),
         "context": ex.context[lat, slot].numpy(),
         "position": ex.position[lat, slot].numpy(),
-        "acts": list(ex.acts[lat, slot].half().numpy()),  # for shading only: float16 (see STORE_PRECISION)
+        "acts": list(ex.acts[lat, slot].half().numpy()),  # for shading only: float16, see analyze._parquet
     })
 
 
