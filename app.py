@@ -9,10 +9,10 @@ import streamlit as st
 
 import explorer
 from msae import views
-from msae.io import SAELoadError, check_fits, load_sae
+from msae.io import SAELoadError, check_fits, load_sae, run_source
 from msae.lm import DEFAULT_MODEL
 from msae.runs import read_metrics, summary
-from msae.uploads import UploadError, max_upload_mb, read_cfg_json, run_source, safe_name, save_sae_upload
+from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
 
 run = explorer.setup("Home")
 st.title("msae: Matryoshka SAE explorer")

@@ -15,11 +15,10 @@ import torch
 from msae.analysis.analyze import STORE_DIR, FeatureStore, StoreError, load_store
 from msae.analysis.inference import TextLatents, text_latents
 from msae.analysis.matching import match
-from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits, load_sae
+from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits, load_sae, run_source
 from msae.lm import BUILTIN, LMLoadError, LoadedLM, cache_dir, load_lm
 from msae.runs import find_runs
 from msae.sae import SAE
-from msae.uploads import run_source
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RUN = HERE / "assets" / "default" / "matryoshka"

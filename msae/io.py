@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -556,3 +557,20 @@ def check_fits(sae: SAE, d_model: int, where: str) -> None:
     """Refuse an SAE whose input width differs from the activations it is about to see."""
     if sae.d_in != d_model:
         raise SAELoadError(f"SAE expects d_in={sae.d_in} but {where} gives {d_model}")
+
+
+_HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
+
+
+def run_source(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The model and layer a run was trained on: ours record them under msae.extraction; SAELens's under
+    model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post)."""
+    ext = (cfg.get("msae") or {}).get("extraction") or {}
+    model = ext.get("model") or cfg.get("model_name")
+    layer = ext.get("layer")
+    if layer is None:
+        layer = cfg.get("hook_layer")
+    if layer is None and isinstance(cfg.get("hook_name"), str):
+        found = _HOOK_LAYER.search(cfg["hook_name"])
+        layer = int(found.group(1)) if found else None
+    return model, (int(layer) if layer is not None else None)

@@ -19,7 +19,6 @@ DEFAULT_MAX_UPLOAD_MB = 512
 """Largest file the app accepts, unless $MSAE_MAX_UPLOAD_MB says otherwise (an fp32 SAE of 65,536 latents on
 d_in 576 is about 300 MB)."""
 PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl")
-_HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
 
 
 class UploadError(ValueError):
@@ -91,20 +90,6 @@ def safe_name(text: str) -> str:
     if not name:
         raise UploadError("give a name made of letters, digits, '-', '_' or '.'")
     return name
-
-
-def run_source(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
-    """The model and layer a run was trained on: ours record them under msae.extraction; SAELens's under
-    model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post)."""
-    ext = (cfg.get("msae") or {}).get("extraction") or {}
-    model = ext.get("model") or cfg.get("model_name")
-    layer = ext.get("layer")
-    if layer is None:
-        layer = cfg.get("hook_layer")
-    if layer is None and isinstance(cfg.get("hook_name"), str):
-        found = _HOOK_LAYER.search(cfg["hook_name"])
-        layer = int(found.group(1)) if found else None
-    return model, (int(layer) if layer is not None else None)
 
 
 def save_sae_upload(weights: bytes, cfg_data: bytes, dest: Path, model: str | None = None, layer: int | None = None) -> Path:

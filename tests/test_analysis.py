@@ -179,6 +179,13 @@ def small_runs(lm, tmp_path_factory):
     return runs, cache, text
 
 
+def cache_shards(cache: Path) -> list[dict]:
+    """Every shard of an activation cache, in order, as its tensors."""
+    from safetensors.torch import load_file
+
+    return [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+
+
 def _analyze(runs, text, lm, against=("vanilla",), **kw):
     acfg = AnalyzeConfig(corpus=str(text), absorption=False, **kw)
     return analyze(runs["matryoshka"], against=[runs[a] for a in against], acfg=acfg, lm=lm)
@@ -196,9 +203,7 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     assert manifest["rows"] == sum(s["rows"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
 
     # Every statistic agrees with a dense pass over the same rows.
-    from safetensors.torch import load_file
-
-    shards = [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+    shards = cache_shards(cache)
     x = torch.cat([s["activations"] for s in shards]).float()
     dense = sae.eval().encode(x)
     too_large = x.norm(dim=1) > manifest["max_norm"]
@@ -247,11 +252,8 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
 
 def test_stream_silences_rows_above_the_norm_limit(small_runs):
     runs, cache, _ = small_runs
-    from safetensors.torch import load_file
-
     sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)
-    shards = [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
-    x = torch.cat([s["activations"] for s in shards]).float()
+    x = torch.cat([s["activations"] for s in cache_shards(cache)]).float()
     norms = x.norm(dim=1)
     limit = float(norms.median())
     result = stream([sae], cache, max_norm=limit)

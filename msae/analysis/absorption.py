@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from msae.io import atomic_write_text, check_fits, load_sae
+from msae.io import atomic_write_text, check_fits, load_sae, run_source
 from msae.lm import DEFAULT_MODEL, LoadedLM, load_lm, residual_after
 from msae.sae import SAE
 
@@ -488,17 +488,6 @@ def absorption(
 # ------------------------------------------------------------------------------------------------- whole runs
 
 
-def _run_layer(cfg: Mapping) -> int | None:
-    """The block an SAE was trained after: ours record it with the extraction, SAELens's in hook_layer/hook_name."""
-    extraction = (cfg.get("msae") or {}).get("extraction") or {}
-    if extraction.get("layer") is not None:
-        return int(extraction["layer"])
-    if cfg.get("hook_layer") is not None:
-        return int(cfg["hook_layer"])
-    found = re.search(r"(?:blocks|layers|h)\.(\d+)\.", str(cfg.get("hook_name", "")))
-    return int(found.group(1)) if found else None
-
-
 def measure(
     run_dirs: Mapping[str, Path | str],
     lm: LoadedLM | None = None,
@@ -519,7 +508,7 @@ def measure(
     for name, run_dir in run_dirs.items():
         saes[name], cfgs[name] = load_sae(run_dir, dtype=torch.float32)
     if layer is None:
-        layers = {name: _run_layer(c) for name, c in cfgs.items()}
+        layers = {name: run_source(c)[1] for name, c in cfgs.items()}
         known = set(v for v in layers.values() if v is not None)
         if not known:
             raise AbsorptionError("no run records the layer it was trained on: give `layer`")
