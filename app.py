@@ -1,36 +1,35 @@
 """msae explorer, home page: the runs found on disk, the chosen run's summary and training curves, and adding an
 SAE by upload (sae_weights.safetensors + cfg.json, SAELens layout)."""
 
-import json
 import shutil
 from pathlib import Path
 
 import streamlit as st
 
-import explorer
-from msae import views
-from msae.io import SAELoadError, check_fits, load_sae, run_source
+from explorer import figures, loaders, state
+from msae.analysis import tables
+from msae.io import SAELoadError, check_fits
 from msae.lm import DEFAULT_MODEL
-from msae.runs import read_metrics, summary
+from msae.run import Run, RunError, RunSummary, source_of
 from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
 
-run = explorer.setup("Home")
+run = state.setup("Home")
 st.title("msae: Matryoshka SAE explorer")
 st.caption("Sparse autoencoders on a language model's residual stream, Matryoshka (nested dictionaries) beside "
            "vanilla. Pick a run in the sidebar; every page shows it.")
 
-def row_of(run: Path) -> dict:
+def row_of(run: Path) -> RunSummary:
     try:
-        return summary(run)
+        return Run(run).summary()
     except (OSError, ValueError) as exc:
-        return {"run": str(run), "architecture": f"unreadable: {type(exc).__name__}: {exc}"}
+        return RunSummary(run=str(run), architecture=f"unreadable: {type(exc).__name__}: {exc}")
 
 
-runs = explorer.all_runs()
+runs = state.all_runs()
 if runs:
     rows = [row_of(r) for r in runs]
     st.subheader(f"{len(runs)} runs found")
-    st.dataframe(views.runs_table(rows, [explorer.short_name(r) for r in runs]), hide_index=True)
+    st.dataframe(tables.runs_table(rows, [state.short_name(r) for r in runs]), hide_index=True)
 else:
     st.info("No trained runs found under assets/, runs/ or $MSAE_RUNS. Train one on the Train page (or with "
             "`msae train ... --out runs/NAME`), or add one below.")
@@ -38,32 +37,34 @@ else:
 
 def show_summary(run: Path) -> None:
     try:
-        info = summary(run)
-        cfg = json.loads((run / "cfg.json").read_text())
+        info = Run(run).summary()
     except (OSError, ValueError) as exc:
-        st.error(f"{explorer.short_name(run)}: its cfg.json cannot be read ({type(exc).__name__}: {exc})")
+        st.error(f"{state.short_name(run)}: its cfg.json cannot be read ({exc})")
         return
-    info["model"], info["layer"] = run_source(cfg)
-    heldout = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else None
-    store = explorer.store_of(run, quiet=True)
-    st.subheader(f"Run {explorer.short_name(run)}")
-    fvu = (heldout or {}).get("fvu") or info.get("fvu")
+    try:
+        heldout = Run(run).eval()
+    except RunError as exc:
+        st.warning(f"Held-out figures not shown: {exc}")
+        heldout = None
+    metrics = Run(run).metrics()
+    store = loaders.store_of(run, quiet=True)
+    st.subheader(f"Run {state.short_name(run)}")
+    fvu = heldout.fvu if heldout is not None else info.fvu
     cols = st.columns([2.2, 0.8, 1.2, 0.6, 1.4, 0.8])  # room for a model name such as smollm2-135m
-    cols[0].metric("model", str(info["model"] or "—"))
-    cols[1].metric("layer", str(info["layer"] if info["layer"] is not None else "—"))
-    cols[2].metric("latents (d_sae)", f"{info['d_sae']:,}")
-    cols[3].metric("k", str(info["k"]))
+    cols[0].metric("model", str(info.model or "—"))
+    cols[1].metric("layer", str(info.layer if info.layer is not None else "—"))
+    cols[2].metric("latents (d_sae)", f"{info.d_sae:,}")
+    cols[3].metric("k", str(info.k))
     cols[4].metric("FVU, full width" + (" (held-out)" if heldout else ""), f"{fvu[-1]:.3f}" if fvu else "—")
-    l0 = (heldout or {}).get("l0", info.get("l0"))
+    l0 = heldout.l0 if heldout is not None else info.l0
     cols[5].metric("L0", f"{l0:.1f}" if l0 is not None else "—")
-    st.dataframe(views.summary_table(info, heldout, store.manifest if store else None), hide_index=True)
+    st.dataframe(tables.summary_table(info, heldout, store.manifest if store else None), hide_index=True)
     if store is None:
         st.info(f"This run has no feature store yet, so Features, Hierarchy and Diagnostics have nothing to show: "
                 f"run `msae analyze {run}` (add `--against OTHER_RUN` to compare it with another).")
-    metrics = read_metrics(run)
     if metrics:
-        st.plotly_chart(views.training_figure(metrics, info["widths"]))
-        st.plotly_chart(views.l0_figure(metrics))
+        st.plotly_chart(figures.training_figure(metrics, info.widths))
+        st.plotly_chart(figures.l0_figure(metrics))
     else:
         st.caption("This run has no metrics.jsonl.")
 
@@ -87,7 +88,7 @@ def add_uploaded_sae() -> None:
             st.error(str(exc))
     if cfg is None:
         return
-    model_cfg, layer_cfg = run_source(cfg)
+    model_cfg, layer_cfg = source_of(cfg)
     c1, c2, c3 = st.columns(3)
     # Keyed by the cfg.json upload, so a new cfg.json brings its own model and layer as defaults.
     name = c1.text_input("name", key=f"upload_name_{cfg_file.file_id}", placeholder="my-sae",
@@ -103,29 +104,27 @@ def add_uploaded_sae() -> None:
         st.error("Not added: give the run a name.")
         return
     try:
-        dest = explorer.upload_dir() / safe_name(name)
+        dest = state.upload_dir() / safe_name(name)
         save_sae_upload(weights.getvalue(), cfg_file.getvalue(), dest, model=model.strip() or None, layer=int(layer))
     except UploadError as exc:
         st.error(f"Not added: {exc}")
         return
-    lm = explorer.lm_of(model.strip())
+    lm = loaders.lm_of(model.strip())
     problem = None
     if lm is None:
         problem = f"its model {model!r} cannot be loaded here"
     else:
-        sae, _ = load_sae(dest)
         try:
-            check_fits(sae, lm.d_model, f"{model} layer {int(layer)}")
+            check_fits(Run(dest).load_sae(), lm.d_model, f"{model} layer {int(layer)}", layer=int(layer),
+                       n_layers=lm.n_layers)
         except SAELoadError as exc:
             problem = str(exc)
-        if int(layer) >= lm.n_layers:
-            problem = f"{model} has layers 0 to {lm.n_layers - 1}, not {int(layer)}"
     if problem:
         shutil.rmtree(dest, ignore_errors=True)
         st.error(f"Not added: the SAE does not fit: {problem}")
         return
-    explorer.select_run(dest)
-    st.session_state["flash"] = f"Added {explorer.short_name(dest)}; it is now the chosen run."
+    state.select_run(dest)
+    st.session_state["flash"] = f"Added {state.short_name(dest)}; it is now the chosen run."
     st.rerun()
 
 
@@ -135,9 +134,9 @@ with st.expander("Add an SAE by upload", expanded=False):
 if "flash" in st.session_state:
     st.success(st.session_state.pop("flash"))
 
-if explorer.model_needs_preparing(DEFAULT_MODEL):
+if loaders.model_needs_preparing(DEFAULT_MODEL):
     st.info(f"The built-in model {DEFAULT_MODEL} has not been prepared on this machine yet: the first page that "
             f"reads text converts it from its GGUF file (about 15 s, once).")
     if st.button("Prepare it now"):
-        explorer.lm_of(DEFAULT_MODEL)
+        loaders.lm_of(DEFAULT_MODEL)
         st.rerun()

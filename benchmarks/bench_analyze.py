@@ -64,27 +64,32 @@ def grown_cache(cache: Path, rows: int, out: Path) -> tuple[Path, int]:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from msae import io
-    from msae.analysis.analyze import AnalyzeConfig, analyze
+    import dataclasses
+
+    from msae.activations import cache_root
+    from msae.analysis.analyze import analyze
+    from msae.config import AnalyzeConfig
+    from msae.run import Run
     from msae.sae import SAE
 
     run_dir = Path(args.run_dir)
+    cache = None
     if args.random_widths:
         widths = [int(w) for w in args.random_widths.split(",")]
-        sae, cfg = io.load_sae(run_dir, dtype=torch.float32)
+        run = Run(run_dir)
+        sae, info = run.load_sae(dtype=torch.float32), run.info()
         rand = SAE(sae.d_in, widths, k=sae.k)
         tmp = Path(tempfile.mkdtemp(prefix="msae-bench-analyze-"))
         if args.grow_cache:
-            extraction = cfg["msae"]["extraction"]
-            cache, extraction["rows"] = grown_cache(Path(extraction["cache"]), args.grow_cache, tmp / "cache")
-            extraction["cache"] = str(cache)
-        io.save_sae(rand, tmp / "random", cfg={"msae": cfg["msae"]})
+            cache, rows = grown_cache(cache_root() / info.extraction.cache_id, args.grow_cache, tmp / "cache")
+            info = dataclasses.replace(info, extraction=dataclasses.replace(info.extraction, rows=rows))
+        Run(tmp / "random").save_sae(rand, info)
         run_dir = tmp / "random"
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     manifest = analyze(run_dir, against=[Path(a) for a in args.against],
-                       acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption))
+                       acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption), cache=cache)
     seconds = time.perf_counter() - t0
     if args.random_widths:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,10 +98,10 @@ def child(args: argparse.Namespace) -> dict:
                                     f"{f', cache grown to {args.grow_cache:,} rows' if args.grow_cache else ''})"
                                     if args.random_widths else ""),
         "against": args.against,
-        "rows": manifest["rows"],
-        "d_sae": manifest["d_sae"],
+        "rows": manifest.rows,
+        "d_sae": manifest.d_sae,
         "seconds": round(seconds, 1),
-        "timings_s": {k: round(v, 1) for k, v in manifest["timings_s"].items()},
+        "timings_s": {k: round(v, 1) for k, v in manifest.timings_s.items()},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "threads": torch.get_num_threads(),
     }

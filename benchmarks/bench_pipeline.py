@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 from msae import corpus
-from msae.activations import CachedActivations, ExtractConfig, _pad, extract
+from msae.activations import CachedActivations, extract, pad_batch
+from msae.config import ExtractConfig
 from msae.lm import load_lm, residual_after
-from msae.train import TrainConfig, Trainer
+from msae.config import TrainConfig
+from msae.train import Trainer
 
 HERE = Path(__file__).resolve().parent
 WIDTHS = (128, 512, 2048, 8192)
@@ -34,7 +36,7 @@ FIVE_WIDTHS = (512, 1024, 2048, 4096, 8192)
 
 def bench_extraction(lm, n_contexts: int, batch: int = 16) -> dict:
     ctxs = [t for t, _ in islice(corpus.contexts(corpus.builtin_documents(), lm.tokenizer, 128), n_contexts)]
-    batches = [_pad(ctxs[i : i + batch], 128, lm.tokenizer.pad_token_id or 0) for i in range(0, len(ctxs), batch)]
+    batches = [pad_batch(ctxs[i : i + batch], 128, lm.tokenizer.pad_token_id or 0) for i in range(0, len(ctxs), batch)]
     tokens = sum(int(m.sum()) for _, m in batches)
     layer = lm.default_layer
 

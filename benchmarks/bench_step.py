@@ -54,7 +54,8 @@ def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, warmup: 
     import torch
     from safetensors.torch import load_file
 
-    from msae.train import TrainConfig, geometric_median, make_state, sae_step
+    from msae.config import TrainConfig
+    from msae.train import geometric_median, make_state, sae_step
 
     acts = load_file(acts_path)["activations"]
     cfg = TrainConfig(widths=tuple(widths), k=K, batch_size=BATCH, steps=100_000, threshold_start_step=0,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,65 +20,61 @@ from torch import Tensor
 
 from msae import corpus as corpus_mod
 from msae import io
-from msae.lm import DEFAULT_MODEL, LoadedLM, cache_dir, load_lm, residual_after
+from msae.config import ExtractConfig
+from msae.distributed import World
+from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
+from msae.lm import LoadedLM, cache_dir, load_lm, residual_after
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
 
 
-@dataclass
-class ExtractConfig:
-    """What activations to extract. Everything but `tokens` and `device` is part of the cache key."""
-
-    model: str = DEFAULT_MODEL
-    """Built-in model name, local path or Hugging Face id."""
-    layer: int | None = None
-    """Residual stream after this block; None is the middle block."""
-    corpus: str = "builtin"
-    """'builtin' or a path to a .txt / .jsonl / .csv / .parquet file."""
-    tokens: int = 2_000_000
-    """Activation rows to have in the cache (after filtering); the cache grows to this if it holds fewer."""
-    ctx_len: int = 128
-    """Tokens per context; contexts never cross a document boundary."""
-    outlier_factor: float = 10.0
-    """Drop rows whose norm exceeds this multiple of the median norm (attention-sink-like outliers)."""
-    cache_dtype: str = "float16"
-    """Storage dtype of the cached rows."""
-    lm_batch: int = 16
-    """Contexts per forward pass of the LM."""
-    shard_rows: int = 131_072
-    """Rows per shard file (about 150 MB at d_model 576 in float16)."""
-    device: str = "auto"
-    """Device for the LM: auto (CUDA when present), cpu or cuda."""
-
-
-def _corpus_fingerprint(corpus: str) -> str:
+def corpus_provenance(corpus: str) -> CorpusInfo:
+    """Where the text comes from, as cfg.json records it: the built-in parts (package, file inside it, content
+    hash) or the user's file (the path as given, content hash). No absolute path of this machine."""
     if corpus == "builtin":
-        return "builtin:" + ",".join(f"{s.name}={s.path()}" for s in corpus_mod.BUILTIN_SOURCES)
-    path = Path(corpus).resolve()
-    stat = path.stat()
-    return f"file:{path}:{stat.st_size}:{int(stat.st_mtime)}"
+        sources = []
+        for part in corpus_mod.BUILTIN_SOURCES:
+            path = part.path()
+            sources.append(BuiltinFile(part.name, part.package, part.relpath, io.sha256_file(path) if path else None))
+        return CorpusInfo(kind="builtin", sources=sources)
+    path = Path(corpus)
+    if not path.is_file():
+        raise corpus_mod.CorpusError(f"{corpus}: no such file")
+    return CorpusInfo(kind="file", file=InputFile(path=corpus, sha256=io.sha256_file(path)))
 
 
-def cache_key(cfg: ExtractConfig, layer: int) -> dict:
+def _corpus_fingerprint(info: CorpusInfo) -> str:
+    """The corpus's part of the cache key: its content, so a moved file keeps its cache and an edited one does
+    not (and the key is the same on every machine)."""
+    if info.kind == "builtin":
+        return "builtin:" + ",".join(f"{s.name}={s.sha256}" for s in info.sources)
+    return f"file:{info.file.sha256}"
+
+
+def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None) -> dict:
+    """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again."""
     return {
         "format": CACHE_FORMAT,
         "model": cfg.model,
         "layer": layer,
-        "corpus": _corpus_fingerprint(cfg.corpus),
+        "corpus": _corpus_fingerprint(corpus or corpus_provenance(cfg.corpus)),
         "ctx_len": cfg.ctx_len,
         "outlier_factor": cfg.outlier_factor,
         "cache_dtype": cfg.cache_dtype,
     }
 
 
+def cache_root() -> Path:
+    """Where activation caches live: $MSAE_ACTIVATION_CACHE, else the msae cache's activations/ (caches are
+    large: the variable puts them on another disk)."""
+    return Path(os.environ.get("MSAE_ACTIVATION_CACHE", cache_dir() / "activations"))
+
+
 def cache_path_for(key: dict, root: Path | None = None) -> Path:
-    """The cache directory for `key` under `root`; default $MSAE_ACTIVATION_CACHE, else the msae cache's
-    activations/ (caches are large: the variable puts them on another disk)."""
+    """The cache directory for `key` under `root` (default: cache_root()); its name is the key's digest."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    if root is None:
-        root = Path(os.environ.get("MSAE_ACTIVATION_CACHE", cache_dir() / "activations"))
-    return Path(root) / digest
+    return Path(root if root is not None else cache_root()) / digest
 
 
 def _new_manifest(key: dict, d_model: int) -> dict:
@@ -157,13 +152,55 @@ class _ShardWriter:
         self.pending_dropped = {k: 0 for k in self.pending_dropped}
 
 
-def _pad(batch: list[list[int]], ctx_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    ids = torch.full((len(batch), ctx_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), ctx_len), dtype=torch.long)
+def pad_batch(batch: list[list[int]], length: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask), each (B, length): the token lists right-padded with `pad_id`."""
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
     for i, tokens in enumerate(batch):
         ids[i, : len(tokens)] = torch.tensor(tokens)
         mask[i, : len(tokens)] = 1
     return ids, mask
+
+
+def first_shards(shards: list[dict], max_rows: int | None) -> list[dict]:
+    """The leading shards that hold `max_rows` rows (all of them when None)."""
+    kept, total = [], 0
+    for shard in shards:
+        if max_rows is not None and total >= max_rows:
+            break
+        kept.append(shard)
+        total += shard["rows"]
+    return kept
+
+
+def _pending_batches(contexts: Iterator, size: int, done: int) -> Iterator[tuple[int, list]]:
+    """(index of its first context, batch) for batches of `size` contexts, leaving out the first `done` contexts
+    (written before an interruption, maybe with another batch size: the batch that straddles them is cut)."""
+    next_ctx = 0
+    for batch in _batched(contexts, size):
+        if next_ctx + len(batch) <= done:
+            next_ctx += len(batch)
+            continue
+        if next_ctx < done:
+            batch = batch[done - next_ctx:]
+            next_ctx = done
+        yield next_ctx, batch
+        next_ctx += len(batch)
+
+
+def _round_residuals(lm: LoadedLM, batches: list[list], cfg: ExtractConfig, layer: int, pad_id: int,
+                     world: World) -> list[Tensor] | None:
+    """The residual streams (B, T, d) of a round of batches, one batch a rank (this rank runs the LM on
+    batches[rank]), collected on the main rank; None on the others."""
+    mine = batches[world.rank] if world.rank < len(batches) else []
+    resid = residual_after(lm, *pad_batch([t for t, _doc in mine], cfg.ctx_len, pad_id), layer) if mine else None
+    if world.size == 1:
+        return [resid]
+    padded = torch.zeros(cfg.lm_batch, cfg.ctx_len, lm.d_model, dtype=lm.model.dtype, device=lm.device)
+    if resid is not None:
+        padded[: resid.shape[0]] = resid
+    gathered = world.gather_to_main(padded)
+    return None if gathered is None else [gathered[i, : len(batch)] for i, batch in enumerate(batches)]
 
 
 def extract(
@@ -171,10 +208,13 @@ def extract(
     lm: LoadedLM | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    world: World = World(),
 ) -> Path:
     """Make sure the cache for `cfg` holds `cfg.tokens` rows (or the whole corpus); returns its directory.
 
-    A cache with the same key is reused; an interrupted extraction continues after its last written shard."""
+    A cache with the same key is reused; an interrupted extraction continues after its last written shard. Under
+    several ranks (torchrun) each rank runs the LM on every size-th batch of contexts and the main rank filters and
+    writes them in corpus order: the very cache one process writes, stopping after the same batch."""
     from tqdm.auto import tqdm
 
     lm = lm or load_lm(cfg.model, cfg.device)
@@ -182,58 +222,56 @@ def extract(
     key = cache_key(cfg, layer)
     cache = cache_path_for(key, root)
     manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)
-    if manifest["rows"] >= cfg.tokens or manifest["exhausted"]:
+    full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
+                                                manifest["contexts_done"]])).tolist()
+    if full:
         return cache
-    cache.mkdir(parents=True, exist_ok=True)
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), dtype=torch.long)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
-    done = manifest["contexts_done"]
     contexts = corpus_mod.contexts(corpus_mod.documents(cfg.corpus), lm.tokenizer, cfg.ctx_len)
-    bar = tqdm(total=cfg.tokens, initial=manifest["rows"], unit="tok", desc="activations", mininterval=1.0)
-    next_ctx = 0
-    for batch in _batched(contexts, cfg.lm_batch):
-        if next_ctx + len(batch) <= done:  # written before an interruption
-            next_ctx += len(batch)
-            continue
-        if next_ctx < done:  # the cache ends inside this batch (it was written with another lm_batch)
-            batch = batch[done - next_ctx:]
-            next_ctx = done
-        tokens = [t for t, _doc in batch]
-        ids, mask = _pad(tokens, cfg.ctx_len, pad_id)
-        resid = residual_after(lm, ids, mask, layer).float()  # (B, T, d)
-        position = torch.arange(cfg.ctx_len).expand_as(ids)
-        is_special = torch.isin(ids, special)
-        keep = mask.bool() & (position > 0) & ~is_special
-        rows = resid[keep.to(resid.device)]
-        norms = rows.norm(dim=1)
-        if manifest["median_norm"] is None:
-            manifest["median_norm"] = norms.median().item()
-        ok = (norms <= cfg.outlier_factor * manifest["median_norm"]).cpu()
-        context = (torch.arange(len(batch)) + next_ctx).unsqueeze(1).expand_as(ids)[keep]
-        dropped = {
-            "position_0": int(mask[:, 0].sum()),
-            "special_token": int((mask.bool() & (position > 0) & is_special).sum()),
-            "outlier": int((~ok).sum()),
-        }
-        ctx_tokens = ids.masked_fill(~mask.bool(), -1).to(torch.int32)
-        ctx_docs = torch.tensor([doc for _t, doc in batch], dtype=torch.int32)
-        writer.add(rows[ok.to(rows.device)], ids[keep][ok].to(torch.int32), context[ok], position[keep][ok].to(torch.int16),
-                   ctx_tokens, ctx_docs, dropped)
-        next_ctx += len(batch)
-        bar.update(int(ok.sum()))
-        if progress is not None:
-            progress(manifest["rows"] + writer.pending_rows, cfg.tokens)
-        if writer.pending_rows >= cfg.shard_rows:
-            writer.flush()
-        if manifest["rows"] + writer.pending_rows >= cfg.tokens:
+    if world.main:
+        cache.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.tokens, initial=manifest["rows"], unit="tok", desc="activations", mininterval=1.0,
+               disable=not world.main)
+    stopped = False
+    for batches in _batched(_pending_batches(contexts, cfg.lm_batch, done), world.size):
+        residuals = _round_residuals(lm, [batch for _start, batch in batches], cfg, layer, pad_id, world)
+        for (next_ctx, batch), resid in zip(batches, residuals or []):
+            ids, mask = pad_batch([t for t, _doc in batch], cfg.ctx_len, pad_id)
+            resid = resid.float()  # (B, T, d)
+            position = torch.arange(cfg.ctx_len).expand_as(ids)
+            is_special = torch.isin(ids, special)
+            keep = mask.bool() & (position > 0) & ~is_special
+            rows = resid[keep.to(resid.device)]
+            norms = rows.norm(dim=1)
+            if manifest["median_norm"] is None:
+                manifest["median_norm"] = norms.median().item()
+            ok = (norms <= cfg.outlier_factor * manifest["median_norm"]).cpu()
+            context = (torch.arange(len(batch)) + next_ctx).unsqueeze(1).expand_as(ids)[keep]
+            dropped = {
+                "position_0": int(mask[:, 0].sum()),
+                "special_token": int((mask.bool() & (position > 0) & is_special).sum()),
+                "outlier": int((~ok).sum()),
+            }
+            ctx_tokens = ids.masked_fill(~mask.bool(), -1).to(torch.int32)
+            ctx_docs = torch.tensor([doc for _t, doc in batch], dtype=torch.int32)
+            writer.add(rows[ok.to(rows.device)], ids[keep][ok].to(torch.int32), context[ok],
+                       position[keep][ok].to(torch.int16), ctx_tokens, ctx_docs, dropped)
+            bar.update(int(ok.sum()))
+            if progress is not None:
+                progress(manifest["rows"] + writer.pending_rows, cfg.tokens)
+            if writer.pending_rows >= cfg.shard_rows:
+                writer.flush()
+            if manifest["rows"] + writer.pending_rows >= cfg.tokens:
+                stopped = True
+                break
+        if world.broadcast_(torch.tensor(stopped)).item():
             break
-    else:
-        writer.flush(exhausted=True)
-        bar.close()
-        return cache
-    writer.flush()
+    if world.main:
+        writer.flush(exhausted=not stopped)
     bar.close()
+    world.barrier()  # the other ranks read the cache only once the main rank has written it
     return cache
 
 
@@ -267,15 +305,7 @@ class CachedActivations:
     def __init__(self, cache: Path, buffer_rows: int = 1 << 19, max_rows: int | None = None, heldout: bool = False):
         self.cache = Path(cache)
         self.manifest = read_manifest(self.cache)
-        self.shards = heldout_shards(self.manifest) if heldout else train_shards(self.manifest)
-        if max_rows is not None:
-            kept, total = [], 0
-            for shard in self.shards:
-                if total >= max_rows:
-                    break
-                kept.append(shard)
-                total += shard["rows"]
-            self.shards = kept
+        self.shards = first_shards(heldout_shards(self.manifest) if heldout else train_shards(self.manifest), max_rows)
         if not self.shards:
             which = "held-out" if heldout else "training"
             raise ValueError(f"{self.cache}: the activation cache holds no {which} shards")
@@ -324,10 +354,13 @@ class CachedActivations:
             epoch += 1
 
 
-def extraction_info(cache: Path) -> dict:
-    """What a cache holds, for a run's cfg.json."""
+def extraction_info(cache: Path, cfg: ExtractConfig) -> ExtractionInfo:
+    """What a run trained on cache `cache` (extracted with `cfg`) records in its cfg.json."""
     m = read_manifest(cache)
-    return {"cache": str(cache), "rows": m["rows"], "contexts": m["contexts_done"], "exhausted": m["exhausted"],
-            "dropped": m["dropped"],
-            "median_norm": m["median_norm"], **{k: v for k, v in m["key"].items() if k != "format"}}
+    key = m["key"]
+    return ExtractionInfo(
+        model=key["model"], layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
+        outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], rows=m["rows"],
+        contexts=m["contexts_done"], exhausted=m["exhausted"], dropped=m["dropped"], median_norm=m["median_norm"],
+        cache_id=Path(cache).name)
 

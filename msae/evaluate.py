@@ -3,17 +3,22 @@ SAE's reconstruction spliced into the residual stream ("CE loss recovered")."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from msae.activations import CachedActivations, heldout_contexts, read_manifest
 from msae.lm import LoadedLM, decoder_layers
+from msae.results import EvalResult
+from msae.run import Run
 from msae.sae import SAE
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> dict:
+def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
     """FVU and explained variance (1 - FVU, against the mean) at every nested width, L0 and the fraction of
     latents that never fired, over all rows of `batches` (raw activations, SAE in eval mode)."""
     sae.eval()
@@ -35,14 +40,8 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> dict:
         raise ValueError("no held-out rows to evaluate on")
     total_var = sq_sums - sums.pow(2).sum() / n_rows
     fvu = (sq_err / total_var).tolist()
-    return {
-        "rows": n_rows,
-        "widths": list(sae.widths),
-        "fvu": fvu,
-        "explained_variance": [1 - v for v in fvu],
-        "l0": total_active / n_rows,
-        "dead_fraction": 1 - fired.float().mean().item(),
-    }
+    return EvalResult(rows=n_rows, widths=list(sae.widths), fvu=fvu, explained_variance=[1 - v for v in fvu],
+                      l0=total_active / n_rows, dead_fraction=1 - fired.float().mean().item())
 
 
 def _lm_loss(lm: LoadedLM, ids: Tensor, mask: Tensor) -> Tensor:
@@ -94,3 +93,19 @@ def ce_loss_recovered(lm: LoadedLM, sae: SAE, context_tokens: Tensor, layer: int
     ce = {name: total / max(count, 1) for name, total in totals.items()}
     recovered = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else float("nan")
     return {"tokens": count, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_loss_recovered": recovered}
+
+
+def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int = 64) -> EvalResult:
+    """Held-out metrics of the run at `run_dir` on the held-out shard of `cache` (the one it was trained on), with
+    CE loss recovered on the first `n_contexts` held-out contexts; written to the run's eval.json.
+
+    Raises ValueError when the cache holds nothing out (a single shard)."""
+    run = Run(run_dir)
+    heldout = CachedActivations(cache, heldout=True)
+    contexts = heldout_contexts(cache)[:n_contexts]
+    layer = read_manifest(cache)["key"]["layer"]
+    sae = run.load_sae(device=lm.device)
+    result = reconstruction_metrics(sae, heldout.all_rows(4096))
+    result = dataclasses.replace(result, layer=layer, **ce_loss_recovered(lm, sae, contexts, layer))
+    run.write_eval(result)
+    return result

@@ -9,9 +9,9 @@ then renamed over it, so a crash never leaves a half-written run. Nothing is eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import re
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -88,6 +88,15 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content, read in chunks (a 2 GB corpus never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
     """Replace `path` with a safetensors file of `tensors` (contiguous, CPU or not), all or nothing."""
     _replace_files({Path(path): lambda tmp: save_file(tensors, str(tmp), metadata=metadata)})
@@ -96,11 +105,35 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path | str, metada
 # ---------------------------------------------------------------------------------------------------- saving
 
 
+SAE_LENS_LAYOUT = "6.54.12"
+"""The SAELens release whose inference layout save_sae writes; any version >= 6 in cfg.json's metadata sends
+SAELens down its 6.x loading path (without one it lifts model_name / hook_name from the top level, as before 6.0)."""
+
+
 def _architecture_name(sae: SAE) -> str:
-    """SAELens's name for the SAE's architecture."""
+    """SAELens's name for the architecture the SAE was trained as."""
     if sae.activation == "batchtopk":
         return "matryoshka_batchtopk" if sae.n_groups > 1 else "batchtopk"
     return {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}[sae.activation]
+
+
+def unexportable_reason(sae: SAE) -> str | None:
+    """Why other tools cannot compute what our encode computes, or None when they can.
+
+    SAELens and dictionary_learning run a BatchTopK SAE at inference as relu(pre) * (pre > θ): our rule for θ >= 0.
+    Before θ is learned (θ < 0) our encode falls back to BatchTopK over the batch, while theirs is a plain ReLU."""
+    if sae.activation == "batchtopk" and bool((sae.threshold < 0).any()):
+        return (
+            "its BatchTopK threshold θ was never learned (θ < 0): msae encodes it with BatchTopK over the batch, "
+            "SAELens and dictionary_learning would encode it as a plain ReLU"
+        )
+    return None
+
+
+def _saved_as_jumprelu(sae: SAE) -> bool:
+    """BatchTopK with a learned θ is saved the way SAELens saves its own for inference: a JumpReLU SAE whose
+    per-latent threshold is θ everywhere."""
+    return sae.activation == "batchtopk" and unexportable_reason(sae) is None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,10 +141,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def sae_cfg(sae: SAE, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The SAELens fields of cfg.json that describe `sae` stored in `dtype` (default: its own)."""
+def _lm_metadata(msae_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """SAELens's metadata on the language model, from our own extraction record (empty when the SAE was trained
+    on a tensor). hook_name is the module whose output we hook, as SAELens's AutoModelForCausalLM path names it;
+    TransformerLens calls the same residual stream blocks.{L}.hook_resid_post."""
+    from msae.lm import BUILTIN  # lm imports transformers only when it loads a model
+
+    ext = msae_fields.get("extraction") or {}
+    model, layer = ext.get("model"), ext.get("layer")
+    if model is None or layer is None:
+        return {}
+    builtin = BUILTIN.get(model)
     return {
-        "architecture": _architecture_name(sae),
+        "model_name": builtin.hub_id if builtin else model,
+        **({"msae_model": model} if builtin else {}),
+        "model_class_name": "AutoModelForCausalLM",
+        "hook_name": f"model.layers.{layer}",
+        "hook_name_transformer_lens": f"blocks.{layer}.hook_resid_post",
+        "context_size": ext.get("ctx_len"),
+        # Our corpus is tokenised without special tokens, and position 0 is dropped from training data.
+        "prepend_bos": False,
+    }
+
+
+def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The SAELens fields of cfg.json that describe `sae` stored in `dtype` (default: its own), with the language
+    model taken from our own fields (`msae_fields`, cfg.json's "msae").
+
+    BatchTopK runs with a learned θ are written as SAELens 6 writes them for inference (architecture jumprelu,
+    the training architecture and k, matryoshka_widths under metadata); the rest under their own architecture.
+    k, matryoshka_widths and rescale_acts_by_decoder_norm stay at the top level too, for our readers (SAELens
+    ignores keys its config does not have)."""
+    training = _architecture_name(sae)
+    fields = {
+        "architecture": "jumprelu" if _saved_as_jumprelu(sae) else training,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "k": sae.k,
@@ -120,10 +183,21 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None) -> dict[str, Any]:
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
+        "reshape_activations": "none",
         # SAELens's training configs default this to True, which would rescale latents by the decoder norms;
         # ours are not unit norm once act_scale is folded in.
         "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAE_LENS_LAYOUT,
+            "training_architecture": training,
+            "training_architecture_details": {"k": sae.k, "matryoshka_widths": list(sae.widths)},
+            **_lm_metadata(msae_fields or {}),
+        },
     }
+    reason = unexportable_reason(sae)
+    if reason is not None:
+        fields["not_exportable"] = f"msae export refuses this run: {reason}"
+    return fields
 
 
 @torch.no_grad()
@@ -131,15 +205,18 @@ def _raw_scale_weights(sae: SAE, act_scale: float, dtype: torch.dtype) -> dict[s
     """The SAE's tensors for raw inputs x when it was trained on x * act_scale (SAELens's
     fold_activation_norm_scaling_factor): the same pre-activations, and reconstructions divided by act_scale.
 
-    The threshold is kept only where the rule uses it (BatchTopK's θ, JumpReLU's vector): SAELens refuses an
-    unexpected tensor, and without it our TopK and ReLU runs load there too."""
+    The threshold is kept only where the rule uses it: JumpReLU's vector, BatchTopK's θ (filled out to one per
+    latent when saved as JumpReLU, the scalar while unlearned). SAELens refuses an unexpected tensor, and without
+    it our TopK and ReLU runs load there too."""
     folded = {
         "W_enc": sae.W_enc * act_scale,
         "b_enc": sae.b_enc,
         "W_dec": sae.W_dec / act_scale,
         "b_dec": sae.b_dec / act_scale,
     }
-    if sae.activation in ("batchtopk", "jumprelu"):
+    if _saved_as_jumprelu(sae):
+        folded["threshold"] = sae.threshold.expand(sae.d_sae)
+    elif sae.activation in ("batchtopk", "jumprelu"):
         folded["threshold"] = sae.threshold
     return {name: t.detach().to(device="cpu", dtype=dtype).contiguous() for name, t in folded.items()}
 
@@ -155,12 +232,12 @@ def save_sae(
     atomically; returns `run_dir`.
 
     The SAE was trained on inputs multiplied by `act_scale`; the saved one works on raw inputs. `cfg` holds our
-    own fields (model, layer, training settings, ...), merged into cfg.json beside SAELens's. `sae` is not
-    modified."""
+    own fields (model, layer, training settings, ... under "msae"), merged into cfg.json beside SAELens's; the
+    model and layer under msae.extraction also fill SAELens's metadata. `sae` is not modified."""
     if not (math.isfinite(act_scale) and act_scale > 0):
         raise ValueError(f"act_scale must be a positive finite number, got {act_scale}")
     dtype = dtype or sae.W_enc.dtype
-    fields = sae_cfg(sae, dtype)
+    fields = sae_cfg(sae, dtype, (cfg or {}).get("msae"))
     clashes = sorted(key for key, value in (cfg or {}).items() if key in fields and fields[key] != value)
     if clashes:
         raise ValueError(f"cfg contradicts the SAE on {', '.join(clashes)}")
@@ -359,7 +436,7 @@ _PARAM_TENSORS = {
 }
 
 
-def _sae_lens_field(cfg: Mapping[str, Any], key: str) -> Any:
+def sae_lens_field(cfg: Mapping[str, Any], key: str) -> Any:
     """A cfg.json field wherever a SAELens version keeps it: at the top level, under metadata (6.x), under
     metadata's training_architecture_details (6.x inference saves), or in activation_fn_kwargs (before 6.0)."""
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), Mapping) else {}
@@ -368,6 +445,12 @@ def _sae_lens_field(cfg: Mapping[str, Any], key: str) -> Any:
         if isinstance(place, Mapping) and place.get(key) is not None:
             return place[key]
     return None
+
+
+def training_architecture(cfg: Mapping[str, Any]) -> str | None:
+    """The architecture a SAELens-layout cfg.json's SAE was trained as: metadata.training_architecture for an
+    inference save (a Matryoshka BatchTopK run is stored as jumprelu), else its architecture."""
+    return sae_lens_field(cfg, "training_architecture") or cfg.get("architecture")
 
 
 def _sae_lens_activation(cfg: Mapping[str, Any], cfg_path: Path) -> str:
@@ -401,20 +484,37 @@ def _threshold_name(activation: str, state: Mapping[str, Any]) -> _Stored | None
     return None
 
 
+def _is_batchtopk_saved_as_jumprelu(cfg: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+    """A SAELens 6 inference save of a (Matryoshka) BatchTopK SAE, ours or SAELens's own: architecture jumprelu,
+    a BatchTopK training_architecture and its k under metadata, and one threshold θ for every latent."""
+    threshold = state.get("threshold")
+    return (
+        cfg.get("architecture") == "jumprelu"
+        and sae_lens_field(cfg, "training_architecture") in ("batchtopk", "matryoshka_batchtopk")
+        and sae_lens_field(cfg, "k") is not None
+        and isinstance(threshold, Tensor)
+        and threshold.dim() == 1
+        and threshold.numel() > 0
+        and bool((threshold == threshold[0]).all())
+    )
+
+
 def _sae_lens_plan(cfg: Mapping[str, Any], state: Mapping[str, Any], cfg_path: Path) -> _Plan:
     """What a SAELens-layout cfg.json (ours included) promises about its weights."""
     activation = _sae_lens_activation(cfg, cfg_path)
     d_in = _positive_int(cfg.get("d_in"), "d_in", cfg_path)
     d_sae = _positive_int(cfg.get("d_sae"), "d_sae", cfg_path)
-    widths = _sae_lens_field(cfg, "matryoshka_widths")
+    widths = sae_lens_field(cfg, "matryoshka_widths")
     widths = [d_sae] if widths is None else _checked_widths(widths, d_sae, "matryoshka_widths", cfg_path)
     tensors = dict(_PARAM_TENSORS)
-    threshold = _threshold_name(activation, state)
-    if threshold is not None:
+    if _is_batchtopk_saved_as_jumprelu(cfg, state):
+        activation = "batchtopk"  # read back as the run it was: θ is the constant threshold
+        tensors["threshold"] = _Stored("threshold", ("d_sae",))
+    elif (threshold := _threshold_name(activation, state)) is not None:
         tensors["threshold"] = threshold
     # SAELens before 6.0 could store a per-latent decoder multiplier (finetuning_scaling_factor).
     tensors["scaling_factor"] = _Stored("scaling_factor", ("d_sae",), optional=True)
-    k = _checked_k(_sae_lens_field(cfg, "k"), activation, d_sae, cfg_path)
+    k = _checked_k(sae_lens_field(cfg, "k"), activation, d_sae, cfg_path)
     return _Plan(cfg_path, d_in, d_sae, widths, activation, k, tensors)
 
 
@@ -443,6 +543,8 @@ def _load_sae_lens(weights_path: Path, device: torch.device | str, dtype: torch.
     threshold = plan.tensors.get("threshold")
     if threshold is not None and threshold.name == "log_threshold":
         tensors["threshold"] = tensors["threshold"].exp()
+    if plan.activation == "batchtopk" and "threshold" in tensors:
+        tensors["threshold"] = tensors["threshold"].flatten()[0]  # θ, also when stored once per latent
     if cfg.get("rescale_acts_by_decoder_norm") and plan.activation in ("topk", "batchtopk"):
         _fold_decoder_norms(tensors)
     if cfg.get("apply_b_dec_to_input") is False:
@@ -508,8 +610,10 @@ def _dictionary_learning_plan(config: Mapping[str, Any], state: Mapping[str, Any
 
 
 def _dictionary_learning_cfg(sae: SAE, config: dict[str, Any]) -> dict[str, Any]:
-    """A cfg.json-style description of a loaded dictionary_learning SAE, with its own config kept whole."""
-    return {**sae_cfg(sae), "dictionary_learning": config}
+    """A cfg.json-style description of a loaded dictionary_learning SAE, with its own config kept whole (and
+    ours, where msae exported it, lifted to the top level as in our runs)."""
+    ours = config.get("msae") if isinstance(config.get("msae"), dict) else None
+    return {**sae_cfg(sae, msae_fields=ours), **({"msae": ours} if ours else {}), "dictionary_learning": config}
 
 
 def _load_dictionary_learning(weights_path: Path, device: torch.device | str, dtype: torch.dtype | None) -> tuple[SAE, dict]:
@@ -525,6 +629,56 @@ def _load_dictionary_learning(weights_path: Path, device: torch.device | str, dt
         _fold_b_dec_into_b_enc(tensors)
     sae = _build_sae(plan, tensors, device, dtype)
     return sae, _dictionary_learning_cfg(sae, config)
+
+
+def _dictionary_learning_class(sae: SAE) -> str:
+    """The dictionary_learning class whose encode and decode compute what `sae`'s do."""
+    if sae.activation == "batchtopk":
+        return "MatryoshkaBatchTopKSAE" if sae.n_groups > 1 else "BatchTopKSAE"
+    return {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "jumprelu": "JumpReluAutoEncoder"}[sae.activation]
+
+
+@torch.no_grad()
+def save_dictionary_learning(sae: SAE, out_dir: Path | str, msae_fields: Mapping[str, Any] | None = None) -> Path:
+    """Write `sae` (raw scale) as dictionary_learning's trainSAE does: ae.pt, a torch.save'd dict of tensors
+    only, holding every key its class's from_pretrained loads strictly, and config.json with a trainer section;
+    `msae_fields` (our cfg.json's "msae") go beside it. In float32, the dtype of dictionary_learning's modules.
+    Both files are replaced atomically; returns `out_dir`."""
+    reason = unexportable_reason(sae)
+    if reason is not None:
+        raise ValueError(f"cannot export to dictionary_learning: {reason}")
+    dict_class = _dictionary_learning_class(sae)
+    ours = {name: getattr(sae, name).detach().float().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    if dict_class == "JumpReluAutoEncoder":  # its encode does not subtract b_dec: the inverse of our fold on load
+        ours["b_enc"] = ours["b_enc"] - ours["b_dec"] @ ours["W_enc"]
+    state = {
+        stored.name: (ours[name].T if stored.transposed else ours[name]).contiguous()
+        for name, stored in _DL_CLASSES[dict_class][1].items()
+    }
+    trainer: dict[str, Any] = {"dict_class": dict_class, "activation_dim": sae.d_in, "dict_size": sae.d_sae}
+    if sae.activation in ("topk", "batchtopk"):
+        state["k"] = torch.tensor(sae.k, dtype=torch.int32)
+        state.setdefault("threshold", torch.tensor(-1.0))  # AutoEncoderTopK's buffer; its encode keeps the top k
+        trainer["k"] = sae.k
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        sizes = [b - a for a, b in zip([0, *sae.widths], sae.widths)]
+        state["group_sizes"] = torch.tensor(sizes)
+        trainer["group_sizes"] = sizes
+    lm = _lm_metadata(msae_fields or {})
+    if lm:
+        trainer["lm_name"] = lm["model_name"]
+        trainer["layer"] = msae_fields["extraction"]["layer"]
+    config = {"trainer": trainer, **({"msae": dict(msae_fields)} if msae_fields else {})}
+    text = json.dumps(config, indent=2) + "\n"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _replace_files(
+        {
+            out_dir / DL_WEIGHTS_FILE: lambda tmp: torch.save(state, tmp),
+            out_dir / DL_CFG_FILE: lambda tmp: tmp.write_text(text, encoding="utf-8"),
+        }
+    )
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -553,24 +707,10 @@ def load_sae(path: Path | str, device: torch.device | str = "cpu", dtype: torch.
     raise SAELoadError(f"{path}: expected a run directory, a .safetensors file or a dictionary_learning .pt file")
 
 
-def check_fits(sae: SAE, d_model: int, where: str) -> None:
-    """Refuse an SAE whose input width differs from the activations it is about to see."""
+def check_fits(sae: SAE, d_model: int, where: str, layer: int | None = None, n_layers: int | None = None) -> None:
+    """Refuse an SAE whose input width differs from the activations it is about to see, or that reads a layer
+    the model does not have."""
     if sae.d_in != d_model:
         raise SAELoadError(f"SAE expects d_in={sae.d_in} but {where} gives {d_model}")
-
-
-_HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
-
-
-def run_source(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
-    """The model and layer a run was trained on: ours record them under msae.extraction; SAELens's under
-    model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post)."""
-    ext = (cfg.get("msae") or {}).get("extraction") or {}
-    model = ext.get("model") or cfg.get("model_name")
-    layer = ext.get("layer")
-    if layer is None:
-        layer = cfg.get("hook_layer")
-    if layer is None and isinstance(cfg.get("hook_name"), str):
-        found = _HOOK_LAYER.search(cfg["hook_name"])
-        layer = int(found.group(1)) if found else None
-    return model, (int(layer) if layer is not None else None)
+    if layer is not None and n_layers is not None and not 0 <= layer < n_layers:
+        raise SAELoadError(f"{where} does not exist: the model has layers 0 to {n_layers - 1}")

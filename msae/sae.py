@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from msae import sparse
+from msae.config import check_widths
 from msae.sparse import Entries
 
 ACTIVATIONS = ("batchtopk", "topk", "relu", "jumprelu")
@@ -55,12 +56,9 @@ class SAE(nn.Module):
         """`init=False` leaves the weights uninitialised, for a loader that overwrites them at once."""
         super().__init__()
         widths = [int(w) for w in widths]
-        if not widths or any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] <= 0:
-            raise ValueError(f"widths must be positive and strictly increasing, got {widths}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if activation in ("batchtopk", "topk") and not 0 < k <= widths[-1]:
-            raise ValueError(f"k must be between 1 and d_sae={widths[-1]}, got {k}")
+        check_widths(widths, k if activation in ("batchtopk", "topk") else None)
         self.d_in = int(d_in)
         self.widths = widths
         self.k = int(k)
@@ -123,7 +121,7 @@ class SAE(nn.Module):
         return self.activation == "batchtopk" and (self.training or bool((self.threshold < 0).all()))
 
     def select(self, x: Tensor) -> Entries:
-        """The active latents of x (no gradient), by the SAE's activation rule."""
+        """The active latents of x (B, d_in) (no gradient), by the SAE's activation rule."""
         x_c = (x - self.b_dec).detach()
         W_enc, b_enc = self.W_enc.detach(), self.b_enc.detach()
         if self.activation == "relu":
@@ -147,7 +145,8 @@ class SAE(nn.Module):
         return latents_BF[:, :width] @ self.W_dec[:width] + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
-        """Encode, reconstruct at every nested width in one cumulative pass, and measure it.
+        """Encode x (B, d_in), reconstruct it at every nested width in one cumulative pass (recons: (G, B, d_in)),
+        and measure it.
 
         Gradients reach the SAE's parameters only: x is treated as data. `dead_mask` (d_sae,) turns on AuxK
         with the k_aux (default d_in // 2) largest pre-activations of the dead latents."""

@@ -12,7 +12,6 @@ absorption is the fraction of parent-with-child inputs where it does not (DESIGN
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -24,9 +23,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from msae import io
+from msae.config import ToyConfig, TrainConfig, add_config_args, config_from_args
+from msae.results import RunInfo, ToyMetrics, ToyResult, mean_or_none
+from msae.run import Run
 from msae.sae import SAE
-from msae.train import TensorBatches, TrainConfig, Trainer
+from msae.train import TensorBatches, Trainer
 
 
 @dataclass
@@ -154,13 +155,8 @@ def _rate(hits: Tensor, of: Tensor) -> float | None:
     return None if n == 0 else int((hits & of).sum()) / n
 
 
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
-
-
 @torch.no_grad()
-def evaluate(sae: SAE, toy: ToyHierarchy, acts: Tensor, present: Tensor) -> dict:
+def evaluate(sae: SAE, toy: ToyHierarchy, acts: Tensor, present: Tensor) -> ToyMetrics:
     """Match every true feature to a latent and measure absorption, recovery and reconstruction.
 
     The SAE runs in eval mode (its learned threshold replaces BatchTopK) on held-out `acts` (N, n_dims) with
@@ -202,20 +198,20 @@ def evaluate(sae: SAE, toy: ToyHierarchy, acts: Tensor, present: Tensor) -> dict
     err = (recon - x).pow(2).sum()
     total = (x - x.mean(dim=0)).pow(2).sum()
     fired_ever = fires_NF.any(dim=0)
-    return {
-        "parent_absorption": absorbed / with_child if with_child else None,
-        "parent_fires_alone": fired_alone / alone if alone else None,
-        "parent_cosine": _mean([best_cos[i].item() for i in toy.parents]),
-        "child_cosine": _mean([best_cos[i].item() for i in toy.children]),
-        "child_fire_rate": _mean([fire_rate[i] for i in toy.children]),
-        "mean_cosine": best_cos.mean().item(),
-        "fvu": (err / total.clamp_min(1e-12)).item(),
-        "l0": fires_NF.sum().item() / max(fires_NF.shape[0], 1),
-        "dead_latents": int((~fired_ever).sum()),
-        "dead_fraction": (~fired_ever).float().mean().item(),
-        "per_parent": per_parent,
-        "per_feature": {"latent": match.tolist(), "cosine": best_cos.tolist(), "fire_rate": fire_rate},
-    }
+    return ToyMetrics(
+        parent_absorption=absorbed / with_child if with_child else None,
+        parent_fires_alone=fired_alone / alone if alone else None,
+        parent_cosine=mean_or_none([best_cos[i].item() for i in toy.parents]),
+        child_cosine=mean_or_none([best_cos[i].item() for i in toy.children]),
+        child_fire_rate=mean_or_none([fire_rate[i] for i in toy.children]),
+        mean_cosine=best_cos.mean().item(),
+        fvu=(err / total.clamp_min(1e-12)).item(),
+        l0=fires_NF.sum().item() / max(fires_NF.shape[0], 1),
+        dead_latents=int((~fired_ever).sum()),
+        dead_fraction=(~fired_ever).float().mean().item(),
+        per_parent=per_parent,
+        per_feature={"latent": match.tolist(), "cosine": best_cos.tolist(), "fire_rate": fire_rate},
+    )
 
 
 def default_widths(toy: ToyHierarchy) -> tuple[int, ...]:
@@ -280,7 +276,7 @@ def compare(
     n_eval: int = 2**15,
     out_dir: Path | None = None,
     **train_overrides,
-) -> dict:
+) -> ToyResult:
     """Train a Matryoshka SAE and its vanilla twin on the same batches of `toy` and evaluate both.
 
     Runs are written to `out_dir` (a temporary directory when None) and evaluated from the saved, scale-folded
@@ -317,17 +313,12 @@ def compare(
     with _single_thread(), tempfile.TemporaryDirectory(prefix="msae-toy-") as tmp:
         root = Path(out_dir) if out_dir is not None else Path(tmp)
         started = time.perf_counter()
-        run_dirs = Trainer(cfg, TensorBatches(train_acts), root, run_info={"toy": toy_info(toy)}).train()
+        run_dirs = Trainer(cfg, TensorBatches(train_acts), root, run_info=RunInfo(toy=toy_info(toy))).train()
         train_s = time.perf_counter() - started
-        results = {name: evaluate(io.load_sae(d)[0], toy, eval_acts, eval_present) for name, d in run_dirs.items()}
-    return {
-        "toy": toy_info(toy),
-        "train": cfg.to_json(),
-        "train_seconds": round(train_s, 2),
-        "out": None if out_dir is None else str(out_dir),
-        "vanilla": results["vanilla"],
-        "matryoshka": results["matryoshka"],
-    }
+        results = {name: evaluate(Run(d).load_sae(), toy, eval_acts, eval_present) for name, d in run_dirs.items()}
+    return ToyResult(toy=toy_info(toy), train=cfg, train_seconds=round(train_s, 2),
+                     out=None if out_dir is None else str(out_dir), vanilla=results["vanilla"],
+                     matryoshka=results["matryoshka"])
 
 
 def toy_info(toy: ToyHierarchy) -> dict:
@@ -357,7 +348,7 @@ TABLE_ROWS = (
 )
 
 
-def format_table(result: dict) -> str:
+def format_table(result: ToyResult) -> str:
     """Rows: metrics; columns: vanilla, matryoshka."""
     names = ("vanilla", "matryoshka")
     label_w = max(len(label) for _, label in TABLE_ROWS)
@@ -365,37 +356,38 @@ def format_table(result: dict) -> str:
     for key, label in TABLE_ROWS:
         cells = []
         for n in names:
-            v = result[n][key]
+            v = getattr(getattr(result, n), key)
             cells.append(f"{'-':>10}" if v is None else f"{v:>10d}" if isinstance(v, int) else f"{v:>10.3f}")
         lines.append(f"{label:<{label_w}}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="nabeshima", help="which toy hierarchy (default: nabeshima)")
-    parser.add_argument("--steps", type=int, default=1500, help="optimiser steps (default: 1500)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the toy's directions, its samples and the SAEs (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=512, help="rows per step (default: 512)")
-    parser.add_argument("--k", type=int, default=None, help="BatchTopK's k (default: the toy's true L0, rounded down)")
-    parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",") if w.strip()), default=None,
-                        metavar="A,B,...", help="nested widths (default: the preset's, else parents, parents + children, all)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 0.01)")
+    add_config_args(parser, ToyConfig)
     parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
     parser.add_argument("--out", default=None, help="keep the trained runs in this directory (default: a temporary one)")
 
 
-def main(args: argparse.Namespace) -> int:
-    preset = PRESETS[args.preset]
-    given = {"widths": args.widths, "k": args.k}
+def run_preset(cfg: ToyConfig, out_dir: Path | None = None) -> ToyResult:
+    """The comparison `msae toy` makes: the preset's toy and settings, with `cfg`'s widths and k where given."""
+    preset = PRESETS[cfg.preset]
+    given = {"widths": cfg.widths, "k": cfg.k}
     settings = {**preset.train, **{key: v for key, v in given.items() if v is not None}}
-    result = compare(preset.make(seed=args.seed), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                     lr=args.lr, out_dir=None if args.out is None else Path(args.out), **settings)
+    result = compare(preset.make(seed=cfg.seed), steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                     lr=cfg.lr, out_dir=out_dir, **settings)
+    result.preset = cfg.preset
+    return result
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ToyConfig, args)
+    result = run_preset(cfg, None if args.out is None else Path(args.out))
     if args.json:
-        print(json.dumps({"preset": args.preset, **result}, indent=2))
+        print(result.dumps(), end="")
         return 0
-    train = result["train"]
-    sparsity = f"k {train['k']}" if train["activation"] != "relu" else f"relu, l1 {train['l1_coeff']}"
-    print(f"toy {args.preset}, seed {args.seed}: {train['steps']} steps of {train['batch_size']}, {sparsity}, "
-          f"matryoshka widths {','.join(map(str, train['widths']))} ({result['train_seconds']:.1f} s to train)")
+    train = result.train
+    sparsity = f"k {train.k}" if train.activation != "relu" else f"relu, l1 {train.l1_coeff}"
+    print(f"toy {cfg.preset}, seed {cfg.seed}: {train.steps} steps of {train.batch_size}, {sparsity}, "
+          f"matryoshka widths {','.join(map(str, train.widths))} ({result.train_seconds:.1f} s to train)")
     print(format_table(result))
     return 0

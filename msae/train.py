@@ -2,18 +2,21 @@
 
 Every SAE in a run sees the same batches in the same order, so a Matryoshka SAE and its vanilla twin are
 compared fairly and the activations are read once. `sae_step` holds no global state (it takes the SAE, its
-optimiser and the batch) so that a data-parallel wrapper can call it unchanged.
+optimiser and the batch); under torchrun each rank passes its slice of the batch and the state's World (msae.distributed)
+makes the step the whole batch's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from safetensors import safe_open
@@ -21,103 +24,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from msae import io
+from msae.config import TrainConfig
+from msae.distributed import DataParallelSAE, RankLost, World
+from msae.results import RunInfo, TrainMetrics
+from msae.run import Run, checkpoint_path
 from msae.lm import resolve_device
 from msae.sae import SAE, default_lr
 
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FILE = "state.safetensors"
-METRICS_FILE = "metrics.jsonl"
-
-
 class TrainingError(RuntimeError):
     """Training stopped on bad data or a diverging loss; the message names the step."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. The CLI exposes every field as a flag."""
-
-    arch: str = "matryoshka"
-    """matryoshka (nested widths) or vanilla (one dictionary of the last width)."""
-    widths: tuple[int, ...] = (128, 512, 2048)
-    """Nested dictionary widths m_1 < ... < m_G = d_sae; vanilla uses only the last."""
-    k: int = 32
-    """Active latents per token (BatchTopK: on average over the batch)."""
-    activation: str = "batchtopk"
-    """batchtopk, topk or relu (relu trains with an L1 penalty, see l1_coeff)."""
-    also_vanilla: bool = False
-    """Also train a vanilla SAE of width widths[-1] on the same batches (with arch=matryoshka)."""
-    steps: int = 1000
-    """Optimiser steps."""
-    batch_size: int = 4096
-    """Activation rows per step."""
-    lr: float | None = None
-    """Adam learning rate; None gives 2e-4 / sqrt(d_sae / 2^14)."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam's (beta1, beta2)."""
-    warmup_steps: int | None = None
-    """Linear learning-rate warm-up; None gives min(1000, steps // 10)."""
-    decay_fraction: float = 0.2
-    """Linear decay of the learning rate to zero over this final fraction of the steps."""
-    level_weights: tuple[float, ...] | None = None
-    """Weight of each nested width's reconstruction loss (the balance multipliers); None is uniform 1/G."""
-    aux_coeff: float = 1 / 32
-    """Weight of the AuxK loss."""
-    k_aux: int | None = None
-    """Dead latents used by AuxK per token; None gives d_in // 2."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead (for AuxK and the dead fraction)."""
-    l1_coeff: float = 1e-3
-    """L1 penalty on latent activations; used only with activation=relu."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm of each SAE to this."""
-    threshold_beta: float = 0.999
-    """EMA decay of BatchTopK's inference threshold θ (the smallest positive activation of each batch)."""
-    threshold_start_step: int | None = None
-    """First step that updates θ; None gives min(1000, steps // 10)."""
-    seed: int = 0
-    """Seeds initialisation and the order of batches."""
-    checkpoint_every: int = 1000
-    """Write a resumable checkpoint every this many steps (and at the end)."""
-    log_every: int = 50
-    """Append a line to metrics.jsonl every this many steps."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda[:N]."""
-    dtype: str = "float32"
-    """Training dtype of the SAE weights: float32 or float64."""
-
-    def __post_init__(self) -> None:
-        self.widths = tuple(int(w) for w in self.widths)
-        if self.arch not in ("matryoshka", "vanilla"):
-            raise ValueError(f"arch must be matryoshka or vanilla, got {self.arch!r}")
-        if self.activation not in ("batchtopk", "topk", "relu"):
-            raise ValueError(f"activation must be batchtopk, topk or relu, got {self.activation!r}")
-        if self.level_weights is not None:
-            self.level_weights = tuple(float(w) for w in self.level_weights)
-            if len(self.level_weights) != len(self.widths):
-                raise ValueError(f"level_weights has {len(self.level_weights)} entries for {len(self.widths)} widths")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
-
-    @property
-    def warmup(self) -> int:
-        return min(1000, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
-
-    @property
-    def threshold_start(self) -> int:
-        return min(1000, self.steps // 10) if self.threshold_start_step is None else self.threshold_start_step
-
-    def sae_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, widths) of every SAE this run trains."""
-        if self.arch == "vanilla":
-            return [("vanilla", (self.widths[-1],))]
-        specs = [("matryoshka", self.widths)]
-        if self.also_vanilla:
-            specs.append(("vanilla", (self.widths[-1],)))
-        return specs
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class BatchSource(Protocol):
@@ -183,13 +98,17 @@ class SAEState:
     base_lr: float
     level_weights: Tensor
     tokens_since_fired: Tensor
+    world: World = field(default_factory=World)
+    """The ranks whose rows make up each batch (World(): this process alone)."""
 
     def dead_mask(self, dead_tokens: int) -> Tensor:
         return self.tokens_since_fired >= dead_tokens
 
 
-def make_state(name: str, widths: tuple[int, ...], d_in: int, cfg: TrainConfig, device, dtype) -> SAEState:
-    sae = SAE(d_in, widths, k=cfg.k, activation=cfg.activation, dtype=dtype, device=device)
+def make_state(name: str, widths: tuple[int, ...], d_in: int, cfg: TrainConfig, device, dtype,
+               world: World = World()) -> SAEState:
+    kind = SAE if world.size == 1 else functools.partial(DataParallelSAE, world=world)
+    sae = kind(d_in, widths, k=cfg.k, activation=cfg.activation, dtype=dtype, device=device)
     sae.reset_parameters(generator=torch.Generator().manual_seed(cfg.seed))
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     fused = device.type == "cuda" or dtype in (torch.float32, torch.float64)
@@ -201,13 +120,15 @@ def make_state(name: str, widths: tuple[int, ...], d_in: int, cfg: TrainConfig, 
     else:
         weights = torch.full((len(widths),), 1.0 / len(widths))
     return SAEState(
-        name, sae, optimizer, base_lr, weights.to(device, dtype), torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+        name, sae, optimizer, base_lr, weights.to(device, dtype), torch.zeros(sae.d_sae, dtype=torch.long, device=device),
+        world,
     )
 
 
-def sae_step(state: SAEState, x: Tensor, step: int, cfg: TrainConfig) -> dict:
-    """One optimiser step of one SAE on batch x (already scaled); returns its metrics for this step."""
-    sae = state.sae
+def sae_step(state: SAEState, x: Tensor, step: int, cfg: TrainConfig) -> dict[str, Any]:
+    """One optimiser step of one SAE on batch x (already scaled; this rank's rows of it under several ranks, whose
+    figures and gradients are then the whole batch's); returns its metrics for this step."""
+    sae, world = state.sae, state.world
     dead = state.dead_mask(cfg.dead_tokens)
     out = sae(x, dead_mask=dead, k_aux=cfg.k_aux)
     loss = (state.level_weights * out.mse).sum() + cfg.aux_coeff * out.aux_loss
@@ -220,19 +141,23 @@ def sae_step(state: SAEState, x: Tensor, step: int, cfg: TrainConfig) -> dict:
         group["lr"] = lr_at(step, cfg, state.base_lr)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    world.sum_grads(sae.parameters())
     sae.remove_parallel_decoder_grad()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     state.optimizer.step()
     sae.normalize_decoder()
 
     with torch.no_grad():
-        fired = torch.bincount(out.entries.cols, minlength=sae.d_sae) > 0
-        state.tokens_since_fired += x.shape[0]
-        state.tokens_since_fired[fired] = 0
-        if sae.activation == "batchtopk" and step >= cfg.threshold_start and out.entries.vals.numel() > 0:
-            smallest = out.entries.vals.min().detach()
+        counts = world.sum_(torch.cat([torch.bincount(out.entries.cols, minlength=sae.d_sae),
+                                       out.entries.cols.new_tensor([x.shape[0]])]))  # firings per latent, rows
+        state.tokens_since_fired += counts[-1]
+        state.tokens_since_fired[counts[:-1] > 0] = 0
+        if sae.activation == "batchtopk" and step >= cfg.threshold_start:
+            vals = out.entries.vals.detach()
+            smallest = world.min_(vals.min() if vals.numel() else vals.new_tensor(math.inf))
             theta = sae.threshold
-            theta.copy_(smallest if theta.item() < 0 else cfg.threshold_beta * theta + (1 - cfg.threshold_beta) * smallest)
+            if torch.isfinite(smallest):
+                theta.copy_(smallest if theta.item() < 0 else cfg.threshold_beta * theta + (1 - cfg.threshold_beta) * smallest)
     return {
         "loss": loss.item(),
         "mse": out.mse.detach().tolist(),
@@ -259,20 +184,26 @@ class Trainer:
     cfg: TrainConfig
     source: BatchSource
     out_dir: Path
-    run_info: dict = field(default_factory=dict)
-    """Extra fields recorded in every run's cfg.json (model, layer, corpus, filters, ...)."""
+    run_info: RunInfo = field(default_factory=RunInfo)
+    """What every run's cfg.json records beside the training itself (extraction or input file, toy)."""
     progress: Callable[[int, dict], None] | None = None
     """Called after every logged step with (step, {sae name: metrics}); the UI hooks in here."""
+    world: World = field(default_factory=World)
+    """The ranks of a torchrun job: each trains on its slice of every batch, the main rank writes every file."""
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
+        if self.cfg.batch_size < 2 * self.world.size:
+            raise TrainingError(f"batch_size {self.cfg.batch_size} leaves fewer than 2 rows to each of "
+                                f"{self.world.size} ranks")
         self.device = resolve_device(self.cfg.device)
         self.dtype = getattr(torch, self.cfg.dtype)
         self.states = [
-            make_state(name, widths, self.source.d_in, self.cfg, self.device, self.dtype)
+            make_state(name, widths, self.source.d_in, self.cfg, self.device, self.dtype, self.world)
             for name, widths in self.cfg.sae_specs()
         ]
         self.step = 0
+        self.checkpoint_step = 0
         self.scale: float | None = None
 
     def run_dir(self, name: str) -> Path:
@@ -281,42 +212,48 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
+        return checkpoint_path(self.out_dir)
 
     def _init_from_first_batch(self, x: Tensor) -> None:
-        """Activation scale to unit mean squared norm, and b_dec at the geometric median of the first batch."""
+        """Activation scale to unit mean squared norm, and b_dec at the geometric median of the first (whole) batch:
+        the main rank's, so that every rank starts from the very same weights."""
         mean_sq = x.double().pow(2).sum(dim=1).mean().item()
         if not mean_sq > 0:
             raise TrainingError("step 0: the first activation batch is all zeros; nothing to learn")
-        self.scale = 1.0 / math.sqrt(mean_sq)
-        median = geometric_median(x.double() * self.scale)
+        scale = torch.tensor([1.0 / math.sqrt(mean_sq)], dtype=torch.float64, device=x.device)
+        median = self.world.broadcast_(torch.cat([scale, geometric_median(x.double() * scale)]))
+        self.scale, median = median[0].item(), median[1:]
         for state in self.states:
             with torch.no_grad():
                 state.sae.b_dec.copy_(median.to(self.dtype))
 
     def train(self, resume: bool = False) -> dict[str, Path]:
-        """Run to cfg.steps (from the last checkpoint when resume) and save every SAE; returns run dirs."""
+        """Run to cfg.steps (from the last checkpoint when resume) and save every SAE; returns run dirs.
+        Under several ranks every rank calls this; only the main rank writes."""
         if resume:
             if not self.checkpoint_path.exists():
                 raise TrainingError(f"--resume: no checkpoint at {self.checkpoint_path}")
             self.load_checkpoint()
         elif self.checkpoint_path.exists():
             raise TrainingError(f"{self.out_dir} already holds a run; pass --resume to continue it or pick a new --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for state in self.states:
-            self.run_dir(state.name).mkdir(parents=True, exist_ok=True)
-            self._trim_metrics(state.name)
+        if self.world.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for state in self.states:
+                self.run_dir(state.name).mkdir(parents=True, exist_ok=True)
+                Run(self.run_dir(state.name)).trim_metrics(self.step)
 
         batches = self.source.batches(self.step, self.cfg.batch_size, self.cfg.seed)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        part = self.world.part(self.cfg.batch_size)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   disable=not self.world.main)
         started = time.perf_counter()
         try:
             while self.step < self.cfg.steps:
-                x = next(batches).to(self.device, self.dtype, non_blocking=True)
-                _check_finite(x, self.step)
+                batch = next(batches)
+                _check_finite(batch, self.step)
                 if self.scale is None:
-                    self._init_from_first_batch(x)
-                x = x * self.scale
+                    self._init_from_first_batch(batch.to(self.device, self.dtype))
+                x = batch[part].to(self.device, self.dtype, non_blocking=True) * self.scale
                 metrics = {s.name: sae_step(s, x, self.step, self.cfg) for s in self.states}
                 self.step += 1
                 bar.update(1)
@@ -325,47 +262,42 @@ class Trainer:
                     bar.set_postfix({n: f"fvu {m['fvu'][-1]:.3f}" for n, m in metrics.items()})
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
+        except RankLost as exc:
+            raise TrainingError(f"step {self.step}: {exc}; the last checkpoint is at step {self.checkpoint_step}: "
+                                f"run the same command with --resume to continue from it") from None
         finally:
             bar.close()
         return {s.name: self.save_run(s) for s in self.states}
 
-    def _log(self, metrics: dict, elapsed: float) -> None:
+    def _log(self, metrics: dict[str, dict[str, Any]], elapsed: float) -> None:
+        if not self.world.main:
+            return
         tokens = self.step * self.cfg.batch_size
         for name, m in metrics.items():
-            line = json.dumps({"step": self.step, "tokens": tokens, "elapsed_s": round(elapsed, 3), **m})
-            with open(self.run_dir(name) / METRICS_FILE, "a") as f:
-                f.write(line + "\n")
+            Run(self.run_dir(name)).append_metrics(
+                TrainMetrics(step=self.step, tokens=tokens, elapsed_s=round(elapsed, 3), **m))
         if self.progress is not None:
             self.progress(self.step, metrics)
 
-    def _trim_metrics(self, name: str) -> None:
-        """Drop metric lines past the current step (written after the checkpoint we resume from)."""
-        path = self.run_dir(name) / METRICS_FILE
-        if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        io.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
     def save_run(self, state: SAEState) -> Path:
-        """The finished SAE, folded back to raw activation scale, with its cfg.json."""
-        run_dir = self.run_dir(state.name)
+        """The finished SAE, folded back to raw activation scale, with its cfg.json (written by the main rank)."""
+        run = Run(self.run_dir(state.name))
+        if not self.world.main:
+            return run.path
         dead = state.dead_mask(self.cfg.dead_tokens)
-        cfg = {
-            "msae": {
-                "name": state.name,
-                "train": self.cfg.to_json(),
-                "steps_done": self.step,
-                "tokens_seen": self.step * self.cfg.batch_size,
-                "act_scale": self.scale,
-                "dead_fraction": dead.float().mean().item(),
-                **self.run_info,
-            }
-        }
-        io.save_sae(state.sae, run_dir, cfg=cfg, act_scale=self.scale)
-        return run_dir
+        info = dataclasses.replace(
+            self.run_info, name=state.name, train=self.cfg, steps_done=self.step,
+            tokens_seen=self.step * self.cfg.batch_size, act_scale=self.scale,
+            dead_fraction=dead.float().mean().item(), world_size=self.world.size)
+        run.save_sae(state.sae, info, act_scale=self.scale)
+        return run.path
 
     def save_checkpoint(self) -> None:
-        """Model, optimiser and counters of every SAE in one safetensors file, replaced atomically."""
+        """Model, optimiser and counters of every SAE in one safetensors file, replaced atomically (by the main
+        rank: every rank holds the same state)."""
+        self.checkpoint_step = self.step
+        if not self.world.main:
+            return
         tensors: dict[str, Tensor] = {}
         for s in self.states:
             for pname, p in s.sae.state_dict().items():
@@ -376,7 +308,7 @@ class Trainer:
                     if key in opt_state:
                         tensors[f"{s.name}/adam/{pname}/{key}"] = opt_state[key].reshape(-1)
             tensors[f"{s.name}/tokens_since_fired"] = s.tokens_since_fired
-        meta = {"step": self.step, "scale": self.scale, "config": self.cfg.to_json()}
+        meta = {"step": self.step, "scale": self.scale, "config": self.cfg.to_json(), "world_size": self.world.size}
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         io.atomic_save_safetensors(tensors, self.checkpoint_path, metadata={"msae": json.dumps(meta)})
@@ -384,12 +316,19 @@ class Trainer:
     def load_checkpoint(self) -> None:
         with safe_open(str(self.checkpoint_path), framework="pt") as f:
             meta = json.loads(f.metadata()["msae"])
-            saved_cfg = {k: v for k, v in meta["config"].items() if k not in ("steps", "checkpoint_every", "log_every", "device")}
-            ours = {k: v for k, v in json.loads(json.dumps(self.cfg.to_json())).items() if k in saved_cfg}
-            if ours != saved_cfg:
-                diff = sorted(k for k in saved_cfg if ours.get(k) != saved_cfg[k])
+            saved = TrainConfig.from_json(meta["config"])
+            may_change = ("steps", "checkpoint_every", "log_every", "device")
+            diff = [f.name for f in dataclasses.fields(TrainConfig)
+                    if f.name not in may_change and getattr(saved, f.name) != getattr(self.cfg, f.name)]
+            if diff:
                 raise TrainingError(f"--resume: the checkpoint was made with different settings: {', '.join(diff)}")
             self.step, self.scale = int(meta["step"]), meta["scale"]
+            self.checkpoint_step = self.step
+            saved_world = int(meta.get("world_size", 1))
+            if saved_world != self.world.size and self.world.main:
+                print(f"--resume: the checkpoint was written by {saved_world} process(es), this job has "
+                      f"{self.world.size}: the batches and the BatchTopK selection stay the same, only the order in "
+                      f"which floats are summed changes", file=sys.stderr)
             for s in self.states:
                 s.sae.load_state_dict(
                     {pname: f.get_tensor(f"{s.name}/model/{pname}") for pname in s.sae.state_dict()}

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from msae.corpus import SUPPORTED_SUFFIXES, CorpusError, file_documents
 from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, load_sae
+from msae.run import Run
 
 DEFAULT_MAX_UPLOAD_MB = 512
 """Largest file the app accepts, unless $MSAE_MAX_UPLOAD_MB says otherwise (an fp32 SAE of 65,536 latents on
@@ -100,17 +101,13 @@ def save_sae_upload(weights: bytes, cfg_data: bytes, dest: Path, model: str | No
     dest = Path(dest)
     if dest.exists():
         raise UploadError(f"a run named {dest.name!r} exists already ({dest}); pick another name")
-    if model is not None or layer is not None:
-        ext = cfg.setdefault("msae", {}).setdefault("extraction", {})
-        if model is not None:
-            ext["model"] = model
-        if layer is not None:
-            ext["layer"] = int(layer)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        (tmp / WEIGHTS_FILE).write_bytes(weights)
-        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        staged = Run(tmp)
+        staged.import_files(weights, cfg)
+        if model is not None or layer is not None:
+            staged.set_source(model, layer)
         try:
             load_sae(tmp)
         except SAELoadError as exc:

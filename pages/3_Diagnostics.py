@@ -1,85 +1,55 @@
 """Diagnostics: absorption per first letter (vanilla vs Matryoshka), feature splitting, FVU per nested width against
 L0, and the toy model with known features; each plot with one line on how to read it."""
 
-import json
-from pathlib import Path
-
 import streamlit as st
 
-import explorer
-from msae import toy, views
-from msae.runs import read_metrics, summary
+from explorer import figures, loaders, state
+from msae import toy
+from msae.analysis import tables
+from msae.run import Run
 
-run = explorer.setup("Diagnostics")
+run = state.setup("Diagnostics")
 st.title("Diagnostics")
 if run is None:
     st.stop()
-store = explorer.store_of(run)
-manifest = store.manifest if store else {}
-compared = explorer.against_runs(run, manifest)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
+store = loaders.store_of(run)
+manifest = store.manifest if store else None
+compared = state.against_runs(run, manifest)
 
 st.header("Absorption")
-absorption = manifest.get("absorption") or read_json(run / "absorption.json")
-if absorption is None:
-    # Measured from another run: one it was compared with, or one beside it (the shipped pair keeps it with the
-    # Matryoshka run).
-    siblings = sorted(p.parent for p in run.parent.glob("*/absorption.json"))
-    for other in [*compared.values(), *siblings]:
-        found = read_json(other / "absorption.json")
-        if found and explorer.run_name(run) in found.get("saes", {}):
-            absorption = found
-            break
+absorption = loaders.absorption_of(run, list(compared.values()))
 if absorption is None:
     st.info(f"Absorption has not been measured for this run: `msae analyze {run} --against OTHER_RUN` measures it "
             f"(it is on by default) for both runs on the same first-letter probes.")
-elif not absorption.get("saes"):
-    st.warning(f"Absorption could not be measured: {absorption.get('error', 'the result holds no SAE')}")
 else:
-    metric = st.radio("measure", ["mean_absorption_fraction", "full_absorption_rate"], horizontal=True,
-                      key="absorption_metric",
-                      format_func=lambda m: {"mean_absorption_fraction": "absorption fraction",
-                                             "full_absorption_rate": "full absorption rate"}[m])
-    st.plotly_chart(views.absorption_figure(absorption, metric))
+    metric = st.radio("measure", list(figures.ABSORPTION_MEASURES), horizontal=True, key="absorption_metric",
+                      format_func=figures.ABSORPTION_MEASURES.get)
+    st.plotly_chart(figures.absorption_figure(absorption, metric))
     st.caption("Reading: on words whose first letter a linear probe reads correctly, the share of the probe's signal "
                "that has moved out of the letter's main latents into other latents; lower is better. Only letters "
-               f"with probe F1 > 0.6 count ({absorption.get('model', '')} layer {absorption.get('layer', '')}, "
-               f"{absorption.get('n_test_words', '?')} test words). The paper reports 0.05 for Matryoshka against "
+               f"with probe F1 > {absorption.config.min_probe_f1} count ({absorption.model} layer {absorption.layer}, "
+               f"{absorption.n_test_words} test words). The paper reports 0.05 for Matryoshka against "
                "0.49 for BatchTopK on Gemma-2-2B. Read it beside the main-latent F1 in the table: far below the "
                "probe's, it means the SAE has no latent for the letter, and the fraction says little about absorption.")
-    st.dataframe(views.absorption_table(absorption), hide_index=True)
+    st.dataframe(tables.absorption_table(absorption), hide_index=True)
 
 st.header("Feature splitting")
-if manifest.get("splitting") or manifest.get("against"):
-    st.plotly_chart(views.splitting_figure(manifest))
+if manifest is not None and (manifest.splitting or manifest.against):
+    st.plotly_chart(figures.splitting_figure(manifest))
     st.caption("Reading: the share of a narrower dictionary's live latents that the wider one represents by two or "
                "more latents (decoder cosine at least the threshold). For a Matryoshka SAE each prefix is compared "
                "with the full width: a low share means the early latents stay whole instead of splitting.")
-    per_level = manifest.get("hierarchy", {}).get("per_level")
-    if per_level:
-        st.dataframe(per_level, hide_index=True)
+    if manifest.hierarchy is not None:
+        st.dataframe([level.to_json() for level in manifest.hierarchy.per_level], hide_index=True)
         st.caption("Per group: how many live latents have a parent in an earlier group (the Hierarchy page draws them).")
 elif store is not None:
     st.info("This store has no splitting figures (a single-width SAE analysed without `--against`).")
 
 st.header("FVU per nested width against L0")
-points = []
-for name, path in {explorer.run_name(run): run, **compared}.items():
-    info = summary(path)
-    metrics = read_metrics(path)
-    point = views.l0_fvu_points(name, manifest if path == run else None, read_json(path / "eval.json"),
-                                metrics[-1] if metrics else None, info["widths"])
-    if point:
-        points.append(point)
+points = [p for p in [tables.l0_fvu_point(Run(run), manifest), *map(tables.l0_fvu_point, map(Run, compared.values()))]
+          if p is not None]
 if points:
-    st.plotly_chart(views.fvu_l0_figure(points))
+    st.plotly_chart(figures.fvu_l0_figure(points))
     st.caption("Reading: each point is one nested dictionary (its width beside it), held-out FVU where measured; "
                "wider prefixes use more latents per token and reconstruct better. A vanilla SAE is a single point: "
                "Matryoshka pays a little FVU at full width for usable smaller dictionaries.")
@@ -95,26 +65,20 @@ steps = c2.number_input("training steps", 50, 5000, 1500, step=50, key="toy_step
 seed = c3.number_input("seed", 0, 10_000, 0, key="toy_seed")
 
 
-@st.cache_data(show_spinner="Training both SAEs on the toy…", max_entries=16)
-def toy_result(preset: str, steps: int, seed: int) -> dict:
-    spec = toy.PRESETS[preset]
-    return toy.compare(spec.make(seed=seed), steps=steps, seed=seed, **spec.train)
-
-
-shipped = read_json(explorer.HERE / "assets" / "toy" / f"{preset}.json")
+shipped = loaders.shipped_toy(preset)
 if st.button("Train it here with these settings", key="toy_run") or st.session_state.get("toy_done") == (preset, steps, seed):
-    result = toy_result(preset, int(steps), int(seed))
+    result = loaders.toy_result(preset, int(steps), int(seed))
     st.session_state["toy_done"] = (preset, steps, seed)
-    source = f"trained here in {result['train_seconds']:.1f} s"
+    source = f"trained here in {result.train_seconds:.1f} s"
 elif shipped is not None:
     result = shipped
-    source = (f"the shipped result, assets/toy/{preset}.json ({shipped['train']['steps']} steps, seed "
-              f"{shipped['toy']['seed']}); press the button to train it again")
+    source = (f"the shipped result, assets/toy/{preset}.json ({shipped.train.steps} steps, seed "
+              f"{shipped.toy['seed']}); press the button to train it again")
 else:
     result = None
     st.info("Press the button to train both SAEs on the toy (a few seconds to a minute).")
 if result is not None:
-    st.plotly_chart(views.toy_figure(result))
+    st.plotly_chart(figures.toy_figure(result))
     st.caption("Reading: parent absorption is the share of inputs with a parent and one of its children where the "
                "parent's latent stays silent; lower is better, and Matryoshka should be near 0 where vanilla is "
                f"not. Showing {source}.")

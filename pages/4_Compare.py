@@ -3,41 +3,42 @@ active latents side by side, matched pairs, and the latents one has and the othe
 
 import streamlit as st
 
-import explorer
-from msae import views
+from explorer import loaders, state
+from msae.analysis import tables
 from msae.analysis.inference import MAX_TOKENS, top_latents
+from msae.run import Run
 
 DEFAULT_TEXT = "The cat sat on the mat. In 1815 the battle of Waterloo ended the Napoleonic wars."
 
-run = explorer.setup("Compare")
+run = state.setup("Compare")
 st.title("Compare")
 if run is None:
     st.stop()
-candidates = explorer.partner_candidates(run)
+candidates = state.partner_candidates(run)
 if not candidates:
     st.info("There is no other run to compare this one with.")
     st.stop()
-store = explorer.store_of(run, quiet=True)
-against = explorer.against_runs(run, store.manifest if store else {})
+store = loaders.store_of(run, quiet=True)
+against = state.against_runs(run, store.manifest if store else None)
 preferred = next(iter(against.values()), candidates[0])
 if st.session_state.get("compare_with") not in candidates:
     st.session_state["compare_with"] = preferred
-other = st.selectbox("compare with", candidates, format_func=explorer.short_name, key="compare_with")
-names = (explorer.run_name(run), explorer.run_name(other))
+other = st.selectbox("compare with", candidates, format_func=state.short_name, key="compare_with")
+names = (Run(run).name, Run(other).name)
 if names[0] == names[1]:
-    names = (explorer.short_name(run), explorer.short_name(other))
+    names = (state.short_name(run), state.short_name(other))
 text = st.text_area("text", value=DEFAULT_TEXT, key="compare_text", height=100)
 if not text.strip():
     st.info("Type a text to compare the two SAEs on.")
     st.stop()
 
-result = explorer.read_text([run, other], text)
+result = loaders.read_text([run, other], text)
 if result is None:
     st.stop()
 if result.truncated:
     st.warning(f"The text was cut to its first {MAX_TOKENS} tokens.")
-other_store = explorer.store_of(other, quiet=True)
-pairs = explorer.matching(run, other, store)
+other_store = loaders.store_of(other, quiet=True)
+pairs = loaders.matching(run, other, store)
 if pairs is None:
     st.stop()
 latents_a = store.latents if store else None
@@ -47,12 +48,12 @@ if store is None or other_store is None:
 
 frame_a, frame_b = result.latents
 top_a, top_b = top_latents(frame_a, n=len(frame_a)), top_latents(frame_b, n=len(frame_b))
-tables = views.compare_tables(top_a, top_b, pairs, latents_a, latents_b, names)
+pair_tables = tables.compare_tables(top_a, top_b, pairs, latents_a, latents_b, names)
 n_tokens = max(len(result.tokens), 1)
 cols = st.columns(4)
 cols[0].metric(f"{names[0]}: latents active", f"{len(top_a)}", help="distinct latents over the whole text")
 cols[1].metric(f"{names[1]}: latents active", f"{len(top_b)}")
-cols[2].metric("matched pairs, both active", f"{int(tables['matched']['both active'].sum()) if len(tables['matched']) else 0}")
+cols[2].metric("matched pairs, both active", f"{int(pair_tables['matched']['both active'].sum()) if len(pair_tables['matched']) else 0}")
 cols[3].metric("L0 per token", f"{len(frame_a) / n_tokens:.1f} / {len(frame_b) / n_tokens:.1f}")
 st.caption(f"Pairs are matched by decoder cosine (greedy, at least 0.5). {len(pairs):,} pairs over the two "
            f"dictionaries.")
@@ -60,13 +61,13 @@ st.caption(f"Pairs are matched by decoder cosine (greedy, at least 0.5). {len(pa
 tab_tokens, tab_matched, tab_a, tab_b = st.tabs(
     ["per token", "matched pairs", f"only in {names[0]}", f"only in {names[1]}"])
 with tab_tokens:
-    st.dataframe(views.side_by_side(result.tokens, frame_a, frame_b, latents_a, latents_b, names), hide_index=True)
+    st.dataframe(tables.side_by_side(result.tokens, frame_a, frame_b, latents_a, latents_b, names), hide_index=True)
 with tab_matched:
     st.caption("Matched pairs with at least one side active on this text; 'both active' first.")
-    st.dataframe(tables["matched"], hide_index=True)
+    st.dataframe(pair_tables["matched"], hide_index=True)
 with tab_a:
     st.caption(f"Active in {names[0]} while its matched latent in {names[1]} is silent, or it has no match.")
-    st.dataframe(tables[f"only {names[0]}"], hide_index=True)
+    st.dataframe(pair_tables[f"only {names[0]}"], hide_index=True)
 with tab_b:
     st.caption(f"Active in {names[1]} while its matched latent in {names[0]} is silent, or it has no match.")
-    st.dataframe(tables[f"only {names[1]}"], hide_index=True)
+    st.dataframe(pair_tables[f"only {names[1]}"], hide_index=True)

@@ -3,19 +3,19 @@ the top latents, the top latents per prompt, the hierarchy paths of the active l
 
 import streamlit as st
 
-import explorer
-from msae import views
+from explorer import figures, html, loaders, state
+from msae.analysis import tables
 from msae.analysis.inference import MAX_TOKENS, top_latents
 from msae.uploads import UploadError, max_upload_mb, read_prompts
 
 MAX_PROMPTS = 100
 DEFAULT_PROMPT = "The cat sat on the mat. <b>Bold</b> claims need evidence."
 
-run = explorer.setup("Prompts")
+run = state.setup("Prompts")
 st.title("Prompts")
 if run is None:
     st.stop()
-store = explorer.store_of(run, quiet=True)
+store = loaders.store_of(run, quiet=True)
 latents = store.latents if store is not None else None
 if store is None:
     st.caption(f"This run has no feature store: latents show without labels or hierarchy paths (run "
@@ -45,7 +45,7 @@ if not prompts:
 results = []
 progress = st.progress(0.0, text="Reading the prompts…") if len(prompts) > 1 else None
 for i, prompt in enumerate(prompts):
-    result = explorer.read_text([run], prompt)
+    result = loaders.read_text([run], prompt)
     if result is None:
         st.stop()
     results.append(result)
@@ -54,13 +54,12 @@ for i, prompt in enumerate(prompts):
 if any(r.truncated for r in results):
     st.warning(f"Prompts longer than {MAX_TOKENS} tokens were cut there.")
 
-table = views.results_frame(prompts, results, latents)
-st.download_button("Download every active latent as CSV", table.to_csv(index=False).encode(), "msae-prompts.csv",
+st.download_button("Download every active latent as CSV", tables.results_csv(results, latents), "msae-prompts.csv",
                    "text/csv", key="prompt_csv")
 
 if len(prompts) > 1:
     st.subheader("Top latents per prompt")
-    st.dataframe(views.prompts_overview(prompts, results, latents), hide_index=True)
+    st.dataframe(tables.prompts_overview(prompts, results, latents), hide_index=True)
     which = st.selectbox("prompt to inspect", list(range(len(prompts))), key="prompt_pick",
                          format_func=lambda i: f"{i}: {prompts[i][:80]}")
 else:
@@ -73,21 +72,21 @@ if frame.empty:
 
 c1, c2 = st.columns([3, 1])
 n_top = c2.slider("top latents", 5, 50, 15, key="prompt_ntop")
-top = views.with_labels(top_latents(frame, n_top), latents)
+top = tables.with_labels(top_latents(frame, n_top), latents)
 names = dict(zip(top["latent"].astype(int), top["label"]))
 highlight = c1.selectbox("highlight the tokens by", list(names), key=f"prompt_highlight_{which}",
                          format_func=lambda l: f"latent #{l} {names[l]}")
-acts = views.latent_acts(frame, highlight, len(result.tokens))
-titles = views.per_token_table(result.tokens, frame, latents, n=3)["strongest latents"].tolist()
-explorer.show_html(views.tokens_html(result.tokens, acts, titles=titles, breaks=True))
+acts = tables.latent_acts(frame, highlight, len(result.tokens))
+titles = tables.per_token_table(result.tokens, frame, latents, n=3)["strongest latents"].tolist()
+st.html(html.tokens_html(result.tokens, acts, titles=titles, breaks=True))
 st.caption("Tokens shaded by the chosen latent's activation; hover a token for its strongest latents.")
 
 st.subheader("Top latents on every token")
-st.plotly_chart(views.heatmap_figure(result.tokens, frame, top["latent"].astype(int).tolist(),
-                                     top["label"].tolist()))
+st.plotly_chart(figures.heatmap_figure(result.tokens, frame, top["latent"].astype(int).tolist(),
+                                       top["label"].tolist()))
 st.dataframe(top, hide_index=True)
 
 if latents is not None and "tree_parent" in latents:
     st.subheader("Hierarchy paths of the top latents")
     st.caption("Each latent's chain of parents in the store's tree, root first; ● marks latents active on this prompt.")
-    st.dataframe(views.paths_table(latents, top), hide_index=True)
+    st.dataframe(tables.paths_table(latents, top), hide_index=True)

@@ -1,35 +1,27 @@
 """Train: configure a run and start `msae train` in the background; it survives a page reload (its state is in
 files beside its output), shows progress and metrics as they come, and can be stopped and resumed."""
 
+import dataclasses
 from pathlib import Path
 
 import streamlit as st
 import torch
 
-import explorer
-from msae import jobs, views
-from msae.lm import DEFAULT_MODEL
-from msae.train import TrainConfig
+from explorer import figures, state
+from msae import jobs
+from msae.config import ConfigError, ExtractConfig, TrainConfig, TrainJob, choices
 from msae.uploads import UploadError, max_upload_mb, safe_name, save_corpus_upload
 
 REFRESH_S = 2
 SOURCES = {"builtin": "the built-in corpus", "upload": "an uploaded text file", "activations": "an activations file on this machine"}
 
-explorer.setup("Train")
+state.setup("Train")
 st.title("Train")
 cuda = torch.cuda.is_available()
-root = explorer.write_dir()
+root = state.write_dir()
 st.caption(f"New runs are written under {root}; finished ones appear on Home. "
            + ("CUDA is available: device 'auto' trains on the GPU." if cuda else
               "No CUDA here: training runs on the CPU (device 'auto' would use a GPU where there is one)."))
-
-
-def widths_of(flags: list[str], name: str) -> list[int] | None:
-    """The nested widths an SAE of a job has (vanilla: the last one)."""
-    if "--widths" not in flags:
-        return None
-    widths = [int(w) for w in flags[flags.index("--widths") + 1].split(",") if w.strip()]
-    return widths[-1:] if name == "vanilla" or ("--arch" in flags and flags[flags.index("--arch") + 1] == "vanilla") else widths
 
 
 def show_job(out_dir: Path) -> None:
@@ -38,7 +30,7 @@ def show_job(out_dir: Path) -> None:
         st.warning(f"{out_dir}: no job there any more.")
         return
     logged = jobs.metrics(out_dir)
-    step = max((m[-1]["step"] for m in logged.values() if m), default=0)
+    step = max((m[-1].step for m in logged.values() if m), default=0)
     icon = {"running": "⏳", "finished": "✅", "failed": "❌", "stopped": "⏹️"}[status.state]
     st.markdown(f"{icon} **{status.state}** · step {step:,} of {status.steps:,}"
                 + (f" · exit status {status.exit_code}" if status.exit_code not in (None, 0) else ""))
@@ -51,21 +43,18 @@ def show_job(out_dir: Path) -> None:
     elif status.resumable:
         more = c2.number_input("train to step", min_value=1, value=status.steps, step=100, key=f"job_steps_{out_dir}")
         if c1.button("Resume", key="job_resume", help="Continue from the last checkpoint (same settings)."):
-            flags = list(status.flags)
-            if "--steps" in flags:
-                flags[flags.index("--steps") + 1] = str(int(more))
-            else:
-                flags += ["--steps", str(int(more))]
+            job = dataclasses.replace(status.job, train=dataclasses.replace(status.job.train, steps=int(more)))
             try:
-                jobs.start(out_dir, flags, resume=True)
-            except jobs.JobError as exc:
+                jobs.start(out_dir, job, resume=True)
+            except (jobs.JobError, ConfigError) as exc:
                 st.error(str(exc))
             else:
                 st.rerun(scope="app")
+    widths_of = dict(status.job.train.sae_specs())
     for name, metrics in logged.items():
         if metrics:
-            widths = widths_of(status.flags, name) or [f"{i}" for i in range(len(metrics[-1]["fvu"]))]
-            st.plotly_chart(views.training_figure(metrics, widths, title=f"{name}: FVU per nested width"),
+            widths = widths_of.get(name) or status.job.train.widths
+            st.plotly_chart(figures.training_figure(metrics, widths, title=f"{name}: FVU per nested width"),
                             key=f"job_fig_{name}")
     tail = jobs.log_tail(out_dir, 15)
     if tail:
@@ -81,19 +70,22 @@ def show_job(out_dir: Path) -> None:
 found = jobs.find_jobs(root)
 if found:
     st.header("Trainings")
+    if "job_started" in st.session_state:  # set by start_training, before the selectbox below exists
+        st.session_state["job"] = st.session_state.pop("job_started")
     if st.session_state.get("job") not in [str(d) for d in found]:
         st.session_state["job"] = str(found[0])
-    chosen = st.selectbox("training", [str(d) for d in found], key="job", format_func=explorer.short_name)
+    chosen = st.selectbox("training", [str(d) for d in found], key="job", format_func=state.short_name)
     running = jobs.status(Path(chosen)).running
     st.fragment(show_job, run_every=REFRESH_S if running else None)(Path(chosen))
 
 st.header("New run")
-defaults = TrainConfig()
+train_defaults, extract_defaults = TrainConfig(), ExtractConfig()
 c1, c2, c3 = st.columns(3)
 name = c1.text_input("name", key="train_name", placeholder="my-run", help=f"Written to {root}/NAME.")
-model = c2.text_input("model", value=DEFAULT_MODEL, key="train_model",
+model = c2.text_input("model", value=extract_defaults.model, key="train_model",
                       help="Built-in name, local transformers directory or Hugging Face id.")
-layer = c3.number_input("layer", min_value=0, value=15, step=1, key="train_layer")
+layer = c3.number_input("layer", min_value=0, value=extract_defaults.layer, step=1, key="train_layer",
+                        placeholder="the middle block", help="The block whose residual stream the SAEs read.")
 source = st.radio("activations from", list(SOURCES), format_func=SOURCES.get, horizontal=True, key="train_source")
 corpus_file, acts_path = None, ""
 if source == "upload":
@@ -102,60 +94,65 @@ if source == "upload":
 elif source == "activations":
     acts_path = st.text_input("path of a .safetensors file holding a tensor 'activations' (N, d_in)", key="train_acts")
 c1, c2, c3, c4 = st.columns(4)
-arch = c1.radio("architecture", ["matryoshka", "vanilla"], key="train_arch")
+arch = c1.radio("architecture", choices(TrainConfig, "arch"), key="train_arch")
 also_vanilla = c1.checkbox("also a vanilla SAE on the same batches", value=True, key="train_also_vanilla",
                            disabled=arch == "vanilla")
-widths_text = c2.text_input("widths", value="128,512,2048", key="train_widths",
+widths_text = c2.text_input("widths", value=",".join(map(str, train_defaults.widths)), key="train_widths",
                             help="Nested dictionary widths, increasing; vanilla uses the last.")
-k = c2.number_input("k (active latents per token)", min_value=1, value=defaults.k, key="train_k")
-activation = c2.selectbox("activation", ["batchtopk", "topk", "relu"], key="train_activation")
-tokens = c3.number_input("activation rows to extract", min_value=1000, value=200_000, step=10_000, key="train_tokens",
-                         help="Tokens of the corpus run through the model (cached once).")
-steps = c3.number_input("steps", min_value=1, value=defaults.steps, step=100, key="train_steps")
-batch = c3.number_input("batch size", min_value=1, value=defaults.batch_size, step=256, key="train_batch")
+k = c2.number_input("k (active latents per token)", min_value=1, value=train_defaults.k, key="train_k")
+activation = c2.selectbox("activation", choices(TrainConfig, "activation"), key="train_activation")
+tokens = c3.number_input("activation rows to extract", min_value=1000, value=extract_defaults.tokens, step=10_000,
+                         key="train_tokens", help="Tokens of the corpus run through the model (cached once).")
+steps = c3.number_input("steps", min_value=1, value=train_defaults.steps, step=100, key="train_steps")
+batch = c3.number_input("batch size", min_value=1, value=train_defaults.batch_size, step=256, key="train_batch")
 device = c4.selectbox("device", ["auto", "cpu", "cuda"], key="train_device")
-log_every = c4.number_input("log every (steps)", min_value=1, value=20, key="train_log_every")
-checkpoint_every = c4.number_input("checkpoint every (steps)", min_value=1, value=200, key="train_ckpt_every")
+log_every = c4.number_input("log every (steps)", min_value=1, value=train_defaults.log_every, key="train_log_every")
+checkpoint_every = c4.number_input("checkpoint every (steps)", min_value=1, value=train_defaults.checkpoint_every,
+                                   key="train_ckpt_every")
+
+
+def training_job(corpus: str | None) -> TrainJob:
+    """The TrainJob the form describes (ConfigError when a setting is out of range)."""
+    widths = tuple(int(w) for w in widths_text.replace(" ", "").split(",") if w)
+    train = TrainConfig(arch=arch, widths=widths, k=int(k), activation=activation,
+                        also_vanilla=also_vanilla and arch == "matryoshka", steps=int(steps), batch_size=int(batch),
+                        device=device, log_every=int(log_every), checkpoint_every=int(checkpoint_every))
+    if source == "activations":
+        return TrainJob(train=train, activations=acts_path)
+    extract = ExtractConfig(model=model.strip(), layer=None if layer is None else int(layer), tokens=int(tokens),
+                            corpus=corpus or "builtin")
+    return TrainJob(train=train, extract=extract)
 
 
 def start_training() -> None:
     try:
         out_dir = root / safe_name(name)
-        settings = {
-            "arch": arch, "widths": tuple(int(w) for w in widths_text.replace(" ", "").split(",") if w),
-            "k": int(k), "activation": activation, "also_vanilla": also_vanilla and arch == "matryoshka",
-            "steps": int(steps), "batch_size": int(batch), "device": device, "log_every": int(log_every),
-            "checkpoint_every": int(checkpoint_every),
-        }
-        jobs.check_train_settings(settings)
+        training_job(None)  # every setting checked before anything is written
     except (UploadError, ValueError) as exc:
         st.error(f"Not started: {exc}")
         return
     if jobs.status(out_dir) is not None or (out_dir.exists() and any(out_dir.iterdir())):
         st.error(f"Not started: {out_dir} exists already; pick another name (or resume it above).")
         return
-    if source == "activations":
-        if not Path(acts_path).is_file():
-            st.error(f"Not started: {acts_path or '(no path)'} is not a file.")
+    if source == "activations" and not Path(acts_path).is_file():
+        st.error(f"Not started: {acts_path or '(no path)'} is not a file.")
+        return
+    corpus = None
+    if source == "upload":
+        if corpus_file is None:
+            st.error("Not started: upload a corpus file first.")
             return
-        extract = {"activations": acts_path}
-    else:
-        extract = {"model": model.strip(), "layer": int(layer), "tokens": int(tokens), "corpus": "builtin"}
-        if source == "upload":
-            if corpus_file is None:
-                st.error("Not started: upload a corpus file first.")
-                return
-            try:
-                extract["corpus"] = str(save_corpus_upload(corpus_file.name, corpus_file.getvalue(), out_dir))
-            except UploadError as exc:
-                st.error(f"Not started: {exc}")
-                return
+        try:
+            corpus = str(save_corpus_upload(corpus_file.name, corpus_file.getvalue(), out_dir))
+        except UploadError as exc:
+            st.error(f"Not started: {exc}")
+            return
     try:
-        jobs.start(out_dir, jobs.train_flags({**extract, **settings}))
+        jobs.start(out_dir, training_job(corpus))
     except jobs.JobError as exc:
         st.error(f"Not started: {exc}")
         return
-    st.session_state["job"] = str(out_dir)
+    st.session_state["job_started"] = str(out_dir)
     st.rerun()
 
 

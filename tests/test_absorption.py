@@ -1,7 +1,6 @@
 """First-letter absorption: the word list and prompts on the real tokenizer, the definitions on hand-built SAEs
 whose absorption is known, and the whole measurement on a slice of the real model with the shipped SAEs."""
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from msae.analysis import absorption as ab
 from msae.io import SAELoadError, save_sae
 from msae.lm import load_lm, residual_after
+from msae.run import Run
 from msae.sae import SAE
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -107,10 +107,10 @@ def toy_sae(parent_suppressed: bool, scale: float = 1.0) -> SAE:
 def test_absorbed_parent_gives_the_expected_fraction_and_full_absorption(scale):
     acts, labels, probes = toy_words()
     result = ab.absorption(toy_sae(parent_suppressed=True, scale=scale), acts, labels, probes)
-    rows = {row["letter"]: row for row in result["letters"]}
-    assert rows["a"]["main_latents"] == [0] and rows["a"]["main_groups"] == [0]
-    assert rows["b"]["main_latents"] == [1]
-    assert rows["a"]["n_probe_true_positives"] == 50
+    rows = {row.letter: row for row in result.letters}
+    assert rows["a"].main_latents == [0] and rows["a"].main_groups == [0]
+    assert rows["b"].main_latents == [1]
+    assert rows["a"].n_probe_true_positives == 50
     # The full child (magnitude 1.5): the parent is silent, the child carries 1.5 * cos of a projection of 1.
     assert 1.5 * COS_CHILD >= 0.4
     full_fraction = 1.0
@@ -118,25 +118,25 @@ def test_absorbed_parent_gives_the_expected_fraction_and_full_absorption(scale):
     main, child = 0.2, 0.8 * COS_CHILD
     partial_fraction = min(child, 1.0 - main) / (min(child, 1.0 - main) + main)
     expected_a = (full_fraction + partial_fraction) / 50
-    assert rows["a"]["mean_absorption_fraction"] == pytest.approx(expected_a, abs=1e-5)
-    assert rows["a"]["full_absorption_rate"] == pytest.approx(1 / 50)
-    assert rows["a"]["n_full_absorption"] == 1
-    assert rows["b"]["mean_absorption_fraction"] == 0.0 and rows["b"]["full_absorption_rate"] == 0.0
-    assert result["mean"]["absorption_fraction"] == pytest.approx(expected_a / 2, abs=1e-5)
-    assert result["mean"]["full_absorption_rate"] == pytest.approx(1 / 100)
-    assert result["mean"]["n_letters"] == 2 and result["mean"]["n_main_latents"] == 1
+    assert rows["a"].absorption_fraction == pytest.approx(expected_a, abs=1e-5)
+    assert rows["a"].full_absorption_rate == pytest.approx(1 / 50)
+    assert rows["a"].n_full_absorption == 1
+    assert rows["b"].absorption_fraction == 0.0 and rows["b"].full_absorption_rate == 0.0
+    assert result.mean.absorption_fraction == pytest.approx(expected_a / 2, abs=1e-5)
+    assert result.mean.full_absorption_rate == pytest.approx(1 / 100)
+    assert result.mean.n_letters == 2 and result.mean.n_main_latents == 1
     weak_b = ab.absorption(toy_sae(parent_suppressed=True, scale=scale), acts, labels,
                            probes._replace(f1=torch.tensor([1.0, 0.6])))
-    assert weak_b["mean"]["letters"] == "a", "a probe F1 of 0.6 or less leaves the letter out of the means"
-    assert weak_b["mean"]["absorption_fraction"] == pytest.approx(expected_a, abs=1e-5)
+    assert weak_b.mean.letters == "a", "a probe F1 of 0.6 or less leaves the letter out of the means"
+    assert weak_b.mean.absorption_fraction == pytest.approx(expected_a, abs=1e-5)
 
 
 def test_a_clean_parent_latent_gives_no_absorption():
     acts, labels, probes = toy_words()
     result = ab.absorption(toy_sae(parent_suppressed=False), acts, labels, probes)
-    assert result["mean"]["absorption_fraction"] == pytest.approx(0.0, abs=1e-6)
-    assert result["mean"]["full_absorption_rate"] == 0.0
-    assert [row["main_latents"] for row in result["letters"]] == [[0], [1]]
+    assert result.mean.absorption_fraction == pytest.approx(0.0, abs=1e-6)
+    assert result.mean.full_absorption_rate == 0.0
+    assert [row.main_latents for row in result.letters] == [[0], [1]]
 
 
 def test_word_absorption_follows_saebench_rules_word_by_word():
@@ -176,29 +176,29 @@ def test_no_usable_probe_and_wrong_width_are_refused(lm, tmp_path):
 
 
 def test_letter_probes_beat_chance_on_the_real_model(measured):
-    f1 = measured["probe_f1"]
+    f1 = measured.probe_f1
     assert set(f1) == set("abst")
     # Four letters: always answering "yes" scores F1 0.4 at best.
     assert sum(f1.values()) / 4 > 0.6
-    assert measured["layer"] == 15 and measured["n_words"] == 160 and measured["n_test_words"] == 32
+    assert measured.layer == 15 and measured.n_words == 160 and measured.n_test_words == 32
 
 
 def test_shipped_saes_measure_within_bounds(measured, tmp_path):
-    assert set(measured["saes"]) == {"vanilla", "matryoshka"}
-    for name, result in measured["saes"].items():
+    assert set(measured.saes) == {"vanilla", "matryoshka"}
+    for name, result in measured.saes.items():
         d_sae = 8192
-        assert len(result["letters"]) == 4
-        for row in result["letters"]:
-            assert 1 <= len(row["main_latents"]) <= 10
-            assert all(0 <= i < d_sae for i in row["main_latents"])
-            assert len(row["k_sparse_f1"]) == 10 and all(0.0 <= f <= 1.0 for f in row["k_sparse_f1"])
-            if row["n_probe_true_positives"]:
-                assert 0.0 <= row["mean_absorption_fraction"] <= 1.0
-                assert 0.0 <= row["full_absorption_rate"] <= 1.0
-                assert row["n_full_absorption"] <= row["n_probe_true_positives"] <= row["n_test_words"]
-        mean = result["mean"]
-        assert 1 <= mean["n_letters"] <= 4 and 0.0 <= mean["absorption_fraction"] <= 1.0
-    groups = {g for row in measured["saes"]["matryoshka"]["letters"] for g in row["main_groups"]}
+        assert len(result.letters) == 4
+        for row in result.letters:
+            assert 1 <= len(row.main_latents) <= 10
+            assert all(0 <= i < d_sae for i in row.main_latents)
+            assert len(row.k_sparse_f1) == 10 and all(0.0 <= f <= 1.0 for f in row.k_sparse_f1)
+            if row.n_probe_true_positives:
+                assert 0.0 <= row.absorption_fraction <= 1.0
+                assert 0.0 <= row.full_absorption_rate <= 1.0
+                assert row.n_full_absorption <= row.n_probe_true_positives <= row.n_test_words
+        mean = result.mean
+        assert 1 <= mean.n_letters <= 4 and 0.0 <= mean.absorption_fraction <= 1.0
+    groups = {g for row in measured.saes["matryoshka"].letters for g in row.main_groups}
     assert groups <= {0, 1, 2, 3}
-    path = ab.write(measured, tmp_path)
-    assert path.name == "absorption.json" and json.loads(path.read_text()) == measured
+    path = Run(tmp_path).write_absorption(measured)
+    assert path.name == "absorption.json" and Run(tmp_path).absorption() == measured

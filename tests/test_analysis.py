@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from msae import io, toy
-from msae.activations import ExtractConfig, extract
+from msae.activations import extract
+from msae.config import AnalyzeConfig, ExtractConfig
 from msae.analysis import hierarchy, search
-from msae.analysis.analyze import AnalysisError, AnalyzeConfig, analyze, load_store, StoreError
+from msae.analysis.analyze import AnalysisError, analyze
+from msae.analysis.store import StoreError, load_store
 from msae.analysis.coact import coactivation
 from msae.analysis.features import latent_stats, histogram_edges
 from msae.analysis.inference import text_latents, top_latents
@@ -95,7 +97,7 @@ def toy_pair(tmp_path_factory):
 def test_toy_tree_puts_every_true_child_under_its_true_parent(toy_pair):
     h, saes, acts, present, result = toy_pair
     sae = saes["matryoshka"]
-    latent_of = result["matryoshka"]["per_feature"]["latent"]
+    latent_of = result.matryoshka.per_feature["latent"]
     sp = encode_rows(sae, acts)
     stats = latent_stats(sp, histogram_edges(sp.vals, 16))
     links = hierarchy.nested_links(sp, sae.widths, stats, sae.W_dec, hierarchy.LinkConfig())
@@ -117,10 +119,10 @@ def test_toy_splitting_and_absorption_rank_vanilla_worse(toy_pair):
     h, saes, acts, present, result = toy_pair
     share, absorbed = {}, {}
     for name, sae in saes.items():
-        latents = torch.tensor([result[name]["per_feature"]["latent"][p] for p in h.parents])
+        latents = torch.tensor([getattr(result, name).per_feature["latent"][p] for p in h.parents])
         alive = torch.ones(len(latents), dtype=torch.bool)
         share[name] = hierarchy.split_share(sae.W_dec[latents], sae.W_dec, alive, (0.5,))["0.5"]
-        absorbed[name] = result[name]["parent_absorption"]
+        absorbed[name] = getattr(result, name).parent_absorption
     assert share["vanilla"] > share["matryoshka"]
     assert absorbed["vanilla"] > absorbed["matryoshka"]
 
@@ -200,14 +202,14 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)
     lat = store.latents
     assert len(lat) == sae.d_sae and (lat["group"].diff().fillna(0) >= 0).all()
-    assert manifest["rows"] == sum(s["rows"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
+    assert manifest.rows == sum(s["rows"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
 
     # Every statistic agrees with a dense pass over the same rows.
     shards = cache_shards(cache)
     x = torch.cat([s["activations"] for s in shards]).float()
     dense = sae.eval().encode(x)
-    too_large = x.norm(dim=1) > manifest["max_norm"]
-    assert manifest["high_norm_rows_silenced"] == int(too_large.sum())
+    too_large = x.norm(dim=1) > manifest.max_norm
+    assert manifest.high_norm_rows_silenced == int(too_large.sum())
     dense[too_large] = 0
     count = (dense > 0).sum(0)
     assert (lat["count"].to_numpy() == count.numpy()).all()
@@ -234,9 +236,9 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     assert (links["parent_group"] < links["child_group"]).all() and links["score"].notna().all()
     cov = lat["coverage"].dropna()
     assert ((cov >= 0) & (cov <= 1)).all()
-    assert set(manifest["against"]) == {"vanilla"} and "matching" in store.against["vanilla"]
+    assert set(manifest.against) == {"vanilla"} and "matching" in store.against["vanilla"].tables
     # A Matryoshka SAE's nested L0 grows with the width.
-    assert manifest["l0_per_width"] == sorted(manifest["l0_per_width"])
+    assert manifest.l0_per_width == sorted(manifest.l0_per_width)
 
     # Search finds what the store holds.
     busiest = lat.sort_values("count", ascending=False).iloc[0]

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from streamlit.testing.v1 import AppTest
 
-from msae.train import TensorBatches, TrainConfig, Trainer
+from msae.config import TrainConfig
+from msae.train import TensorBatches, Trainer
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 

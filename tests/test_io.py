@@ -62,16 +62,16 @@ def rewrite_cfg(run: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize(
-    "widths, activation, architecture",
+    "widths, activation, architecture, training_architecture",
     [
-        (WIDTHS, "batchtopk", "matryoshka_batchtopk"),
-        ([64], "batchtopk", "batchtopk"),
-        ([64], "topk", "topk"),
-        ([16, 64], "relu", "standard"),
-        ([64], "jumprelu", "jumprelu"),
+        (WIDTHS, "batchtopk", "jumprelu", "matryoshka_batchtopk"),
+        ([64], "batchtopk", "jumprelu", "batchtopk"),
+        ([64], "topk", "topk", "topk"),
+        ([16, 64], "relu", "standard", "standard"),
+        ([64], "jumprelu", "jumprelu", "jumprelu"),
     ],
 )
-def test_round_trip_is_exact(tmp_path, widths, activation, architecture):
+def test_round_trip_is_exact(tmp_path, widths, activation, architecture, training_architecture):
     sae = random_sae(widths, activation)
     run = io.save_sae(sae, tmp_path / "run", cfg={"msae": {"model": "toy", "layer": 3}, "msae_version": "0.1.0"})
     loaded, cfg = io.load_sae(run)
@@ -82,6 +82,8 @@ def test_round_trip_is_exact(tmp_path, widths, activation, architecture):
     assert (loaded.d_in, loaded.widths, loaded.k, loaded.activation) == (D_IN, widths, 4, activation)
     assert not loaded.training
     assert cfg["architecture"] == architecture
+    assert cfg["metadata"]["training_architecture"] == training_architecture
+    assert cfg["metadata"]["sae_lens_version"] == io.SAE_LENS_LAYOUT
     assert cfg["d_in"] == D_IN and cfg["d_sae"] == 64 and cfg["k"] == 4
     assert cfg["matryoshka_widths"] == widths and cfg["dtype"] == "float32" and cfg["device"] == "cpu"
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
@@ -311,7 +313,7 @@ def test_dictionary_learning_batchtopk(tmp_path):
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(sae, name), t[name]), name
     assert (sae.activation, sae.widths, sae.k, sae.threshold.item()) == ("batchtopk", [D_SAE], 4, pytest.approx(0.3))
-    assert cfg["architecture"] == "batchtopk" and cfg["dictionary_learning"]["trainer"]["dict_class"] == "BatchTopKSAE"
+    assert io.training_architecture(cfg) == "batchtopk" and cfg["dictionary_learning"]["trainer"]["dict_class"] == "BatchTopKSAE"
     x = inputs()
     expected = jumprelu_ref(x, t["W_enc"], t["b_enc"], t["b_dec"], 0.3)
     assert (expected > 0).any() and (expected == 0).any()
@@ -330,7 +332,7 @@ def test_dictionary_learning_matryoshka(tmp_path):
     sae, cfg = io.load_sae(run / "ae.pt")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(sae, name), t[name]), name
-    assert (sae.widths, sae.k, cfg["architecture"]) == ([8, 24, 64], 4, "matryoshka_batchtopk")
+    assert (sae.widths, sae.k, io.training_architecture(cfg)) == ([8, 24, 64], 4, "matryoshka_batchtopk")
     x = inputs()
     torch.testing.assert_close(sae.encode(x), jumprelu_ref(x, t["W_enc"], t["b_enc"], t["b_dec"], 0.2))
 
@@ -448,9 +450,10 @@ def test_sae_lens_v6_matryoshka_saved_for_inference(tmp_path):
     t["threshold"] = torch.full((D_SAE,), 0.3)
     sae, cfg = io.load_sae(write_sae_lens(tmp_path / "sl", V6_MATRYOSHKA_INFERENCE, t))
     for name, tensor in t.items():
-        assert torch.equal(getattr(sae, name), tensor), name
-    assert (sae.activation, sae.widths, sae.k) == ("jumprelu", [16, 64], 4)
-    assert cfg == V6_MATRYOSHKA_INFERENCE
+        assert torch.equal(getattr(sae, name), tensor[0] if name == "threshold" else tensor), name
+    # Read back as the BatchTopK SAE it was trained as: one θ, nested widths from the metadata.
+    assert (sae.activation, sae.widths, sae.k, sae.threshold.dim()) == ("batchtopk", [16, 64], 4, 0)
+    assert cfg == V6_MATRYOSHKA_INFERENCE and io.training_architecture(cfg) == "matryoshka_batchtopk"
     x = inputs()
     torch.testing.assert_close(sae.encode(x), jumprelu_ref(x, t["W_enc"], t["b_enc"], t["b_dec"], t["threshold"]))
 

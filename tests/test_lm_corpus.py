@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 
 from msae import corpus as corpus_mod
-from msae.activations import CachedActivations, ExtractConfig, extract, read_manifest
+from msae.activations import CachedActivations, extract, read_manifest
+from msae.config import ExtractConfig
 from msae.cli import main as cli_main
 from msae.corpus import CorpusError, file_documents, strip_wiki_markup
-from msae.io import load_sae
+from msae.io import load_sae, sha256_file
 from msae.lm import decoder_layers, load_lm, residual_after
 
 
@@ -220,7 +221,10 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
         info = cfg["msae"]["extraction"]
         assert info["model"] == "smollm2-135m" and info["layer"] == 3
         assert info["exhausted"] and 0 < info["rows"] < 600, "the tiny corpus runs out before 600 tokens"
-        assert info["corpus"].startswith("file:")
+        assert info["corpus"] == {"kind": "file", "sources": [],
+                                  "file": {"path": str(text_file), "sha256": sha256_file(text_file)}}
+        assert str(tmp_path / "cache") not in json.dumps(cfg), "the cache is recorded by its id, not this machine's path"
+        assert info["cache_id"] in {p.name for p in (tmp_path / "cache").iterdir()}
     lines = (tmp_path / "run" / "matryoshka" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 12
     held = json.loads((tmp_path / "run" / "matryoshka" / "eval.json").read_text())

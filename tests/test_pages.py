@@ -6,28 +6,36 @@ import html
 import json
 import re
 import shutil
-import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
-from streamlit.testing.v1 import AppTest
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest, app_test
 
-from msae import io, jobs, views
-from msae.activations import ExtractConfig, extract
-from msae.analysis.analyze import AnalyzeConfig, analyze, load_store
+from explorer import loaders, state
+from explorer.figures import TOY_ROWS, node_id, plot_text
+from explorer.html import escape_token, tokens_html
+from msae import io, jobs
+from msae.activations import extract
+from msae.analysis import tables
+from msae.analysis.analyze import analyze
+from msae.analysis.store import load_store
+from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, TrainConfig, to_flags
 from msae.analysis.inference import text_latents
+from msae.analysis.tree import hierarchy_nodes, largest_trees, subtree
 from msae.lm import DEFAULT_MODEL
-from msae.runs import find_runs
+from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
+from msae.run import Run, find_runs
 from msae.sae import SAE
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
 ASSETS = REPO / "assets" / "default"
-sys.path.insert(0, str(REPO))
-import explorer  # noqa: E402  (the app's own module, beside app.py)
 
 TEXT = [
     "The cat sat on the mat while the dog slept by the door. Cats and dogs are common pets in many homes.",
@@ -40,7 +48,7 @@ TEXT = [
 @pytest.fixture(scope="module")
 def lm():
     # The app's own cached loader, so the pages under test reuse this model instead of loading a second one.
-    return explorer._lm(DEFAULT_MODEL)
+    return loaders._lm(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,27 @@ def html_of(at: AppTest) -> str:
     return "\n".join(h.proto.body for h in at.get("html"))
 
 
+@pytest.fixture
+def media(monkeypatch) -> list[MemoryMediaFileStorage]:
+    """The media storage of every AppTest run in the test, in order. AppTest gives each run its own and drops it
+    when the run ends; keeping them lets a test read the file a download button serves."""
+    kept = []
+
+    class Kept(MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept.append(self)
+
+    monkeypatch.setattr(app_test, "MemoryMediaFileStorage", Kept)
+    return kept
+
+
+def downloaded(at: AppTest, key: str, media: list[MemoryMediaFileStorage]) -> bytes:
+    """The bytes the download button `key` of the last run serves (its URL names the file in that run's storage)."""
+    url = at.download_button(key=key).proto.url
+    return media[-1].get_file(url.rsplit("/", 1)[-1]).content
+
+
 # ---- Home -------------------------------------------------------------------------------------------------------
 
 
@@ -141,17 +170,17 @@ def test_home_summarises_the_chosen_run(env):
 def test_home_adds_an_uploaded_sae_and_refuses_bad_ones(env, tmp_path, monkeypatch):
     weights, cfg = small_sae_files(tmp_path)
     at = ok(upload(open_page(None, env["matryoshka"]), ("w.safetensors", weights), ("c.json", cfg)))
-    added = Path(explorer.write_dir()) / "uploaded" / "mine"
+    added = Path(state.write_dir()) / "uploaded" / "mine"
     assert at.session_state["run"] == str(added) and (added / io.WEIGHTS_FILE).exists()
     assert "Added" in at.success[0].value
     assert json.loads((added / io.CFG_FILE).read_text())["msae"]["extraction"] == {"model": DEFAULT_MODEL, "layer": 15}
-    assert explorer.short_name(added) in at.selectbox(key="run_picker").options
+    assert state.short_name(added) in at.selectbox(key="run_picker").options
 
     def refused(weights_file, cfg_file, match: str, name: str = "bad") -> None:
         at = upload(open_page(None, env["matryoshka"]), weights_file, cfg_file, name)
         ok(at)
         assert any(match in e.value for e in at.error), [e.value for e in at.error]
-        assert not (explorer.upload_dir() / "bad").exists()
+        assert not (state.upload_dir() / "bad").exists()
 
     refused(("w.safetensors", weights), ("c.json", b"\xff\xfe{not utf-8"), "not UTF-8")
     refused(("w.safetensors", weights), ("c.json", b""), "empty")
@@ -168,7 +197,7 @@ def test_home_adds_an_uploaded_sae_and_refuses_bad_ones(env, tmp_path, monkeypat
 
 
 def test_home_survives_a_run_with_a_broken_config(env):
-    broken = explorer.write_dir() / "broken"
+    broken = state.write_dir() / "broken"
     broken.mkdir(parents=True)
     (broken / io.CFG_FILE).write_bytes(b"\xff not json")
     (broken / io.WEIGHTS_FILE).write_bytes(b"junk")
@@ -176,9 +205,15 @@ def test_home_survives_a_run_with_a_broken_config(env):
     table = at.dataframe[0].value.set_index("run")
     assert table.loc[str(broken), "architecture"].startswith("unreadable")
     assert "cfg.json cannot be read" in at.error[0].value
-    for page in ("pages/1_Features.py", "pages/5_Prompts.py"):
-        at = ok(open_page(page, broken))
-        assert at.warning or at.error
+    # Features needs the feature store, which the broken run has not: one warning, saying how to make it.
+    at = ok(open_page("pages/1_Features.py", broken))
+    assert len(at.warning) == 1 and not at.error
+    assert at.warning[0].value.startswith(f"No feature store for this run: {broken} has not been analysed yet")
+    assert at.warning[0].value.endswith(f"run `msae analyze {broken}`")
+    # Prompts needs the SAE, whose cfg.json cannot be read: one error, naming the file and the problem.
+    at = ok(open_page("pages/5_Prompts.py", broken))
+    assert len(at.error) == 1 and not at.warning
+    assert at.error[0].value.startswith(f"This run's SAE cannot be loaded: {broken / io.CFG_FILE}: not valid JSON")
 
 
 # ---- Features ---------------------------------------------------------------------------------------------------
@@ -196,18 +231,18 @@ def test_features_dashboard_shows_one_latent_and_navigates(env):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["group"] == f"{int(row['group'])} of 4" and metrics["first width"] == f"{int(row['width']):,}"
     hist = figures(at)[0]["data"][0]
-    assert hist["x"] == pytest.approx(store.manifest["hist_edges"])
+    assert hist["x"] == pytest.approx(store.manifest.hist_edges)
     assert hist["y"][:-1] == [int(c) for c in row["hist"]]
     promoted = at.dataframe[0].value
-    assert list(promoted["promoted"]) == [views.token_label(t) for t in row["promoted"]]
+    assert list(promoted["promoted"]) == [tables.token_label(t) for t in row["promoted"]]
 
     # Top contexts: one line per stored example, every token escaped and shaded by its activation.
     body = html_of(at)
     top = store.examples_of(child, "top")
     assert body.count('class="msae-example"') == len(top) + len(store.examples_of(child, "quantile"))
     first = top.iloc[0]
-    tokens, _acts, center = views.example_tokens(first["tokens"], first["acts"], int(first["center"]), store.vocab)
-    assert views.escape_token(tokens[center]) in body and "msae-active" in body
+    tokens, _acts, center = tables.example_tokens(first["tokens"], first["acts"], int(first["center"]), store.vocab)
+    assert escape_token(tokens[center]) in body and "msae-active" in body
 
     # A parent is a link that opens it.
     parent = int(store.parents_of(child)["parent"].iat[0])
@@ -266,19 +301,19 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
     tree = figures(at)[0]["data"][0]
     assert tree["type"] == "icicle"
-    every = views.hierarchy_nodes(store.latents, store.links, store.manifest["link_config"]["threshold"])
+    every = hierarchy_nodes(store.latents, store.links, store.manifest.link_config.threshold)
     limit = at.number_input(key="tree_max").value
-    want = views.largest_trees(every, limit)  # whole trees, the largest first, while they fit
+    want = largest_trees(every, limit)  # whole trees, the largest first, while they fit
     assert len(want) <= max(limit, every.groupby("root").size().max())
-    assert sorted(tree["ids"]) == sorted(views.node_id(l) for l in want["latent"])
+    assert sorted(tree["ids"]) == sorted(node_id(l) for l in want["latent"])
     parents = dict(zip(tree["ids"], tree["parents"]))
     for node in want.itertuples():
-        assert parents[views.node_id(node.latent)] == (views.node_id(node.parent) if node.parent >= 0 else "")
+        assert parents[node_id(node.latent)] == (node_id(node.parent) if node.parent >= 0 else "")
         if node.parent >= 0:
             assert store.latents["group"].iat[node.parent] < node.group and node.score >= 0.6
     first = want.iloc[0]
-    assert tree["labels"][tree["ids"].index(views.node_id(first["latent"]))] == \
-        f"{first['latent']} {views.plot_text(first['label'], 30)}".strip()
+    assert tree["labels"][tree["ids"].index(node_id(first["latent"]))] == \
+        f"{first['latent']} {plot_text(first['label'], 30)}".strip()
 
     at.multiselect(key="tree_groups").set_value([0, 1]).run()
     assert {group for _latent, group, *_rest in figures(ok(at))[0]["data"][0]["customdata"]} <= {0, 1}
@@ -297,7 +332,7 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     node = int(inner["latent"].iat[0])
     at.selectbox(key="tree_pick").select(node).run()
     drawn = figures(ok(at))[1]["data"][-1]
-    assert sorted(drawn["customdata"]) == sorted(views.subtree(want, node)["latent"])
+    assert sorted(drawn["customdata"]) == sorted(subtree(want, node)["latent"])
     at.button(key="tree_open").click().run()
     assert ok(at).header[0].value.startswith(f"#{node}")
 
@@ -310,20 +345,22 @@ def test_hierarchy_of_a_single_width_sae_says_so(env):
 # ---- Diagnostics ------------------------------------------------------------------------------------------------
 
 
-def absorption_result(names: tuple[str, ...]) -> dict:
-    """A result in `msae.analysis.absorption.measure`'s shape."""
+def absorption_result(names: tuple[str, ...]) -> AbsorptionResult:
+    """A hand-made result of `msae.analysis.absorption.measure`."""
     letters = "abc"
     saes = {}
     for i, name in enumerate(names):
-        rows = [{"letter": l, "probe_f1": 0.9, "mean_absorption_fraction": 0.1 * (i + 1) + 0.01 * j,
-                 "full_absorption_rate": 0.05 * (i + 1), "main_latents": [j], "used": l != "c"}
+        rows = [LetterAbsorption(letter=l, probe_f1=0.9, n_test_words=33, n_probe_true_positives=30, main_latents=[j],
+                                 main_groups=[0], k_sparse_f1=[0.8], main_f1=0.8,
+                                 absorption_fraction=0.1 * (i + 1) + 0.01 * j, full_absorption_rate=0.05 * (i + 1),
+                                 n_full_absorption=1, used=l != "c")
                 for j, l in enumerate(letters)]
-        used = [r for r in rows if r["used"]]
-        saes[name] = {"mean": {"absorption_fraction": sum(r["mean_absorption_fraction"] for r in used) / len(used),
-                               "full_absorption_rate": 0.05 * (i + 1), "n_main_latents": 1.0, "main_f1": 0.8,
-                               "n_letters": len(used), "letters": "ab"},
-                      "letters": rows}
-    return {"model": DEFAULT_MODEL, "layer": 15, "n_test_words": 99, "probe_f1": {l: 0.9 for l in letters}, "saes": saes}
+        used = [r for r in rows if r.used]
+        saes[name] = SAEAbsorption(AbsorptionMean(
+            absorption_fraction=sum(r.absorption_fraction for r in used) / len(used), full_absorption_rate=0.05 * (i + 1),
+            n_main_latents=1.0, main_f1=0.8, n_letters=len(used), letters="ab"), rows)
+    return AbsorptionResult(model=DEFAULT_MODEL, layer=15, config=AbsorptionConfig(), n_words=495, n_test_words=99,
+                            probe_f1={l: 0.9 for l in letters}, saes=saes)
 
 
 def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
@@ -332,7 +369,7 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
     assert "has not been measured" in at.info[0].value
 
     result = absorption_result(("matryoshka", "vanilla"))
-    (run / "absorption.json").write_text(json.dumps(result))
+    Run(run).write_absorption(result)
     try:
         at = ok(open_page("pages/3_Diagnostics.py", run))
         absorption, splitting, fvu_l0 = figures(at)[:3]
@@ -351,23 +388,23 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
 
     manifest = load_store(run).manifest
     by_name = {t["name"]: t for t in splitting["data"]}
-    assert by_name["cos ≥ 0.5"]["y"][: len(manifest["splitting"])] == pytest.approx(
-        [v["0.5"] for v in manifest["splitting"].values()])
-    assert by_name["cos ≥ 0.5"]["y"][-1] == pytest.approx(manifest["against"]["vanilla"]["split_share_decoder"]["0.5"])
+    assert by_name["cos ≥ 0.5"]["y"][: len(manifest.splitting)] == pytest.approx(
+        [v["0.5"] for v in manifest.splitting.values()])
+    assert by_name["cos ≥ 0.5"]["y"][-1] == pytest.approx(manifest.against["vanilla"].split_share_decoder["0.5"])
     lines = {t["name"]: t for t in fvu_l0["data"]}
-    assert lines["matryoshka"]["x"] == pytest.approx(manifest["l0_per_width"])
+    assert lines["matryoshka"]["x"] == pytest.approx(manifest.l0_per_width)
     assert lines["matryoshka"]["y"] == pytest.approx(json.loads((run / "eval.json").read_text())["fvu"])
     assert len(lines["vanilla"]["x"]) == 1
 
     shipped = json.loads((REPO / "assets" / "toy" / "nabeshima.json").read_text())
     shown = figures(at)[-1]  # the shipped toy result, without training
-    assert shown["data"][0]["y"] == pytest.approx([shipped["vanilla"][k] for k in views.TOY_ROWS], nan_ok=True)
+    assert shown["data"][0]["y"] == pytest.approx([shipped["vanilla"][k] for k in TOY_ROWS], nan_ok=True)
     at.number_input(key="toy_steps").set_value(60).run()
     at.button(key="toy_run").click().run()
     assert "trained here" in at.caption[-1].value
     toy_fig = figures(ok(at))[-1]
     assert [t["name"] for t in toy_fig["data"]] == ["vanilla", "matryoshka"]
-    assert toy_fig["data"][0]["x"] == list(views.TOY_ROWS)
+    assert toy_fig["data"][0]["x"] == list(TOY_ROWS)
     assert "parent absorption" in at.code[0].value
 
 
@@ -383,7 +420,7 @@ def test_compare_runs_one_text_through_both_saes(env, lm):
     saes = [io.load_sae(env[n], dtype=torch.float32)[0].eval() for n in ("matryoshka", "vanilla")]
     want = text_latents(lm, saes, 15, text)
     per_token, matched, only_a, only_b = (d.value for d in at.dataframe)
-    assert list(per_token["token"]) == [views.token_label(t) for t in want.tokens]
+    assert list(per_token["token"]) == [tables.token_label(t) for t in want.tokens]
     assert "<" in "".join(per_token["token"])  # markup is plain text in a table
     counts = want.latents[0].groupby("token").size()
     assert list(per_token["matryoshka active"]) == [int(counts.get(i, 0)) for i in range(len(want.tokens))]
@@ -398,7 +435,7 @@ def test_compare_runs_one_text_through_both_saes(env, lm):
 # ---- Prompts ----------------------------------------------------------------------------------------------------
 
 
-def test_prompts_highlight_heatmap_paths_and_csv(env, lm):
+def test_prompts_highlight_heatmap_paths_and_csv(env, lm, media):
     at = ok(open_page("pages/5_Prompts.py", env["matryoshka"]))
     text = "Hello <b>x</b> and <script>alert('x')</script> in Vienna."
     at.text_area(key="prompt_text").input(text).run()
@@ -417,8 +454,18 @@ def test_prompts_highlight_heatmap_paths_and_csv(env, lm):
     paths = at.dataframe[1].value
     assert list(paths["latent"]) == list(top["latent"]) and paths["path"].str.contains("›|#").all()
 
-    csv = at.get("download_button")[0]
-    assert csv.proto.label.startswith("Download")
+    # The CSV holds every (token, active latent) of the prompt, with the token's text and the latent's label.
+    csv = pd.read_csv(BytesIO(downloaded(at, "prompt_csv", media)), dtype={"token": str, "label": str},
+                      keep_default_na=False)
+    assert list(csv.columns) == ["prompt", "position", "token", "latent", "act", "label"]
+    active = want.latents[0]
+    assert len(csv) == len(active) and (csv["prompt"] == 0).all()
+    assert list(csv["position"]) == active["token"].astype(int).tolist()
+    assert list(csv["latent"]) == active["latent"].astype(int).tolist()
+    assert list(csv["token"]) == [want.tokens[p] for p in csv["position"]]
+    assert csv["act"].to_numpy() == pytest.approx(active["act"].to_numpy(), rel=1e-4, abs=1e-5)
+    labels = load_store(env["matryoshka"]).latents["label"]
+    assert list(csv["label"]) == [labels.iat[l] for l in csv["latent"]]
 
 
 def test_prompts_from_files_and_bad_files(env):
@@ -480,16 +527,16 @@ def test_train_runs_in_the_background_and_the_runs_appear(env, acts_file):
     at = ok(open_page("pages/6_Train.py", env["matryoshka"]))
     fill_training(at, "toy", acts_file, steps=40, checkpoint_every=20).button(key="train_start").click().run()
     ok(at)
-    out = explorer.write_dir() / "toy"
+    out = state.write_dir() / "toy"
     assert at.session_state["job"] == str(out)
     status = wait(out, lambda s: not s.running)
     assert status.state == "finished", jobs.log_tail(out)
     at.run()
     fig = figures(ok(at))
     assert [t["name"] for t in fig[0]["data"]] == ["width 8", "width 32"]
-    assert fig[0]["data"][1]["y"] == [m["fvu"][1] for m in jobs.metrics(out)["matryoshka"]]
+    assert fig[0]["data"][1]["y"] == [m.fvu[1] for m in jobs.metrics(out)["matryoshka"]]
     assert "finished" in at.markdown[0].value
-    assert {out / "matryoshka", out / "vanilla"} <= set(find_runs(explorer.write_dir()))
+    assert {out / "matryoshka", out / "vanilla"} <= set(find_runs(state.write_dir()))
 
     at = ok(open_page("pages/6_Train.py", env["matryoshka"]))  # a new session finds the job again
     assert at.selectbox(key="job").value == str(out)
@@ -504,34 +551,34 @@ def test_train_runs_in_the_background_and_the_runs_appear(env, acts_file):
 def test_train_stops_and_resumes(env, acts_file):
     at = ok(open_page("pages/6_Train.py", env["matryoshka"]))
     fill_training(at, "long", acts_file, steps=1_000_000, checkpoint_every=50).button(key="train_start").click().run()
-    out = explorer.write_dir() / "long"
-    wait(out, lambda s: s.resumable and max((m[-1]["step"] for m in jobs.metrics(out).values() if m), default=0) >= 60)
+    out = state.write_dir() / "long"
+    wait(out, lambda s: s.resumable and max((m[-1].step for m in jobs.metrics(out).values() if m), default=0) >= 60)
     at.run()
     at.button(key="job_stop").click().run()
     status = wait(out, lambda s: not s.running, timeout=30)
     assert status.state == "stopped" and status.resumable
     ok(at)
-    done = max(m[-1]["step"] for m in jobs.metrics(out).values())
+    done = max(m[-1].step for m in jobs.metrics(out).values())
     at.number_input(key=f"job_steps_{out}").set_value(done + 10).run()
     at.button(key="job_resume").click().run()
     status = wait(out, lambda s: not s.running)
     assert status.state == "finished", jobs.log_tail(out)
-    assert max(m[-1]["step"] for m in jobs.metrics(out).values()) == done + 10
+    assert max(m[-1].step for m in jobs.metrics(out).values()) == done + 10
     assert "--resume" in json.loads((out / jobs.JOB_FILE).read_text())["command"]
 
 
-# ---- views and jobs without the app ------------------------------------------------------------------------------
+# ---- tables, trees, HTML and jobs without the app ----------------------------------------------------------------
 
 
 def test_tokens_html_escapes_and_shades():
-    out = views.tokens_html(["<script>", " a&b", "\n"], [1.0, 0.5, 0.0], titles=['"x"', "", ""])
+    out = tokens_html(["<script>", " a&b", "\n"], [1.0, 0.5, 0.0], titles=['"x"', "", ""])
     assert "<script>" not in out and "&lt;script&gt;" in out and "a&amp;b" in out and "↵" in out
     assert "rgba(255, 140, 0, 1.00)" in out and "rgba(255, 140, 0, 0.50)" in out and 'title="&quot;x&quot;"' in out
 
 
 def test_hierarchy_nodes_build_a_forest_within_the_filters(pair):
     store = load_store(pair["matryoshka"])
-    nodes = views.hierarchy_nodes(store.latents, store.links, 0.3, groups=[0, 1, 2], min_freq=0.001)
+    nodes = hierarchy_nodes(store.latents, store.links, 0.3, groups=[0, 1, 2], min_freq=0.001)
     assert nodes["latent"].is_unique and (nodes["group"] <= 2).all() and (nodes["freq"] >= 0.001).all()
     info = nodes.set_index("latent")
     for node in nodes[nodes["parent"] >= 0].itertuples():
@@ -539,14 +586,19 @@ def test_hierarchy_nodes_build_a_forest_within_the_filters(pair):
         assert node.depth == info.at[node.parent, "depth"] + 1 and node.root == info.at[node.parent, "root"]
     roots = nodes[nodes["parent"] < 0]
     assert (roots["descendants"] + 1).sum() == len(nodes)
-    kept = views.largest_trees(nodes, 50)
+    kept = largest_trees(nodes, 50)
     assert set(kept["root"]) == set(kept.loc[kept["parent"] < 0, "latent"])  # whole trees only
     top = int(roots.sort_values("descendants").iloc[-1]["latent"])
-    assert len(views.subtree(nodes, top)) == int(info.at[top, "descendants"]) + 1
+    assert len(subtree(nodes, top)) == int(info.at[top, "descendants"]) + 1
+    # A branch's subtree starts at the branch: it becomes a root of depth 0, the nodes under it keep their places.
+    branch = int(nodes[(nodes["parent"] >= 0) & (nodes["descendants"] > 0)]["latent"].iat[0])
+    below = subtree(nodes, branch).set_index("latent")
+    assert below.at[branch, "parent"] == -1 and below.at[branch, "depth"] == 0
+    assert (below["depth"] == info.loc[below.index, "depth"] - info.at[branch, "depth"]).all()
 
 
 def test_log_tail_keeps_the_last_progress_redraw(tmp_path):
     (tmp_path / jobs.LOG_FILE).write_text("start\n 10%|#  \r 50%|##  \r 90%|### \nend\n")
     assert jobs.log_tail(tmp_path) == "start\n 90%|### \nend"
-    assert jobs.train_flags({"widths": (8, 32), "also_vanilla": False, "lr": None, "k": 4}) == [
-        "--widths", "8,32", "--no-also-vanilla", "--k", "4"]
+    assert to_flags(TrainConfig(widths=(8, 32), also_vanilla=True, lr=None, k=4)) == [
+        "--widths", "8,32", "--k", "4", "--also-vanilla"]

@@ -9,6 +9,7 @@ import torch
 
 from msae import toy
 from msae.cli import main as cli_main
+from msae.results import ToyResult
 from msae.sae import SAE
 
 N = 200_000
@@ -84,14 +85,14 @@ def test_a_perfect_sae_scores_no_absorption():
     # rounding-error firings in between.
     sae = relu_sae(2 * t.directions.t(), -torch.ones(t.n_features), t.directions)
     m = toy.evaluate(sae, t, acts, present)
-    assert m["parent_absorption"] == 0.0
-    assert m["parent_fires_alone"] == 1.0
-    assert m["parent_cosine"] == pytest.approx(1.0) and m["child_cosine"] == pytest.approx(1.0)
-    assert m["child_fire_rate"] == 1.0
-    assert m["fvu"] == pytest.approx(0.0, abs=1e-10)
-    assert m["l0"] == pytest.approx(present.sum().item() / present.shape[0])
-    assert m["dead_latents"] == 0
-    assert m["per_feature"]["latent"] == list(range(t.n_features))
+    assert m.parent_absorption == 0.0
+    assert m.parent_fires_alone == 1.0
+    assert m.parent_cosine == pytest.approx(1.0) and m.child_cosine == pytest.approx(1.0)
+    assert m.child_fire_rate == 1.0
+    assert m.fvu == pytest.approx(0.0, abs=1e-10)
+    assert m.l0 == pytest.approx(present.sum().item() / present.shape[0])
+    assert m.dead_latents == 0
+    assert m.per_feature["latent"] == list(range(t.n_features))
 
 
 def test_an_absorbing_sae_scores_full_absorption():
@@ -114,13 +115,13 @@ def test_an_absorbing_sae_scores_full_absorption():
     W_dec = torch.cat([W_dec, d[:1]])
     b_enc[-1] = -1.0
     m = toy.evaluate(relu_sae(W_enc, b_enc, W_dec), t, acts, present)
-    assert m["parent_absorption"] == 1.0
-    assert m["per_parent"]["absorption"] == [1.0, 1.0, 1.0]
-    assert m["parent_fires_alone"] == 1.0
-    assert m["child_cosine"] == pytest.approx(1 / math.sqrt(2), abs=1e-5)
-    assert m["child_fire_rate"] == 1.0
-    assert m["fvu"] == pytest.approx(0.0, abs=1e-10)
-    assert m["dead_latents"] == 1
+    assert m.parent_absorption == 1.0
+    assert m.per_parent["absorption"] == [1.0, 1.0, 1.0]
+    assert m.parent_fires_alone == 1.0
+    assert m.child_cosine == pytest.approx(1 / math.sqrt(2), abs=1e-5)
+    assert m.child_fire_rate == 1.0
+    assert m.fvu == pytest.approx(0.0, abs=1e-10)
+    assert m.dead_latents == 1
 
 
 def test_matryoshka_absorbs_less_than_vanilla_on_nabeshima():
@@ -128,10 +129,10 @@ def test_matryoshka_absorbs_less_than_vanilla_on_nabeshima():
     Matryoshka, seeds 0-4: 0.547/0.113, 0.550/0.107, 0.777/0.334, 0.415/0.108, 0.566/0.224; the smallest gap
     is 0.31, the largest Matryoshka figure 0.33, the smallest vanilla one 0.42."""
     result = toy.compare(toy.nabeshima(seed=0), seed=0, steps=800)
-    vanilla, matryoshka = result["vanilla"]["parent_absorption"], result["matryoshka"]["parent_absorption"]
+    vanilla, matryoshka = result.vanilla.parent_absorption, result.matryoshka.parent_absorption
     assert vanilla - matryoshka > 0.2, (vanilla, matryoshka)
     assert vanilla > 0.35 and matryoshka < 0.4
-    assert result["matryoshka"]["parent_fires_alone"] > 0.95
+    assert result.matryoshka.parent_fires_alone > 0.95
 
 
 def test_cli_toy_json_end_to_end(tmp_path, capsys):
@@ -144,6 +145,6 @@ def test_cli_toy_json_end_to_end(tmp_path, capsys):
     for name in ("vanilla", "matryoshka"):
         assert {key for key, _ in toy.TABLE_ROWS} <= result[name].keys()
         assert (out / name / "cfg.json").exists()
-    table = toy.format_table(result)
+    table = toy.format_table(ToyResult.from_json(result))
     assert table.splitlines()[0].split() == ["vanilla", "matryoshka"]
     assert "parent absorption" in table

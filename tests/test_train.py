@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from msae import io
 from msae.cli import main as cli_main
 from msae.sae import SAE
-from msae.train import TensorBatches, TrainConfig, Trainer, TrainingError, geometric_median, lr_at
+from msae.config import TrainConfig
+from msae.train import TensorBatches, Trainer, TrainingError, geometric_median, lr_at
 
 D_IN = 16
 

@@ -16,7 +16,7 @@ The steps, each a function:
 5. `word_absorption` / `absorption`: on the test words the probe classifies correctly as the letter, the
    absorption fraction and full absorption of each word, averaged per letter, then over the letters whose probe
    F1 exceeds 0.6 (DESIGN.md §3).
-`measure` runs the steps once for several SAEs on the same word activations; `write` saves absorption.json.
+`measure` runs the steps once for several SAEs on the same word activations (msae.run saves the result).
 
 Definitions, per word x with SAE latents a (u = the letter's unit probe direction, d_i = decoder row i):
 - projection of latent i: p_i = a_i (d_i . u), its share of the reconstruction along the probe. SAEBench writes
@@ -46,72 +46,33 @@ The word activations (about 53k tokens through half the model) take most of the 
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from msae.io import atomic_write_text, check_fits, load_sae, run_source
+from msae.activations import pad_batch
+from msae.analysis.stream import encode_rows
+from msae.config import LETTERS, AbsorptionConfig
+from msae.io import check_fits
 from msae.lm import DEFAULT_MODEL, LoadedLM, load_lm, residual_after
+from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption, mean_or_none
+from msae.run import Run
 from msae.sae import SAE
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPT_LINE = "{word} has the first letter: {letter}\n"
 """One solved in-context example. A prompt ends with the word token itself: SAEBench reads the same position in
 "<examples> word has the first letter:", and a causal model's later tokens cannot change it."""
-RESULT_FILE = "absorption.json"
 
 Progress = Callable[[str], None]
 
 
 class AbsorptionError(ValueError):
     """Absorption cannot be measured; the message says why."""
-
-
-@dataclass
-class AbsorptionConfig:
-    """Every size and threshold of the measurement."""
-
-    letters: str = LETTERS
-    """First letters to probe (a subset for quick runs)."""
-    per_letter: int | None = 128
-    """At most this many words a letter (a seeded sample); None keeps all."""
-    min_chars: int = 2
-    """Shortest word, in letters."""
-    icl_examples: int = 2
-    """Solved examples before the word in each prompt (SAEBench: 10)."""
-    batch: int = 64
-    """Prompts per forward pass."""
-    test_fraction: float = 0.2
-    """Share of each letter's words held out for F1 and absorption."""
-    seed: int = 0
-    """Seeds the word sample, the in-context examples and the split."""
-    probe_l2: float = 1e-4
-    """L2 penalty of the letter probes (on activations divided by their RMS norm) and k-sparse probes."""
-    probe_steps: int = 200
-    """L-BFGS iterations per probe fit."""
-    max_k: int = 10
-    """Largest k of the k-sparse probes."""
-    f1_jump: float = 0.03
-    """A further latent joins the main set while k-sparse F1 rises by more than this."""
-    cos_threshold: float = 0.1
-    """Smallest decoder cosine with the probe for an absorbing latent (absorption fraction)."""
-    max_absorbers: int = 3
-    """Absorbing latents counted per word (absorption fraction)."""
-    projection_threshold: float = 0.4
-    """Smallest share of the probe projection the absorbers must carry (both measures)."""
-    full_cos_threshold: float = 0.025
-    """Smallest decoder cosine with the probe of the single absorbing latent (full absorption)."""
-    silent: float = 1e-8
-    """A main latent at or below this activation counts as silent (full absorption)."""
-    min_probe_f1: float = 0.6
-    """Letters whose probe test F1 is at or below this are left out of the means."""
 
 
 class LetterWords(NamedTuple):
@@ -225,11 +186,7 @@ def word_activations(
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         lengths = torch.tensor([len(p) for p in chunk])
-        ids = torch.full((len(chunk), int(lengths.max())), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, : len(p)] = torch.tensor(p)
-            mask[row, : len(p)] = 1
+        ids, mask = pad_batch(chunk, int(lengths.max()), pad)
         resid = residual_after(lm, ids, mask, layer)  # (B, T, d_model)
         rows = torch.arange(len(chunk), device=resid.device)
         out[start : start + len(chunk)] = resid[rows, lengths.to(resid.device) - 1].float().cpu()
@@ -417,20 +374,15 @@ def word_absorption(
 def encode(sae: SAE, acts: Tensor, batch: int = 1024) -> Tensor:
     """(N, d_sae) dense latents of `acts`, in chunks."""
     sae.eval()
-    dtype, device = sae.W_enc.dtype, sae.W_enc.device
-    return torch.cat([sae.encode(chunk.to(device, dtype)).float().cpu() for chunk in acts.split(batch)])
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return encode_rows(sae, acts, batch).dense()
 
 
 @torch.no_grad()
 def absorption(
     sae: SAE, acts: Tensor, labels: Tensor, probes: LetterProbes, config: AbsorptionConfig | None = None
-) -> dict:
-    """k-sparse probing and absorption of one SAE on word activations: a JSON-able dict with a row per letter
-    ("letters") and the means over letters whose probe F1 exceeds `min_probe_f1` ("mean")."""
+) -> SAEAbsorption:
+    """k-sparse probing and absorption of one SAE on word activations: a row per letter and the means over
+    letters whose probe F1 exceeds `min_probe_f1`."""
     cfg = config or AbsorptionConfig()
     check_fits(sae, acts.shape[1], "the word activations")
     usable = probes.f1 > cfg.min_probe_f1
@@ -455,34 +407,32 @@ def absorption(
         fraction, full = word_absorption(latents[test][right], acts[test][right].float() @ probes.directions[l],
                                          decoder_proj[:, l], decoder_cos[:, l], main, cfg)
         n_right = int(right.sum())
-        rows.append({
-            "letter": LETTERS[letter],
-            "probe_f1": probes.f1[l].item(),
-            "n_test_words": int((labels[test] == letter).sum()),
-            "n_probe_true_positives": n_right,
-            "main_latents": main.tolist(),
-            "main_groups": sae.group_of(main.to(sae.W_dec.device)).tolist(),
-            "k_sparse_f1": sparse.f1[l].tolist(),
-            "main_f1": sparse.f1[l, sparse.n_main[l] - 1].item(),
-            "mean_absorption_fraction": fraction.mean().item() if n_right else None,
-            "full_absorption_rate": full.float().mean().item() if n_right else None,
-            "n_full_absorption": int(full.sum()),
-            "used": bool(usable[l]) and n_right > 0,
-        })
-    used = [r for r in rows if r["used"]]
+        rows.append(LetterAbsorption(
+            letter=LETTERS[letter],
+            probe_f1=probes.f1[l].item(),
+            n_test_words=int((labels[test] == letter).sum()),
+            n_probe_true_positives=n_right,
+            main_latents=main.tolist(),
+            main_groups=sae.group_of(main.to(sae.W_dec.device)).tolist(),
+            k_sparse_f1=sparse.f1[l].tolist(),
+            main_f1=sparse.f1[l, sparse.n_main[l] - 1].item(),
+            absorption_fraction=fraction.mean().item() if n_right else None,
+            full_absorption_rate=full.float().mean().item() if n_right else None,
+            n_full_absorption=int(full.sum()),
+            used=bool(usable[l]) and n_right > 0,
+        ))
+    used = [r for r in rows if r.used]
     if not used:
         raise AbsorptionError(f"no letter with probe F1 > {cfg.min_probe_f1} has a correctly probed test word")
-    return {
-        "mean": {
-            "absorption_fraction": _mean([r["mean_absorption_fraction"] for r in used]),
-            "full_absorption_rate": _mean([r["full_absorption_rate"] for r in used]),
-            "n_main_latents": _mean([len(r["main_latents"]) for r in used]),
-            "main_f1": _mean([r["main_f1"] for r in used]),
-            "n_letters": len(used),
-            "letters": "".join(r["letter"] for r in used),
-        },
-        "letters": rows,
-    }
+    mean = AbsorptionMean(
+        absorption_fraction=mean_or_none([r.absorption_fraction for r in used]),
+        full_absorption_rate=mean_or_none([r.full_absorption_rate for r in used]),
+        n_main_latents=mean_or_none([len(r.main_latents) for r in used]),
+        main_f1=mean_or_none([r.main_f1 for r in used]),
+        n_letters=len(used),
+        letters="".join(r.letter for r in used),
+    )
+    return SAEAbsorption(mean=mean, letters=rows)
 
 
 # ------------------------------------------------------------------------------------------------- whole runs
@@ -494,21 +444,20 @@ def measure(
     config: AbsorptionConfig | None = None,
     layer: int | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> AbsorptionResult:
     """Absorption of several SAEs (name -> run dir) from one set of word activations and letter probes.
 
     The layer is `layer`, else the one the runs record (they must agree); the model is `lm`, else the one the
-    first run records (default: the built-in model). Returns a JSON-able dict: the settings, probe F1 per letter,
-    and `absorption`'s result for each SAE under "saes"."""
+    first run records (default: the built-in model)."""
     cfg = config or AbsorptionConfig()
     if not run_dirs:
         raise AbsorptionError("no SAE to measure")
     say = progress or (lambda _msg: None)
-    saes, cfgs = {}, {}
-    for name, run_dir in run_dirs.items():
-        saes[name], cfgs[name] = load_sae(run_dir, dtype=torch.float32)
+    runs = {name: Run(run_dir) for name, run_dir in run_dirs.items()}
+    saes = {name: run.load_sae(dtype=torch.float32) for name, run in runs.items()}
+    sources = {name: run.source() for name, run in runs.items()}
     if layer is None:
-        layers = {name: run_source(c)[1] for name, c in cfgs.items()}
+        layers = {name: source[1] for name, source in sources.items()}
         known = set(v for v in layers.values() if v is not None)
         if not known:
             raise AbsorptionError("no run records the layer it was trained on: give `layer`")
@@ -516,8 +465,7 @@ def measure(
             raise AbsorptionError(f"the runs record different layers {layers}: measure them separately")
         layer = known.pop()
     if lm is None:
-        first = next(iter(cfgs.values()))
-        lm = load_lm(((first.get("msae") or {}).get("extraction") or {}).get("model") or DEFAULT_MODEL)
+        lm = load_lm(next(iter(sources.values()))[0] or DEFAULT_MODEL)
     for name, sae in saes.items():
         check_fits(sae, lm.d_model, f"{lm.name} ({name}: {run_dirs[name]})")
 
@@ -542,23 +490,10 @@ def measure(
     results = {}
     for name, sae in saes.items():
         start = time.perf_counter()
-        results[name] = {"run_dir": str(run_dirs[name]), **absorption(sae, acts, words.labels, probes, cfg)}
+        results[name] = absorption(sae, acts, words.labels, probes, cfg)
         seconds[name] = time.perf_counter() - start
-        say(f"{name}: mean absorption fraction {results[name]['mean']['absorption_fraction']:.3f}")
-    return {
-        "model": lm.name,
-        "layer": layer,
-        "config": asdict(cfg),
-        "n_words": len(words.words),
-        "n_test_words": int(probes.is_test.sum()),
-        "probe_f1": {LETTERS[l]: f for l, f in zip(probes.letters.tolist(), probes.f1.tolist())},
-        "saes": results,
-        "seconds": seconds,
-    }
-
-
-def write(result: Mapping, run_dir: Path | str) -> Path:
-    """Save `result` as absorption.json in `run_dir`, atomically; returns the file's path."""
-    path = Path(run_dir) / RESULT_FILE
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    return path
+        say(f"{name}: mean absorption fraction {results[name].mean.absorption_fraction:.3f}")
+    return AbsorptionResult(
+        model=lm.name, layer=layer, config=cfg, n_words=len(words.words), n_test_words=int(probes.is_test.sum()),
+        probe_f1={LETTERS[l]: f for l, f in zip(probes.letters.tolist(), probes.f1.tolist())}, saes=results,
+        seconds=seconds)

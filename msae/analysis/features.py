@@ -5,35 +5,15 @@ unembedding. Built from one streaming pass (msae.analysis.stream) and written as
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from msae.config import StoreConfig
 from msae.analysis.stream import Examples, Sparse, StreamResult
 from msae.sae import SAE
-
-
-@dataclass
-class StoreConfig:
-    """How much the feature store keeps per latent."""
-
-    top_n: int = 20
-    """Top activating examples per latent."""
-    quantiles: int = 4
-    """Activation quantiles that examples are sampled from."""
-    per_quantile: int = 5
-    """Examples per quantile."""
-    window: int = 16
-    """Tokens kept on each side of an example."""
-    hist_bins: int = 40
-    """Log-spaced bins of the activation histogram (shared edges for all latents)."""
-    promoted: int = 10
-    """Tokens kept at each end of W_dec · W_U."""
-    label_tokens: int = 3
-    """Most frequent example tokens that make a latent's label."""
 
 
 def histogram_edges(vals: Tensor, bins: int) -> Tensor:

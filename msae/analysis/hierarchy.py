@@ -8,33 +8,15 @@ linked parent. Decoder cosine is reported beside the score as a second signal.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from msae.config import LinkConfig
 from msae.analysis.coact import Pairs, coactivation
 from msae.analysis.stream import Sparse
-
-
-@dataclass
-class LinkConfig:
-    """Which parent–child candidates become links and which are kept for display."""
-
-    threshold: float = 0.6
-    """A candidate whose score reaches this is a link (DESIGN.md §3)."""
-    min_cofires: int = 10
-    """A candidate is linked only if both fire together on at least this many tokens. With fewer, one strong
-    token of the child decides the cosine: any latent active there scores near 1 (on the shipped Matryoshka run,
-    children firing under 100 times got ~300 such "parents" each)."""
-    keep_per_child: int = 5
-    """Best-scoring candidates kept per child whether linked or not (the app's link-strength filter)."""
-    split_cosine: float = 0.5
-    """Decoder cosine at which a wide latent counts as a piece of a narrow one. Random unit directions in
-    d_in = 576 have cosine sd 1/√576 ≈ 0.04, so 0.5 is over 10 sd from chance, and it is low enough to catch the
-    children of a split, which share part of the parent direction (with 0.3 and 0.7 reported beside it)."""
 
 
 def unit_rows(W: Tensor) -> Tensor:
@@ -63,7 +45,7 @@ def score_pairs(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dict
     return (masked_cos * ratio).float(), masked_cos.float(), ratio.float()
 
 
-def candidate_filter(parent_stats: dict, child_stats: dict, cfg: "LinkConfig", parent_group: Tensor | None = None,
+def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, parent_group: Tensor | None = None,
                      child_group: Tensor | None = None) -> Callable[[Pairs], Tensor]:
     """The pairs links_table can use: parent in an earlier group (when groups are given), and among the child's
     `keep_per_child` best in the batch of pairs at hand or at the threshold."""
@@ -80,7 +62,7 @@ def candidate_filter(parent_stats: dict, child_stats: dict, cfg: "LinkConfig", p
     return keep
 
 
-def _is_link(score: Tensor, pairs: Pairs, cfg: "LinkConfig") -> Tensor:
+def _is_link(score: Tensor, pairs: Pairs, cfg: LinkConfig) -> Tensor:
     return (score >= cfg.threshold) & (pairs.count >= cfg.min_cofires)
 
 
@@ -189,8 +171,7 @@ def children_per_parent(links: pd.DataFrame, n_parents: int) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def decoder_neighbours(W_a: Tensor, W_b: Tensor, thresholds: tuple[float, ...], top: int = 5, chunk: int = 1024,
-                       exclude_self: bool = False) -> dict:
+def decoder_neighbours(W_a: Tensor, W_b: Tensor, thresholds: tuple[float, ...], top: int = 5, chunk: int = 1024) -> dict:
     """For every row of W_a: how many rows of W_b reach each decoder-cosine threshold, and its `top` nearest
     rows of W_b (indices, cosines)."""
     a, b = unit_rows(W_a), unit_rows(W_b)
@@ -198,9 +179,6 @@ def decoder_neighbours(W_a: Tensor, W_b: Tensor, thresholds: tuple[float, ...], 
     top_i, top_v = [], []
     for s in range(0, a.shape[0], chunk):
         cos = a[s : s + chunk] @ b.T
-        if exclude_self:
-            idx = torch.arange(s, min(s + chunk, a.shape[0]))
-            cos[idx - s, idx] = -2.0
         for t in thresholds:
             counts[t].append((cos >= t).sum(dim=1))
         v, i = cos.topk(min(top, b.shape[0]), dim=1)

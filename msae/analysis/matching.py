@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from msae.analysis.hierarchy import decoder_neighbours
+from msae.results import MatchingSummary
 
 MIN_COS = 0.5
 """Decoder cosine below which two latents are not called the same feature (see LinkConfig.split_cosine)."""
@@ -39,20 +40,23 @@ def match(W_a: Tensor, W_b: Tensor, min_cos: float = MIN_COS, top: int = 5) -> p
     return pd.DataFrame(pairs, columns=["a", "b", "cos"])
 
 
-def matching_summary(pairs: pd.DataFrame, n_a: int, n_b: int, groups_b: Tensor | None = None,
-                     alive_a: Tensor | None = None, alive_b: Tensor | None = None) -> dict:
-    """Counts of matched and unmatched latents on each side and, for a Matryoshka side b, matches per group."""
-    out = {"pairs": len(pairs), "unmatched_a": n_a - len(pairs), "unmatched_b": n_b - len(pairs),
-           "mean_cos": float(pairs["cos"].mean()) if len(pairs) else None}
+def _matched_per_group(matched: pd.Series, groups: Tensor) -> tuple[list[int], list[float]]:
+    """How many latents of each nested group have a partner, and as a share of the group."""
+    n_groups = int(groups.max()) + 1
+    hit = torch.bincount(groups[torch.tensor(matched.to_numpy(), dtype=torch.long)], minlength=n_groups)
+    size = torch.bincount(groups, minlength=n_groups)
+    return hit.tolist(), (hit.double() / size.clamp_min(1)).tolist()
+
+
+def matching_summary(pairs: pd.DataFrame, n_a: int, n_b: int, groups_a: Tensor | None = None,
+                     alive_a: Tensor | None = None, alive_b: Tensor | None = None) -> MatchingSummary:
+    """Counts of matched and unmatched latents on each side and, for a Matryoshka side a, matches per group."""
+    out = MatchingSummary(pairs=len(pairs), unmatched_a=n_a - len(pairs), unmatched_b=n_b - len(pairs),
+                          mean_cos=float(pairs["cos"].mean()) if len(pairs) else None)
     if alive_a is not None:
-        out["unmatched_a_alive"] = int(alive_a.sum()) - int(alive_a[torch.tensor(pairs["a"].to_numpy(), dtype=torch.long)].sum())
+        out.unmatched_a_alive = int(alive_a.sum()) - int(alive_a[torch.tensor(pairs["a"].to_numpy(), dtype=torch.long)].sum())
     if alive_b is not None:
-        out["unmatched_b_alive"] = int(alive_b.sum()) - int(alive_b[torch.tensor(pairs["b"].to_numpy(), dtype=torch.long)].sum())
-    if groups_b is not None:
-        g = groups_b[torch.tensor(pairs["b"].to_numpy(), dtype=torch.long)]
-        n_groups = int(groups_b.max()) + 1
-        matched = torch.bincount(g, minlength=n_groups)
-        size = torch.bincount(groups_b, minlength=n_groups)
-        out["matched_per_group"] = matched.tolist()
-        out["matched_share_per_group"] = (matched.double() / size.clamp_min(1)).tolist()
+        out.unmatched_b_alive = int(alive_b.sum()) - int(alive_b[torch.tensor(pairs["b"].to_numpy(), dtype=torch.long)].sum())
+    if groups_a is not None:
+        out.matched_per_group, out.matched_share_per_group = _matched_per_group(pairs["a"], groups_a)
     return out

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from msae.analysis.analyze import FeatureStore
+from msae.analysis.store import FeatureStore
 
 
 class SearchError(ValueError):

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import read_manifest
+from msae.activations import first_shards, read_manifest
 from msae.sae import SAE
 
 
@@ -35,10 +35,12 @@ class Sparse:
     def n_rows(self) -> int:
         return self.row_ptr.numel() - 1
 
-    def rows(self) -> Tensor:
-        """(nnz,) int64 row of every entry."""
-        counts = self.row_ptr.diff()
-        return torch.repeat_interleave(torch.arange(self.n_rows), counts)
+    def dense(self) -> Tensor:
+        """(n_rows, d_sae) float32 activations (small row counts only: probes, tests)."""
+        rows, cols, vals = self.slice_rows(0, self.n_rows)
+        out = torch.zeros(self.n_rows, self.d_sae)
+        out[rows, cols] = vals
+        return out
 
     def slice_rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rows relative to start, cols int64, vals) of rows [start, stop)."""
@@ -211,13 +213,7 @@ def _check_rows_match_contexts(path: Path, context: Tensor, position: Tensor, co
 
 def cache_shards(cache: Path, max_rows: int | None = None) -> list[dict]:
     """Every shard of the cache in order (training and held-out: the analysis describes the whole corpus)."""
-    shards, total = [], 0
-    for shard in read_manifest(cache)["shards"]:
-        if max_rows is not None and total >= max_rows:
-            break
-        shards.append(shard)
-        total += shard["rows"]
-    return shards
+    return first_shards(read_manifest(cache)["shards"], max_rows)
 
 
 @torch.no_grad()
@@ -274,15 +270,7 @@ def stream(
             too_large = acts.float().norm(dim=1) > max_norm
         skipped += int(too_large.sum())
         for i, sae in enumerate(saes):
-            dtype = sae.W_enc.dtype
-            shard_rows, shard_cols, shard_vals = [], [], []
-            for start in range(0, n_take, chunk_rows):
-                x = acts[start : start + chunk_rows].to(sae.W_enc.device, dtype)
-                e = sae.select(x)
-                shard_rows.append(e.rows.cpu() + start)
-                shard_cols.append(e.cols.cpu())
-                shard_vals.append(e.vals.float().cpu())
-            rows, cols, vals = torch.cat(shard_rows), torch.cat(shard_cols), torch.cat(shard_vals)
+            rows, cols, vals = encode_rows(sae, acts, chunk_rows).slice_rows(0, n_take)
             if too_large.any():
                 kept = ~too_large[rows]
                 rows, cols, vals = rows[kept], cols[kept], vals[kept]

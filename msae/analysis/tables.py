@@ -1,0 +1,319 @@
+"""Tables for reading results: pandas frames built from live-text latents (`inference.TextLatents`), feature
+stores, absorption results and run summaries, with tokens and latents as plain text. No markup here: the app
+lays these out as they are and downloads them as CSV.
+
+A text's latents come as a long frame, one row per active (token, latent): columns token (position), latent,
+act."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from msae.analysis.tree import ancestry
+from msae.results import AbsorptionResult, EvalResult, StoreManifest
+from msae.run import Run, RunSummary
+
+RESULT_COLUMNS = ["prompt", "position", "token", "latent", "act", "label"]
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def token_label(token: str) -> str:
+    """A token as plain text in a table: leading/trailing spaces and line breaks made visible."""
+    out = token.replace("\n", "↵").replace("\t", "⇥")
+    stripped = out.strip(" ")
+    if stripped != out:
+        lead = len(out) - len(out.lstrip(" "))
+        trail = len(out) - len(out.rstrip(" "))
+        out = "␣" * lead + stripped + "␣" * trail
+    return out or "␣"
+
+
+def latent_caption(row: Mapping) -> str:
+    """`#id label` of a store's latent row, for buttons and lists."""
+    label = str(row.get("label") or "").strip()
+    return f"#{int(row['latent'])} {label}" if label else f"#{int(row['latent'])}"
+
+
+def example_tokens(token_ids: Sequence[int], acts: Sequence[float], center: int, vocab: Sequence[str]
+                   ) -> tuple[list[str], list[float], int]:
+    """Tokens, activations and the centre's index of a stored example window (-1 marks slots outside the context)."""
+    kept = [(i, int(t), float(a)) for i, (t, a) in enumerate(zip(token_ids, acts)) if int(t) >= 0]
+    new_center = next((j for j, (i, _t, _a) in enumerate(kept) if i == center), -1)
+    return [vocab[t] for _i, t, _a in kept], [a for _i, _t, a in kept], new_center
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def labels_of(latents: pd.DataFrame | None, ids: Iterable[int]) -> list[str]:
+    """Labels of latents from a store's table ('' without one)."""
+    ids = [int(i) for i in ids]
+    if latents is None:
+        return [""] * len(ids)
+    return latents["label"].to_numpy()[ids].tolist() if ids else []
+
+
+def with_labels(table: pd.DataFrame, latents: pd.DataFrame | None, column: str = "latent") -> pd.DataFrame:
+    """`table` with a label (and group, when known) column after `column`."""
+    out = table.copy()
+    at = list(out.columns).index(column) + 1
+    out.insert(at, "label", labels_of(latents, out[column]))
+    if latents is not None and "group" in latents:
+        out.insert(at + 1, "group", latents["group"].to_numpy()[out[column].astype(int).to_numpy()])
+    return out
+
+
+def strongest(ids: Iterable[int], acts: Iterable[float], latents: pd.DataFrame | None) -> str:
+    """Latents with their activations as `#id label (act) · ...`, in the order given."""
+    ids = [int(i) for i in ids]
+    return " · ".join(f"#{l} {lab} ({a:.2f})".replace("  ", " ")
+                      for l, lab, a in zip(ids, labels_of(latents, ids), acts))
+
+
+# ------------------------------------------------------------------------------------------------ live text
+
+
+def per_token_table(tokens: Sequence[str], frame: pd.DataFrame, latents: pd.DataFrame | None, n: int = 5) -> pd.DataFrame:
+    """Per token: its text, how many latents fire on it, and the strongest `n` as `#id label (act)`."""
+    grouped = {t: g for t, g in frame.groupby("token")} if len(frame) else {}
+    rows = []
+    for i, token in enumerate(tokens):
+        g = grouped.get(i)
+        if g is None:
+            rows.append((i, token_label(token), 0, ""))
+            continue
+        top = g.nlargest(n, "act")
+        rows.append((i, token_label(token), len(g), strongest(top["latent"], top["act"], latents)))
+    return pd.DataFrame(rows, columns=["position", "token", "active", "strongest latents"])
+
+
+def latent_acts(frame: pd.DataFrame, latent: int, n_tokens: int) -> list[float]:
+    """One latent's activation on every token of a text, (n_tokens,) with 0 where it is silent."""
+    acts = [0.0] * n_tokens
+    hit = frame[frame["latent"] == latent]
+    for t, a in zip(hit["token"], hit["act"]):
+        acts[int(t)] = float(a)
+    return acts
+
+
+def prompts_overview(prompts: Sequence[str], results: Sequence, latents: pd.DataFrame | None, n: int = 5) -> pd.DataFrame:
+    """One row per prompt: its start, its token count, how many latents fire, and its strongest `n` latents."""
+    rows = []
+    for i, (prompt, r) in enumerate(zip(prompts, results)):
+        f = r.latents[0]
+        top = f.groupby("latent")["act"].max().nlargest(n) if len(f) else pd.Series(dtype=float)
+        rows.append((i, prompt[:80].replace("\n", "↵"), len(r.tokens), f["latent"].nunique() if len(f) else 0,
+                     strongest(top.index, top, latents)))
+    return pd.DataFrame(rows, columns=["prompt", "text", "tokens", "latents active", "strongest latents"])
+
+
+def results_frame(results: Sequence, latents: pd.DataFrame | None, which: int = 0) -> pd.DataFrame:
+    """Every (prompt, token, active latent) of many prompts' results in SAE `which`, for download: columns
+    RESULT_COLUMNS, prompt being the result's index."""
+    frames = []
+    for p, r in enumerate(results):
+        f = r.latents[which]
+        frames.append(pd.DataFrame({
+            "prompt": p,
+            "position": f["token"].astype(int).to_numpy(),
+            "token": [r.tokens[int(t)] for t in f["token"]],
+            "latent": f["latent"].astype(int).to_numpy(),
+            "act": f["act"].to_numpy(),
+            "label": labels_of(latents, f["latent"]),
+        }))
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def results_csv(results: Sequence, latents: pd.DataFrame | None, which: int = 0) -> bytes:
+    """`results_frame` as the CSV file a user downloads (UTF-8, no index)."""
+    return results_frame(results, latents, which).to_csv(index=False).encode()
+
+
+def paths_table(latents: pd.DataFrame, top: pd.DataFrame) -> pd.DataFrame:
+    """For each of a text's top latents, its path down the hierarchy tree (root first); ancestors that fire on the
+    text too are marked ●."""
+    active = set(top["latent"].astype(int).tolist())
+    rows = []
+    for latent in top["latent"].astype(int):
+        chain = ancestry(latents, latent)
+        steps = [f"{'●' if c in active else '○'} #{c} {latents['label'].iat[c]}".rstrip() for c in chain]
+        rows.append((latent, latents["label"].iat[latent], int(latents["group"].iat[latent]), len(chain) - 1,
+                     sum(c in active for c in chain[:-1]), "  ›  ".join(steps)))
+    return pd.DataFrame(rows, columns=["latent", "label", "group", "depth", "active ancestors", "path"])
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def side_by_side(tokens: Sequence[str], frame_a: pd.DataFrame, frame_b: pd.DataFrame, latents_a: pd.DataFrame | None,
+                 latents_b: pd.DataFrame | None, names: tuple[str, str], n: int = 4) -> pd.DataFrame:
+    """Per token, the strongest latents of SAE a and of SAE b."""
+    a = per_token_table(tokens, frame_a, latents_a, n)
+    b = per_token_table(tokens, frame_b, latents_b, n)
+    return pd.DataFrame({
+        "position": a["position"], "token": a["token"],
+        f"{names[0]} active": a["active"], f"{names[0]} latents": a["strongest latents"],
+        f"{names[1]} active": b["active"], f"{names[1]} latents": b["strongest latents"],
+    })
+
+
+def _lacking_partner(top: pd.DataFrame, partner: pd.Series, other_active: pd.Series, latents: pd.DataFrame | None,
+                     other: str) -> pd.DataFrame:
+    """The active latents of one side whose matched partner is silent on the other side, or that have none."""
+    p = top["latent"].map(partner)
+    lacking = p.isna() | ~p.isin(other_active.index)
+    out = with_labels(top[lacking][["latent", "max_act", "n_tokens"]], latents)
+    out[f"{other} partner"] = p[lacking].map(lambda v: "none" if pd.isna(v) else f"#{int(v)} (silent)").to_numpy()
+    return out.reset_index(drop=True)
+
+
+def compare_tables(top_a: pd.DataFrame, top_b: pd.DataFrame, pairs: pd.DataFrame, latents_a: pd.DataFrame | None,
+                   latents_b: pd.DataFrame | None, names: tuple[str, str]) -> dict[str, pd.DataFrame]:
+    """From the active latents of a text in SAEs a and b (`inference.top_latents`, all of them) and the decoder
+    matching (columns a, b, cos): the matched pairs with either side active, and the active latents whose
+    partner is silent or that have no partner, on each side."""
+    a_act = top_a.set_index("latent")["max_act"]
+    b_act = top_b.set_index("latent")["max_act"]
+    na, nb = names
+    hit = pairs[pairs["a"].isin(a_act.index) | pairs["b"].isin(b_act.index)]
+    matched = pd.DataFrame({
+        f"{na} latent": hit["a"].astype(int).to_numpy(),
+        f"{na} label": labels_of(latents_a, hit["a"]),
+        f"{na} max act": hit["a"].map(a_act).fillna(0.0).to_numpy(),
+        f"{nb} latent": hit["b"].astype(int).to_numpy(),
+        f"{nb} label": labels_of(latents_b, hit["b"]),
+        f"{nb} max act": hit["b"].map(b_act).fillna(0.0).to_numpy(),
+        "decoder cos": hit["cos"].to_numpy(),
+    })
+    if len(matched):
+        both = (matched[f"{na} max act"] > 0) & (matched[f"{nb} max act"] > 0)
+        matched.insert(0, "both active", both.to_numpy())
+        matched = matched.sort_values(["both active", "decoder cos"], ascending=False, ignore_index=True)
+    return {
+        "matched": matched,
+        f"only {na}": _lacking_partner(top_a, pairs.set_index("a")["b"], b_act, latents_a, nb),
+        f"only {nb}": _lacking_partner(top_b, pairs.set_index("b")["a"], a_act, latents_b, na),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one feature
+
+
+def promoted_table(latent: Mapping) -> pd.DataFrame:
+    """The tokens a latent promotes and suppresses most through the unembedding, with their logits."""
+    if "promoted" not in latent or latent["promoted"] is None:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "promoted": [token_label(t) for t in latent["promoted"]],
+        "promoted logit": [float(v) for v in latent["promoted_logits"]],
+        "suppressed": [token_label(t) for t in latent["suppressed"]],
+        "suppressed logit": [float(v) for v in latent["suppressed_logits"]],
+    })
+
+
+def relatives_table(links: pd.DataFrame | None, latents: pd.DataFrame, side: str) -> pd.DataFrame:
+    """Parents (`side` = "parent") or children ("child") of a latent from its links, with their labels."""
+    if links is None or links.empty:
+        return pd.DataFrame(columns=["latent", "label", "group", "score", "decoder_cos", "cofires"])
+    ids = links[side].astype(int).to_numpy()
+    info = latents.set_index("latent").loc[ids]
+    return pd.DataFrame({
+        "latent": ids,
+        "label": info["label"].to_numpy(),
+        "group": info["group"].to_numpy(),
+        "score": links["score"].to_numpy(),
+        "decoder_cos": links["decoder_cos"].to_numpy(),
+        "cofires": links["cofires"].to_numpy(),
+    })
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def runs_table(summaries: Sequence[RunSummary], labels: Sequence[str]) -> pd.DataFrame:
+    """One row per run, for the home page (`Run.summary` rows under their short names)."""
+    table = pd.DataFrame([dataclasses.asdict(s) for s in summaries])
+    if table.empty:
+        return table
+    table.insert(0, "name", list(labels))
+    for column, fmt in (("widths", str), ("fvu", "{:.3f}".format)):
+        table[column] = table[column].map(
+            lambda values: ", ".join(fmt(v) for v in values) if isinstance(values, (list, tuple)) else "")
+    return table
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def summary_table(info: RunSummary, heldout: EvalResult | None, manifest: StoreManifest | None) -> pd.DataFrame:
+    """The chosen run in rows: model, layer, widths, k, FVU per width (held-out when measured), L0, dead fraction."""
+    widths = list(info.widths)
+
+    def per_width(values) -> str:
+        return ", ".join(f"{w}: {v:.3f}" for w, v in zip(widths, values)) if values else "—"
+
+    rows = [
+        ("architecture", info.architecture),
+        ("model", info.model or "—"),
+        ("layer", _fmt(info.layer, "")),
+        ("d_in", info.d_in),
+        ("widths", ", ".join(str(w) for w in widths)),
+        ("k", info.k),
+        ("training steps", info.steps),
+        ("training tokens", f"{info.tokens:,}" if info.tokens else "—"),
+        ("FVU per width (last training step)", per_width(info.fvu)),
+        ("L0 (last training step)", _fmt(info.l0, ".1f")),
+    ]
+    if heldout is not None:
+        rows += [
+            ("FVU per width (held-out)", per_width(heldout.fvu)),
+            ("L0 (held-out)", _fmt(heldout.l0, ".1f")),
+            ("dead fraction (held-out)", _fmt(heldout.dead_fraction, ".3f")),
+        ]
+        if heldout.ce_loss_recovered is not None:
+            rows.append(("CE loss recovered (held-out)", f"{heldout.ce_loss_recovered:.3f}"))
+    rows.append(("dead fraction (training)", _fmt(info.dead_fraction, ".3f")))
+    if manifest is not None:
+        rows.append(("feature store", f"{manifest.rows:,} tokens analysed"))
+        rows.append(("L0 per width (feature store)", per_width(manifest.l0_per_width)))
+    else:
+        rows.append(("feature store", "none (run `msae analyze` on this run)"))
+    return pd.DataFrame(rows, columns=["", "value"]).astype({"value": str})
+
+
+def l0_fvu_point(run: Run, manifest: StoreManifest | None = None) -> dict | None:
+    """FVU (held-out if measured, else the last training step) and L0 per width of one run (name, widths, fvu,
+    l0); the nested widths' L0 comes from its feature store `manifest`, else every width gets the overall L0.
+    None when the run has no figures."""
+    heldout, metrics = run.eval(), run.metrics()
+    training = metrics[-1] if metrics else None
+    fvu = heldout.fvu if heldout is not None else training.fvu if training is not None else None
+    if not fvu:
+        return None
+    l0 = manifest.l0_per_width if manifest is not None else None
+    if not l0:
+        l0 = [heldout.l0 if heldout is not None else training.l0] * len(fvu)
+    return {"name": run.name, "widths": run.summary().widths, "fvu": list(fvu), "l0": list(l0)}
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+
+
+def absorption_table(result: AbsorptionResult) -> pd.DataFrame:
+    """The means over letters of an absorption result (`absorption.measure`), one row per SAE."""
+    rows = []
+    for name, res in result.saes.items():
+        mean = res.mean
+        rows.append({"SAE": name, "absorption fraction": mean.absorption_fraction,
+                     "full absorption rate": mean.full_absorption_rate,
+                     "main latents per letter": mean.n_main_latents, "main-latent F1": mean.main_f1,
+                     "letters used": mean.n_letters})
+    return pd.DataFrame(rows)

@@ -1,0 +1,92 @@
+"""The hierarchy as a forest for display: the tree of a store's links under filters, its largest trees, one
+subtree, and one latent's chain of parents. Node tables (one row per latent) in, node tables out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import pandas as pd
+
+NODE_COLUMNS = ["latent", "parent", "score", "label", "group", "width", "freq", "depth", "root", "descendants"]
+
+
+def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float, groups: Iterable[int] | None = None,
+                    min_freq: float = 0.0) -> pd.DataFrame:
+    """The forest of the Hierarchy page: latents of `groups` that fire on at least `min_freq` of tokens, each
+    child under its best-scoring parent among them with a link score >= `min_score`. Latents in no such link
+    are left out. Columns: NODE_COLUMNS (parent -1: a root). Parents always sit in earlier groups than their
+    children, so the result is a forest."""
+    keep = latents[latents["count"] > 0]
+    if groups is not None:
+        keep = keep[keep["group"].isin(list(groups))]
+    keep = keep[keep["freq"] >= min_freq]
+    ids = set(keep["latent"].tolist())
+    cand = links[(links["score"] >= min_score) & links["parent"].isin(ids) & links["child"].isin(ids)]
+    best = cand.sort_values(["score", "parent"], ascending=[False, True]).drop_duplicates("child").set_index("child")
+    in_tree = set(best.index.tolist()) | set(best["parent"].tolist())
+    nodes = keep[keep["latent"].isin(in_tree)][["latent", "label", "group", "width", "freq"]].copy()
+    nodes["parent"] = nodes["latent"].map(best["parent"]).fillna(-1).astype(int)
+    nodes["score"] = nodes["latent"].map(best["score"]).astype(float)
+    # Sorted by group, every parent comes before its children: one pass down sets depth and root, one pass up
+    # counts descendants.
+    nodes = nodes.sort_values(["group", "latent"], ignore_index=True)
+    depth, root = {}, {}
+    for latent, parent in zip(nodes["latent"].tolist(), nodes["parent"].tolist()):
+        depth[latent] = 0 if parent < 0 else depth[parent] + 1
+        root[latent] = latent if parent < 0 else root[parent]
+    below = defaultdict(int)
+    for latent, parent in zip(reversed(nodes["latent"].tolist()), reversed(nodes["parent"].tolist())):
+        if parent >= 0:
+            below[parent] += below[latent] + 1
+    nodes["depth"] = nodes["latent"].map(depth)
+    nodes["root"] = nodes["latent"].map(root)
+    nodes["descendants"] = nodes["latent"].map(lambda l: below[l]).astype(int)
+    return nodes[NODE_COLUMNS]
+
+
+def largest_trees(nodes: pd.DataFrame, max_nodes: int) -> pd.DataFrame:
+    """Whole trees, largest first, while they fit in `max_nodes` (at least the largest one)."""
+    if len(nodes) <= max_nodes:
+        return nodes
+    sizes = nodes.groupby("root").size().sort_values(ascending=False, kind="stable")
+    kept, total = [], 0
+    for root, size in sizes.items():
+        if kept and total + size > max_nodes:
+            continue
+        kept.append(root)
+        total += size
+    return nodes[nodes["root"].isin(kept)]
+
+
+def children_of(nodes: pd.DataFrame) -> dict[int, list[int]]:
+    """Each node's children, by parent (-1: the roots)."""
+    children = defaultdict(list)
+    for latent, parent in zip(nodes["latent"].tolist(), nodes["parent"].tolist()):
+        children[parent].append(latent)
+    return children
+
+
+def subtree(nodes: pd.DataFrame, top: int) -> pd.DataFrame:
+    """`top` and everything under it, `top` made the root (parent -1, depth 0; the depths below it follow)."""
+    children = children_of(nodes)
+    wanted, stack = [], [top]
+    while stack:
+        latent = stack.pop()
+        wanted.append(latent)
+        stack.extend(children[latent])
+    out = nodes[nodes["latent"].isin(wanted)].copy()
+    out.loc[out["latent"] == top, "parent"] = -1
+    out["depth"] -= int(out.loc[out["latent"] == top, "depth"].iat[0])
+    return out
+
+
+def ancestry(latents: pd.DataFrame, latent: int) -> list[int]:
+    """The latent's chain of tree parents, root first, ending with the latent itself (store column tree_parent)."""
+    if "tree_parent" not in latents:
+        return [int(latent)]
+    parent_of = latents["tree_parent"].to_numpy()  # (d_sae,), -1 for a root
+    chain = [int(latent)]
+    while parent_of[chain[-1]] >= 0 and len(chain) <= len(parent_of):
+        chain.append(int(parent_of[chain[-1]]))
+    return chain[::-1]

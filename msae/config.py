@@ -1,0 +1,527 @@
+"""Settings: config dataclasses (a docstring per field, `validate()` run on construction) and the command-line flags
+made from them, so a setting is declared, documented, checked and offered in one place.
+
+A field becomes `--field-name`, typed from its annotation: `bool` an on/off pair, `Literal[...]` a choice,
+`tuple[int, ...]` a comma-separated list, `X | None` an X whose default is None. A field whose type is itself a
+config is flattened into the same flags (its fields must not clash with its parent's). `to_flags` is the inverse:
+the flags that rebuild a config, as a background job passes them to `msae train`."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from functools import cache
+from typing import Any, Iterator, Union
+
+from msae.records import Record
+
+
+class ConfigError(ValueError):
+    """A setting out of its range; the message names the setting and the value."""
+
+
+class Config(Record):
+    """Mixin for a settings dataclass: checked when built (`validate`), saved as JSON, offered as flags."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting out of range. Subclasses add their checks."""
+        for f in dataclasses.fields(self):
+            choices = _literal_choices(typing.get_type_hints(type(self))[f.name])
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: --batch-size for batch_size."""
+    return "--" + name.replace("_", "-")
+
+
+def _literal_choices(hint: Any) -> tuple | None:
+    base = _strip_optional(hint)
+    return typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+
+
+def _strip_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else hint
+    return hint
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source, so the help text lives in one place."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _leaves(cls: type, skip: frozenset[str] = frozenset(), prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, type]]:
+    """(dotted path, field, type hint, owning class) of every non-config field of `cls`, nested configs flattened."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if path in skip or not f.init:
+            continue
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _leaves(hint, skip, path + ".")
+        else:
+            yield path, f, hint, cls
+
+
+def _parse_list(item: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per (flattened) field of config class `cls`; `skip` holds dotted paths left out."""
+    seen: dict[str, str] = {}
+    for path, f, hint, owner in _leaves(cls, frozenset(skip)):
+        if f.name in seen:
+            raise TypeError(f"{cls.__name__}: {path} and {seen[f.name]} would both be {flag(f.name)}")
+        seen[f.name] = path
+        default = _default(f)
+        help_text = field_docs(owner).get(f.name, "").replace("%", "%%")  # argparse %-formats help
+        base = _strip_optional(hint)
+        if base is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            parser.add_argument(flag(f.name), choices=choices, type=type(choices[0]), default=default,
+                                help=f"{help_text} (default: {default})")
+        elif typing.get_origin(base) is tuple:
+            shown = ",".join(map(str, default)) if default else None
+            parser.add_argument(flag(f.name), type=_parse_list(typing.get_args(base)[0]), default=default,
+                                metavar="A,B,...", help=f"{help_text} (default: {shown})")
+        else:
+            parser.add_argument(flag(f.name), type=base, default=default, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = (), **given: Any):
+    """The config `cls` the parsed flags describe (nested configs built from the same namespace); `given` sets
+    fields directly (e.g. a value shared by two nested configs)."""
+    values = vars(args)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        hint = hints[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            inner_skip = tuple(s.split(".", 1)[1] for s in skip if s.startswith(f.name + "."))
+            kwargs[f.name] = config_from_args(hint, args, inner_skip, **given)
+        elif f.name in given:
+            kwargs[f.name] = given[f.name]
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def to_flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild `cfg` from its class's defaults: only fields that differ from them."""
+    flags: list[str] = []
+    for path, f, _hint, _owner in _leaves(type(cfg), frozenset(skip)):
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        if value == _default(f) or value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            flags += [flag(f.name), ",".join(map(str, value))]
+        else:
+            flags += [flag(f.name), str(value)]
+    return flags
+
+
+# ------------------------------------------------------------------------------------ the inputs of a run
+
+DEFAULT_MODEL = "smollm2-135m"
+"""The built-in model (SmolLM2-135M-Instruct, shipped in a PyPI package; msae.lm.BUILTIN)."""
+Architecture = typing.Literal["matryoshka", "vanilla"]
+Activation = typing.Literal["batchtopk", "topk", "relu"]
+
+
+def choices(cls: type, name: str) -> tuple:
+    """The values a Literal field of config class `cls` may take (for a form's choices)."""
+    return _literal_choices(typing.get_type_hints(cls)[name]) or ()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_widths(widths: typing.Sequence[int], k: int | None) -> None:
+    """Nested widths positive and strictly increasing, and (for the top-k rules) k between 1 and the last width.
+    The one check of both, for the training settings and the SAE module alike."""
+    w = list(widths)
+    _check(len(w) > 0 and all(v > 0 for v in w) and all(b > a for a, b in zip(w, w[1:])),
+           f"widths must be positive and strictly increasing, got {','.join(map(str, w)) or 'none'}")
+    if k is not None:
+        _check(0 < k <= w[-1], f"k must be between 1 and the largest width {w[-1]}, got {k}")
+
+
+def check_device_name(device: str) -> None:
+    """auto, cpu, cuda or cuda:N (whether CUDA is there is checked when the device is used)."""
+    head, _, index = device.partition(":")
+    _check(device in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()),
+           f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Everything that defines a training run. The CLI exposes every field as a flag."""
+
+    arch: Architecture = "matryoshka"
+    """matryoshka (nested widths) or vanilla (one dictionary of the last width)."""
+    widths: tuple[int, ...] = (128, 512, 2048)
+    """Nested dictionary widths m_1 < ... < m_G = d_sae; vanilla uses only the last."""
+    k: int = 32
+    """Active latents per token (BatchTopK: on average over the batch)."""
+    activation: Activation = "batchtopk"
+    """batchtopk, topk or relu (relu trains with an L1 penalty, see l1_coeff)."""
+    also_vanilla: bool = False
+    """Also train a vanilla SAE of width widths[-1] on the same batches (with arch=matryoshka)."""
+    steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 4096
+    """Activation rows per step."""
+    lr: float | None = None
+    """Adam learning rate; None gives 2e-4 / sqrt(d_sae / 2^14)."""
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up; None gives min(1000, steps // 10)."""
+    decay_fraction: float = 0.2
+    """Linear decay of the learning rate to zero over this final fraction of the steps."""
+    level_weights: tuple[float, ...] | None = None
+    """Weight of each nested width's reconstruction loss (the balance multipliers); None is uniform 1/G."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; None gives d_in // 2."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead (for AuxK and the dead fraction)."""
+    l1_coeff: float = 1e-3
+    """L1 penalty on latent activations; used only with activation=relu."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of each SAE to this."""
+    threshold_beta: float = 0.999
+    """EMA decay of BatchTopK's inference threshold θ (the smallest positive activation of each batch)."""
+    threshold_start_step: int | None = None
+    """First step that updates θ; None gives min(1000, steps // 10)."""
+    seed: int = 0
+    """Seeds initialisation and the order of batches."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+    log_every: int = 50
+    """Append a line to metrics.jsonl every this many steps."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda[:N]."""
+    dtype: typing.Literal["float32", "float64"] = "float32"
+    """Training dtype of the SAE weights: float32 or float64."""
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if self.level_weights is not None:
+            self.level_weights = tuple(float(w) for w in self.level_weights)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        w = self.widths
+        check_widths(w, None if self.activation == "relu" else self.k)
+        if self.level_weights is not None:
+            _check(len(self.level_weights) == len(w),
+                   f"level_weights has {len(self.level_weights)} entries for {len(w)} widths")
+            _check(all(v >= 0 for v in self.level_weights) and sum(self.level_weights) > 0,
+                   f"level_weights must be non-negative and not all zero, got {self.level_weights}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "dead_tokens"):
+            _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(0 <= self.decay_fraction <= 1, f"decay_fraction must be between 0 and 1, got {self.decay_fraction}")
+        for name in ("warmup_steps", "threshold_start_step", "k_aux"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"{name} must be at least 0, got {value}")
+        _check(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+               f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        _check(0 <= self.threshold_beta < 1, f"threshold_beta must be in [0, 1), got {self.threshold_beta}")
+        _check(self.aux_coeff >= 0 and self.l1_coeff >= 0, "aux_coeff and l1_coeff must be at least 0")
+        _check(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
+        check_device_name(self.device)
+
+    @property
+    def warmup(self) -> int:
+        return min(1000, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def threshold_start(self) -> int:
+        return min(1000, self.steps // 10) if self.threshold_start_step is None else self.threshold_start_step
+
+    def sae_specs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, widths) of every SAE this run trains."""
+        if self.arch == "vanilla":
+            return [("vanilla", (self.widths[-1],))]
+        specs = [("matryoshka", self.widths)]
+        if self.also_vanilla:
+            specs.append(("vanilla", (self.widths[-1],)))
+        return specs
+
+
+@dataclasses.dataclass
+class ExtractConfig(Config):
+    """What activations to extract. Everything but `tokens`, `lm_batch`, `shard_rows` and `device` is part of the
+    cache key."""
+
+    model: str = DEFAULT_MODEL
+    """Built-in model name, local path or Hugging Face id."""
+    layer: int | None = None
+    """Residual stream after this block; None is the middle block."""
+    corpus: str = "builtin"
+    """'builtin' or a path to a .txt / .jsonl / .csv / .parquet file."""
+    tokens: int = 2_000_000
+    """Activation rows to have in the cache (after filtering); the cache grows to this if it holds fewer."""
+    ctx_len: int = 128
+    """Tokens per context; contexts never cross a document boundary."""
+    outlier_factor: float = 10.0
+    """Drop rows whose norm exceeds this multiple of the median norm (attention-sink-like outliers)."""
+    cache_dtype: typing.Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the cached rows."""
+    lm_batch: int = 16
+    """Contexts per forward pass of the LM."""
+    shard_rows: int = 131_072
+    """Rows per shard file (about 150 MB at d_model 576 in float16)."""
+    device: str = "auto"
+    """Device for the LM: auto (CUDA when present), cpu or cuda."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.layer is None or self.layer >= 0, f"layer must be at least 0, got {self.layer}")
+        _check(self.ctx_len >= 2, f"ctx_len must be at least 2 (position 0 is always dropped), got {self.ctx_len}")
+        for name in ("tokens", "lm_batch", "shard_rows"):
+            _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.outlier_factor > 1, f"outlier_factor must be above 1 (a multiple of the median norm), got "
+                                        f"{self.outlier_factor}")
+        check_device_name(self.device)
+
+
+# ------------------------------------------------------------------------------------ analysis
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass
+class StoreConfig(Config):
+    """How much the feature store keeps per latent."""
+
+    top_n: int = 20
+    """Top activating examples per latent."""
+    quantiles: int = 4
+    """Activation quantiles that examples are sampled from."""
+    per_quantile: int = 5
+    """Examples per quantile."""
+    window: int = 16
+    """Tokens kept on each side of an example."""
+    hist_bins: int = 40
+    """Log-spaced bins of the activation histogram (shared edges for all latents)."""
+    promoted: int = 10
+    """Tokens kept at each end of W_dec · W_U."""
+    label_tokens: int = 3
+    """Most frequent example tokens that make a latent's label."""
+
+    def validate(self) -> None:
+        super().validate()
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) > 0, f"{f.name} must be positive, got {getattr(self, f.name)}")
+
+
+@dataclasses.dataclass
+class LinkConfig(Config):
+    """Which parent–child candidates become links and which are kept for display."""
+
+    threshold: float = 0.6
+    """A candidate whose score reaches this is a link (DESIGN.md §3)."""
+    min_cofires: int = 10
+    """A candidate is linked only if both fire together on at least this many tokens. With fewer, one strong
+    token of the child decides the cosine: any latent active there scores near 1 (on the shipped Matryoshka run,
+    children firing under 100 times got ~300 such "parents" each)."""
+    keep_per_child: int = 5
+    """Best-scoring candidates kept per child whether linked or not (the app's link-strength filter)."""
+    split_cosine: float = 0.5
+    """Decoder cosine at which a wide latent counts as a piece of a narrow one. Random unit directions in
+    d_in = 576 have cosine sd 1/√576 ≈ 0.04, so 0.5 is over 10 sd from chance, and it is low enough to catch the
+    children of a split, which share part of the parent direction (with 0.3 and 0.7 reported beside it)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.threshold >= 0, f"threshold must be at least 0, got {self.threshold}")
+        _check(self.min_cofires >= 1, f"min_cofires must be at least 1, got {self.min_cofires}")
+        _check(self.keep_per_child >= 0, f"keep_per_child must be at least 0, got {self.keep_per_child}")
+        _check(0 < self.split_cosine <= 1, f"split_cosine must be in (0, 1], got {self.split_cosine}")
+
+
+@dataclasses.dataclass
+class AnalyzeConfig(Config):
+    """What `msae analyze` does."""
+
+    tokens: int | None = None
+    """Cache rows to analyse (default: the whole cache)."""
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    links: LinkConfig = dataclasses.field(default_factory=LinkConfig)
+    absorption: bool = True
+    """Measure first-letter absorption on the model (needs the LM; a few minutes on a CPU)."""
+    device: str = "cpu"
+    """Device for the SAEs' encoders."""
+    model: str | None = None
+    """Override the model recorded in the run's cfg.json."""
+    layer: int | None = None
+    """Override the layer recorded in the run's cfg.json."""
+    corpus: str | None = None
+    """Override the corpus recorded in the run's cfg.json."""
+    max_norm_factor: float | None = 2.0
+    """Rows whose norm exceeds this multiple of the cache's median norm are analysed as silent (None: none are).
+    Extraction drops rows past 10x the median; on the shipped SmolLM2 cache 99.99% of rows are under 1.43x, and the
+    14 rows between 2x and 10x (runs of spaces, first tokens of contexts cut mid-document) were each the top example
+    of 100 to 850 latents at once, crowding out what those latents stand for."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.tokens is None or self.tokens > 0, f"tokens must be positive, got {self.tokens}")
+        _check(self.layer is None or self.layer >= 0, f"layer must be at least 0, got {self.layer}")
+        _check(self.max_norm_factor is None or self.max_norm_factor > 1,
+               f"max_norm_factor must be above 1 (a multiple of the median norm), got {self.max_norm_factor}")
+        check_device_name(self.device)
+
+
+@dataclasses.dataclass
+class AbsorptionConfig(Config):
+    """Every size and threshold of the measurement."""
+
+    letters: str = LETTERS
+    """First letters to probe (a subset for quick runs)."""
+    per_letter: int | None = 128
+    """At most this many words a letter (a seeded sample); None keeps all."""
+    min_chars: int = 2
+    """Shortest word, in letters."""
+    icl_examples: int = 2
+    """Solved examples before the word in each prompt (SAEBench: 10)."""
+    batch: int = 64
+    """Prompts per forward pass."""
+    test_fraction: float = 0.2
+    """Share of each letter's words held out for F1 and absorption."""
+    seed: int = 0
+    """Seeds the word sample, the in-context examples and the split."""
+    probe_l2: float = 1e-4
+    """L2 penalty of the letter probes (on activations divided by their RMS norm) and k-sparse probes."""
+    probe_steps: int = 200
+    """L-BFGS iterations per probe fit."""
+    max_k: int = 10
+    """Largest k of the k-sparse probes."""
+    f1_jump: float = 0.03
+    """A further latent joins the main set while k-sparse F1 rises by more than this."""
+    cos_threshold: float = 0.1
+    """Smallest decoder cosine with the probe for an absorbing latent (absorption fraction)."""
+    max_absorbers: int = 3
+    """Absorbing latents counted per word (absorption fraction)."""
+    projection_threshold: float = 0.4
+    """Smallest share of the probe projection the absorbers must carry (both measures)."""
+    full_cos_threshold: float = 0.025
+    """Smallest decoder cosine with the probe of the single absorbing latent (full absorption)."""
+    silent: float = 1e-8
+    """A main latent at or below this activation counts as silent (full absorption)."""
+    min_probe_f1: float = 0.6
+    """Letters whose probe test F1 is at or below this are left out of the means."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(bool(self.letters) and set(self.letters) <= set(LETTERS), f"letters must be some of {LETTERS}, got "
+                                                                         f"{self.letters!r}")
+        _check(0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        for name in ("min_chars", "icl_examples", "batch", "probe_steps", "max_k", "max_absorbers"):
+            _check(getattr(self, name) > 0 or name == "icl_examples" and self.icl_examples == 0,
+                   f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.per_letter is None or self.per_letter > 0, f"per_letter must be positive, got {self.per_letter}")
+
+
+ToyPreset = typing.Literal["nabeshima", "chanin"]
+
+
+@dataclasses.dataclass
+class ToyConfig(Config):
+    """`msae toy`: which toy hierarchy, and how its vanilla and Matryoshka SAEs are trained."""
+
+    preset: ToyPreset = "nabeshima"
+    """Which toy hierarchy (msae.toy.PRESETS)."""
+    steps: int = 1500
+    """Optimiser steps."""
+    seed: int = 0
+    """Seeds the toy's directions, its samples and the SAEs."""
+    batch_size: int = 512
+    """Rows per step."""
+    k: int | None = None
+    """BatchTopK's k; None gives the toy's true L0, rounded down."""
+    widths: tuple[int, ...] | None = None
+    """Nested widths; None gives the preset's, else parents, parents + children, all."""
+    lr: float = 1e-2
+    """Adam learning rate."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
+        _check(self.k is None or self.k > 0, f"k must be positive, got {self.k}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+
+
+TRAIN_SKIP = ("extract.device",)
+"""TrainJob paths left out of `msae train`'s flags: it has one --device, for the LM and the SAEs."""
+
+
+@dataclasses.dataclass
+class TrainJob(Config):
+    """`msae train`: the input, the training settings and, when training from text, the extraction settings.
+    A background training started from the app is one of these, stored as its job's JSON."""
+
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+    activations: str | None = None
+    """A safetensors file with a tensor 'activations' (N, d_in); without it, activations are extracted from
+    --model on --corpus (and cached)."""
+    eval_contexts: int = 64
+    """Held-out contexts for CE loss recovered."""
+
+    def __post_init__(self) -> None:
+        self.extract.device = self.train.device  # one device for the LM and the SAEs (a single --device flag)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.eval_contexts >= 0, f"eval_contexts must be at least 0, got {self.eval_contexts}")

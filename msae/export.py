@@ -1,0 +1,51 @@
+"""`msae export`: write a run in the layout another tool loads, SAELens 6's or dictionary_learning's.
+
+Runs saved from now on are already in SAELens 6's inference layout; this rewrites older runs (in place when the
+output directory is the run itself: only sae_weights.safetensors and cfg.json are replaced, atomically) and runs
+or SAEs from elsewhere that msae reads. The tensors are the ones msae loads, so encode and decode are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msae import io
+
+TARGETS = ("saelens", "dictionary_learning")
+
+
+def _own_fields(cfg: dict) -> dict:
+    """The fields of a loaded cfg that are ours to carry over: "msae..." keys. SAELens's own (and an older
+    version's, such as a top-level sae_lens_version that would send SAELens down its pre-6.0 path) are written
+    afresh by save_sae."""
+    return {key: value for key, value in cfg.items() if key.startswith("msae")}
+
+
+def export_run(run: Path | str, target: str, out_dir: Path | str) -> Path:
+    """Write the SAE at `run` (anything msae.io.load_sae reads) to `out_dir` for `target`; returns `out_dir`.
+
+    Raises ValueError when the target would compute something else (a BatchTopK θ never learned)."""
+    if target not in TARGETS:
+        raise ValueError(f"export target must be one of {', '.join(TARGETS)}, got {target!r}")
+    sae, cfg = io.load_sae(run)
+    reason = io.unexportable_reason(sae)
+    if reason is not None:
+        raise ValueError(f"{run}: cannot export to {target}: {reason}")
+    ours = _own_fields(cfg)
+    if target == "saelens":
+        return io.save_sae(sae, out_dir, cfg=ours)
+    return io.save_dictionary_learning(sae, out_dir, ours.get("msae"))
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory (or an SAE from SAELens / dictionary_learning that msae reads)")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="the layout to write")
+    parser.add_argument("out", help="output directory; the run directory itself rewrites the run in place")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = export_run(args.run, args.to, args.out)
+    files = f"{io.WEIGHTS_FILE} + {io.CFG_FILE}" if args.to == "saelens" else f"{io.DL_WEIGHTS_FILE} + {io.DL_CFG_FILE}"
+    print(f"wrote {out}: {files} ({args.to})")
+    return 0

@@ -1,0 +1,446 @@
+"""The schema of every JSON file a run holds: cfg.json's msae block (RunInfo), metrics.jsonl (TrainMetrics a
+line), eval.json (EvalResult), absorption.json (AbsorptionResult), the feature store's manifest.json
+(StoreManifest), and a toy comparison (ToyResult). Records only: the code that fills them lives with the
+computation (train, evaluate, analysis, toy); the code that reads and writes the files is msae.run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TrainConfig
+from msae.records import Record
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None; None when none are (an undefined figure stays undefined)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+# ------------------------------------------------------------------------------------------ cfg.json: provenance
+
+
+@dataclass
+class InputFile(Record):
+    """A file the user gave as input."""
+
+    path: str
+    """The path as the user gave it (not resolved: it means something on the user's machine)."""
+    sha256: str
+    """Hex SHA-256 of its content, so a moved file is still recognised and a changed one is not."""
+
+
+@dataclass
+class BuiltinFile(Record):
+    """One part of the built-in corpus: a data file inside an installed package."""
+
+    name: str
+    """The part's name (wikipedia, news, python-docs)."""
+    package: str
+    """The Python package that ships it."""
+    file: str
+    """Its path inside the package."""
+    sha256: str | None = None
+    """Hex SHA-256 of its content (None: the package is not installed here)."""
+
+
+@dataclass
+class CorpusInfo(Record):
+    """Which text the activations were extracted from."""
+
+    kind: Literal["builtin", "file"]
+    """builtin (the parts in `sources`) or a user file (`file`)."""
+    sources: list[BuiltinFile] = field(default_factory=list)
+    """The built-in corpus's parts."""
+    file: InputFile | None = None
+    """The user's corpus file."""
+
+
+@dataclass
+class ExtractionInfo(Record):
+    """The model, layer and activation cache a run was trained on. An SAE added by upload records only the
+    model and layer it reads."""
+
+    model: str | None = None
+    """Built-in model name, local path or Hugging Face id."""
+    layer: int | None = None
+    """The residual stream after this block."""
+    corpus: CorpusInfo | None = None
+    """Which text."""
+    ctx_len: int | None = None
+    """Tokens per context."""
+    outlier_factor: float | None = None
+    """Rows past this multiple of the median norm were dropped."""
+    cache_dtype: str | None = None
+    """Storage dtype of the cached rows."""
+    rows: int | None = None
+    """Activation rows in the cache."""
+    contexts: int | None = None
+    """Contexts extracted."""
+    exhausted: bool | None = None
+    """The corpus ran out before `rows` reached the requested tokens."""
+    dropped: dict[str, int] | None = None
+    """Rows dropped: position 0, special tokens, norm outliers."""
+    median_norm: float | None = None
+    """Median activation norm of the cache."""
+    cache_id: str | None = None
+    """The cache's directory name under the activation cache root (a digest of model, layer, corpus content and
+    filters): the same on every machine that extracts the same activations."""
+
+
+@dataclass
+class RunInfo(Record):
+    """Our fields of a run's cfg.json (under "msae", beside SAELens's)."""
+
+    name: str | None = None
+    """The SAE's name in its training run (matryoshka, vanilla)."""
+    train: TrainConfig | None = None
+    """The settings it was trained with."""
+    steps_done: int | None = None
+    """Optimiser steps taken."""
+    tokens_seen: int | None = None
+    """Activation rows trained on (steps × batch size)."""
+    act_scale: float | None = None
+    """The factor that scaled activations to unit mean squared norm in training (folded into the saved weights)."""
+    dead_fraction: float | None = None
+    """Share of latents that had not fired for `dead_tokens` tokens at the end of training."""
+    world_size: int | None = None
+    """Processes that trained it together (torchrun ranks, each on a slice of every batch); 1 for a single process
+    (None: saved before this was recorded)."""
+    extraction: ExtractionInfo | None = None
+    """Model, layer and activations, for a run trained from text (or an upload's model and layer)."""
+    activations: InputFile | None = None
+    """The activations file, for a run trained from a tensor (`--activations`)."""
+    toy: dict[str, Any] | None = None
+    """The toy hierarchy's definition, for a toy run (msae.toy.toy_info)."""
+
+
+# ------------------------------------------------------------------------------------------ metrics.jsonl, eval.json
+
+
+@dataclass
+class TrainMetrics(Record):
+    """One line of metrics.jsonl: one SAE's training batch at a logged step."""
+
+    step: int
+    """Steps done."""
+    tokens: int
+    """Rows trained on so far."""
+    elapsed_s: float
+    """Seconds since this (or the resumed) process started training."""
+    loss: float
+    """The step's total loss (weighted nested MSE + AuxK (+ L1))."""
+    mse: list[float]
+    """Mean squared error per nested width, on scaled activations."""
+    fvu: list[float]
+    """Fraction of variance unexplained per nested width, on this batch."""
+    l0: float
+    """Active latents per row."""
+    aux_loss: float
+    """The AuxK loss (0 while no latent is dead)."""
+    dead_fraction: float
+    """Share of latents that have not fired for `dead_tokens` tokens."""
+    lr: float
+    """The step's learning rate."""
+
+
+@dataclass
+class EvalResult(Record):
+    """Held-out quality of one SAE (msae.evaluate)."""
+
+    rows: int
+    """Held-out activation rows."""
+    widths: list[int]
+    """Nested widths, one entry per figure below."""
+    fvu: list[float]
+    """Fraction of variance unexplained per nested width."""
+    explained_variance: list[float]
+    """1 - FVU per nested width."""
+    l0: float
+    """Active latents per row, at inference (θ for BatchTopK)."""
+    dead_fraction: float
+    """Share of latents that never fired on the held-out rows."""
+    layer: int | None = None
+    """The layer spliced for CE loss recovered."""
+    tokens: int | None = None
+    """Predicted tokens of the CE measurement."""
+    ce_clean: float | None = None
+    """The LM's next-token loss, untouched."""
+    ce_sae: float | None = None
+    """... with the layer's output replaced by the SAE's reconstruction."""
+    ce_zero: float | None = None
+    """... with it replaced by zeros."""
+    ce_loss_recovered: float | None = None
+    """(ce_zero - ce_sae) / (ce_zero - ce_clean)."""
+
+
+# ------------------------------------------------------------------------------------------ absorption.json
+
+
+@dataclass
+class LetterAbsorption(Record):
+    """Absorption of one SAE on one first letter."""
+
+    letter: str
+    """The letter."""
+    probe_f1: float
+    """Test F1 of the letter's probe on the model's activations."""
+    n_test_words: int
+    """Test words with this first letter."""
+    n_probe_true_positives: int
+    """Those the probe classifies correctly (absorption is measured on these)."""
+    main_latents: list[int]
+    """The letter's main latents (k-sparse probing)."""
+    main_groups: list[int]
+    """Their nested groups."""
+    k_sparse_f1: list[float]
+    """Test F1 of the k-sparse probe for k = 1..max_k."""
+    main_f1: float
+    """Test F1 of the probe on the main latents."""
+    absorption_fraction: float | None
+    """Mean absorption fraction over the true positives."""
+    full_absorption_rate: float | None
+    """Share of the true positives fully absorbed."""
+    n_full_absorption: int
+    """Fully absorbed true positives."""
+    used: bool
+    """Counted in the means (probe F1 above the bound and at least one true positive)."""
+
+
+@dataclass
+class AbsorptionMean(Record):
+    """Means over the letters used."""
+
+    absorption_fraction: float | None
+    """Mean of the letters' absorption fractions."""
+    full_absorption_rate: float | None
+    """Mean of the letters' full-absorption rates."""
+    n_main_latents: float | None
+    """Mean size of the main set."""
+    main_f1: float | None
+    """Mean k-sparse F1 of the main latents."""
+    n_letters: int
+    """Letters used."""
+    letters: str
+    """Which."""
+
+
+@dataclass
+class SAEAbsorption(Record):
+    """One SAE's absorption."""
+
+    mean: AbsorptionMean
+    """Means over letters."""
+    letters: list[LetterAbsorption]
+    """One row a letter probed."""
+
+
+@dataclass
+class AbsorptionResult(Record):
+    """First-letter absorption of one or more SAEs from one set of probes (msae.analysis.absorption)."""
+
+    model: str
+    """The model probed."""
+    layer: int
+    """Its layer."""
+    config: AbsorptionConfig
+    """Every size and threshold used."""
+    n_words: int
+    """Single-token words."""
+    n_test_words: int
+    """Of which held out."""
+    probe_f1: dict[str, float]
+    """Test F1 of each letter's probe."""
+    saes: dict[str, SAEAbsorption]
+    """By run name."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time of each step."""
+
+
+# ------------------------------------------------------------------------------------------ features/manifest.json
+
+
+@dataclass
+class LevelSummary(Record):
+    """Parent links of one nested group's latents."""
+
+    group: int
+    """The group (1 = the second)."""
+    width: int
+    """The nested width it completes."""
+    live_latents: int
+    """Its latents that fired."""
+    links: int
+    """Links from an earlier group to its latents."""
+    children_with_a_parent: int
+    """Its latents with at least one linked parent."""
+    share_with_a_parent: float | None
+    """children_with_a_parent / live_latents."""
+
+
+@dataclass
+class HierarchySummary(Record):
+    """The parent–child links across a Matryoshka SAE's nested groups."""
+
+    links: int
+    """Links."""
+    per_level: list[LevelSummary]
+    """Per child group."""
+    parents_with_children: int
+    """Latents with at least one linked child."""
+    parents_with_2plus_children: int
+    """Latents with two or more."""
+    mean_children_per_parent: float | None
+    """Over parents with children."""
+    mean_coverage: float | None
+    """Mean share of a parent's firings that its children cover."""
+
+
+@dataclass
+class MatchingSummary(Record):
+    """Decoder-cosine matching of two SAEs' latents (a = this run, b = the other)."""
+
+    pairs: int
+    """Matched pairs."""
+    unmatched_a: int
+    """Latents of a without a partner."""
+    unmatched_b: int
+    """Latents of b without a partner."""
+    mean_cos: float | None
+    """Mean decoder cosine of the pairs."""
+    unmatched_a_alive: int | None = None
+    """Live latents of a without a partner."""
+    unmatched_b_alive: int | None = None
+    """Live latents of b without a partner."""
+    matched_per_group: list[int] | None = None
+    """Matched latents per nested group of a (a Matryoshka SAE)."""
+    matched_share_per_group: list[float] | None = None
+    """The same as a share of each group."""
+
+
+@dataclass
+class AgainstSummary(Record):
+    """This run against another on the same rows: splitting from the narrower to the wider, and matching."""
+
+    narrow: Literal["this", "other"]
+    """Which of the two is narrower (the parents of the links)."""
+    this_d_sae: int
+    """This run's width."""
+    other_d_sae: int
+    """The other's width."""
+    other_widths: list[int]
+    """The other's nested widths."""
+    split_share_decoder: dict[str, float]
+    """Share of the narrow SAE's live latents split into >= 2 wide ones, by decoder cosine threshold."""
+    split_share_links: float
+    """The same by activation links."""
+    mean_coverage: float | None
+    """Mean share of a narrow latent's firings its linked wide latents cover."""
+    links: int
+    """Links from the narrow SAE to the wide one."""
+    matching: MatchingSummary
+    """Decoder-cosine matching."""
+    other_dead_fraction: float
+    """Share of the other's latents that never fired on these rows."""
+
+
+@dataclass
+class StoreManifest(Record):
+    """What a feature store holds (msae.analysis.store)."""
+
+    format: int
+    """Store format; a store of another format must be rebuilt."""
+    run: str
+    """The run's name."""
+    model: str
+    """The model of the activations."""
+    layer: int
+    """Its layer."""
+    cache_id: str
+    """The activation cache analysed (its directory name under the cache root)."""
+    rows: int
+    """Rows analysed."""
+    max_norm: float | None
+    """Rows above this norm were analysed as silent."""
+    high_norm_rows_silenced: int
+    """How many."""
+    d_sae: int
+    """Latents."""
+    widths: list[int]
+    """Nested widths."""
+    k: int | None
+    """Top-k's k."""
+    activation: str
+    """Activation rule."""
+    l0_per_width: list[float]
+    """Active latents per row within each nested width."""
+    dead_fraction: float
+    """Share of latents that never fired on these rows."""
+    hist_edges: list[float]
+    """Shared edges of the activation histograms."""
+    store: StoreConfig
+    """What the store keeps."""
+    link_config: LinkConfig
+    """How links were chosen."""
+    timings_s: dict[str, float]
+    """Seconds per stage."""
+    hierarchy: HierarchySummary | None = None
+    """Links across nested groups (Matryoshka runs)."""
+    splitting: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per nested prefix: share of its live latents the full width splits into >= 2, by decoder cosine."""
+    against: dict[str, AgainstSummary] = field(default_factory=dict)
+    """By other run's name."""
+
+
+# ------------------------------------------------------------------------------------------ toy comparison
+
+
+@dataclass
+class ToyMetrics(Record):
+    """One SAE on a toy hierarchy with known features (msae.toy.evaluate)."""
+
+    parent_absorption: float | None
+    """Share of (parent, sample) pairs with the parent and a child present where the parent's latent is off."""
+    parent_fires_alone: float | None
+    """Share of samples with a parent and no child where the parent's latent fires."""
+    parent_cosine: float | None
+    """Mean decoder cosine of parents with their best latent."""
+    child_cosine: float | None
+    """The same for children."""
+    child_fire_rate: float | None
+    """Share of samples with a child present where its latent fires."""
+    mean_cosine: float
+    """Mean best decoder cosine over all features."""
+    fvu: float
+    """Fraction of variance unexplained."""
+    l0: float
+    """Active latents per sample."""
+    dead_latents: int
+    """Latents that never fired."""
+    dead_fraction: float
+    """Their share."""
+    per_parent: dict[str, list[float | None]]
+    """absorption and fires_alone per parent."""
+    per_feature: dict[str, list[Any]]
+    """latent, cosine and fire_rate per true feature."""
+
+
+@dataclass
+class ToyResult(Record):
+    """A vanilla and a Matryoshka SAE trained on the same toy batches (msae.toy.compare)."""
+
+    toy: dict[str, Any]
+    """The toy's definition."""
+    train: TrainConfig
+    """The training settings."""
+    train_seconds: float
+    """Time to train both."""
+    vanilla: ToyMetrics
+    """The vanilla SAE."""
+    matryoshka: ToyMetrics
+    """The Matryoshka SAE."""
+    out: str | None = None
+    """Where the runs were kept (None: a temporary directory)."""
+    preset: str | None = None
+    """The preset's name."""

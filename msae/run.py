@@ -1,0 +1,259 @@
+"""A run directory: the one module that knows its layout, reads each file in it as its record (msae.results) and
+writes each file atomically (a temp file beside it, flushed, then renamed), so a crash never leaves half a file.
+
+    RUN/sae_weights.safetensors   the SAE in SAELens's layout (msae.io), activation scale folded in
+    RUN/cfg.json                  SAELens's fields + ours under "msae" (RunInfo: settings, provenance)
+    RUN/metrics.jsonl             TrainMetrics, one line every log_every steps
+    RUN/eval.json                 EvalResult: held-out FVU per width, L0, CE loss recovered
+    RUN/absorption.json           AbsorptionResult: first-letter absorption of this run (and runs beside it)
+    RUN/features/                 the feature store (msae.analysis.store; manifest.json is a StoreManifest)
+
+A training directory (`msae train --out DIR`) is a run itself when it trains one SAE, else holds one run per SAE
+(DIR/matryoshka, DIR/vanilla); its resumable state is DIR/checkpoint/state.safetensors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import torch
+
+from msae import io
+from msae.io import CFG_FILE, WEIGHTS_FILE
+from msae.records import Record, RecordError
+from msae.results import AbsorptionResult, EvalResult, RunInfo, TrainMetrics
+from msae.sae import SAE
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+ABSORPTION_FILE = "absorption.json"
+STORE_DIR = "features"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.safetensors"
+
+R = TypeVar("R", bound=Record)
+
+
+class RunError(ValueError):
+    """A run's file is unreadable or does not hold what it should; the message names the file."""
+
+
+def checkpoint_path(out_dir: Path | str) -> Path:
+    """The resumable state of the training in `out_dir`."""
+    return Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+
+_HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
+
+
+def source_of(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The model and layer an SAE's cfg.json says it reads: ours record them under msae.extraction; SAELens's
+    under model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post), at the top level or (6.x)
+    under metadata."""
+    ext = (cfg.get("msae") or {}).get("extraction") or {}
+    model = ext.get("model") or io.sae_lens_field(cfg, "model_name")
+    layer = ext.get("layer")
+    if layer is None:
+        layer = io.sae_lens_field(cfg, "hook_layer")
+    hook_name = io.sae_lens_field(cfg, "hook_name")
+    if layer is None and isinstance(hook_name, str):
+        found = _HOOK_LAYER.search(hook_name)
+        layer = int(found.group(1)) if found else None
+    return model, (int(layer) if layer is not None else None)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run directory at `path` (its files need not all exist)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        """The run's directory name: what feature stores and absorption results call it."""
+        return self.path.resolve().name
+
+    @property
+    def exists(self) -> bool:
+        """It holds an SAE (weights and cfg.json)."""
+        return (self.path / WEIGHTS_FILE).is_file() and (self.path / CFG_FILE).is_file()
+
+    # ------------------------------------------------------------------------------------------- cfg.json
+
+    def cfg(self) -> dict[str, Any]:
+        """cfg.json as stored (SAELens's fields and ours)."""
+        return io.read_cfg(self.path)
+
+    def info(self) -> RunInfo:
+        """Our fields of cfg.json (all None for an SAE trained elsewhere)."""
+        try:
+            return RunInfo.from_json(self.cfg().get("msae") or {})
+        except RecordError as exc:
+            raise RunError(f"{self.path / CFG_FILE}: {exc}") from None
+
+    def source(self) -> tuple[str | None, int | None]:
+        """The model and layer the SAE reads (`source_of` its cfg.json)."""
+        return source_of(self.cfg())
+
+    def set_source(self, model: str | None, layer: int | None) -> None:
+        """Record the model and layer the SAE reads (an upload's), keeping every other field."""
+        cfg = self.cfg()
+        ext = cfg.setdefault("msae", {}).setdefault("extraction", {})
+        if model is not None:
+            ext["model"] = model
+        if layer is not None:
+            ext["layer"] = int(layer)
+        io.atomic_write_text(self.path / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------- the SAE
+
+    def load_sae(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SAE:
+        """The SAE in eval mode (msae.io.load_sae)."""
+        return io.load_sae(self.path, device=device, dtype=dtype)[0]
+
+    def save_sae(self, sae: SAE, info: RunInfo, act_scale: float = 1.0) -> None:
+        """Write the SAE (trained on activations × act_scale) and its cfg.json with `info` under "msae"."""
+        io.save_sae(sae, self.path, cfg={"msae": info.to_json()}, act_scale=act_scale)
+
+    def import_files(self, weights: bytes, cfg: dict[str, Any]) -> None:
+        """Write an SAE's two files as given (an upload, checked by its caller)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        io.atomic_write_bytes(self.path / WEIGHTS_FILE, weights)
+        io.atomic_write_text(self.path / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------- metrics
+
+    def metrics(self) -> list[TrainMetrics]:
+        """The logged metric lines (empty when none); a torn last line (a killed writer) is skipped."""
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(TrainMetrics.from_json(json.loads(line)))
+            except (json.JSONDecodeError, RecordError):
+                continue
+        return rows
+
+    def append_metrics(self, metrics: TrainMetrics) -> None:
+        with open(self.path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(metrics.to_json()) + "\n")
+
+    def trim_metrics(self, step: int) -> None:
+        """Drop metric lines past `step` (written after the checkpoint a resumed run starts from)."""
+        if (self.path / METRICS_FILE).exists():
+            kept = [m for m in self.metrics() if m.step <= step]
+            io.atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(m.to_json()) + "\n" for m in kept))
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def _read(self, name: str, kind: type[R]) -> R | None:
+        path = self.path / name
+        if not path.exists():
+            return None
+        try:
+            return kind.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, RecordError) as exc:
+            raise RunError(f"{path}: cannot be read ({exc})") from None
+
+    def _write(self, name: str, record: Record) -> Path:
+        path = self.path / name
+        io.atomic_write_text(path, record.dumps())
+        return path
+
+    def eval(self) -> EvalResult | None:
+        """Held-out metrics (None before `msae train` from text has evaluated the run)."""
+        return self._read(EVAL_FILE, EvalResult)
+
+    def write_eval(self, result: EvalResult) -> Path:
+        return self._write(EVAL_FILE, result)
+
+    def absorption(self) -> AbsorptionResult | None:
+        """The absorption result measured from this run (None when it has none)."""
+        return self._read(ABSORPTION_FILE, AbsorptionResult)
+
+    def write_absorption(self, result: AbsorptionResult) -> Path:
+        return self._write(ABSORPTION_FILE, result)
+
+    def absorption_measured(self, others: Iterable[Run] = ()) -> AbsorptionResult | None:
+        """The absorption result that measured this run: its own, else one measured from `others` or from a run
+        beside it (a pair's result is kept with one of the two) that includes this run."""
+        own = self.absorption()
+        if own is not None:
+            return own
+        beside = sorted(p.parent for p in self.path.parent.glob(f"*/{ABSORPTION_FILE}") if p.parent != self.path)
+        for other in [*others, *map(Run, beside)]:
+            try:
+                found = other.absorption()
+            except RunError:
+                continue
+            if found is not None and self.name in found.saes:
+                return found
+        return None
+
+    # ------------------------------------------------------------------------------------------- the store
+
+    @property
+    def store_dir(self) -> Path:
+        return self.path / STORE_DIR
+
+    def summary(self) -> RunSummary:
+        """What the run is and how well it reconstructs."""
+        cfg = self.cfg()
+        info = self.info()
+        metrics = self.metrics()
+        model, layer = self.source()
+        widths = io.sae_lens_field(cfg, "matryoshka_widths") or [cfg.get("d_sae")]
+        return RunSummary(
+            run=str(self.path), architecture=io.training_architecture(cfg), d_in=cfg.get("d_in"), d_sae=cfg.get("d_sae"),
+            widths=list(widths), k=io.sae_lens_field(cfg, "k"), model=model, layer=layer, steps=info.steps_done,
+            tokens=info.tokens_seen, fvu=metrics[-1].fvu if metrics else None, l0=metrics[-1].l0 if metrics else None,
+            dead_fraction=info.dead_fraction)
+
+
+@dataclass
+class RunSummary:
+    """One row describing a run, for tables."""
+
+    run: str
+    """Its path."""
+    architecture: str | None = None
+    """SAELens's architecture name (or why the run cannot be read)."""
+    d_in: int | None = None
+    """Input width."""
+    d_sae: int | None = None
+    """Latents."""
+    widths: list[int] = field(default_factory=list)
+    """Nested widths (one for a vanilla SAE)."""
+    k: int | None = None
+    """Top-k's k."""
+    model: str | None = None
+    """The model it reads."""
+    layer: int | None = None
+    """Its layer."""
+    steps: int | None = None
+    """Training steps."""
+    tokens: int | None = None
+    """Training rows."""
+    fvu: list[float] | None = None
+    """FVU per width at the last logged training step."""
+    l0: float | None = None
+    """L0 at the last logged step."""
+    dead_fraction: float | None = None
+    """Dead share at the end of training."""
+
+
+def find_runs(*roots: Path | str) -> list[Path]:
+    """Every directory under `roots` that holds an SAE (weights + cfg.json), sorted by path."""
+    found = set()
+    for root in map(Path, roots):
+        if root.is_dir():
+            found.update(p.parent for p in root.rglob(CFG_FILE) if (p.parent / WEIGHTS_FILE).exists())
+    return sorted(found)

@@ -1,0 +1,152 @@
+"""The peer side of tests/test_interop.py: runs inside the side environment (sae-lens, dictionary-learning,
+sae-bench), never imports msae, and does what a user of those packages would.
+
+    python interop_peer.py JOBS.json
+
+JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds the rows to encode:
+  load_saelens: [{"dir", "inputs", "out", "dtype"?}]   SAE.load_from_disk(dir, dtype=dtype or float32); writes
+      encode(x), decode(encode(x)) to out
+  load_dictionary_learning: [{"dir", "inputs", "out"}]   dictionary_learning.utils.load_dictionary(dir), the same
+  saebench: [{"dir"}]                        SAEBench's load_and_format_sae on the loaded SAE; reports its cfg
+  hook: [{"dir", "model_dir", "inputs", "out"}]   the residual stream SAELens hooks for the SAE at dir (its
+      metadata's model_class_name and hook_name) in the model at model_dir, on token ids "ids"
+  train_saelens: {"acts", "inputs", "out", "d_sae", "k", "widths", "steps", "lr"}   tiny BatchTopK and Matryoshka
+      SAEs trained by SAELens, each saved as its training checkpoint (save_model) and for inference
+      (save_inference_model), with the inference SAE's outputs on x as the reference
+  train_dictionary_learning: {the same}       dictionary_learning's trainers, saved as trainSAE saves (ae.pt + config.json)
+and prints one JSON object of what it found (per job: class, architecture, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _outputs(encode, decode, x: torch.Tensor, out: Path) -> None:
+    with torch.no_grad():
+        latents = encode(x)
+        save_file({"latents": latents.contiguous(), "recons": decode(latents).contiguous()}, str(out))
+
+
+def _inputs(job: dict) -> torch.Tensor:
+    return load_file(job["inputs"])["x"]
+
+
+def load_saelens(job: dict) -> dict:
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(job["dir"], device="cpu", dtype=job.get("dtype", "float32"))
+    _outputs(sae.encode, sae.decode, _inputs(job).to(sae.dtype), Path(job["out"]))
+    return {"class": type(sae).__name__, "architecture": sae.cfg.architecture(), "metadata": sae.cfg.metadata.to_dict()}
+
+
+def load_dictionary_learning(job: dict) -> dict:
+    from dictionary_learning.utils import load_dictionary
+
+    ae, config = load_dictionary(job["dir"], "cpu")
+    _outputs(ae.encode, ae.decode, _inputs(job), Path(job["out"]))
+    return {"class": type(ae).__name__, "dict_class": config["trainer"]["dict_class"]}
+
+
+def saebench(job: dict) -> dict:
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(job["dir"], device="cpu", dtype="float32")
+    sae.fold_W_dec_norm()  # what SAEBench does to pretrained SAEs; our decoder rows are 1/act_scale long
+    _, sae, _ = load_and_format_sae("msae", sae, "cpu")
+    fields = ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "architecture_str")
+    return {name: getattr(sae.cfg, name) for name in fields} | {"W_dec_norm_max_error": (sae.W_dec.norm(dim=1) - 1).abs().max().item()}
+
+
+def hook(job: dict) -> dict:
+    from sae_lens import SAE
+    from sae_lens.load_model import load_model
+
+    meta = SAE.load_from_disk(job["dir"]).cfg.metadata
+    model = load_model(meta.model_class_name, job["model_dir"], device="cpu", hook_names=[meta.hook_name])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(load_file(job["inputs"])["ids"], names_filter=[meta.hook_name])
+    save_file({"acts": cache[meta.hook_name].float().contiguous()}, job["out"])
+    return {"model_class_name": meta.model_class_name, "hook_name": meta.hook_name}
+
+
+def _toy_batches(acts: torch.Tensor, batch: int, steps: int):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        yield acts[torch.randint(0, acts.shape[0], (batch,), generator=g)]
+
+
+def train_saelens(job: dict) -> dict:
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    acts = load_file(job["acts"])["x"]
+    common = dict(d_in=acts.shape[1], d_sae=job["d_sae"], k=job["k"], dtype="float32", device="cpu")
+    saes = {
+        "batchtopk": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)),
+        "matryoshka": MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=job["widths"])),
+    }
+    found = {}
+    for name, sae in saes.items():
+        torch.manual_seed(0)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=job["lr"])
+        for step, batch in enumerate(_toy_batches(acts, 256, job["steps"])):
+            out = sae.training_forward_pass(TrainStepInput(batch, {}, None, step, False))
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        run = Path(job["out"]) / name
+        sae.save_model(run / "checkpoint")
+        sae.save_inference_model(run / "inference")
+        inference = load_saelens({"dir": str(run / "inference"), "inputs": job["inputs"], "out": str(run / "reference.safetensors")})
+        found[name] = {"topk_threshold": sae.topk_threshold.item(), **inference}
+    return found
+
+
+def train_dictionary_learning(job: dict) -> dict:
+    from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
+
+    acts = load_file(job["acts"])["x"]
+    common = dict(steps=job["steps"], activation_dim=acts.shape[1], dict_size=job["d_sae"], k=job["k"], layer=0,
+                  lm_name="toy", lr=job["lr"], warmup_steps=1, threshold_start_step=job["steps"] // 2, seed=0, device="cpu")
+    widths = job["widths"]
+    trainers = {
+        "batchtopk": BatchTopKTrainer(**common),
+        "matryoshka": MatryoshkaBatchTopKTrainer(**common, group_fractions=[(b - a) / widths[-1] for a, b in zip([0, *widths], widths)]),
+    }
+    found = {}
+    for name, trainer in trainers.items():
+        for step, batch in enumerate(_toy_batches(acts, 256, job["steps"])):
+            trainer.update(step, batch)
+        run = Path(job["out"]) / name
+        run.mkdir(parents=True, exist_ok=True)
+        # As dictionary_learning's trainSAE saves a finished SAE.
+        torch.save({key: value.cpu() for key, value in trainer.ae.state_dict().items()}, run / "ae.pt")
+        (run / "config.json").write_text(json.dumps({"trainer": trainer.config}))
+        ae = trainer.ae.eval()
+        _outputs(ae.encode, ae.decode, _inputs(job), run / "reference.safetensors")
+        found[name] = {"threshold": ae.threshold.item(), "group_sizes": trainer.config.get("group_sizes")}
+    return found
+
+
+def main(jobs_path: str) -> None:
+    jobs = json.loads(Path(jobs_path).read_text())
+    report: dict = {}
+    for name, load in (("load_saelens", load_saelens), ("load_dictionary_learning", load_dictionary_learning), ("saebench", saebench), ("hook", hook)):
+        report[name] = {job["dir"]: load(job) for job in jobs.get(name, [])}
+    for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning)):
+        if name in jobs:
+            report[name] = train(jobs[name])
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

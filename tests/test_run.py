@@ -1,0 +1,225 @@
+"""The run directory and its typed files (msae.run, msae.results, msae.records) and the one config mechanism
+(msae.config): records round-trip, configs refuse bad settings with one line, flags rebuild configs, and the
+shipped runs record no machine's paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from msae import jobs
+from msae.cli import main as cli_main
+from msae.config import (TRAIN_SKIP, AnalyzeConfig, ConfigError, Config, ExtractConfig, TrainConfig, TrainJob,
+                         add_config_args, config_from_args, to_flags)
+from msae.records import Record, RecordError
+from msae.results import AbsorptionResult, EvalResult, RunInfo, StoreManifest, TrainMetrics
+from msae.run import Run, RunError, find_runs
+from msae.sae import SAE
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass
+class Inner(Record):
+    name: str
+    """A name."""
+    size: int | None = None
+    """Optional."""
+
+
+@dataclass
+class Outer(Record):
+    inner: Inner
+    """Nested."""
+    items: list[Inner]
+    """A list of them."""
+    by_name: dict[str, Inner]
+    """A dict of them."""
+    widths: tuple[int, ...] = (1, 2)
+    """A tuple."""
+
+
+def test_records_round_trip_nested_and_leave_out_what_is_unknown():
+    rec = Outer(Inner("a", 3), [Inner("b")], {"c": Inner("c", 5)}, (4, 8))
+    data = rec.to_json()
+    assert data == {"inner": {"name": "a", "size": 3}, "items": [{"name": "b"}], "by_name": {"c": {"name": "c", "size": 5}},
+                    "widths": [4, 8]}
+    assert Outer.from_json(data) == rec and Outer.loads(rec.dumps()) == rec
+    assert Outer.from_json({**data, "added_later": 1}) == rec, "a key a newer writer added is ignored"
+    with pytest.raises(RecordError, match=r"Outer.items\[0\]: the field 'name' is missing"):
+        Outer.from_json({**data, "items": [{}]})
+    with pytest.raises(RecordError, match="not valid JSON"):
+        Outer.loads("{")
+
+
+def test_config_validation_names_the_setting():
+    for kwargs, message in [
+        ({"widths": (512, 128)}, "widths must be positive and strictly increasing, got 512,128"),
+        ({"widths": (64, 256), "k": 300}, "k must be between 1 and the largest width 256, got 300"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be positive, got 0"),
+        ({"log_every": 0}, "log_every must be positive"),
+        ({"decay_fraction": 5}, "decay_fraction must be between 0 and 1"),
+        ({"warmup_steps": -10}, "warmup_steps must be at least 0"),
+        ({"device": "banana"}, "device must be auto, cpu, cuda or cuda:N"),
+        ({"dtype": "int8"}, "dtype must be one of float32, float64"),
+        ({"arch": "tree"}, "arch must be one of matryoshka, vanilla"),
+        ({"level_weights": (1.0,), "widths": (8, 16), "k": 4}, "level_weights has 1 entries for 2 widths"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**kwargs)
+    with pytest.raises(ConfigError, match="cache_dtype must be one of float16, bfloat16, float32, got 'int8'"):
+        ExtractConfig(cache_dtype="int8")
+    with pytest.raises(ConfigError, match="ctx_len must be at least 2"):
+        ExtractConfig(ctx_len=1)
+    with pytest.raises(ConfigError, match="outlier_factor must be above 1"):
+        ExtractConfig(outlier_factor=0)
+    with pytest.raises(ConfigError, match="hist_bins must be positive"):
+        AnalyzeConfig(store=AnalyzeConfig().store.__class__(hist_bins=0))
+
+
+def test_flags_rebuild_the_config_they_came_from():
+    job = TrainJob(train=TrainConfig(widths=(64, 256), k=8, also_vanilla=True, lr=1e-3, level_weights=(0.5, 0.5),
+                                     device="cpu"),
+                   extract=ExtractConfig(corpus="notes.txt", tokens=5000, cache_dtype="float32"), eval_contexts=4)
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, TrainJob, skip=TRAIN_SKIP)
+    flags = to_flags(job, skip=TRAIN_SKIP)
+    assert "--also-vanilla" in flags and flags[flags.index("--widths") + 1] == "64,256"
+    again = config_from_args(TrainJob, parser.parse_args(flags), skip=TRAIN_SKIP)
+    assert again == job and again.extract.device == "cpu", "one --device for the LM and the SAEs"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cache-dtype", "int8"])  # a Literal field offers only its choices
+
+
+@dataclass
+class Leaf(Config):
+    k: int = 1
+    """k."""
+
+
+@dataclass
+class Clash(Config):
+    leaf: Leaf
+    """Nested."""
+    k: int = 2
+    """Another k."""
+
+
+def test_nested_configs_may_not_share_a_flag():
+    with pytest.raises(TypeError, match="Clash: k and leaf.k would both be --k"):
+        add_config_args(argparse.ArgumentParser(), Clash)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint-every", "0"], "checkpoint_every must be positive"),
+    (["--cache-dtype", "int8"], None),
+    (["--ctx-len", "0"], "ctx_len must be at least 2"),
+    (["--device", "banana"], "device must be auto, cpu, cuda or cuda:N"),
+    (["--decay-fraction", "5"], "decay_fraction must be between 0 and 1"),
+])
+def test_bad_train_flags_stop_with_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    argv = ["train", "--activations", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "run"), *flags]
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:  # argparse refuses a choice outside a Literal
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    if message:
+        assert err.strip().count("\n") == 0 and message in err
+    else:
+        assert "invalid choice: 'int8'" in err
+    assert not (tmp_path / "run").exists(), "nothing is written for a refused command"
+
+
+def test_a_run_reads_and_writes_every_file_through_records(tmp_path):
+    run = Run(tmp_path / "r")
+    sae = SAE(8, [4, 16], k=2)
+    info = RunInfo(name="matryoshka", train=TrainConfig(widths=(4, 16), k=2), steps_done=3, tokens_seen=30)
+    run.save_sae(sae, info, act_scale=0.5)
+    assert run.exists and run.info() == info and run.name == "r"
+    for step in (1, 2, 3):
+        run.append_metrics(TrainMetrics(step, step * 10, 0.1, 1.0, [0.5, 0.4], [0.9, 0.8], 2.0, 0.0, 0.0, 1e-3))
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "tok')  # a writer killed mid-line
+    assert [m.step for m in run.metrics()] == [1, 2, 3]
+    run.trim_metrics(2)
+    assert [m.step for m in run.metrics()] == [1, 2]
+    assert run.eval() is None
+    result = EvalResult(rows=10, widths=[4, 16], fvu=[0.5, 0.3], explained_variance=[0.5, 0.7], l0=2.0,
+                        dead_fraction=0.1)
+    run.write_eval(result)
+    assert run.eval() == result
+    (run.path / "eval.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="eval.json: cannot be read"):
+        run.eval()
+    assert find_runs(tmp_path) == [run.path]
+    summary = run.summary()
+    assert summary.widths == [4, 16] and summary.steps == 3 and summary.fvu == [0.9, 0.8]
+
+
+def test_source_reads_ours_and_saelens_layouts(tmp_path):
+    ours = Run(tmp_path / "ours")
+    ours.save_sae(SAE(8, [16], k=2), RunInfo())
+    assert ours.source() == (None, None)
+    ours.set_source("smollm2-135m", 3)
+    assert ours.source() == ("smollm2-135m", 3) and ours.load_sae().d_sae == 16
+    cfg = ours.cfg()
+    del cfg["msae"]
+    ours.import_files((ours.path / "sae_weights.safetensors").read_bytes(),
+                      {**cfg, "model_name": "gpt2", "hook_name": "blocks.7.hook_resid_post"})
+    assert ours.source() == ("gpt2", 7)
+
+
+def test_absorption_is_found_where_it_was_measured(tmp_path):
+    shipped = AbsorptionResult.loads((ASSETS / "default" / "matryoshka" / "absorption.json").read_text())
+    pair = tmp_path / "pair"
+    for name in ("matryoshka", "vanilla"):
+        Run(pair / name).save_sae(SAE(8, [16], k=2), RunInfo(name=name))
+    Run(pair / "matryoshka").write_absorption(shipped)
+    assert Run(pair / "vanilla").absorption() is None
+    assert Run(pair / "vanilla").absorption_measured() == shipped, "the pair's result is kept beside it"
+    Run(tmp_path / "alone").save_sae(SAE(8, [16], k=2), RunInfo())
+    assert Run(tmp_path / "alone").absorption_measured() is None
+
+
+def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
+    for name in ("matryoshka", "vanilla"):
+        run = Run(ASSETS / "default" / name)
+        info = run.info()
+        assert info.train is not None and info.extraction.corpus.kind == "builtin"
+        assert [s.package for s in info.extraction.corpus.sources] == ["gensim", "gensim", "pydoc_data"]
+        assert run.eval().fvu and run.metrics()
+        StoreManifest.from_json(json.loads((run.store_dir / "manifest.json").read_text()))
+        for path in run.path.rglob("*.json*"):
+            text = path.read_text()
+            assert "/work/" not in text and "/root/" not in text and "site-packages" not in text, path
+
+
+def test_a_job_is_a_typed_spec_whose_command_rebuilds_it(tmp_path):
+    job = TrainJob(train=TrainConfig(widths=(32, 128), k=8, steps=5, device="cpu"), activations="acts.safetensors")
+    command = jobs.command(tmp_path / "out", job, resume=True)
+    assert command[1:4] == ["-m", "msae.cli", "train"] and command[-1] == "--resume"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true")
+    add_config_args(parser, TrainJob, skip=TRAIN_SKIP)
+    assert config_from_args(TrainJob, parser.parse_args(command[4:]), skip=TRAIN_SKIP) == job
+    record = jobs.JobFile(job=job, pid=123, command=command)
+    assert jobs.JobFile.loads(record.dumps()) == record
+
+
+def test_checkpoint_refuses_to_resume_with_other_settings(tmp_path):
+    from msae.train import TensorBatches, Trainer, TrainingError
+
+    acts = torch.randn(512, 8)
+    cfg = TrainConfig(widths=(4, 16), k=2, steps=4, batch_size=64, device="cpu", checkpoint_every=2)
+    Trainer(cfg, TensorBatches(acts), tmp_path / "run").train()
+    other = TrainConfig(widths=(4, 16), k=2, steps=8, batch_size=64, device="cpu", lr=1e-3)
+    with pytest.raises(TrainingError, match="different settings: lr"):
+        Trainer(other, TensorBatches(acts), tmp_path / "run").train(resume=True)
