@@ -27,7 +27,8 @@ def plot_text(text: str, limit: int = 60) -> str:
     text = text.replace("\n", "↵")
     if len(text) > limit:
         text = text[: limit - 1] + "…"
-    return html.escape(text)
+    # Quotes stay as they are: plotly turns &lt; &gt; &amp; back into characters but shows &quot; as written.
+    return html.escape(text, quote=False)
 
 
 def group_colours(groups: Sequence[int]) -> list[str]:

@@ -129,6 +129,8 @@ class _ShardWriter:
             self.pending_dropped[k] += v
 
     def flush(self, exhausted: bool = False) -> None:
+        # Made at the first write, so an extraction that fails before it leaves no empty cache directory behind.
+        self.cache.mkdir(parents=True, exist_ok=True)
         m = self.manifest
         if self.pending_rows:
             index = len(m["shards"])
@@ -160,6 +162,15 @@ def pad_batch(batch: list[list[int]], length: int, pad_id: int) -> tuple[Tensor,
         ids[i, : len(tokens)] = torch.tensor(tokens)
         mask[i, : len(tokens)] = 1
     return ids, mask
+
+
+def first_non_finite_row(x: Tensor, chunk: int = 1 << 16) -> int | None:
+    """Index of the first row of x (N, d) that holds a NaN or Inf (None when every row is finite); read in chunks."""
+    for start in range(0, x.shape[0], chunk):
+        bad = (~torch.isfinite(x[start : start + chunk])).any(dim=1).nonzero()
+        if bad.numel():
+            return start + int(bad[0])
+    return None
 
 
 def first_shards(shards: list[dict], max_rows: int | None) -> list[dict]:
@@ -217,9 +228,10 @@ def extract(
     writes them in corpus order: the very cache one process writes, stopping after the same batch."""
     from tqdm.auto import tqdm
 
+    corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
     lm = lm or load_lm(cfg.model, cfg.device)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
-    key = cache_key(cfg, layer)
+    key = cache_key(cfg, layer, corpus)
     cache = cache_path_for(key, root)
     manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)
     full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
@@ -230,8 +242,6 @@ def extract(
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
     contexts = corpus_mod.contexts(corpus_mod.documents(cfg.corpus), lm.tokenizer, cfg.ctx_len)
-    if world.main:
-        cache.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=cfg.tokens, initial=manifest["rows"], unit="tok", desc="activations", mininterval=1.0,
                disable=not world.main)
     stopped = False
@@ -334,6 +344,14 @@ class CachedActivations:
             for b in range(n_full):
                 yield buffer[b * batch_size : (b + 1) * batch_size]
             carry = buffer[n_full * batch_size :]
+
+    def check_finite(self) -> None:
+        """Refuse a cache with a NaN or Inf row before training starts, naming the shard file and the row in it
+        (one shard in memory at a time)."""
+        for shard in self.shards:
+            bad = first_non_finite_row(self._load(shard))
+            if bad is not None:
+                raise ValueError(f"{self.cache / shard['file']}: row {bad} holds NaN or Inf; extract the cache again")
 
     def all_rows(self, batch_size: int) -> Iterator[Tensor]:
         """Every row once, in cache order (for evaluation)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from msae import io
-from msae.activations import CachedActivations, extract, extraction_info, read_manifest
+from msae.activations import CachedActivations, extract, extraction_info, first_non_finite_row, read_manifest
 from msae.analysis.analyze import AnalysisError
 from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainJob,
                          add_config_args, config_from_args)
@@ -20,7 +21,7 @@ from msae.io import SAELoadError
 from msae.lm import LMLoadError
 from msae.records import RecordError
 from msae.results import AbsorptionResult, InputFile, RunInfo, StoreManifest
-from msae.run import Run, RunError
+from msae.run import Run, RunError, locked
 from msae.train import TensorBatches, Trainer, TrainingError
 
 class CLIError(Exception):
@@ -28,9 +29,12 @@ class CLIError(Exception):
 
 
 def load_activations_file(path: Path) -> torch.Tensor:
-    """The `activations` tensor (N, d_in) of a safetensors file, checked."""
+    """The `activations` tensor (N, d_in) of a safetensors file, checked: finite, with rows and columns."""
     if not path.exists():
         raise CLIError(f"{path}: no such file")
+    if path.is_dir():
+        raise CLIError(f"{path}: a directory, not a safetensors file")
+    io.refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             if "activations" not in f.keys():
@@ -40,13 +44,24 @@ def load_activations_file(path: Path) -> torch.Tensor:
         raise CLIError(f"{path}: not a readable safetensors file ({exc})") from None
     if acts.ndim != 2 or not acts.is_floating_point():
         raise CLIError(f"{path}: 'activations' must be a 2-D float tensor (N, d_in), got {tuple(acts.shape)} {acts.dtype}")
+    if acts.shape[0] == 0 or acts.shape[1] == 0:
+        raise CLIError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
+    bad = first_non_finite_row(acts)
+    if bad is not None:
+        raise CLIError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows before training")
     return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
 
 def train(job: TrainJob, out: Path, resume: bool = False, world: World = World()) -> dict[str, Path]:
     """Train every SAE of `job` into `out` (from its checkpoint when `resume`) and, when it trained from text,
     evaluate each on the cache's held-out shard; returns the run directories by SAE name. Under several ranks
-    (torchrun) every rank calls this: they extract and train together, the main rank writes, reports and evaluates."""
+    (torchrun) every rank calls this: they extract and train together, the main rank writes, reports and evaluates.
+    The main rank holds `out`'s lock throughout (msae.run.locked): a second training there is refused."""
+    with locked(out) if world.main else contextlib.nullcontext():
+        return _train(job, out, resume, world)
+
+
+def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Path]:
     if job.activations is not None:
         path = Path(job.activations)
         source = TensorBatches(load_activations_file(path))
@@ -55,6 +70,7 @@ def train(job: TrainJob, out: Path, resume: bool = False, world: World = World()
     else:
         cache = extract(job.extract, world=world)
         source = CachedActivations(cache, max_rows=job.extract.tokens)
+        source.check_finite()
         run_info = RunInfo(extraction=extraction_info(cache, job.extract))
     dirs = Trainer(job.train, source, out, run_info=run_info, world=world).train(resume=resume)
     if not world.main:
@@ -176,9 +192,16 @@ def format_analysis(m: StoreManifest) -> str:
     return "\n".join(lines)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag argparse refuses (a choice outside a Literal, a number that is not one) costs one line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msae", description="Matryoshka sparse autoencoders: train, analyse, explore.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="msae", description="Matryoshka sparse autoencoders: train, analyse, explore.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     train = sub.add_parser("train", help="train a Matryoshka and/or vanilla SAE")
     train.add_argument("--out", required=True, help="run directory to write (one SAE) or to hold one per SAE")

@@ -275,14 +275,24 @@ def read_cfg(run_dir: Path | str) -> dict[str, Any]:
     return _read_json(Path(run_dir) / CFG_FILE)
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, on the CPU."""
-    if not path.is_file():
-        raise SAELoadError(f"{path}: missing")
+def refuse_pickle(path: Path) -> None:
+    """Refuse a pickle or torch.save archive where a safetensors file is expected, before anything reads it."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(_PICKLE_MAGIC):
         raise SAELoadError(f"{path}: not a safetensors file (it looks like a pickle / torch.save file, never unpickled here)")
+
+
+def is_temp_file(path: Path) -> bool:
+    """A temp file `_replace_files` writes: a crash between writing and renaming can leave one behind."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, on the CPU."""
+    if not path.is_file():
+        raise SAELoadError(f"{path}: missing")
+    refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}

@@ -24,7 +24,7 @@ from msae.config import TRAIN_SKIP, TrainJob, to_flags
 from msae.io import atomic_write_text
 from msae.records import Record
 from msae.results import TrainMetrics
-from msae.run import METRICS_FILE, Run, checkpoint_path
+from msae.run import METRICS_FILE, Run, checkpoint_path, lock_holder
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -154,6 +154,9 @@ def start(out_dir: Path, job: TrainJob, resume: bool = False) -> JobStatus:
     current = status(out_dir)
     if current is not None and current.running:
         raise JobError(f"{out_dir}: a training is running there already (pid {current.pid})")
+    holder = lock_holder(out_dir)
+    if holder is not None:
+        raise JobError(f"{out_dir} is in use by {holder}")
     has_checkpoint = checkpoint_path(out_dir).exists()
     if resume and not has_checkpoint:
         raise JobError(f"{out_dir}: nothing to resume (no checkpoint yet)")

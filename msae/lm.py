@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,30 @@ def cache_dir() -> Path:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto picks CUDA when it is there."""
+    """auto picks CUDA when it is there; cuda where there is none is refused with a message (ValueError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device here (a CPU build, or no GPU); use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+HUB = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One connection attempt to the Hugging Face hub, so an offline machine is told at once instead of after
+    the hub client's retries (about 40 s). HF_HUB_OFFLINE=1 means no."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(HUB, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -93,6 +114,18 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
+def _in_hub_cache(name: str) -> bool:
+    """The Hugging Face cache holds a download of `name` (so it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 @dataclass
 class LoadedLM:
     """A causal LM ready to hook."""
@@ -123,6 +156,14 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype 
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     source = builtin_model_dir(name) if name in BUILTIN else name
+    local = Path(source)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise LMLoadError(f"{name}: a directory, but not a transformers model (no config.json); give a directory "
+                          f"made with save_pretrained, a built-in model ({', '.join(BUILTIN)}) or a Hugging Face id")
+    if not local.exists() and not _in_hub_cache(name) and not hub_reachable():
+        raise LMLoadError(f"could not load model {name!r}: it is not a local directory, not in the Hugging Face cache, "
+                          f"and the hub is not reachable from here. Use a built-in model ({', '.join(BUILTIN)}) or a "
+                          f"local directory made with save_pretrained.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

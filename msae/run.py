@@ -13,11 +13,16 @@ A training directory (`msae train --out DIR`) is a run itself when it trains one
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -33,6 +38,7 @@ ABSORPTION_FILE = "absorption.json"
 STORE_DIR = "features"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
+LOCK_FILE = ".msae.lock"
 
 R = TypeVar("R", bound=Record)
 
@@ -44,6 +50,66 @@ class RunError(ValueError):
 def checkpoint_path(out_dir: Path | str) -> Path:
     """The resumable state of the training in `out_dir`."""
     return Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+
+class RunInUse(RunError):
+    """Another process holds the directory's lock; the message names it."""
+
+
+def lock_holder(out_dir: Path | str) -> str | None:
+    """Who holds the lock of `out_dir` ("process PID (COMMAND)"), or None when nobody does."""
+    path = Path(out_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path, "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(path)
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+        return f"process {holder['pid']} ({holder['command']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextmanager
+def locked(out_dir: Path | str) -> Iterator[Path]:
+    """Own a directory for writing: an exclusive lock on OUT/.msae.lock (flock, so the OS releases it when the
+    process dies and kill -9 leaves nothing stale). A second writer is refused with RunInUse naming the holder.
+    While it holds the lock it sweeps temp files a crash left; a directory it created and that holds nothing but
+    the lock when it is released (a run that failed before writing anything) is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir} is a file, not a directory: pick another --out")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise RunError(f"{out_dir}: cannot write there ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, stop "
+                           f"it, or pick another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)}))
+        f.flush()
+        for stale in [p for pattern in ("*", "*/*") for p in out_dir.glob(pattern) if io.is_temp_file(p)]:
+            stale.unlink(missing_ok=True)
+        yield out_dir
+    finally:
+        f.close()
+        if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 _HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -308,14 +308,36 @@ class Trainer:
                     if key in opt_state:
                         tensors[f"{s.name}/adam/{pname}/{key}"] = opt_state[key].reshape(-1)
             tensors[f"{s.name}/tokens_since_fired"] = s.tokens_since_fired
-        meta = {"step": self.step, "scale": self.scale, "config": self.cfg.to_json(), "world_size": self.world.size}
+        meta = {"step": self.step, "scale": self.scale, "config": self.cfg.to_json(), "world_size": self.world.size,
+                "input": self._input_id(), "d_in": self.source.d_in}
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         io.atomic_save_safetensors(tensors, self.checkpoint_path, metadata={"msae": json.dumps(meta)})
 
+    def _input_id(self) -> str | None:
+        """What the run trains on: the activations file's content hash, or the activation cache's id."""
+        info = self.run_info
+        if info.activations is not None:
+            return f"sha256:{info.activations.sha256}"
+        return f"cache:{info.extraction.cache_id}" if info.extraction is not None else None
+
     def load_checkpoint(self) -> None:
+        try:
+            self._load_checkpoint()
+        except (SafetensorError, KeyError, ValueError) as exc:
+            raise TrainingError(f"--resume: {self.checkpoint_path} cannot be read ({type(exc).__name__}: {exc}); "
+                                f"it is damaged (a disk error or a copy cut short): start a new run") from None
+
+    def _load_checkpoint(self) -> None:
         with safe_open(str(self.checkpoint_path), framework="pt") as f:
             meta = json.loads(f.metadata()["msae"])
+            saved_input = meta.get("input")
+            if saved_input is not None and saved_input != self._input_id():
+                raise TrainingError(f"--resume: the checkpoint was trained on other activations ({saved_input}) than "
+                                    f"these ({self._input_id()}); resume it on its own input or start a new run")
+            if meta.get("d_in", self.source.d_in) != self.source.d_in:
+                raise TrainingError(f"--resume: the checkpoint's SAEs read d_in={meta['d_in']} but these activations "
+                                    f"have d_in={self.source.d_in}")
             saved = TrainConfig.from_json(meta["config"])
             may_change = ("steps", "checkpoint_every", "log_every", "device")
             diff = [f.name for f in dataclasses.fields(TrainConfig)

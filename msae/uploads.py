@@ -143,11 +143,14 @@ def read_prompts(name: str, data: bytes, limit: int) -> tuple[list[str], int]:
 def save_corpus_upload(name: str, data: bytes, dest_dir: Path) -> Path:
     """An uploaded training corpus, checked like `msae train --corpus` reads it, saved as dest_dir/corpus.<ext>."""
     dest_dir = Path(dest_dir)
+    created = not dest_dir.exists()
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / f"corpus{Path(name).suffix.lower()}"
     try:
         _documents(name, data, SUPPORTED_SUFFIXES, path)
     except UploadError:
         path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(dest_dir, ignore_errors=True)  # nothing of a refused upload stays behind
         raise
     return path

@@ -437,7 +437,7 @@ def test_compare_runs_one_text_through_both_saes(env, lm):
 
 def test_prompts_highlight_heatmap_paths_and_csv(env, lm, media):
     at = ok(open_page("pages/5_Prompts.py", env["matryoshka"]))
-    text = "Hello <b>x</b> and <script>alert('x')</script> in Vienna."
+    text = 'Hello <b>x</b> and <script>alert(\'x\')</script> in "Vienna".'
     at.text_area(key="prompt_text").input(text).run()
     ok(at)
     body = html_of(at)
@@ -447,7 +447,10 @@ def test_prompts_highlight_heatmap_paths_and_csv(env, lm, media):
     want = text_latents(lm, [sae], 15, text)
     assert len(re.findall(r'class="msae-tok[ "]', body)) == len(want.tokens) and "msae-active" in body
 
-    heat = figures(at)[0]["data"][0]
+    fig = figures(at)[0]
+    heat = fig["data"][0]
+    ticks = fig["layout"]["xaxis"]["ticktext"]
+    assert "&quot;" not in "".join(ticks) and any('"' in t for t in ticks), "quotes are escaped once, not twice"
     top = at.dataframe[0].value
     dense = want.dense(0, sae.d_sae)
     torch.testing.assert_close(torch.tensor(heat["z"]), dense[:, torch.tensor(top["latent"].to_numpy())].T, atol=1e-5, rtol=1e-4)
@@ -538,8 +541,14 @@ def test_train_runs_in_the_background_and_the_runs_appear(env, acts_file):
     assert "finished" in at.markdown[0].value
     assert {out / "matryoshka", out / "vanilla"} <= set(find_runs(state.write_dir()))
 
-    at = ok(open_page("pages/6_Train.py", env["matryoshka"]))  # a new session finds the job again
-    assert at.selectbox(key="job").value == str(out)
+    # A second training from the same session: the page switches to it (its selectbox was there already).
+    fill_training(at, "toy2", acts_file, steps=20, checkpoint_every=20).button(key="train_start").click().run()
+    second = state.write_dir() / "toy2"
+    assert ok(at).session_state["job"] == str(second) and at.selectbox(key="job").value == str(second)
+    assert wait(second, lambda s: not s.running).state == "finished", jobs.log_tail(second)
+
+    at = ok(open_page("pages/6_Train.py", env["matryoshka"]))  # a new session finds the jobs again, newest first
+    assert at.selectbox(key="job").value == str(second) and state.short_name(out) in at.selectbox(key="job").options
     fill_training(at, "toy", acts_file, steps=40, checkpoint_every=20).button(key="train_start").click().run()
     assert "exists already" in ok(at).error[0].value
     at.text_input(key="train_name").input("bad").run()

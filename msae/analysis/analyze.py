@@ -20,7 +20,7 @@ from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConf
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, load_lm
 from msae.results import AbsorptionResult, AgainstSummary, ExtractionInfo, HierarchySummary, LevelSummary, StoreManifest
-from msae.run import Run, RunError
+from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
 
@@ -94,9 +94,14 @@ def analyze(
     cache: Path | None = None,
 ) -> StoreManifest:
     """Analyse a run (and its relation to `against` runs); writes RUN_DIR/features (and absorption.json) and
-    returns the store's manifest. `cache` overrides the activation cache the run recorded."""
-    acfg = acfg or AnalyzeConfig()
-    run = Run(run_dir)
+    returns the store's manifest. `cache` overrides the activation cache the run recorded. The run's lock is held
+    throughout: a second analysis of it is refused."""
+    with locked(run_dir):
+        return _analyze(Run(run_dir), against, acfg or AnalyzeConfig(), lm, progress, cache)
+
+
+def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: LoadedLM | None,
+             progress: Callable[[str, int, int], None] | None, cache: Path | None) -> StoreManifest:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sae = _load(run, acfg.device)
