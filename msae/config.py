@@ -223,21 +223,30 @@ class TrainConfig(Config):
     decay_fraction: float = 0.2
     """Linear decay of the learning rate to zero over this final fraction of the steps."""
     level_weights: tuple[float, ...] | None = None
-    """Weight of each nested width's reconstruction loss (the balance multipliers); None is uniform 1/G."""
+    """Weight of each nested width's reconstruction loss; None is uniform 1/G (or `balance`'s)."""
+    balance: float | None = None
+    """Balance Matryoshka (Chanin et al. 2025, arXiv 2505.11756, their code's inner-loss multipliers): the full width's
+    loss weighs 1 and nested level g of G (0-based) m^(G-1-g), so m < 1 lets the wider levels pull the narrow ones
+    away from hedging; losses are summed. None: off."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK loss."""
     k_aux: int | None = None
     """Dead latents used by AuxK per token; None gives d_in // 2."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead (for AuxK and the dead fraction)."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens counts as dead (for AuxK and the dead fraction); None gives
+    the smaller of 10M tokens (Gao et al.) and a tenth of the run's tokens, so AuxK acts in short runs too."""
     l1_coeff: float = 1e-3
     """L1 penalty on latent activations; used only with activation=relu."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of each SAE to this."""
-    threshold_beta: float = 0.999
-    """EMA decay of BatchTopK's inference threshold θ (the smallest positive activation of each batch)."""
+    threshold_beta: float = 0.99
+    """EMA decay of the running estimate of BatchTopK's inference threshold θ (the smallest kept activation of each
+    batch; SAELens's rate 0.01). The saved θ is calibrated at the end (threshold_batches)."""
     threshold_start_step: int | None = None
-    """First step that updates θ; None gives min(1000, steps // 10)."""
+    """First step that updates the running θ; None gives min(100, steps // 20)."""
+    threshold_batches: int = 8
+    """The last training batches that θ is calibrated on at the end: inference with θ then gives BatchTopK's L0
+    on them exactly (0: keep the running estimate)."""
     seed: int = 0
     """Seeds initialisation and the order of batches."""
     checkpoint_every: int = 1000
@@ -265,8 +274,12 @@ class TrainConfig(Config):
                    f"level_weights has {len(self.level_weights)} entries for {len(w)} widths")
             _check(all(v >= 0 for v in self.level_weights) and sum(self.level_weights) > 0,
                    f"level_weights must be non-negative and not all zero, got {self.level_weights}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "dead_tokens"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.dead_tokens is None or self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens}")
+        _check(self.threshold_batches >= 0, f"threshold_batches must be at least 0, got {self.threshold_batches}")
+        _check(self.balance is None or self.balance >= 0, f"balance must be at least 0, got {self.balance}")
+        _check(self.balance is None or self.level_weights is None, "give level_weights or balance, not both")
         _check(0 <= self.decay_fraction <= 1, f"decay_fraction must be between 0 and 1, got {self.decay_fraction}")
         for name in ("warmup_steps", "threshold_start_step", "k_aux"):
             value = getattr(self, name)
@@ -285,7 +298,24 @@ class TrainConfig(Config):
 
     @property
     def threshold_start(self) -> int:
-        return min(1000, self.steps // 10) if self.threshold_start_step is None else self.threshold_start_step
+        return min(100, self.steps // 20) if self.threshold_start_step is None else self.threshold_start_step
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens without firing after which a latent is dead."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(1, min(10_000_000, self.steps * self.batch_size // 10))
+
+    def level_weights_for(self, n_levels: int) -> tuple[float, ...]:
+        """The reconstruction-loss weight of each nested level (one level: 1)."""
+        if n_levels == 1:
+            return (1.0,)
+        if self.level_weights is not None:
+            return self.level_weights
+        if self.balance is not None:
+            return tuple(float(self.balance ** (n_levels - 1 - g)) for g in range(n_levels))
+        return (1.0 / n_levels,) * n_levels
 
     def sae_specs(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, widths) of every SAE this run trains."""

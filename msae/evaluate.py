@@ -13,19 +13,24 @@ from torch import Tensor
 from msae.activations import CachedActivations, heldout_contexts, read_manifest
 from msae.lm import LoadedLM, decoder_layers
 from msae.results import EvalResult
+from msae.train import group_l0
 from msae.run import Run
 from msae.sae import SAE
+
+
+FREQ_QUANTILES = (0.1, 0.5, 0.9)
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
     """FVU and explained variance (1 - FVU, against the mean) at every nested width, L0 and the fraction of
-    latents that never fired, over all rows of `batches` (raw activations, SAE in eval mode)."""
+    latents that never fired, over all rows of `batches` (raw activations, SAE in eval mode); per nested group, its
+    part of the L0, its latents' firing-frequency quantiles and the share that fire once per 100k tokens."""
     sae.eval()
     sq_err = None
     n_rows, total_active = 0, 0
     sums, sq_sums = None, None
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    firings = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
     for x in batches:
         x = x.to(sae.W_dec.device, sae.W_dec.dtype)
         out = sae(x)
@@ -35,13 +40,20 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
         sq_sums = x.double().pow(2).sum() if sq_sums is None else sq_sums + x.double().pow(2).sum()
         n_rows += x.shape[0]
         total_active += out.entries.vals.numel()
-        fired[out.entries.cols] = True
+        firings += torch.bincount(out.entries.cols, minlength=sae.d_sae)
     if n_rows == 0:
         raise ValueError("no held-out rows to evaluate on")
     total_var = sq_sums - sums.pow(2).sum() / n_rows
     fvu = (sq_err / total_var).tolist()
+    freq = firings.double().cpu() / n_rows
+    groups = sae.group_of(torch.arange(sae.d_sae, device=sae.W_dec.device)).cpu()
+    per_group = [freq[groups == g] for g in range(sae.n_groups)]
+    q = torch.tensor(FREQ_QUANTILES, dtype=torch.float64)
     return EvalResult(rows=n_rows, widths=list(sae.widths), fvu=fvu, explained_variance=[1 - v for v in fvu],
-                      l0=total_active / n_rows, dead_fraction=1 - fired.float().mean().item())
+                      l0=total_active / n_rows, dead_fraction=(firings == 0).double().mean().item(),
+                      l0_per_group=group_l0(sae, firings, n_rows), freq_quantiles=list(FREQ_QUANTILES),
+                      freq_quantiles_per_group=[torch.quantile(f, q).tolist() for f in per_group],
+                      alive_per_100k_per_group=[(f >= 1e-5).double().mean().item() for f in per_group])
 
 
 def _lm_loss(lm: LoadedLM, ids: Tensor, mask: Tensor) -> Tensor:

@@ -90,6 +90,24 @@ class ExtractionInfo(Record):
 
 
 @dataclass
+class ThresholdInfo(Record):
+    """How a BatchTopK SAE's inference threshold θ was set."""
+
+    theta: float
+    """The saved θ (on scaled activations: the training's scale)."""
+    running_theta: float
+    """The running estimate (an EMA of each batch's smallest kept activation) at the end of training."""
+    rows: int
+    """Held-in rows θ was calibrated on (the training batches after the last step); 0: θ is the running estimate."""
+    l0_batchtopk: float | None = None
+    """BatchTopK's L0 on those rows."""
+    l0_theta: float | None = None
+    """Inference L0 with θ on those rows."""
+    exact: bool = True
+    """Every batch kept fewer than 2·k·B activations above θ, so θ is the exact global cut (else an estimate)."""
+
+
+@dataclass
 class RunInfo(Record):
     """Our fields of a run's cfg.json (under "msae", beside SAELens's)."""
 
@@ -114,6 +132,8 @@ class RunInfo(Record):
     """The activations file, for a run trained from a tensor (`--activations`)."""
     toy: dict[str, Any] | None = None
     """The toy hierarchy's definition, for a toy run (msae.toy.toy_info)."""
+    threshold: ThresholdInfo | None = None
+    """How θ was set (BatchTopK runs)."""
 
 
 # ------------------------------------------------------------------------------------------ metrics.jsonl, eval.json
@@ -143,6 +163,8 @@ class TrainMetrics(Record):
     """Share of latents that have not fired for `dead_tokens` tokens."""
     lr: float
     """The step's learning rate."""
+    l0_per_group: list[float] | None = None
+    """Active latents per row within each nested group (they sum to l0): how the L0 is shared out."""
 
 
 @dataclass
@@ -161,6 +183,14 @@ class EvalResult(Record):
     """Active latents per row, at inference (θ for BatchTopK)."""
     dead_fraction: float
     """Share of latents that never fired on the held-out rows."""
+    l0_per_group: list[float] | None = None
+    """Active latents per row within each nested group (they sum to l0)."""
+    freq_quantiles: list[float] | None = None
+    """The quantiles of a latent's firing frequency that freq_quantiles_per_group reports (0.1, 0.5, 0.9)."""
+    freq_quantiles_per_group: list[list[float]] | None = None
+    """Per nested group, those quantiles of its latents' firing frequencies (firings / rows)."""
+    alive_per_100k_per_group: list[float] | None = None
+    """Per nested group, the share of its latents that fire at least once per 100k held-out tokens."""
     layer: int | None = None
     """The layer spliced for CE loss recovered."""
     tokens: int | None = None

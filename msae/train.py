@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from msae import io
+from msae import io, sparse
 from msae.config import TrainConfig
 from msae.distributed import DataParallelSAE, RankLost, World
-from msae.results import RunInfo, TrainMetrics
+from msae.results import RunInfo, ThresholdInfo, TrainMetrics
 from msae.run import Run, checkpoint_path
 from msae.lm import resolve_device
 from msae.sae import SAE, default_lr
@@ -113,23 +113,53 @@ def make_state(name: str, widths: tuple[int, ...], d_in: int, cfg: TrainConfig, 
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     fused = device.type == "cuda" or dtype in (torch.float32, torch.float64)
     optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=cfg.adam_betas, fused=fused)
-    if len(widths) == 1:
-        weights = torch.ones(1)
-    elif cfg.level_weights is not None:
-        weights = torch.tensor(cfg.level_weights)
-    else:
-        weights = torch.full((len(widths),), 1.0 / len(widths))
+    weights = torch.tensor(cfg.level_weights_for(len(widths)))
     return SAEState(
         name, sae, optimizer, base_lr, weights.to(device, dtype), torch.zeros(sae.d_sae, dtype=torch.long, device=device),
         world,
     )
 
 
+@torch.no_grad()
+def calibrate_threshold(sae: SAE, batches: list[Tensor], k: int, world: World = World()) -> ThresholdInfo:
+    """Set the SAE's θ so that inference (pre > θ) keeps as many activations on `batches` (held-in, scaled rows:
+    this rank's part of each) as BatchTopK keeps: θ is the (T+1)-th largest positive pre-activation over all their
+    rows, T the number BatchTopK keeps. The candidates are each batch's 2·k·B largest values, enough unless one batch
+    holds over twice its share of the top T (checked, and recorded as `exact`)."""
+    running = float(sae.threshold.max())
+    x_parts = [x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec for x in batches]
+    per_batch, kept, rows = [], 0, 0
+    for x_c in x_parts:
+        n = 2 * k * x_c.shape[0]
+        vals = sparse.select_batchtopk(x_c, sae.W_enc.detach(), sae.b_enc.detach(), 2 * k).vals.float()
+        kept += min(k * x_c.shape[0], vals.numel())
+        per_batch.append(torch.cat([vals, vals.new_full((n - vals.numel(),), -math.inf)]))  # (2kB,) padded
+        rows += x_c.shape[0]
+    cand_NC = world.gather(torch.stack(per_batch))  # (ranks, batches, 2kB)
+    kept, rows = (int(v) for v in world.sum_(torch.tensor([kept, rows], device=cand_NC.device)).tolist())
+    ordered = cand_NC.flatten().sort(descending=True).values
+    theta = float(ordered[kept]) if kept < ordered.numel() and math.isfinite(float(ordered[kept])) else 0.0
+    theta = max(theta, 0.0)
+    exact = bool((cand_NC > theta).sum(dim=-1).lt(cand_NC.shape[-1]).all())
+    sae.threshold.fill_(theta)
+    l0_theta = int((cand_NC > theta).sum()) / max(rows, 1)
+    return ThresholdInfo(theta=theta, running_theta=running, rows=rows, l0_batchtopk=kept / max(rows, 1),
+                         l0_theta=l0_theta, exact=exact)
+
+
+def group_l0(sae: SAE, firings: Tensor, n_rows: int) -> list[float]:
+    """Active latents per row within each nested group, from the firings of every latent (d_sae,) over n_rows
+    rows; the groups' figures sum to the L0."""
+    groups = sae.group_of(torch.arange(sae.d_sae, device=sae.W_dec.device)).to(firings.device)
+    per_group = torch.zeros(sae.n_groups, dtype=torch.float64, device=firings.device).index_add_(0, groups, firings.double())
+    return (per_group / max(n_rows, 1)).tolist()
+
+
 def sae_step(state: SAEState, x: Tensor, step: int, cfg: TrainConfig) -> dict[str, Any]:
     """One optimiser step of one SAE on batch x (already scaled; this rank's rows of it under several ranks, whose
     figures and gradients are then the whole batch's); returns its metrics for this step."""
     sae, world = state.sae, state.world
-    dead = state.dead_mask(cfg.dead_tokens)
+    dead = state.dead_mask(cfg.dead_window)
     out = sae(x, dead_mask=dead, k_aux=cfg.k_aux)
     loss = (state.level_weights * out.mse).sum() + cfg.aux_coeff * out.aux_loss
     if sae.activation == "relu":
@@ -163,6 +193,7 @@ def sae_step(state: SAEState, x: Tensor, step: int, cfg: TrainConfig) -> dict[st
         "mse": out.mse.detach().tolist(),
         "fvu": out.fvu.detach().tolist(),
         "l0": out.l0.item(),
+        "l0_per_group": group_l0(sae, counts[:-1], int(counts[-1])),
         "aux_loss": out.aux_loss.item(),
         "dead_fraction": dead.float().mean().item(),
         "lr": state.optimizer.param_groups[0]["lr"],
@@ -204,6 +235,7 @@ class Trainer:
         ]
         self.step = 0
         self.checkpoint_step = 0
+        self.thresholds: dict[str, ThresholdInfo | None] = {}
         self.scale: float | None = None
 
     def run_dir(self, name: str) -> Path:
@@ -262,12 +294,24 @@ class Trainer:
                     bar.set_postfix({n: f"fvu {m['fvu'][-1]:.3f}" for n, m in metrics.items()})
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
+            held_in = [next(batches)[part].to(self.device, self.dtype) * self.scale
+                       for _ in range(self.cfg.threshold_batches)]
+            self.thresholds = {s.name: self._set_threshold(s, held_in) for s in self.states}
         except RankLost as exc:
             raise TrainingError(f"step {self.step}: {exc}; the last checkpoint is at step {self.checkpoint_step}: "
                                 f"run the same command with --resume to continue from it") from None
         finally:
             bar.close()
         return {s.name: self.save_run(s) for s in self.states}
+
+    def _set_threshold(self, state: SAEState, held_in: list[Tensor]) -> ThresholdInfo | None:
+        """Calibrate a BatchTopK SAE's θ on the held-in batches (after the checkpoint: it keeps the running θ)."""
+        if state.sae.activation != "batchtopk":
+            return None
+        if not held_in:
+            theta = float(state.sae.threshold.max())
+            return ThresholdInfo(theta=theta, running_theta=theta, rows=0)
+        return calibrate_threshold(state.sae, held_in, self.cfg.k, self.world)
 
     def _log(self, metrics: dict[str, dict[str, Any]], elapsed: float) -> None:
         if not self.world.main:
@@ -284,11 +328,12 @@ class Trainer:
         run = Run(self.run_dir(state.name))
         if not self.world.main:
             return run.path
-        dead = state.dead_mask(self.cfg.dead_tokens)
+        dead = state.dead_mask(self.cfg.dead_window)
         info = dataclasses.replace(
             self.run_info, name=state.name, train=self.cfg, steps_done=self.step,
             tokens_seen=self.step * self.cfg.batch_size, act_scale=self.scale,
-            dead_fraction=dead.float().mean().item(), world_size=self.world.size)
+            dead_fraction=dead.float().mean().item(), world_size=self.world.size,
+            threshold=self.thresholds.get(state.name))
         run.save_sae(state.sae, info, act_scale=self.scale)
         return run.path
 

@@ -229,6 +229,9 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
     assert json.loads(lines[-1])["step"] == 12
     held = json.loads((tmp_path / "run" / "matryoshka" / "eval.json").read_text())
     assert len(held["fvu"]) == 2 and held["rows"] > 0 and 0 < held["l0"]
+    assert sum(held["l0_per_group"]) == pytest.approx(held["l0"]) and len(held["alive_per_100k_per_group"]) == 2
+    assert all(a <= b <= c for a, b, c in held["freq_quantiles_per_group"])
+    assert cfg["msae"]["threshold"]["rows"] > 0, "θ was calibrated on held-in rows"
     assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
     assert "CE loss recovered" in capsys.readouterr().out
 

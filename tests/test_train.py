@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from msae import io
 from msae.cli import main as cli_main
+from msae.run import Run
 from msae.sae import SAE
 from msae.config import TrainConfig
 from msae.train import TensorBatches, Trainer, TrainingError, geometric_median, lr_at
@@ -179,6 +180,65 @@ def test_cli_rejects_bad_activation_files(tmp_path, capsys, tensors, message):
 
 def test_cli_rejects_a_file_that_is_not_safetensors(tmp_path, capsys):
     path = tmp_path / "bad.safetensors"
-    path.write_bytes(b"\x80\x04not safetensors at all")
+    path.write_bytes(b"not safetensors at all")  # a pickle header is refused as a pickle (test_bad_input.py)
     assert cli_main(["train", "--activations", str(path), "--out", str(tmp_path / "r")]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def _l0_with_theta_and_batchtopk(run_dir, x):
+    """Inference L0 of a saved run with its θ, and BatchTopK's L0, on rows x."""
+    sae = Run(run_dir).load_sae(dtype=torch.float64)
+    with_theta = sae.select(x.double()).vals.numel() / x.shape[0]
+    sae.threshold.fill_(-1.0)  # an unset θ: inference falls back to BatchTopK over the batch
+    return with_theta, sae.select(x.double()).vals.numel() / x.shape[0]
+
+
+def test_theta_is_calibrated_to_batchtopk_l0_where_the_old_ema_was_not(tmp_path):
+    """A short run (150 steps): the calibrated θ gives BatchTopK's L0 within 2% on held-in rows it was not
+    calibrated on; the old running estimate (EMA β 0.999 from step steps/10, no calibration) misses by more."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.randn(96, 32, generator=g)
+    def sample(n):
+        codes = torch.rand(n, 96, generator=g).lt(0.06).double() * torch.rand(n, 96, generator=g).double()
+        return codes @ basis.double() + 0.05 * torch.randn(n, 32, generator=g).double()
+    train, fresh = sample(40_000), sample(8192)
+    common = dict(widths=(32, 128), k=6, steps=150, batch_size=512, device="cpu", dtype="float64", lr=3e-3)
+    new = Trainer(TrainConfig(**common), TensorBatches(train), tmp_path / "new").train()["matryoshka"]
+    old = Trainer(TrainConfig(**common, threshold_beta=0.999, threshold_start_step=15, threshold_batches=0),
+                  TensorBatches(train), tmp_path / "old").train()["matryoshka"]
+    info = Run(new).info().threshold
+    assert info.rows == 8 * 512 and info.exact and info.l0_theta == pytest.approx(info.l0_batchtopk, abs=1e-9)
+    theta_l0, topk_l0 = _l0_with_theta_and_batchtopk(new, fresh)
+    assert abs(theta_l0 / topk_l0 - 1) < 0.02, (theta_l0, topk_l0)
+    old_theta_l0, old_topk_l0 = _l0_with_theta_and_batchtopk(old, fresh)
+    assert abs(old_theta_l0 / old_topk_l0 - 1) > 0.02, (old_theta_l0, old_topk_l0)
+    assert Run(old).info().threshold.rows == 0
+
+
+def test_a_dead_latent_gets_gradient_through_auxk_and_the_dead_window_scales_with_the_run():
+    assert TrainConfig(steps=1000, batch_size=4096).dead_window == 409_600, "a tenth of a 4.1M-token run"
+    assert TrainConfig(steps=100_000, batch_size=4096).dead_window == 10_000_000
+    sae = SAE(D_IN, [16, 64], k=4, dtype=torch.float64)
+    x = toy_acts(n=256).double()
+    with torch.no_grad():  # latent 5: a small positive pre-activation everywhere, never among the top k
+        sae.W_enc[:, 5] = 0.0
+        sae.b_enc[5] = 1e-3
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[5] = True
+    out = sae(x, dead_mask=dead, k_aux=8)
+    assert 5 not in out.entries.cols.tolist()
+    out.aux_loss.backward()
+    assert sae.W_dec.grad[5].abs().sum() > 0 and sae.W_enc.grad[:, 5].abs().sum() > 0
+    assert sae.W_dec.grad[6:].abs().sum() == 0, "AuxK reaches only the dead latents"
+
+
+def test_balance_weights_follow_the_paper_and_per_group_l0_adds_up(tmp_path):
+    cfg = TrainConfig(widths=(8, 16, 32, 64), k=4, balance=0.5)
+    assert cfg.level_weights_for(4) == (0.125, 0.25, 0.5, 1.0)
+    assert TrainConfig(widths=(8, 64), k=4).level_weights_for(2) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(widths=(8, 64), k=4, balance=0.5, level_weights=(1.0, 1.0))
+    run = Trainer(TrainConfig(widths=(16, 64), k=4, steps=6, batch_size=128, device="cpu", log_every=2,
+                              balance=0.25), TensorBatches(toy_acts(n=1024)), tmp_path / "b").train()["matryoshka"]
+    for m in Run(run).metrics():
+        assert len(m.l0_per_group) == 2 and sum(m.l0_per_group) == pytest.approx(m.l0)
