@@ -32,8 +32,9 @@ class Config(Record):
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of range. Subclasses add their checks."""
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            choices = _literal_choices(typing.get_type_hints(type(self))[f.name])
+            choices = _literal_choices(hints[f.name])
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -46,8 +46,8 @@ elif store is not None:
     st.info("This store has no splitting figures (a single-width SAE analysed without `--against`).")
 
 st.header("FVU per nested width against L0")
-points = [p for p in [tables.l0_fvu_point(Run(run), manifest), *map(tables.l0_fvu_point, map(Run, compared.values()))]
-          if p is not None]
+shown = [tables.l0_fvu_point(Run(run), manifest), *(tables.l0_fvu_point(Run(p)) for p in compared.values())]
+points = [p for p in shown if p is not None]
 if points:
     st.plotly_chart(figures.fvu_l0_figure(points))
     st.caption("Reading: each point is one nested dictionary (its width beside it), held-out FVU where measured; "

@@ -347,3 +347,16 @@ def test_bad_weights_are_refused_by_every_command_that_reads_them(tmp_path, caps
         refused(["export", str(run), "--to", "saelens", str(tmp_path / f"{problem}-out")], capsys, message)
         refused(["analyze", str(run), "--no-absorption"], capsys, message)
         assert not (tmp_path / f"{problem}-out").exists()
+
+
+def test_a_refused_corpus_upload_leaves_no_run_directory(tmp_path):
+    from msae.uploads import UploadError, save_corpus_upload
+
+    for name, data in (("bad.txt", b"caf\xe9\n"), ("empty.txt", b""), ("data.bin", b"\x00\x01")):
+        with pytest.raises(UploadError):
+            save_corpus_upload(name, data, tmp_path / "new-run")
+        assert not (tmp_path / "new-run").exists(), name
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UploadError):
+        save_corpus_upload("bad.txt", b"caf\xe9\n", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir(), "a directory that was there before stays"
