@@ -7,6 +7,9 @@ GENSIM ?= 4.4.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msae-installed
 
+TAXONOMY := assets/taxonomy/smollm2-135m-wordnet.json
+WORDNET := $(wildcard /usr/share/wordnet/data.noun)
+
 .PHONY: app test bench setup browser clean
 
 $(BIN)/python:
@@ -38,7 +41,12 @@ browser:
 	  echo "warning: apt-get could not install chromium; the browser test will be skipped"; \
 	fi
 
-test: setup browser
+# WordNet's noun taxonomy as SmolLM2 token sets ships in assets/; where Debian's wordnet-base is installed and newer,
+# it is built again from it (msae taxonomy).
+$(TAXONOMY): $(WORDNET) | $(STAMP)
+	$(BIN)/msae taxonomy --out $@
+
+test: setup browser $(TAXONOMY)
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -120,6 +120,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_taxonomy(args: argparse.Namespace) -> int:
+    from msae import taxonomy
+    from msae.lm import load_lm
+
+    built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(args.data_noun)), load_lm(args.model, "cpu").tokenizer,
+                                    args.model, args.min_tokens, source=f"WordNet 3.0 {Path(args.data_noun).name}")
+    taxonomy.write_taxonomy(built, Path(args.out))
+    print(f"{args.out}: {len(built.categories):,} categories with >= {args.min_tokens} single-token words")
+    return 0
+
+
 def cmd_corpus(args: argparse.Namespace) -> int:
     from msae.corpus import corpus_info
     from msae.lm import load_lm
@@ -231,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     absorption_parser.add_argument("--layer", type=int, help="layer, when cfg.json does not record it")
     add_config_args(absorption_parser, AbsorptionConfig)
     absorption_parser.set_defaults(func=cmd_absorption)
+
+    tax = sub.add_parser("taxonomy", help="WordNet's noun hierarchy as token sets of a model's vocabulary")
+    tax.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")
+    tax.add_argument("--data-noun", default="/usr/share/wordnet/data.noun", help="WordNet's data.noun (wordnet-base)")
+    tax.add_argument("--min-tokens", type=int, default=5, help="smallest category kept (default: 5)")
+    tax.add_argument("--out", required=True, help="the JSON to write")
+    tax.set_defaults(func=cmd_taxonomy)
 
     export_parser = sub.add_parser("export", help="write a run in SAELens's or dictionary_learning's layout")
     from msae import export
