@@ -129,8 +129,11 @@ def calibrate_threshold(sae: SAE, batches: list[Tensor], k: int, world: World = 
     running = float(sae.threshold.max())
     x_parts = [x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec for x in batches]
     per_batch, kept, rows = [], 0, 0
+    # Every rank pads its candidates to the largest rank's count: the all-gather needs one shape (an odd batch
+    # splits into parts one row apart).
+    local_rows = max((x_c.shape[0] for x_c in x_parts), default=0)
+    n = 2 * k * int(world.gather(torch.tensor([local_rows], device=sae.W_dec.device)).max())
     for x_c in x_parts:
-        n = 2 * k * x_c.shape[0]
         vals = sparse.select_batchtopk(x_c, sae.W_enc.detach(), sae.b_enc.detach(), 2 * k).vals.float()
         kept += min(k * x_c.shape[0], vals.numel())
         per_batch.append(torch.cat([vals, vals.new_full((n - vals.numel(),), -math.inf)]))  # (2kB,) padded
