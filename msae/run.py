@@ -156,10 +156,10 @@ class Run:
         """cfg.json as stored (SAELens's fields and ours)."""
         return io.read_cfg(self.path)
 
-    def info(self) -> RunInfo:
-        """Our fields of cfg.json (all None for an SAE trained elsewhere)."""
+    def info(self, cfg: dict[str, Any] | None = None) -> RunInfo:
+        """Our fields of cfg.json (all None for an SAE trained elsewhere); `cfg` saves reading it again."""
         try:
-            return RunInfo.from_json(self.cfg().get("msae") or {})
+            return RunInfo.from_json((cfg if cfg is not None else self.cfg()).get("msae") or {})
         except RecordError as exc:
             raise RunError(f"{self.path / CFG_FILE}: {exc}") from None
 
@@ -273,9 +273,9 @@ class Run:
     def summary(self) -> RunSummary:
         """What the run is and how well it reconstructs."""
         cfg = self.cfg()
-        info = self.info()
+        info = self.info(cfg)
         metrics = self.metrics()
-        model, layer = self.source()
+        model, layer = source_of(cfg)
         widths = io.sae_lens_field(cfg, "matryoshka_widths") or [cfg.get("d_sae")]
         return RunSummary(
             run=str(self.path), architecture=io.training_architecture(cfg), d_in=cfg.get("d_in"), d_sae=cfg.get("d_sae"),
