@@ -9,6 +9,7 @@ then renamed over it, so a crash never leaves a half-written run. Nothing is eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -88,8 +89,16 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's content, read in chunks (a 2 GB corpus never sits in memory)."""
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file's content. A process hashes a file once while it is unchanged (same size and
+    modification time): training from a corpus asks for it for the cache key and again for cfg.json."""
+    stat = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, _size: int, _mtime_ns: int, chunk: int = 1 << 20) -> str:
+    """The hash itself, read in chunks (a 2 GB corpus never sits in memory); size and mtime key the cache."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
