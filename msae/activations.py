@@ -34,7 +34,7 @@ def corpus_provenance(corpus: str) -> CorpusInfo:
     hash) or the user's file (the path as given, content hash). No absolute path of this machine."""
     if corpus == "builtin":
         sources = []
-        for part in corpus_mod.BUILTIN_SOURCES:
+        for part in corpus_mod.present_sources():
             path = part.path()
             sources.append(BuiltinFile(part.name, part.package, part.relpath, io.sha256_file(path) if path else None))
         return CorpusInfo(kind="builtin", sources=sources)
@@ -86,6 +86,7 @@ def _new_manifest(key: dict, d_model: int) -> dict:
         "contexts_done": 0,
         "exhausted": False,
         "median_norm": None,
+        "parts": [],
         "dropped": {"position_0": 0, "special_token": 0, "outlier": 0},
     }
 
@@ -113,16 +114,18 @@ class _ShardWriter:
         self.parts: dict[str, list[Tensor]] = {"activations": [], "token_ids": [], "context": [], "position": []}
         self.contexts: list[Tensor] = []
         self.context_docs: list[Tensor] = []
+        self.context_parts: list[Tensor] = []
         self.pending_rows = 0
         self.pending_contexts = 0
         self.pending_dropped = {k: 0 for k in manifest["dropped"]}
 
     def add(self, acts: Tensor, token_ids: Tensor, context: Tensor, position: Tensor, ctx_tokens: Tensor,
-            ctx_docs: Tensor, dropped: dict):
+            ctx_docs: Tensor, ctx_parts: Tensor, dropped: dict):
         for name, value in zip(self.parts, (acts.to(self.dtype), token_ids, context, position)):
             self.parts[name].append(value.cpu())
         self.contexts.append(ctx_tokens.cpu())
         self.context_docs.append(ctx_docs)
+        self.context_parts.append(ctx_parts)
         self.pending_rows += acts.shape[0]
         self.pending_contexts += ctx_tokens.shape[0]
         for k, v in dropped.items():
@@ -138,6 +141,7 @@ class _ShardWriter:
             tensors = {k: torch.cat(v) for k, v in self.parts.items()}
             tensors["context_tokens"] = torch.cat(self.contexts)
             tensors["context_doc"] = torch.cat(self.context_docs)
+            tensors["context_part"] = torch.cat(self.context_parts)
             tensors["context_start"] = torch.tensor([m["contexts_done"]], dtype=torch.long)
             io.atomic_save_safetensors(tensors, self.cache / name)
             m["shards"].append({"file": name, "rows": self.pending_rows, "contexts": self.pending_contexts})
@@ -150,6 +154,7 @@ class _ShardWriter:
         self.parts = {k: [] for k in self.parts}
         self.contexts = []
         self.context_docs = []
+        self.context_parts = []
         self.pending_rows = self.pending_contexts = 0
         self.pending_dropped = {k: 0 for k in self.pending_dropped}
 
@@ -240,8 +245,21 @@ def extract(
         return cache
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), dtype=torch.long)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    if cfg.corpus == "builtin" and corpus_mod.missing_note() and world.main:
+        print(f"note: {corpus_mod.missing_note()}")
     writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
-    contexts = corpus_mod.contexts(corpus_mod.documents(cfg.corpus), lm.tokenizer, cfg.ctx_len)
+    doc_parts: list[int] = []  # per document read so far, its part's index in manifest["parts"]
+    manifest.setdefault("parts", [])
+
+    def tracked(docs: Iterator[corpus_mod.Document]) -> Iterator[corpus_mod.Document]:
+        for doc in docs:
+            part = corpus_mod.part_of(doc)
+            if part not in manifest["parts"]:
+                manifest["parts"].append(part)
+            doc_parts.append(manifest["parts"].index(part))
+            yield doc
+
+    contexts = corpus_mod.contexts(tracked(corpus_mod.documents(cfg.corpus)), lm.tokenizer, cfg.ctx_len)
     bar = tqdm(total=cfg.tokens, initial=manifest["rows"], unit="tok", desc="activations", mininterval=1.0,
                disable=not world.main)
     stopped = False
@@ -266,8 +284,9 @@ def extract(
             }
             ctx_tokens = ids.masked_fill(~mask.bool(), -1).to(torch.int32)
             ctx_docs = torch.tensor([doc for _t, doc in batch], dtype=torch.int32)
+            ctx_parts = torch.tensor([doc_parts[doc] for _t, doc in batch], dtype=torch.int16)
             writer.add(rows[ok.to(rows.device)], ids[keep][ok].to(torch.int32), context[ok],
-                       position[keep][ok].to(torch.int16), ctx_tokens, ctx_docs, dropped)
+                       position[keep][ok].to(torch.int16), ctx_tokens, ctx_docs, ctx_parts, dropped)
             bar.update(int(ok.sum()))
             if progress is not None:
                 progress(manifest["rows"] + writer.pending_rows, cfg.tokens)

@@ -132,7 +132,7 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from msae.corpus import corpus_info
+    from msae.corpus import corpus_info, missing_note
     from msae.lm import load_lm
 
     tokenizer = load_lm(args.model, "cpu").tokenizer if args.info else None
@@ -141,7 +141,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         counts = f"  {row['documents']} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
         print(f"{row['name']}: {row['description']}{counts}\n    {row['file']}")
     if tokenizer is not None:
-        print(f"total: {sum(r['tokens'] for r in rows):,} tokens ({args.model} tokenizer)")
+        print(f"total: {sum(r.get('tokens', 0) for r in rows):,} tokens ({args.model} tokenizer)")
+    if missing_note():
+        print(f"note: {missing_note()}")
     return 0
 
 

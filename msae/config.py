@@ -246,8 +246,9 @@ class TrainConfig(Config):
     threshold_start_step: int | None = None
     """First step that updates the running θ; None gives min(100, steps // 20)."""
     threshold_batches: int = 8
-    """The last training batches that θ is calibrated on at the end: inference with θ then gives BatchTopK's L0
-    on them exactly (0: keep the running estimate)."""
+    """Held-in batches that θ is calibrated on: at the end the stream's next ones, at every checkpoint (whose SAE is
+    saved in the run directory too) the last ones trained on. Inference with θ then gives BatchTopK's L0 on them
+    (0: keep the running estimate)."""
     seed: int = 0
     """Seeds initialisation and the order of batches."""
     checkpoint_every: int = 1000

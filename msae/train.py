@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -282,6 +283,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not self.world.main)
         started = time.perf_counter()
+        recent: deque[Tensor] = deque(maxlen=self.cfg.threshold_batches)  # held-in batches for a checkpoint's θ
         try:
             while self.step < self.cfg.steps:
                 batch = next(batches)
@@ -290,6 +292,7 @@ class Trainer:
                     self._init_from_first_batch(batch.to(self.device, self.dtype))
                 x = batch[part].to(self.device, self.dtype, non_blocking=True) * self.scale
                 metrics = {s.name: sae_step(s, x, self.step, self.cfg) for s in self.states}
+                recent.append(x)
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
@@ -297,6 +300,8 @@ class Trainer:
                     bar.set_postfix({n: f"fvu {m['fvu'][-1]:.3f}" for n, m in metrics.items()})
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
                     self.save_checkpoint()
+                    if self.step < self.cfg.steps:
+                        self.save_snapshot(list(recent))
             held_in = [next(batches)[part].to(self.device, self.dtype) * self.scale
                        for _ in range(self.cfg.threshold_batches)]
             self.thresholds = {s.name: self._set_threshold(s, held_in) for s in self.states}
@@ -306,6 +311,16 @@ class Trainer:
         finally:
             bar.close()
         return {s.name: self.save_run(s) for s in self.states}
+
+    def save_snapshot(self, held_in: list[Tensor]) -> None:
+        """Every SAE as it stands at a checkpoint, usable like a finished run (cfg.json's steps_done says how far
+        it got): θ calibrated on the last batches it trained on, while training goes on with its running θ."""
+        for state in self.states:
+            running = state.sae.threshold.detach().clone()
+            self.thresholds[state.name] = self._set_threshold(state, held_in)
+            self.save_run(state)
+            with torch.no_grad():
+                state.sae.threshold.copy_(running)
 
     def _set_threshold(self, state: SAEState, held_in: list[Tensor]) -> ThresholdInfo | None:
         """Calibrate a BatchTopK SAE's θ on the held-in batches (after the checkpoint: it keeps the running θ)."""

@@ -1,6 +1,7 @@
 """The real built-in model on small slices: hooks, early exit, the activation cache, corpora, end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,6 +254,10 @@ def test_cache_records_the_document_of_every_context(lm, text_file, tmp_path):
         docs, ctx = f.get_tensor("context_doc"), f.get_tensor("context_tokens")
     assert docs.shape[0] == ctx.shape[0] and docs[0] == 0 and (docs[1:] >= docs[:-1]).all()
     assert docs[-1] > 0, "several documents were read"
+    with safe_open(str(cache / read_manifest(cache)["shards"][0]["file"]), "pt") as f:
+        parts = f.get_tensor("context_part")
+    assert parts.shape == docs.shape and (parts == 0).all()
+    assert read_manifest(cache)["parts"] == [text_file.name], "every context's part is named in the manifest"
 
 
 def test_corpus_command_names_every_builtin_part(capsys):
@@ -260,3 +265,35 @@ def test_corpus_command_names_every_builtin_part(capsys):
     out = capsys.readouterr().out
     for name in ("wikipedia", "news", "python-docs"):
         assert f"{name}:" in out
+
+
+def test_wordnet_entries_read_as_words_definition_and_examples(tmp_path):
+    lines = (Path(__file__).parent / "fixtures" / "data.noun.sample").read_text().splitlines()
+    entries = [e for e in map(corpus_mod.wordnet_entry, lines) if e is not None]
+    assert len(entries) == len(lines) - 2, "the licence header is skipped, every synset line read"
+    lexfile, text = next(e for e in entries if e[1].startswith("dog,"))
+    assert lexfile == "05"
+    assert text.startswith("dog, domestic dog, Canis familiaris: a member of the genus Canis")
+    assert '"the dog barked all night"' in text
+    # A data file of its own groups consecutive synsets of one lexicographer file into documents.
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    source = corpus_mod.BuiltinSource("wordnet-noun", "wordnet-base", "data.noun", "test", system=str(tmp_path))
+    docs = list(corpus_mod.source_documents(source))
+    assert docs and all(d.source.startswith("wordnet-noun#") for d in docs)
+    assert sum(d.text.count("\n") + 1 for d in docs) * corpus_mod.WORDNET_DOCUMENT_STRIDE >= len(entries) // 2
+
+
+def test_builtin_parts_are_interleaved_and_missing_apt_parts_skipped_with_a_note(tmp_path, monkeypatch):
+    absent = corpus_mod.BuiltinSource("wordnet-noun", "wordnet-base", "data.noun", "test", system=str(tmp_path / "none"))
+    pip_parts = tuple(s for s in corpus_mod.BUILTIN_SOURCES if s.system is None)
+    monkeypatch.setattr(corpus_mod, "BUILTIN_SOURCES", pip_parts + (absent,))
+    assert corpus_mod.present_sources() == pip_parts
+    assert "wordnet-noun" in corpus_mod.missing_note() and "apt install wordnet-base" in corpus_mod.missing_note()
+    docs = list(corpus_mod.builtin_documents())
+    parts = [corpus_mod.part_of(d) for d in docs]
+    assert set(parts) == {s.name for s in pip_parts}
+    # Every part appears in the first and in the last tenth of the stream (read one after another, the Python
+    # documentation would all sit at the end).
+    tenth = len(docs) // 10
+    assert set(parts[:tenth]) == set(parts) and set(parts[-tenth:]) == set(parts)
+    assert sorted(d.source for d in docs) == sorted(d.source for s in pip_parts for d in corpus_mod.source_documents(s))

@@ -87,6 +87,36 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 30
 
 
+def test_a_stopped_run_leaves_a_usable_sae_at_its_last_checkpoint_with_calibrated_theta(tmp_path):
+    acts = toy_acts()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_25(step, _metrics):
+        if step == 25:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(small_cfg(also_vanilla=True), TensorBatches(acts), tmp_path / "run", progress=kill_at_step_25).train()
+    for name in ("matryoshka", "vanilla"):
+        info = Run(tmp_path / "run" / name).info()
+        assert info.steps_done == 20, "the snapshot of the last checkpoint (step 20), not a later state"
+        assert info.threshold.rows == 8 * 128, "θ calibrated on the last 8 batches trained on"
+        assert info.threshold.l0_theta == pytest.approx(info.threshold.l0_batchtopk, rel=0.02)
+        assert info.threshold.theta != info.threshold.running_theta
+        sae = Run(tmp_path / "run" / name).load_sae()
+        assert torch.isfinite(sae.W_dec).all() and sae.threshold.max().item() == pytest.approx(info.threshold.theta, rel=1e-6)
+
+    # Snapshots leave training alone: the same run with no checkpoint on the way ends with the same weights.
+    a = Trainer(small_cfg(), TensorBatches(acts), tmp_path / "every10")
+    a.train()
+    b = Trainer(small_cfg(checkpoint_every=1000), TensorBatches(acts), tmp_path / "none")
+    b.train()
+    for p, q in zip(a.states[0].sae.state_dict().values(), b.states[0].sae.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     Trainer(small_cfg(steps=10), TensorBatches(toy_acts()), tmp_path / "run").train()
     with pytest.raises(TrainingError, match="different settings: k"):
