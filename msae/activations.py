@@ -372,6 +372,15 @@ class CachedActivations:
             if bad is not None:
                 raise ValueError(f"{self.cache / shard['file']}: row {bad} holds NaN or Inf; extract the cache again")
 
+    def row_parts(self, shard: dict) -> Tensor | None:
+        """(rows,) the corpus part (index into the manifest's "parts") of every row of `shard`; None for a cache
+        written before parts were recorded."""
+        with safe_open(str(self.cache / shard["file"]), framework="pt") as f:
+            if "context_part" not in f.keys():
+                return None
+            parts, start = f.get_tensor("context_part").long(), int(f.get_tensor("context_start")[0])
+            return parts[f.get_tensor("context").long() - start]
+
     def all_rows(self, batch_size: int) -> Iterator[Tensor]:
         """Every row once, in cache order (for evaluation)."""
         for shard in self.shards:

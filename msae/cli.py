@@ -100,6 +100,8 @@ def evaluate_runs(dirs: dict[str, Path], cache: Path, job: TrainJob) -> None:
         print(f"{name} held-out ({r.rows:,} rows): fvu per width [{fvu}]  l0 {r.l0:.1f}  dead {r.dead_fraction:.3f}  "
               f"CE loss recovered {r.ce_loss_recovered:.3f} (clean {r.ce_clean:.3f}, SAE {r.ce_sae:.3f}, "
               f"zero {r.ce_zero:.3f})")
+        if r.parts:
+            print("    held-out fvu by corpus part: " + ", ".join(f"{p.part} {p.fvu:.3f} ({p.rows:,} rows)" for p in r.parts))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from msae.activations import CachedActivations, heldout_contexts, read_manifest
 from msae.lm import LoadedLM, decoder_layers
-from msae.results import EvalResult
+from msae.results import EvalResult, PartFVU
 from msae.train import group_l0
 from msae.run import Run
 from msae.sae import SAE
@@ -54,6 +54,40 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
                       l0_per_group=group_l0(sae, firings, n_rows), freq_quantiles=list(FREQ_QUANTILES),
                       freq_quantiles_per_group=[torch.quantile(f, q).tolist() for f in per_group],
                       alive_per_100k_per_group=[(f >= 1e-5).double().mean().item() for f in per_group])
+
+
+@torch.no_grad()
+def fvu_by_part(sae: SAE, source: CachedActivations, batch_size: int = 4096) -> list[PartFVU] | None:
+    """Full-width FVU on the rows of each corpus part of `source` (each against its own mean); None when the
+    cache does not record parts."""
+    sae.eval()
+    names = source.manifest.get("parts") or []
+    n = len(names)
+    if not n:
+        return None
+    err = torch.zeros(n, dtype=torch.float64)
+    sums = torch.zeros(n, source.d_in, dtype=torch.float64)
+    sq = torch.zeros(n, dtype=torch.float64)
+    rows = torch.zeros(n, dtype=torch.long)
+    for shard in source.shards:
+        parts = source.row_parts(shard)
+        if parts is None:
+            return None
+        x_all = source._load(shard)
+        for start in range(0, x_all.shape[0], batch_size):
+            x = x_all[start : start + batch_size].to(sae.W_dec.device, sae.W_dec.dtype)
+            p = parts[start : start + batch_size]
+            recon = sae(x).recons[-1]
+            err.index_add_(0, p, (recon - x).pow(2).sum(1).double().cpu())
+            sums.index_add_(0, p, x.double().cpu())
+            sq.index_add_(0, p, x.double().pow(2).sum(1).cpu())
+            rows += torch.bincount(p, minlength=n)
+    out = []
+    for i, name in enumerate(names):
+        if rows[i] > 1:
+            var = sq[i] - sums[i].pow(2).sum() / rows[i]
+            out.append(PartFVU(part=name, rows=int(rows[i]), fvu=float(err[i] / var)))
+    return out
 
 
 def _lm_loss(lm: LoadedLM, ids: Tensor, mask: Tensor) -> Tensor:
@@ -118,6 +152,7 @@ def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int
     layer = read_manifest(cache)["key"]["layer"]
     sae = run.load_sae(device=lm.device)
     result = reconstruction_metrics(sae, heldout.all_rows(4096))
-    result = dataclasses.replace(result, layer=layer, **ce_loss_recovered(lm, sae, contexts, layer))
+    result = dataclasses.replace(result, layer=layer, parts=fvu_by_part(sae, heldout),
+                                 **ce_loss_recovered(lm, sae, contexts, layer))
     run.write_eval(result)
     return result

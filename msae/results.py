@@ -168,6 +168,18 @@ class TrainMetrics(Record):
 
 
 @dataclass
+class PartFVU(Record):
+    """Held-out reconstruction on the rows of one corpus part."""
+
+    part: str
+    """The part's name (wikipedia, news, python-docs, wordnet-noun, ...)."""
+    rows: int
+    """Its held-out rows."""
+    fvu: float
+    """FVU at full width against the part's own mean."""
+
+
+@dataclass
 class EvalResult(Record):
     """Held-out quality of one SAE (msae.evaluate)."""
 
@@ -191,6 +203,8 @@ class EvalResult(Record):
     """Per nested group, those quantiles of its latents' firing frequencies (firings / rows)."""
     alive_per_100k_per_group: list[float] | None = None
     """Per nested group, the share of its latents that fire at least once per 100k held-out tokens."""
+    parts: list[PartFVU] | None = None
+    """Full-width FVU on the held-out rows of each corpus part (the built-in corpus's sources; a user file is one)."""
     layer: int | None = None
     """The layer spliced for CE loss recovered."""
     tokens: int | None = None

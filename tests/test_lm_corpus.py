@@ -233,6 +233,8 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
     assert sum(held["l0_per_group"]) == pytest.approx(held["l0"]) and len(held["alive_per_100k_per_group"]) == 2
     assert all(a <= b <= c for a, b, c in held["freq_quantiles_per_group"])
     assert cfg["msae"]["threshold"]["rows"] > 0, "θ was calibrated on held-in rows"
+    assert [p["part"] for p in held["parts"]] == [text_file.name] and held["parts"][0]["rows"] == held["rows"]
+    assert held["parts"][0]["fvu"] == pytest.approx(held["fvu"][-1], rel=1e-4), "one part: its FVU is the whole's"
     assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
     assert "CE loss recovered" in capsys.readouterr().out
 
