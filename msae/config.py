@@ -398,10 +398,33 @@ class StoreConfig(Config):
 
 @dataclasses.dataclass
 class LinkConfig(Config):
-    """Which parent–child candidates become links and which are kept for display."""
+    """Which parent–child candidates become links and which are kept for display.
 
+    Two criteria (DESIGN.md §3). "coverage" (the default): parent p is linked to child c when p fires on most of
+    c's tokens, P(p | c) >= min_coverage, one way only (P(c | p) <= max_reverse and p fires more often than c),
+    more than a dense latent would by chance (lift P(p | c) / P(p) >= min_lift), on enough tokens (min_cofires,
+    min_child_fires), and, with probe_top, both among the decoder rows nearest the direction that detects c
+    (Tree SAE's reconstruction condition). The tree keeps each child's most specific linked parent (the one that
+    fires least). "cosine": Bussmann et al.'s masked cosine × max ratio >= threshold, the tree keeping the best
+    score; kept as the baseline it was before."""
+
+    criterion: typing.Literal["coverage", "cosine"] = "coverage"
+    """Which rule makes a candidate a link (see above)."""
+    min_coverage: float = 0.6
+    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this."""
+    max_reverse: float = 0.9
+    """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
+    min_lift: float = 2.0
+    """coverage: P(p | c) / P(p) at least this: a latent that fires on a large share of all tokens covers any
+    child without saying anything about it."""
+    min_child_fires: int = 20
+    """coverage: children firing on fewer tokens get no parent (their coverage is a handful of tokens)."""
+    probe_top: int = 0
+    """coverage: when above 0, also require p and c among the probe_top decoder rows closest to c's detection
+    direction (an LDA direction from the analysis pass, a cheap stand-in for Tree SAE's logistic probe; they use
+    5). 0: reported as columns, not required."""
     threshold: float = 0.6
-    """A candidate whose score reaches this is a link (DESIGN.md §3)."""
+    """cosine: a candidate whose score reaches this is a link."""
     min_cofires: int = 10
     """A candidate is linked only if both fire together on at least this many tokens. With fewer, one strong
     token of the child decides the cosine: any latent active there scores near 1 (on the shipped Matryoshka run,
@@ -416,9 +439,20 @@ class LinkConfig(Config):
     def validate(self) -> None:
         super().validate()
         _check(self.threshold >= 0, f"threshold must be at least 0, got {self.threshold}")
+        _check(0 <= self.min_coverage <= 1, f"min_coverage must be in [0, 1], got {self.min_coverage}")
+        _check(0 <= self.max_reverse <= 1, f"max_reverse must be in [0, 1], got {self.max_reverse}")
+        _check(self.min_lift >= 0, f"min_lift must be at least 0, got {self.min_lift}")
+        _check(self.min_child_fires >= 1, f"min_child_fires must be at least 1, got {self.min_child_fires}")
+        _check(self.probe_top >= 0, f"probe_top must be at least 0, got {self.probe_top}")
         _check(self.min_cofires >= 1, f"min_cofires must be at least 1, got {self.min_cofires}")
         _check(self.keep_per_child >= 0, f"keep_per_child must be at least 0, got {self.keep_per_child}")
         _check(0 < self.split_cosine <= 1, f"split_cosine must be in (0, 1], got {self.split_cosine}")
+
+    @property
+    def score_threshold(self) -> float:
+        """Where the `score` column of a links table starts to mean a link: P(p | c) for coverage, the cosine
+        score for cosine (the app's link-strength slider starts here)."""
+        return self.min_coverage if self.criterion == "coverage" else self.threshold
 
 
 @dataclasses.dataclass

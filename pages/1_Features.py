@@ -134,8 +134,8 @@ def relatives(title: str, links, side: str) -> None:
 
 if store.links is not None:
     weak = st.toggle("include candidates below the link threshold", key="weak_links",
-                     help=f"Links need a score of {store.manifest.link_config.threshold}; "
-                          f"the store keeps each child's best candidates below it too.")
+                     help=tables.link_rule_text(store.manifest.link_config) +
+                          " The store keeps each child's best candidates that are not links too.")
     c1, c2 = st.columns(2)
     with c1:
         relatives("Parents (earlier groups)", store.parents_of(latent, linked_only=not weak), "parent")

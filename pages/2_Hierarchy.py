@@ -18,10 +18,9 @@ if store.links is None or store.links.empty:
     st.stop()
 latents, links = store.latents, store.links
 widths = store.manifest.widths
-threshold = store.manifest.link_config.threshold
-st.caption(f"Each latent of a later group sits under the earlier latent that best explains it: score = cosine of "
-           f"their activations where the child fires × max(child) / max(parent); a link needs ≥ {threshold}. Node "
-           f"labels are the tokens each latent fires on most.")
+link_cfg = store.manifest.link_config
+threshold = link_cfg.score_threshold
+st.caption(tables.link_rule_text(link_cfg) + " Node labels are the tokens each latent fires on most.")
 
 with st.container(border=True):
     c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
@@ -36,7 +35,7 @@ with st.container(border=True):
     max_nodes = c4.number_input("at most nodes", 50, 20_000, 400, step=100, key="tree_max",
                                 help="The largest trees are drawn first, whole, while they fit.")
 
-nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq)
+nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold)
 if nodes.empty:
     st.info("No links at these settings: lower the link strength or the frequency, or add groups.")
     st.stop()

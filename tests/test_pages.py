@@ -301,7 +301,8 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
     tree = figures(at)[0]["data"][0]
     assert tree["type"] == "icicle"
-    every = hierarchy_nodes(store.latents, store.links, store.manifest.link_config.threshold)
+    every = hierarchy_nodes(store.latents, store.links, store.manifest.link_config.score_threshold,
+                            threshold=store.manifest.link_config.score_threshold)
     limit = at.number_input(key="tree_max").value
     want = largest_trees(every, limit)  # whole trees, the largest first, while they fit
     assert len(want) <= max(limit, every.groupby("root").size().max())

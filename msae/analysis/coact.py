@@ -29,7 +29,13 @@ class Pairs:
     """(P,) float64 Σ a_parent² over rows where the child fires."""
     count: Tensor
     """(P,) int64 rows where both fire."""
+    child_sum: Tensor
+    """(P,) float64 Σ a_child over rows where both fire (the activation-weighted coverage's numerator)."""
 
+
+PAIR_FIELDS = ("parent", "child", "dot", "parent_sq", "count", "child_sum")
+N_SUMS = 4
+"""Sums kept per pair: Σ a_p·a_c, Σ a_p², the count and Σ a_c."""
 
 DENSE_BUDGET_BYTES = 2 << 30
 """Accumulate into a dense (parents × children) table when it fits in this; otherwise sparsely, by sorting."""
@@ -44,11 +50,11 @@ def _pairs_in_chunk(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, 
     within = torch.arange(rep.numel()) - torch.repeat_interleave(m.cumsum(0) - m, m)
     child = c_start[pr[rep]] + within
     a_p, a_c = pv[rep], cv[child]
-    return pc[rep], cc[child], torch.stack([a_p * a_c, a_p * a_p, torch.ones_like(a_p)], dim=1)
+    return pc[rep], cc[child], torch.stack([a_p * a_c, a_p * a_p, torch.ones_like(a_p), a_c], dim=1)
 
 
 def _subset(pairs: Pairs, keep: Tensor) -> Pairs:
-    return Pairs(pairs.parent[keep], pairs.child[keep], pairs.dot[keep], pairs.parent_sq[keep], pairs.count[keep])
+    return Pairs(*(getattr(pairs, f)[keep] for f in PAIR_FIELDS))
 
 
 def coactivation(
@@ -74,9 +80,9 @@ def coactivation(
     n_child = children.d_sae - child_from
     # float32 halves the table; its sums stay within ~1e-6 relative over a million rows and counts are exact
     # below 2^24 co-firings.
-    dense = n_par * n_child * 3 * 4 <= dense_budget
-    table = torch.zeros(n_par * n_child, 3, dtype=torch.float32) if dense else None
-    keys_acc, vals_acc = torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.float64)
+    dense = n_par * n_child * N_SUMS * 4 <= dense_budget
+    table = torch.zeros(n_par * n_child, N_SUMS, dtype=torch.float32) if dense else None
+    keys_acc, vals_acc = torch.zeros(0, dtype=torch.long), torch.zeros(0, N_SUMS, dtype=torch.float64)
     for start in range(0, parents.n_rows, chunk_rows):
         stop = min(start + chunk_rows, parents.n_rows)
         pr, pc, pv = parents.slice_rows(start, stop)
@@ -93,20 +99,21 @@ def coactivation(
             table.index_add_(0, key, v.float())
         else:
             keys_acc, inverse = torch.unique(torch.cat([keys_acc, key]), return_inverse=True)
-            vals_acc = torch.zeros(keys_acc.numel(), 3, dtype=torch.float64).index_add_(
+            vals_acc = torch.zeros(keys_acc.numel(), N_SUMS, dtype=torch.float64).index_add_(
                 0, inverse, torch.cat([vals_acc, v]))
     if not dense:
         pairs = _as_pairs(keys_acc, vals_acc, n_child, child_from)
         return pairs if prune is None else _subset(pairs, prune(pairs))
-    table = table.view(n_par, n_child, 3)
+    table = table.view(n_par, n_child, N_SUMS)
     blocks = []
     for p0 in range(0, n_par, parent_block):
         block = table[p0 : p0 + parent_block]
         local = (block[:, :, 2] > 0).reshape(-1).nonzero().squeeze(1)
-        pairs = _as_pairs(local + p0 * n_child, block.reshape(-1, 3)[local].double(), n_child, child_from)
+        pairs = _as_pairs(local + p0 * n_child, block.reshape(-1, N_SUMS)[local].double(), n_child, child_from)
         blocks.append(pairs if prune is None else _subset(pairs, prune(pairs)))
-    return Pairs(*(torch.cat([getattr(b, f) for b in blocks]) for f in ("parent", "child", "dot", "parent_sq", "count")))
+    return Pairs(*(torch.cat([getattr(b, f) for b in blocks]) for f in PAIR_FIELDS))
 
 
 def _as_pairs(keys: Tensor, vals: Tensor, n_child: int, child_from: int) -> Pairs:
-    return Pairs(keys // n_child, keys % n_child + child_from, vals[:, 0], vals[:, 1], vals[:, 2].round().long())
+    return Pairs(keys // n_child, keys % n_child + child_from, vals[:, 0], vals[:, 1], vals[:, 2].round().long(),
+                 vals[:, 3])

@@ -1,10 +1,15 @@
 """Parent–child links between latents: across the nested groups of one Matryoshka SAE, or from a narrow SAE to
-a wider one (feature splitting). DESIGN.md §3: for child B and candidate parent A,
+a wider one (feature splitting). DESIGN.md §3 and LinkConfig give the two criteria:
 
-    score(A → B) = cos(acts_A, acts_B over the rows where B fires) × max(B) / max(A),
+    coverage (default): P(p | c) = n_pc / n_c >= min_coverage, P(c | p) <= max_reverse, n_p > n_c,
+                        lift P(p | c) / P(p) >= min_lift, n_pc >= min_cofires, n_c >= min_child_fires
+                        [and both among the decoder rows nearest c's detection direction, with probe_top]
+    cosine (baseline):  cos(acts_p, acts_c over the rows where c fires) × max(c) / max(p) >= threshold
 
-linked at score >= threshold (0.6). The full DAG keeps every link; the tree keeps each child under its best
-linked parent. Decoder cosine is reported beside the score as a second signal."""
+Every candidate row carries the figures of both, so a table can be read either way. The full DAG keeps every link;
+the tree keeps each child under one linked parent: the most specific (least firing) for coverage, the best score
+for cosine. Decoder cosine is reported beside them; it is not a criterion (Matryoshka children drop the parent
+direction)."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from torch import Tensor
 
 from msae.config import LinkConfig
-from msae.analysis.coact import Pairs, coactivation
+from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation
 from msae.analysis.stream import Sparse
 
 
@@ -34,7 +39,7 @@ def pair_decoder_cos(W_par: Tensor, W_child: Tensor, parent: Tensor, child: Tens
 
 
 def score_pairs(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(score, masked cosine, max ratio) of every pair.
+    """(cosine score, masked cosine, max ratio) of every pair: the baseline criterion.
 
     The ratio max(child) / max(parent) is capped at 1: it is there to discount a parent far stronger than the
     child, and uncapped it lets a rare, strong child pass the threshold with nearly any frequent latent (on the
@@ -45,25 +50,53 @@ def score_pairs(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dict
     return (masked_cos * ratio).float(), masked_cos.float(), ratio.float()
 
 
-def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, parent_group: Tensor | None = None,
-                     child_group: Tensor | None = None) -> Callable[[Pairs], Tensor]:
+def pair_figures(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dict[str, Tensor],
+                 n_rows: int) -> dict[str, Tensor]:
+    """Every figure of both criteria for every pair (float64 tensors of the pairs' length, counts int64)."""
+    n_c = child_stats["count"][pairs.child]
+    n_p = parent_stats["count"][pairs.parent]
+    cos_score, masked_cos, ratio = score_pairs(pairs, parent_stats, child_stats)
+    coverage = pairs.count.double() / n_c.clamp_min(1)
+    child_total = child_stats["mean"][pairs.child] * n_c
+    return {
+        "cosine_score": cos_score, "masked_cos": masked_cos, "max_ratio": ratio,
+        "coverage": coverage,
+        "weighted_coverage": pairs.child_sum / child_total.clamp_min(1e-30),
+        "reverse_coverage": pairs.count.double() / n_p.clamp_min(1),
+        "lift": coverage * n_rows / n_p.clamp_min(1),
+        "cofires": pairs.count, "child_fires": n_c, "parent_fires": n_p,
+    }
+
+
+def is_link(fig: dict[str, Tensor], cfg: LinkConfig, criterion: str | None = None) -> Tensor:
+    """The pairs that `criterion` (default: cfg's) links, without the probe condition (links_table adds it)."""
+    if (criterion or cfg.criterion) == "cosine":
+        return (fig["cosine_score"] >= cfg.threshold) & (fig["cofires"] >= cfg.min_cofires)
+    return ((fig["coverage"] >= cfg.min_coverage) & (fig["reverse_coverage"] <= cfg.max_reverse)
+            & (fig["parent_fires"] > fig["child_fires"]) & (fig["lift"] >= cfg.min_lift)
+            & (fig["cofires"] >= cfg.min_cofires) & (fig["child_fires"] >= cfg.min_child_fires))
+
+
+def rank_score(fig: dict[str, Tensor], cfg: LinkConfig) -> Tensor:
+    """What orders a child's candidates (the table's `score`): P(p | c) for coverage, the cosine score for cosine."""
+    return (fig["cosine_score"] if cfg.criterion == "cosine" else fig["coverage"]).float()
+
+
+def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, n_rows: int,
+                     parent_group: Tensor | None = None, child_group: Tensor | None = None) -> Callable[[Pairs], Tensor]:
     """The pairs links_table can use: parent in an earlier group (when groups are given), and among the child's
-    `keep_per_child` best in the batch of pairs at hand or at the threshold."""
+    `keep_per_child` best in the batch of pairs at hand, or a link (of either criterion: the table reports both)."""
 
     def keep(pairs: Pairs) -> Tensor:
         ok = torch.ones(pairs.parent.numel(), dtype=torch.bool)
         if parent_group is not None:
             ok = parent_group[pairs.parent] < child_group[pairs.child]
-        score = score_pairs(pairs, parent_stats, child_stats)[0]
-        score = torch.where(ok, score, torch.full_like(score, -torch.inf))
+        fig = pair_figures(pairs, parent_stats, child_stats, n_rows)
+        score = torch.where(ok, rank_score(fig, cfg), torch.full((pairs.parent.numel(),), -torch.inf))
         rank = _rank_in_child(pairs.child, score)
-        return ok & ((rank < cfg.keep_per_child) | _is_link(score, pairs, cfg))
+        return ok & ((rank < cfg.keep_per_child) | is_link(fig, cfg, "coverage") | is_link(fig, cfg, "cosine"))
 
     return keep
-
-
-def _is_link(score: Tensor, pairs: Pairs, cfg: LinkConfig) -> Tensor:
-    return (score >= cfg.threshold) & (pairs.count >= cfg.min_cofires)
 
 
 def _rank_in_child(child: Tensor, score: Tensor) -> Tensor:
@@ -79,32 +112,81 @@ def _rank_in_child(child: Tensor, score: Tensor) -> Tensor:
     return rank
 
 
+def _tree_rank(fig: dict[str, Tensor], linked: Tensor, child: Tensor, parent: Tensor, criterion: str) -> Tensor:
+    """Rank of every link among its child's links by the tree's preference (0 = the tree parent): the most specific
+    parent (fewest firings; then higher coverage, then lower id) for coverage, the best score for cosine."""
+    if criterion == "cosine":
+        key = fig["cosine_score"].double()
+    else:
+        # Fewest firings first; coverage (in [0, 1]) and the id break ties without reordering counts.
+        key = -fig["parent_fires"].double() + 0.5 * fig["coverage"] - 1e-9 * parent.double()
+    return _rank_in_child(child, torch.where(linked, key, torch.full_like(key, -torch.inf)))
+
+
+@torch.no_grad()
+def probe_ranks(directions: Tensor, W_dec: Tensor, parent: Tensor, child: Tensor, chunk: int = 512) -> tuple[Tensor, Tensor]:
+    """For each pair, the rank (0 = nearest) of the parent's and of the child's decoder row among all rows of
+    W_dec by cosine with the child's detection direction (directions: (d_sae, d_in), one per latent)."""
+    W = unit_rows(W_dec)
+    D = unit_rows(directions)
+    rank_p = torch.empty(parent.numel(), dtype=torch.long)
+    rank_c = torch.empty(parent.numel(), dtype=torch.long)
+    kids, inverse = torch.unique(child, return_inverse=True)
+    for s in range(0, kids.numel(), chunk):
+        block = kids[s : s + chunk]
+        sims = D[block] @ W.T  # (b, d_sae)
+        sel = ((inverse >= s) & (inverse < s + block.numel())).nonzero().squeeze(1)
+        row = inverse[sel] - s
+        rank_p[sel] = (sims[row] > sims[row, parent[sel]].unsqueeze(1)).sum(1)
+        rank_c[sel] = (sims[row] > sims[row, child[sel]].unsqueeze(1)).sum(1)
+    return rank_p, rank_c
+
+
 def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tensor, W_child: Tensor,
-                cfg: LinkConfig, parent_group: Tensor | None = None, child_group: Tensor | None = None) -> pd.DataFrame:
-    """Every child's best `keep_per_child` candidates and every link, one row each; `linked` marks the DAG's
-    edges and `tree` the child's best linked parent."""
-    score, masked_cos, ratio = score_pairs(pairs, parent_stats, child_stats)
-    is_link = _is_link(score, pairs, cfg)
+                cfg: LinkConfig, n_rows: int, parent_group: Tensor | None = None, child_group: Tensor | None = None,
+                directions: Tensor | None = None) -> pd.DataFrame:
+    """Every child's best `keep_per_child` candidates and every link of either criterion, one row each, best
+    first within a child; `linked` marks the DAG's edges by cfg's criterion, `tree` the child's tree parent,
+    `linked_cosine` / `linked_coverage` what each criterion says. With `directions` (one detection direction
+    per child latent, in the same dictionary as W_par: nested links), the probe ranks are columns and, with
+    cfg.probe_top, a condition of coverage links."""
+    fig = pair_figures(pairs, parent_stats, child_stats, n_rows)
+    score = rank_score(fig, cfg)
+    linked_by = {c: is_link(fig, cfg, c) for c in ("coverage", "cosine")}
+    ranks = None
+    if directions is not None:
+        ranks = probe_ranks(directions, W_par, pairs.parent, pairs.child)
+        if cfg.probe_top > 0:
+            linked_by["coverage"] &= (ranks[0] < cfg.probe_top) & (ranks[1] < cfg.probe_top)
+    linked = linked_by[cfg.criterion]
     rank = _rank_in_child(pairs.child, score)
-    # The tree parent is the best-scoring link, which need not be the best-scoring candidate.
-    link_rank = _rank_in_child(pairs.child, torch.where(is_link, score, torch.full_like(score, -torch.inf)))
-    keep = ((rank < cfg.keep_per_child) | is_link).nonzero().squeeze(1)
+    tree_rank = _tree_rank(fig, linked, pairs.child, pairs.parent, cfg.criterion)
+    keep = ((rank < cfg.keep_per_child) | linked_by["coverage"] | linked_by["cosine"]).nonzero().squeeze(1)
     keep = keep[torch.argsort(pairs.child[keep] * (pairs.child.numel() + 1) + rank[keep])]  # by child, best first
     parent, child = pairs.parent[keep], pairs.child[keep]
-    linked = is_link[keep]
     frame = pd.DataFrame({
         "parent": parent.numpy(),
         "child": child.numpy(),
         "score": score[keep].numpy(),
-        "masked_cos": masked_cos[keep].numpy(),
-        "max_ratio": ratio[keep].numpy(),
+        "linked": linked[keep].numpy(),
+        "tree": (linked & (tree_rank == 0))[keep].numpy(),
+        "coverage": fig["coverage"][keep].float().numpy(),
+        "weighted_coverage": fig["weighted_coverage"][keep].float().numpy(),
+        "reverse_coverage": fig["reverse_coverage"][keep].float().numpy(),
+        "lift": fig["lift"][keep].float().numpy(),
+        "cosine_score": fig["cosine_score"][keep].numpy(),
+        "masked_cos": fig["masked_cos"][keep].numpy(),
+        "max_ratio": fig["max_ratio"][keep].numpy(),
         "decoder_cos": pair_decoder_cos(W_par, W_child, parent, child).numpy(),
         "cofires": pairs.count[keep].numpy(),
-        "child_fires": child_stats["count"][child].numpy(),
-        "parent_fires": parent_stats["count"][parent].numpy(),
-        "linked": linked.numpy(),
-        "tree": (linked & (link_rank[keep] == 0)).numpy(),
+        "child_fires": fig["child_fires"][keep].numpy(),
+        "parent_fires": fig["parent_fires"][keep].numpy(),
+        "linked_coverage": linked_by["coverage"][keep].numpy(),
+        "linked_cosine": linked_by["cosine"][keep].numpy(),
     })
+    if ranks is not None:
+        frame["probe_rank_parent"] = ranks[0][keep].numpy()
+        frame["probe_rank_child"] = ranks[1][keep].numpy()
     if parent_group is not None:
         frame["parent_group"] = parent_group[parent].numpy()
     if child_group is not None:
@@ -112,24 +194,30 @@ def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tens
     return frame
 
 
+def group_index(widths: list[int]) -> Tensor:
+    """(d_sae,) the nested group of every latent."""
+    return torch.bucketize(torch.arange(widths[-1]), torch.tensor(widths), right=True)
+
+
 def nested_links(sp: Sparse, widths: list[int], stats: dict, W_dec: Tensor, cfg: LinkConfig,
-                 chunk_rows: int = 8192) -> pd.DataFrame:
+                 chunk_rows: int = 8192, directions: Tensor | None = None) -> pd.DataFrame:
     """Links across the groups of one Matryoshka SAE: parents in earlier groups than their children."""
     if len(widths) < 2:
         raise ValueError("a hierarchy needs at least two nested widths; this SAE has one (a vanilla SAE: use "
                          "--against with a wider SAE to see how its features split)")
-    group = torch.bucketize(torch.arange(widths[-1]), torch.tensor(widths), right=True)
-    prune = candidate_filter(stats, stats, cfg, group, group)
+    group = group_index(widths)
+    prune = candidate_filter(stats, stats, cfg, sp.n_rows, group, group)
     pairs = coactivation(sp, sp, parent_limit=widths[-2], child_from=widths[0], chunk_rows=chunk_rows, prune=prune)
-    pairs = Pairs(*(getattr(pairs, f)[prune(pairs)] for f in ("parent", "child", "dot", "parent_sq", "count")))
-    return links_table(pairs, stats, stats, W_dec, W_dec, cfg, group, group)
+    pairs = Pairs(*(getattr(pairs, f)[prune(pairs)] for f in PAIR_FIELDS))
+    return links_table(pairs, stats, stats, W_dec, W_dec, cfg, sp.n_rows, group, group, directions)
 
 
 def cross_links(narrow: Sparse, wide: Sparse, narrow_stats: dict, wide_stats: dict, W_narrow: Tensor, W_wide: Tensor,
                 cfg: LinkConfig, chunk_rows: int = 8192) -> pd.DataFrame:
     """Links from the latents of one SAE (parents) to those of another over the same rows (children)."""
-    pairs = coactivation(narrow, wide, chunk_rows=chunk_rows, prune=candidate_filter(narrow_stats, wide_stats, cfg))
-    return links_table(pairs, narrow_stats, wide_stats, W_narrow, W_wide, cfg)
+    prune = candidate_filter(narrow_stats, wide_stats, cfg, narrow.n_rows)
+    pairs = coactivation(narrow, wide, chunk_rows=chunk_rows, prune=prune)
+    return links_table(pairs, narrow_stats, wide_stats, W_narrow, W_wide, cfg, narrow.n_rows)
 
 
 def coverage(parents: Sparse, children: Sparse, links: pd.DataFrame, chunk_rows: int = 65536) -> Tensor:

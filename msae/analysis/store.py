@@ -31,8 +31,11 @@ from msae.records import RecordError
 from msae.results import AgainstSummary, StoreManifest
 from msae.run import STORE_DIR
 
-STORE_FORMAT = 2
-"""2: manifest.json is a StoreManifest (the cache by its id, not its path; no copy of eval.json)."""
+STORE_FORMAT = 3
+"""2: manifest.json is a StoreManifest (the cache by its id, not its path; no copy of eval.json). 3: links carry
+both criteria's figures (coverage, lift, ..., cosine_score) and the manifest's link_config its `criterion`."""
+READABLE_FORMATS = (2, 3)
+"""A format-2 store is read as it was made: its links are the cosine criterion's."""
 MANIFEST_FILE = "manifest.json"
 
 
@@ -156,10 +159,12 @@ def load_store(run_dir: Path | str) -> FeatureStore:
                          f"`msae analyze {run_dir}`")
     try:
         raw = json.loads((root / MANIFEST_FILE).read_text())
-        if raw.get("format") != STORE_FORMAT:
+        if raw.get("format") not in READABLE_FORMATS:
             raise StoreError(f"{root}: store format {raw.get('format')} is not {STORE_FORMAT}; run "
                              f"`msae analyze {run_dir}` again")
         manifest = StoreManifest.from_json(raw)
+        if raw["format"] == 2:
+            manifest.link_config.criterion = "cosine"
         latents = pd.read_parquet(root / "latents.parquet")
         examples = pd.read_parquet(root / "examples.parquet")
         contexts = pd.read_parquet(root / "contexts.parquet")

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from msae.analysis.tree import ancestry
+from msae.config import LinkConfig
 from msae.results import AbsorptionResult, EvalResult, StoreManifest
 from msae.run import Run, RunSummary
 
@@ -216,6 +217,19 @@ def promoted_table(latent: Mapping) -> pd.DataFrame:
         "suppressed": [token_label(t) for t in latent["suppressed"]],
         "suppressed logit": [float(v) for v in latent["suppressed_logits"]],
     })
+
+
+def link_rule_text(cfg: LinkConfig) -> str:
+    """One sentence saying what makes a link under `cfg` (captions and help texts)."""
+    if cfg.criterion == "cosine":
+        return (f"A link (the baseline rule, Bussmann et al.): cosine of the two latents' activations where the child "
+                f"fires × max(child) / max(parent) ≥ {cfg.threshold}; each child sits under its best-scoring link.")
+    probe = (f", and both among the {cfg.probe_top} decoder rows nearest the child's detection direction"
+             if cfg.probe_top else "")
+    return (f"A link: the parent fires on ≥ {cfg.min_coverage:.0%} of the child's tokens (score = P(parent | child)), "
+            f"the child on ≤ {cfg.max_reverse:.0%} of the parent's, the parent more often than the child and ≥ "
+            f"{cfg.min_lift:g}× as often as at random, on ≥ {cfg.min_cofires} shared tokens{probe}; each child sits "
+            f"under its most specific such parent.")
 
 
 def relatives_table(links: pd.DataFrame | None, latents: pd.DataFrame, side: str) -> pd.DataFrame:

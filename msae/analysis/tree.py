@@ -12,18 +12,22 @@ NODE_COLUMNS = ["latent", "parent", "score", "label", "group", "width", "freq", 
 
 
 def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float, groups: Iterable[int] | None = None,
-                    min_freq: float = 0.0) -> pd.DataFrame:
+                    min_freq: float = 0.0, threshold: float | None = None) -> pd.DataFrame:
     """The forest of the Hierarchy page: latents of `groups` that fire on at least `min_freq` of tokens, each
-    child under its best-scoring parent among them with a link score >= `min_score`. Latents in no such link
-    are left out. Columns: NODE_COLUMNS (parent -1: a root). Parents always sit in earlier groups than their
-    children, so the result is a forest."""
+    child under one parent among them with a score >= `min_score`: its tree parent when that is there, else its
+    best-scoring candidate. From `threshold` (the criterion's, LinkConfig.score_threshold) up only links count;
+    below it the store's unlinked candidates join. Latents in no such link are left out. Columns: NODE_COLUMNS
+    (parent -1: a root). Parents always sit in earlier groups than their children, so the result is a forest."""
     keep = latents[latents["count"] > 0]
     if groups is not None:
         keep = keep[keep["group"].isin(list(groups))]
     keep = keep[keep["freq"] >= min_freq]
     ids = set(keep["latent"].tolist())
     cand = links[(links["score"] >= min_score) & links["parent"].isin(ids) & links["child"].isin(ids)]
-    best = cand.sort_values(["score", "parent"], ascending=[False, True]).drop_duplicates("child").set_index("child")
+    if threshold is not None and min_score >= threshold:
+        cand = cand[cand["linked"]]
+    best = (cand.sort_values(["tree", "score", "parent"], ascending=[False, False, True])
+            .drop_duplicates("child").set_index("child"))
     in_tree = set(best.index.tolist()) | set(best["parent"].tolist())
     nodes = keep[keep["latent"].isin(in_tree)][["latent", "label", "group", "width", "freq"]].copy()
     nodes["parent"] = nodes["latent"].map(best["parent"]).fillna(-1).astype(int)

@@ -1,0 +1,239 @@
+"""Matryoshka level layouts on the built-in layer-15 cache (issue 11): how the smallest level's width, the number
+of levels and `balance` move held-out and fresh-text FVU, each group's share of the L0 and the last group's alive
+share, against a vanilla SAE of the same width; with several seeds, how much of it is noise. Writes a JSON.
+
+    python benchmarks/sweep_levels.py [--cache DIR] [--width 2048] [--k 32] [--steps 1000] [--batch-size 4096]
+        [--seeds 0,1,2] [--configs m4-1/64,vanilla] [--runs /work/sweep] [--out benchmarks/results/sweep.json]
+
+Configs (W = --width; every one BatchTopK with --k, TrainConfig's defaults otherwise, checkpoints every 250 steps):
+    m4-1/64, m4-1/32, m4-1/16           4 levels from W/64, W/32, W/16 to W
+    m4-1/64-b0.5, m4-1/32-b0.5, ...     the same with balance 0.5 (level weights 0.125, 0.25, 0.5, 1, summed)
+    m3-1/32                             3 levels from W/32 (against m4-1/32: the number of levels)
+    vanilla                             one dictionary of width W
+The levels are geometric (one ratio between all of them) from the smallest to W, each rounded to a multiple of 16,
+so that only the smallest width changes between the m4 configs. At W = 2048: m4-1/64 32,128,512,2048; m4-1/32
+64,208,640,2048; m4-1/16 128,320,816,2048; m3-1/32 64,368,2048. The JSON records each config's widths.
+
+Each (config, seed) trains into RUNS/<config>-s<seed> (the / written as "of"); a run whose cfg.json already has
+steps_done == --steps with the same settings is measured again but not retrained, one stopped midway resumes from
+its checkpoint, so the sweep can be started again after a stop. A run directory trained with other settings is
+refused (use another --runs, e.g. one per --steps). Every run is measured with bench_quality.measure (the held-out
+shard, benchmarks/data/fresh_prose.txt, θ against BatchTopK on held-in batches of --batch-size rows); the JSON,
+written after every run, holds under a key naming the sweep's settings, per config, each seed's figures, their mean
+and standard deviation (ddof 1) across seeds, and the training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_quality  # noqa: E402  (the measurements, shared with benchmarks/bench_quality.py)
+
+from msae.activations import cache_key, cache_path_for, extraction_info, read_manifest  # noqa: E402
+from msae.activations import CachedActivations  # noqa: E402
+from msae.config import ExtractConfig, TrainConfig  # noqa: E402
+from msae.lm import load_lm  # noqa: E402
+from msae.results import RunInfo  # noqa: E402
+from msae.run import Run, checkpoint_path, locked  # noqa: E402
+from msae.train import Trainer  # noqa: E402
+
+LAYER, TOKENS = 15, 1_500_000
+"""The built-in cache the sweep trains on by default (`msae extract --layer 15 --tokens 1500000`)."""
+CHECKPOINT_EVERY = 250
+WIDTH_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """One SAE layout of the sweep."""
+
+    name: str
+    levels: int
+    """Nested widths (1: vanilla)."""
+    smallest: int
+    """The smallest level is W / smallest (unused for vanilla)."""
+    balance: float | None = None
+    """TrainConfig.balance."""
+
+    def widths(self, width: int) -> tuple[int, ...]:
+        """Geometric levels from width / smallest to width, rounded to multiples of WIDTH_MULTIPLE (of the smallest
+        width, when that is below it)."""
+        if self.levels == 1:
+            return (width,)
+        first = width / self.smallest
+        multiple = max(1, min(WIDTH_MULTIPLE, int(first)))
+        ratio = self.smallest ** (1 / (self.levels - 1))
+        inner = [max(multiple, round(first * ratio**i / multiple) * multiple) for i in range(self.levels - 1)]
+        return (*inner, width)
+
+    def train_config(self, width: int, k: int, steps: int, batch_size: int, seed: int) -> TrainConfig:
+        return TrainConfig(arch="vanilla" if self.levels == 1 else "matryoshka", widths=self.widths(width), k=k,
+                           steps=steps, batch_size=batch_size, balance=self.balance, seed=seed,
+                           checkpoint_every=CHECKPOINT_EVERY, device="cpu")
+
+    @property
+    def dir_name(self) -> str:
+        return self.name.replace("/", "of")
+
+
+CONFIGS = {c.name: c for c in [
+    *(SweepConfig(f"m4-1/{s}", 4, s) for s in (64, 32, 16)),
+    *(SweepConfig(f"m4-1/{s}-b0.5", 4, s, balance=0.5) for s in (64, 32, 16)),
+    SweepConfig("m3-1/32", 3, 32),
+    SweepConfig("vanilla", 1, 1),
+]}
+
+
+def default_cache() -> Path:
+    """The built-in layer-15 cache; refused unless its extraction has finished (a growing cache moves the
+    held-out shard)."""
+    cfg = ExtractConfig(layer=LAYER, tokens=TOKENS)
+    cache = cache_path_for(cache_key(cfg, LAYER))
+    manifest = read_manifest(cache)
+    if manifest["rows"] < TOKENS and not manifest["exhausted"]:
+        sys.exit(f"{cache} holds {manifest['rows']:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
+                 f"--tokens {TOKENS}` finish first")
+    return cache
+
+
+def builtin_extraction(cache: Path) -> ExtractConfig:
+    """The extraction settings of a cache of the built-in corpus (what each run's cfg.json records)."""
+    key = read_manifest(cache)["key"]
+    if not key["corpus"].startswith("builtin:"):
+        sys.exit(f"{cache} is not a cache of the built-in corpus")
+    return ExtractConfig(model=key["model"], layer=key["layer"], ctx_len=key["ctx_len"],
+                         outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"])
+
+
+def train_run(cfg: TrainConfig, cache: Path, run_info: RunInfo, run_dir: Path) -> dict:
+    """Train (or resume, or leave as it is) the run in `run_dir`; returns how: trained_now, resumed, train_s
+    (this process's wall time when it trained, else the run's own logged training time)."""
+    run = Run(run_dir)
+    if (run_dir / "cfg.json").exists():
+        info = run.info()
+        if info.train != cfg:
+            sys.exit(f"{run_dir} holds a run trained with other settings: use another --runs")
+        if info.steps_done == cfg.steps:
+            return {"trained_now": False, "resumed": False, "train_s": run.metrics()[-1].elapsed_s}
+    resume = checkpoint_path(run_dir).exists()
+    started = time.perf_counter()
+    with locked(run_dir):
+        Trainer(cfg, CachedActivations(cache), run_dir, run_info=run_info).train(resume=resume)
+    return {"trained_now": True, "resumed": resume, "train_s": round(time.perf_counter() - started, 1)}
+
+
+def headline(result: dict) -> dict:
+    """The figures averaged across seeds."""
+    return {
+        "heldout_fvu": result["heldout"]["fvu"],
+        "part_fvu": {p["part"]: p["fvu"] for p in result["heldout"]["parts"]},
+        "fresh_fvu": result["fresh_text"]["fvu"],
+        "l0": result["heldout"]["l0"],
+        "l0_share": result["groups"]["l0_share"],
+        "alive_per_100k": result["groups"]["alive_per_100k"],
+        "theta_ratio": result["held_in_theta"]["ratio"],
+        "dead_fraction": result["heldout"]["dead_fraction"],
+        "train_s": result["train_s"],
+    }
+
+
+def mean_std(values: list) -> tuple:
+    """Element-wise mean and standard deviation (ddof 1; 0 for one value) of numbers, lists or dicts alike."""
+    first = values[0]
+    if isinstance(first, dict):
+        pairs = {key: mean_std([v[key] for v in values]) for key in first}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(first, list):
+        pairs = [mean_std(list(column)) for column in zip(*values)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values, digits: int = 3) -> str:
+    return "/".join(f"{v:.{digits}f}" for v in values)
+
+
+def table(configs: dict[str, dict]) -> str:
+    """One line per config: mean across its seeds (± std of the full-width held-out FVU when several)."""
+    lines = [f"{'config':<14} {'widths':<18} {'seeds':>5} {'held-out FVU per width':<30} {'± full':>6} {'worst part':>10} "
+             f"{'fresh':>6} {'L0':>5} {'θ/BTK':>6} {'L0 share per group':<24} {'last alive':>10} {'train s':>8}"]
+    for name, c in configs.items():
+        m, s = c["mean"], c["std"]
+        lines.append(f"{name:<14} {','.join(map(str, c['widths'])):<18} {len(c['runs']):>5} "
+                     f"{_fmt(m['heldout_fvu']):<30} {s['heldout_fvu'][-1]:>6.3f} {max(m['part_fvu'].values()):>10.3f} "
+                     f"{m['fresh_fvu']:>6.3f} {m['l0']:>5.1f} {m['theta_ratio']:>6.3f} {_fmt(m['l0_share'], 2):<24} "
+                     f"{m['alive_per_100k'][-1]:>10.3f} {m['train_s']:>8.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, help="activation cache of the built-in corpus (default: layer 15, "
+                                                   "1.5M tokens)")
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every config runs once per seed")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--runs", type=Path, default=Path("/work/sweep"), help="where the run directories go")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "sweep.json")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [n for n in args.configs.split(",") if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    chosen = [CONFIGS[n] for n in args.configs.split(",")]
+    train_cfgs = {(c.name, seed): c.train_config(args.width, args.k, args.steps, args.batch_size, seed)
+                  for c in chosen for seed in seeds}  # every setting checked before the slow part starts
+
+    cache = args.cache or default_cache()
+    extract_cfg = builtin_extraction(cache)
+    run_info = RunInfo(extraction=extraction_info(cache, extract_cfg))
+    lm = load_lm(extract_cfg.model, "cpu")
+    fresh = bench_quality.fresh_rows_for(lm, cache, extract_cfg.layer)
+    del lm  # 0.5 GB the training does not need
+    held_in = bench_quality.held_in_batches(cache, batch_size=args.batch_size)
+
+    key = f"W{args.width} k{args.k} steps{args.steps} batch{args.batch_size}"
+    out = json.loads(args.out.read_text()) if args.out.exists() else {}
+    sweep = out.setdefault(key, {"configs": {}})
+    sweep["settings"] = {"width": args.width, "k": args.k, "steps": args.steps, "batch_size": args.batch_size,
+                         "cache": str(cache), "cache_rows": read_manifest(cache)["rows"], "runs": str(args.runs),
+                         "checkpoint_every": CHECKPOINT_EVERY, "fresh_text": str(bench_quality.FRESH_TEXT.name),
+                         "fresh_rows": fresh.rows.shape[0], "held_in_rows": sum(b.shape[0] for b in held_in)}
+    sweep["machine"] = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "platform": platform.platform()}
+    for config in chosen:
+        entry = sweep["configs"].setdefault(config.name, {"runs": {}})
+        for seed in seeds:
+            cfg = train_cfgs[config.name, seed]
+            entry.update(levels=config.levels, widths=list(cfg.widths), balance=config.balance,
+                         level_weights=list(cfg.level_weights_for(len(cfg.widths))))
+            run_dir = args.runs / f"{config.dir_name}-s{seed}"
+            print(f"{config.name} seed {seed}: {run_dir}", flush=True)
+            how = train_run(cfg, cache, run_info, run_dir)
+            result = {**bench_quality.measure(run_dir, cache, fresh, held_in), **how}
+            entry["runs"][str(seed)] = result
+            figures = [headline(r) for r in entry["runs"].values()]
+            entry["mean"], entry["std"] = mean_std(figures)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+            print(bench_quality.table({f"{config.name} s{seed}": result}), flush=True)
+    print(table({c.name: sweep["configs"][c.name] for c in chosen}))
+
+
+if __name__ == "__main__":
+    main()
