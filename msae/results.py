@@ -342,6 +342,84 @@ class HierarchySummary(Record):
 
 
 @dataclass
+class Interval(Record):
+    """A mean with its 95% bootstrap interval (percentiles of the resampled means)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    """Items resampled (links, pairs, members...)."""
+
+
+@dataclass
+class CriterionValidation(Record):
+    """One link criterion, links made on one part of the rows and measured on the other (msae.analysis.validate)."""
+
+    criterion: str
+    """coverage or cosine."""
+    links: int
+    """DAG links made on the link rows."""
+    tree_links: int
+    """Tree links made on the link rows."""
+    share_with_parent: float | None
+    """Share of the live latents that can have a parent (groups after the first) that got one in the tree."""
+    measured_links: int
+    """Tree links whose child fires on at least MIN_HELD_FIRES held-out rows (the ones measured)."""
+    heldout_coverage: Interval | None
+    """P(parent | child) of those tree links on the held-out rows."""
+    null_coverage: Interval | None
+    """The same with each parent replaced by a random latent of an earlier group firing about as often (within
+    the 10 nearest in frequency on the link rows)."""
+    heldout_coverage_per_group: list[float | None] = field(default_factory=list)
+    """Mean held-out P(p | c) by the child's group (index = group; None where no link was measured)."""
+    heldout_coverage_per_part: dict[str, float] = field(default_factory=dict)
+    """Mean held-out P(p | c) on the held-out rows of each corpus part (text of one source)."""
+
+
+@dataclass
+class LinkValidation(Record):
+    """Both criteria made on one part of the analysed rows and measured on the other."""
+
+    split: str
+    """How the rows were split."""
+    link_rows: int
+    measured_rows: int
+    criteria: list[CriterionValidation]
+
+
+@dataclass
+class HierarchyFigures(Record):
+    """The hierarchy figures the literature reports, for one SAE over the analysed rows (msae.analysis.validate).
+    Published values for comparison: HSAE (arXiv 2602.11881, Gemma-2-2B) P(p|c) 0.65–0.80, P(c|p) 0.33–0.46;
+    Tree SAE (arXiv 2605.07922, GPT-2 small) hierarchy score 0.05–0.19 for Matryoshka, 0.48–0.88 for Tree SAE."""
+
+    criterion: str
+    """The criterion of the tree links measured."""
+    tree_links: int
+    p_parent_given_child: float | None
+    """Mean P(p | c) over tree links."""
+    p_child_given_parent: float | None
+    """Mean P(c | p) over tree links."""
+    hamming: float | None
+    """Mean over parents with tree children of |P Δ C| / |P ∪ C|: P the rows where the parent fires, C where any
+    of its children does (0: the children fire exactly where the parent does)."""
+    sibling_iou: float | None
+    """Mean intersection-over-union of the firing rows of two children of one parent (0: mutually exclusive)."""
+    sibling_pairs: int
+    treesae_score: float | None
+    """Tree SAE's hierarchy score: for the most frequent half of the latents as parents, each one's 5 children by
+    binary masked cosine (P(p | c), children firing >= 100 times), the share of pairs with both decoder rows among
+    the 5 nearest the child's detection direction (an LDA direction here, a logistic probe in the paper; every
+    parent once, not a sample of 2,000)."""
+    treesae_pairs: int
+    tree_links_probe_share: float | None
+    """The same Eq. 5 test on this SAE's own tree links."""
+    rows: int
+    """Rows the figures were measured on."""
+
+
+@dataclass
 class MatchingSummary(Record):
     """Decoder-cosine matching of two SAEs' latents (a = this run, b = the other)."""
 
@@ -430,6 +508,10 @@ class StoreManifest(Record):
     timings_s: dict[str, float]
     """Seconds per stage."""
     hierarchy: HierarchySummary | None = None
+    hierarchy_figures: HierarchyFigures | None = None
+    """The literature's hierarchy figures (every SAE: a vanilla one gets Tree SAE's score and nothing else)."""
+    link_validation: LinkValidation | None = None
+    """Both link criteria validated on held-out rows (Matryoshka runs)."""
     """Links across nested groups (Matryoshka runs)."""
     splitting: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per nested prefix: share of its live latents the full width splits into >= 2, by decoder cosine."""

@@ -13,7 +13,7 @@ import torch
 
 from msae import io
 from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, read_manifest
-from msae.analysis import features, hierarchy, matching
+from msae.analysis import features, hierarchy, matching, validate
 from msae.analysis.store import STORE_FORMAT, Against, FeatureStore, write_store
 from msae.analysis.stream import Sparse, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
@@ -134,7 +134,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     try:
         result = stream([sae] + [o for _r, o in others], cache, top_n=acfg.store.top_n,
                         sample_n=acfg.store.quantiles * acfg.store.per_quantile, window=acfg.store.window,
-                        max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm)
+                        max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm, class_sums=True)
     except ValueError as exc:
         raise AnalysisError(str(exc)) from None
     timings["stream"] = result.seconds
@@ -159,9 +159,10 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         link_config=acfg.links, timings_s=timings)
 
     links = None
+    directions = result.class_sums.lda_directions() if result.class_sums is not None else None
     if sae.n_groups > 1:
         t = time.perf_counter()
-        links = hierarchy.nested_links(sp, sae.widths, stats, sae.W_dec, acfg.links)
+        links = hierarchy.nested_links(sp, sae.widths, stats, sae.W_dec, acfg.links, directions=directions)
         kids = hierarchy.children_per_parent(links, sae.d_sae)
         latents["children"] = kids["children"].to_numpy()
         latents["tree_children"] = kids["tree_children"].to_numpy()
@@ -179,6 +180,14 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
             for w in sae.widths[:-1]
         }
         timings["hierarchy"] = time.perf_counter() - t
+        t = time.perf_counter()
+        manifest.link_validation = validate.validate_links(
+            sp, sae.widths, sae.W_dec, acfg.links, validate.context_split(result.row_context), result.row_part,
+            read_manifest(cache).get("parts"))
+        timings["link validation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions)
+    timings["hierarchy figures"] = time.perf_counter() - t
 
     compared = {}
     for i, (other_run, other) in enumerate(others, start=1):

@@ -42,6 +42,18 @@ class Sparse:
         out[rows, cols] = vals
         return out
 
+    def subset(self, keep: Tensor) -> "Sparse":
+        """The rows where the (n_rows,) bool mask `keep` is set, in order."""
+        counts = self.row_ptr.diff()
+        entry_kept = torch.repeat_interleave(keep, counts)
+        row_ptr = torch.zeros(int(keep.sum()) + 1, dtype=torch.long)
+        row_ptr[1:] = counts[keep].cumsum(0)
+        return Sparse(row_ptr, self.cols[entry_kept], self.vals[entry_kept], self.d_sae)
+
+    def entry_rows(self) -> Tensor:
+        """(nnz,) int64 the row of every entry."""
+        return torch.repeat_interleave(torch.arange(self.n_rows), self.row_ptr.diff())
+
     def slice_rows(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
         """(rows relative to start, cols int64, vals) of rows [start, stop)."""
         a, b = int(self.row_ptr[start]), int(self.row_ptr[stop])
@@ -95,6 +107,37 @@ class Examples:
 
 
 @dataclass
+class ClassSums:
+    """What a detection direction per latent needs, from the pass: Σx over the rows where each latent fires, Σx
+    and Σxxᵀ over all rows (float64; rows silenced for their norm are left out of all three)."""
+
+    by_latent: Tensor
+    """(d_sae, d_in) Σ x over the rows where the latent fires."""
+    count: Tensor
+    """(d_sae,) rows where the latent fires."""
+    total: Tensor
+    """(d_in,) Σ x."""
+    outer: Tensor
+    """(d_in, d_in) Σ x xᵀ."""
+    n: int
+    """Rows summed."""
+
+    def lda_directions(self, ridge: float = 1e-3) -> Tensor:
+        """(d_sae, d_in) per latent, Σ⁻¹(μ_fires − μ_rest): the linear discriminant that tells the rows where it
+        fires from the others, with the total covariance Σ (plus ridge × its mean variance) as the shared one. A
+        cheap stand-in for a logistic probe trained on the latent's firing (Tree SAE's Eq. 5); zero for a latent
+        that never fires or always does."""
+        n, c = float(self.n), self.count.double().unsqueeze(1)
+        mu = self.total / n
+        cov = self.outer / n - torch.outer(mu, mu)
+        cov += ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+        fires = self.by_latent / c.clamp_min(1)
+        rest = (self.total - self.by_latent) / (n - c).clamp_min(1)
+        delta = torch.where((c > 0) & (c < n), fires - rest, torch.zeros_like(fires))
+        return torch.linalg.solve(cov, delta.T).T.float()
+
+
+@dataclass
 class StreamResult:
     """What one pass gathered."""
 
@@ -112,6 +155,12 @@ class StreamResult:
     seconds: float
     skipped_rows: int = 0
     """Rows left silent because their norm exceeded `max_norm` (they count in n_rows, with no latent active)."""
+    row_context: Tensor | None = None
+    """(n_rows,) int64 the global context index of every row (for splits by context)."""
+    row_part: Tensor | None = None
+    """(n_rows,) int64 the corpus part of every row (an index into the cache manifest's "parts"), when recorded."""
+    class_sums: ClassSums | None = None
+    """The first SAE's per-latent sums for detection directions, when asked for."""
 
 
 def _rank_within_latent(cols: Tensor, keys: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
@@ -228,8 +277,10 @@ def stream(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     max_norm: float | None = None,
+    class_sums: bool = False,
 ) -> StreamResult:
-    """Run every SAE over the cache once; examples are kept for the first SAE.
+    """Run every SAE over the cache once; examples are kept for the first SAE (and, with class_sums, the sums
+    its latents' detection directions need).
 
     Rows whose norm exceeds `max_norm` count as rows with no latent active: one such row (a massive activation
     the cache's own filter let through) is otherwise the top example of hundreds of latents at once."""
@@ -246,6 +297,9 @@ def stream(
     generator = torch.Generator().manual_seed(seed)
     context_doc: dict[int, int] = {}
     context_parts: list[Tensor] = []
+    row_contexts: list[Tensor] = []
+    row_parts: list[Tensor] | None = []
+    sums = None
     row0 = skipped = 0
     for shard in shards:
         with safe_open(str(cache / shard["file"]), framework="pt") as f:
@@ -261,6 +315,11 @@ def stream(
             _check_rows_match_contexts(cache / shard["file"], context - context_start, position, context_tokens,
                                        token_ids)
             context_parts.append(context_tokens)
+            row_contexts.append(context)
+            if row_parts is not None and "context_part" in f.keys():
+                row_parts.append(f.get_tensor("context_part").long()[context - context_start])
+            else:
+                row_parts = None
             if "context_doc" in f.keys():
                 docs = f.get_tensor("context_doc").tolist()
                 context_doc.update({context_start + i: d for i, d in enumerate(docs)})
@@ -277,6 +336,8 @@ def stream(
             parts[i]["counts"].append(torch.bincount(rows, minlength=n_take))
             parts[i]["cols"].append(cols.to(torch.int32))
             parts[i]["vals"].append(vals)
+            if i == 0 and class_sums:
+                sums = _add_class_sums(sums, acts.float(), rows, cols, ~too_large, sae.d_sae)
             if i == 0:
                 lookup = _entry_lookup(rows, cols, vals, sae.d_sae)
                 _merge(top, cols, vals, vals, rows, view, lookup)
@@ -294,7 +355,29 @@ def stream(
                              torch.cat(p["vals"]) if p["vals"] else torch.zeros(0), sae.d_sae))
     context_tokens = torch.cat(context_parts) if context_parts else torch.zeros(0, 0, dtype=torch.int32)
     return StreamResult(sparse, top, sample, context_tokens, context_doc, row0, time.perf_counter() - t0,
-                        skipped)
+                        skipped, torch.cat(row_contexts) if row_contexts else torch.zeros(0, dtype=torch.long),
+                        torch.cat(row_parts) if row_parts else None, sums)
+
+
+def _add_class_sums(sums: ClassSums | None, x: Tensor, rows: Tensor, cols: Tensor, ok: Tensor, d_sae: int) -> ClassSums:
+    """Add one shard's rows `x` (n, d) and their entries to the running sums (rows where `ok` is False left out)."""
+    d = x.shape[1]
+    if sums is None:
+        sums = ClassSums(torch.zeros(d_sae, d, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.long),
+                         torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0)
+    x = x[ok]
+    keep = ok[rows]
+    new_row = torch.cumsum(ok.long(), 0) - 1
+    a = torch.sparse_coo_tensor(torch.stack([cols[keep], new_row[rows[keep]]]), torch.ones(int(keep.sum())),
+                                (d_sae, x.shape[0]))
+    sums.by_latent += torch.sparse.mm(a, x).double()
+    sums.count += torch.bincount(cols[keep], minlength=d_sae)
+    for start in range(0, x.shape[0], 16384):  # float64 in chunks: the mean is large next to the spread
+        chunk = x[start : start + 16384].double()
+        sums.total += chunk.sum(0)
+        sums.outer += chunk.T @ chunk
+    sums.n += x.shape[0]
+    return sums
 
 
 @torch.no_grad()

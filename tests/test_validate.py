@@ -1,0 +1,144 @@
+"""Link validation and the literature's hierarchy figures, against dense computations and hand-built cases."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from msae.analysis import hierarchy, validate
+from msae.analysis.stream import ClassSums, Sparse
+from msae.config import LinkConfig
+
+
+def sparse_of(dense: torch.Tensor) -> Sparse:
+    nz = dense.nonzero()
+    row_ptr = torch.zeros(dense.shape[0] + 1, dtype=torch.long)
+    row_ptr[1:] = torch.bincount(nz[:, 0], minlength=dense.shape[0]).cumsum(0)
+    return Sparse(row_ptr, nz[:, 1].int(), dense[nz[:, 0], nz[:, 1]].float(), dense.shape[1])
+
+
+def test_bootstrap_mean_on_a_hand_built_case():
+    assert validate.bootstrap_mean(torch.tensor([])) is None
+    same = validate.bootstrap_mean(torch.full((50,), 0.3))
+    assert (same.mean, same.low, same.high, same.n) == pytest.approx((0.3, 0.3, 0.3, 50))
+    # Half zeros, half ones: mean 0.5, and the interval of a mean of 400 coin flips is about ±1.96·0.5/√400.
+    coin = validate.bootstrap_mean(torch.tensor([0.0, 1.0] * 200), reps=4000)
+    assert coin.mean == 0.5
+    assert coin.low == pytest.approx(0.5 - 0.049, abs=0.012) and coin.high == pytest.approx(0.5 + 0.049, abs=0.012)
+
+
+def test_pair_cofires_and_subset_match_dense_counts():
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(500, 40, generator=g) * (torch.rand(500, 40, generator=g) < 0.2)
+    sp = sparse_of(dense)
+    parent = torch.randint(40, (300,), generator=g)
+    child = torch.randint(40, (300,), generator=g)
+    on = (dense > 0).double()
+    want = (on[:, parent] * on[:, child]).sum(0).long()
+    assert torch.equal(validate.pair_cofires(sp, parent, child), want)
+    assert torch.equal(validate.pair_cofires(sp, parent, child, chunk=7), want), "chunked the same"
+    keep = torch.arange(500) % 3 == 0
+    sub = validate.pair_cofires(sp.subset(keep), parent, child)
+    assert torch.equal(sub, (on[keep][:, parent] * on[keep][:, child]).sum(0).long())
+
+
+def test_hierarchy_figures_on_a_hand_built_tree():
+    """Parent 0 with children 2 and 3 (mutually exclusive, each inside 0); latent 1 fires alone elsewhere."""
+    n = 1000
+    dense = torch.zeros(n, 4)
+    dense[:400, 0] = 1.0          # parent on rows 0..399
+    dense[:100, 2] = 1.0          # child A on 0..99 (inside the parent)
+    dense[100:200, 3] = 1.0       # child B on 100..199
+    dense[380:420, 3] = 1.0       # ... and on 380..419, half of which (400..419) outside the parent
+    dense[600:700, 1] = 1.0
+    sp = sparse_of(dense)
+    links = pd.DataFrame({"parent": [0, 0], "child": [2, 3], "tree": [True, True]})
+    fig = validate.hierarchy_figures(sp, links, torch.eye(4), "coverage")
+    # P(p|c): A 1.0, B 120/140; P(c|p): A 100/400, B 120/400.
+    assert fig.p_parent_given_child == pytest.approx((1.0 + 120 / 140) / 2)
+    assert fig.p_child_given_parent == pytest.approx((100 / 400 + 120 / 400) / 2)
+    # Children's union: rows 0..199 and 380..419 (240 rows); parent 0..399; Δ = 200..379 and 400..419 = 200 rows;
+    # union 420 rows.
+    assert fig.hamming == pytest.approx(200 / 420)
+    assert fig.sibling_pairs == 1 and fig.sibling_iou == 0.0
+    assert fig.treesae_score is None, "no detection directions given"
+
+
+def test_lda_direction_finds_the_direction_a_latent_fires_on():
+    g = torch.Generator().manual_seed(1)
+    n, d = 4000, 16
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 3.0, d)  # anisotropic noise
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    fires = torch.rand(n, generator=g) < 0.2
+    x[fires] += 2.0 * u
+    by_latent = torch.stack([x[fires].double().sum(0), x[~fires].double().sum(0)])
+    sums = ClassSums(by_latent, torch.tensor([int(fires.sum()), int((~fires).sum())]), x.double().sum(0),
+                     x.double().T @ x.double(), n)
+    w = sums.lda_directions()
+    # LDA's direction is Σ⁻¹·shift, not the shift itself; it must separate the classes along u's whitened image.
+    cov = torch.cov(x[~fires].T.double())
+    expected = torch.linalg.solve(cov, u.double())
+    assert torch.nn.functional.cosine_similarity(w[0].double(), expected, dim=0) > 0.95
+    assert torch.nn.functional.cosine_similarity(w[1].double(), -expected, dim=0) > 0.95
+
+
+def test_heldout_validation_separates_true_links_from_the_frequency_matched_null():
+    """Three parents, each with two exclusive children (a 2-level Matryoshka layout: parents in group 0); the
+    held-out P(p | c) of the tree links is near 1 and the null's near the parents' base rate."""
+    g = torch.Generator().manual_seed(2)
+    n, widths = 20_000, [3, 9]
+    dense = torch.zeros(n, 9)
+    parent_on = torch.rand(n, 3, generator=g) < 0.25
+    dense[:, :3] = parent_on.float()
+    which = torch.randint(3, (n, 3), generator=g)  # 0/1: that child, 2: none
+    for p in range(3):
+        for c in range(2):
+            dense[:, 3 + 2 * p + c] = (parent_on[:, p] & (which[:, p] == c)).float() * 0.5
+    noise = (torch.rand(n, 9, generator=g) < 0.01) & (dense == 0)
+    dense[noise] = 0.3  # stray firings: coverage below 1, lift finite
+    sp = sparse_of(dense)
+    context = torch.arange(n) // 8
+    parts = torch.arange(n) % 2
+    result = validate.validate_links(sp, widths, torch.randn(9, 5, generator=g), LinkConfig(),
+                                     validate.context_split(context), parts, ["a", "b"])
+    assert result.link_rows + result.measured_rows == n
+    by = {c.criterion: c for c in result.criteria}
+    cov = by["coverage"]
+    assert cov.tree_links == 6 and cov.measured_links == 6 and cov.share_with_parent == 1.0
+    assert cov.heldout_coverage.mean > 0.9 and cov.null_coverage.mean < 0.4
+    assert cov.heldout_coverage.low > cov.null_coverage.high
+    assert set(cov.heldout_coverage_per_part) == {"a", "b"} and cov.heldout_coverage_per_group[0] is None
+
+
+def test_null_parents_come_from_earlier_groups_with_a_similar_frequency():
+    count = torch.tensor([1000, 900, 100, 90, 80, 5, 50, 40, 30])
+    group = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    parent = torch.tensor([0, 2, 2, 2])
+    child = torch.tensor([6, 7, 8, 6])
+    null = validate.matched_null_parents(parent, child, count, group, seed=0, window=2)
+    assert ((group[null] < group[child]) & (null != parent)).all()
+    assert null[0] == 1, "the nearest other latent in frequency to the busiest parent"
+    assert set(null[1:].tolist()) <= {3, 4, 1, 0, 5}
+
+
+def test_treesae_pairs_take_each_dense_parents_best_children():
+    """Latents 0 and 1 are the dense half's top; 0 covers 2 and 3 completely, 1 covers 3 partly."""
+    n = 2000
+    dense = torch.zeros(n, 4)
+    dense[:1200, 0] = 1.0
+    dense[800:1800, 1] = 1.0
+    dense[:200, 2] = 1.0
+    dense[1000:1300, 3] = 1.0
+    sp = sparse_of(dense)
+    parent, child = validate.treesae_pairs(sp, validate._stats(sp))
+    got = set(zip(parent.tolist(), child.tolist()))
+    assert {(0, 2), (0, 3), (1, 3), (0, 1), (1, 0)} >= got >= {(0, 2), (0, 3), (1, 3)}
+    assert all(p in (0, 1) for p, _ in got)
+
+
+def test_probe_ranks_count_the_rows_nearer_the_direction():
+    W = torch.eye(4)
+    directions = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    rank_p, rank_c = hierarchy.probe_ranks(directions, W, torch.tensor([0, 1]), torch.tensor([2, 2]))
+    assert rank_c.tolist() == [0, 0] and rank_p.tolist() == [1, 2]
