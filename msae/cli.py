@@ -159,12 +159,47 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import analyze
 
     acfg = config_from_args(AnalyzeConfig, args)
+    if args.activations is not None:
+        return _analyze_activations(args, acfg)
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg)
     print(format_analysis(manifest))
     absorption = Run(args.run_dir).absorption()
     if acfg.absorption and absorption is not None:
         print(format_absorption(absorption))
     return 0
+
+
+def _analyze_activations(args: argparse.Namespace, acfg: AnalyzeConfig) -> int:
+    from msae.analysis.analyze import analyze_activations
+
+    if args.against:
+        raise CLIError("--activations analyses one run; --against needs the corpus (leave one of them out)")
+    path = Path(args.activations)
+    acts = load_activations_file(path)
+    report = analyze_activations(args.run_dir, acts, InputFile(path=args.activations, sha256=io.sha256_file(path)),
+                                 acfg.links)
+    print(f"{args.run_dir}: {report.rows:,} rows of {args.activations}; {report.links} links "
+          f"({report.link_config.criterion}), {report.tree_links} in the tree; written to "
+          f"{Path(args.run_dir) / 'features'}")
+    print(format_hierarchy_figures(report.hierarchy_figures, report.link_validation))
+    return 0
+
+
+def format_hierarchy_figures(fig, validation) -> str:
+    """The literature's hierarchy figures and the held-out validation, for the terminal."""
+
+    def f(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = [f"  hierarchy ({fig.criterion} tree links: {fig.tree_links}): P(p|c) {f(fig.p_parent_given_child)}, "
+             f"P(c|p) {f(fig.p_child_given_parent)}, Hamming {f(fig.hamming)}, sibling IoU {f(fig.sibling_iou)}; "
+             f"Tree SAE score {f(fig.treesae_score)} ({fig.treesae_pairs} pairs)"]
+    for c in validation.criteria if validation is not None else []:
+        held, null = c.heldout_coverage, c.null_coverage
+        lines.append(f"  held-out P(p|c), {c.criterion}: {f(held and held.mean)} "
+                     f"[{f(held and held.low)}, {f(held and held.high)}] over {c.measured_links} tree links; "
+                     f"frequency-matched random parent {f(null and null.mean)}")
+    return "\n".join(lines)
 
 
 def cmd_absorption(args: argparse.Namespace) -> int:
@@ -189,6 +224,8 @@ def format_analysis(m: StoreManifest) -> str:
     """The headline figures of an analysis, for the terminal."""
     lines = [f"{m.run}: {m.rows:,} rows, d_sae {m.d_sae}, widths {m.widths}, dead {m.dead_fraction:.3f}",
              "  L0 per width: " + ", ".join(f"{w}: {v:.1f}" for w, v in zip(m.widths, m.l0_per_width))]
+    if m.hierarchy_figures is not None:
+        lines.append(format_hierarchy_figures(m.hierarchy_figures, m.link_validation))
     if m.hierarchy is not None:
         h = m.hierarchy
         lines.append(f"  parent-child links: {h.links:,}; parents with >= 2 children: {h.parents_with_2plus_children}; "
@@ -237,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_parser.add_argument("run_dir", help="run directory (sae_weights.safetensors + cfg.json)")
     analyze_parser.add_argument("--against", action="append", default=[],
                                 help="another run on the same model and layer: splitting and matching (repeatable)")
+    analyze_parser.add_argument("--activations", default=None,
+                                help="a safetensors file with a tensor 'activations' (N, d_in): latent statistics and "
+                                     "links on these rows (a toy's sample, say) instead of the run's corpus; writes "
+                                     "RUN/features/links.parquet and activations_analysis.json")
     add_config_args(analyze_parser, AnalyzeConfig)
     analyze_parser.set_defaults(func=cmd_analyze)
 

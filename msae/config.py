@@ -538,7 +538,7 @@ class AbsorptionConfig(Config):
         _check(self.per_letter is None or self.per_letter > 0, f"per_letter must be positive, got {self.per_letter}")
 
 
-ToyPreset = typing.Literal["nabeshima", "chanin"]
+ToyPreset = typing.Literal["nabeshima", "chanin", "deep"]
 
 
 @dataclasses.dataclass

@@ -420,6 +420,28 @@ class HierarchyFigures(Record):
 
 
 @dataclass
+class ActivationsAnalysis(Record):
+    """`msae analyze RUN --activations FILE`: latent statistics and links on activations held in a file (a toy's
+    sample, another model's rows), written to RUN/features/ as links.parquet and activations_analysis.json."""
+
+    activations: InputFile
+    """The file (path as given, content hash)."""
+    rows: int
+    d_sae: int
+    widths: list[int]
+    link_config: LinkConfig
+    links: int
+    """DAG links of link_config's criterion."""
+    tree_links: int
+    dead_fraction: float
+    """Share of latents that never fire on the file's rows."""
+    hierarchy_figures: HierarchyFigures
+    link_validation: LinkValidation | None = None
+    """Both criteria made on the even rows and measured on the odd ones (rows carry no contexts here)."""
+    seconds: float | None = None
+
+
+@dataclass
 class MatchingSummary(Record):
     """Decoder-cosine matching of two SAEs' latents (a = this run, b = the other)."""
 
@@ -553,6 +575,27 @@ class ToyMetrics(Record):
 
 
 @dataclass
+class TreeRecovery(Record):
+    """How well a criterion's tree links recover a toy's true tree (msae.toy.tree_recovery)."""
+
+    criterion: str
+    matched_features: int
+    """True features matched to a latent (Hungarian on decoder cosine, cosine >= min_cos)."""
+    true_edges: int
+    """Parent–child edges of the true tree."""
+    predicted_edges: int
+    """Tree links whose child latent is matched to a feature (the ones that can be judged)."""
+    correct_edges: int
+    """Of those, links between the latents of a true parent and its child."""
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    best_f1: float | None
+    """The F1 a perfect criterion would reach on this SAE: every true edge whose two features have latents."""
+    min_cos: float
+
+
+@dataclass
 class ToyResult(Record):
     """A vanilla and a Matryoshka SAE trained on the same toy batches (msae.toy.compare)."""
 
@@ -566,6 +609,8 @@ class ToyResult(Record):
     """The vanilla SAE."""
     matryoshka: ToyMetrics
     """The Matryoshka SAE."""
+    tree_recovery: list[TreeRecovery] | None = None
+    """The Matryoshka SAE's tree links against the true tree, per criterion."""
     out: str | None = None
     """Where the runs were kept (None: a temporary directory)."""
     preset: str | None = None

@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from msae import io
 from msae.config import ToyConfig, TrainConfig, add_config_args, config_from_args
-from msae.results import RunInfo, ToyMetrics, ToyResult, mean_or_none
+from msae.results import RunInfo, ToyMetrics, ToyResult, TreeRecovery, mean_or_none
 from msae.run import Run
 from msae.sae import SAE
 from msae.train import TensorBatches, Trainer
@@ -149,6 +150,112 @@ def chanin(seed: int = 0) -> ToyHierarchy:
                         direction_noise=0.0, seed=seed)
 
 
+def deep(seed: int = 0) -> ToyHierarchy:
+    """A three-level tree: 2 roots (p 0.2), each with 3 mutually exclusive children (0.25 each given the root),
+    each child with 2 mutually exclusive grandchildren (0.35 each given the child), and 4 independent features
+    (p 0.05); 24 near-orthogonal features in 32 dims. Features 0-1 are the roots, 2-7 the children (2-4 under 0),
+    8-19 the grandchildren (8-9 under 2, ...), 20-23 the independents."""
+    parent_of = [None] * 2 + [r for r in range(2) for _ in range(3)] + [c for c in range(2, 8) for _ in range(2)]
+    parent_of += [None] * 4
+    probs = [0.25] * 2 + [0.2] * 6 + [0.3] * 12 + [0.05] * 4
+    return ToyHierarchy(32, tuple(parent_of), tuple(probs), exclusive_children=True, magnitude_std=0.3,
+                        direction_noise=0.1, seed=seed)
+
+
+def assign(score: Tensor) -> Tensor:
+    """The assignment of rows to distinct columns (rows <= columns) with the largest total score: the Hungarian
+    algorithm (shortest augmenting paths with potentials), O(rows² · columns). Returns each row's column."""
+    n, m = score.shape
+    if n > m:
+        raise ValueError(f"{n} rows cannot be assigned to {m} distinct columns")
+    cost = (-score.double()).tolist()
+    inf = float("inf")
+    u, v = [0.0] * (n + 1), [0.0] * (m + 1)
+    owner = [0] * (m + 1)  # owner[j]: the row (1-based) holding column j; 0: free
+    way = [0] * (m + 1)
+    for i in range(1, n + 1):
+        owner[0] = i
+        j0 = 0
+        minv = [inf] * (m + 1)
+        used = [False] * (m + 1)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = owner[j0], inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    out = torch.full((n,), -1, dtype=torch.long)
+    for j in range(1, m + 1):
+        if owner[j]:
+            out[owner[j] - 1] = j - 1
+    return out
+
+
+def tree_recovery(toy: ToyHierarchy, W_dec: Tensor, links, criterion: str, min_cos: float = 0.9) -> TreeRecovery:
+    """Edge precision, recall and F1 of a links table's tree (columns parent, child, tree) against the toy's true
+    tree. Features are matched to latents one-to-one by decoder cosine (`assign`), kept at >= `min_cos`. A tree
+    link is judged when its child latent is matched: correct when its parent latent is the match of that
+    feature's true parent. best_f1 is a perfect criterion's F1 on this SAE (precision 1, recall the share of true
+    edges with both features matched)."""
+    dec = W_dec.detach().float().cpu()
+    cos = toy.directions @ (dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)).t()  # (features, latents)
+    latent_of = assign(cos)
+    matched = cos[torch.arange(toy.n_features), latent_of] >= min_cos
+    feature_of = {int(latent_of[f]): f for f in range(toy.n_features) if matched[f]}
+    true_edges = [(toy.parent_of[f], f) for f in toy.children]
+    tree = links[links["tree"]] if links is not None else links
+    judged = correct = 0
+    for parent, child in ([] if tree is None else zip(tree["parent"].tolist(), tree["child"].tolist())):
+        f = feature_of.get(int(child))
+        if f is None:
+            continue
+        judged += 1
+        correct += int(toy.parent_of[f] is not None and feature_of.get(int(parent)) == toy.parent_of[f])
+    possible = sum(1 for p, c in true_edges if matched[p] and matched[c])
+    precision = correct / judged if judged else None
+    recall = correct / len(true_edges) if true_edges else None
+    f1 = (2 * precision * recall / (precision + recall) if precision and recall else 0.0) if judged else None
+    best_recall = possible / len(true_edges) if true_edges else 0.0
+    return TreeRecovery(criterion=criterion, matched_features=int(matched.sum()), true_edges=len(true_edges),
+                        predicted_edges=judged, correct_edges=correct, precision=precision, recall=recall, f1=f1,
+                        best_f1=2 * best_recall / (1 + best_recall) if best_recall else 0.0, min_cos=min_cos)
+
+
+def toy_tree_recovery(toy: ToyHierarchy, sae: SAE, acts: Tensor,
+                      criteria: Sequence[str] = ("coverage", "cosine")) -> list[TreeRecovery]:
+    """A Matryoshka SAE's links on `acts` under each criterion (default thresholds), against the true tree."""
+    from msae.analysis import hierarchy
+    from msae.analysis.features import histogram_edges, latent_stats
+    from msae.analysis.stream import encode_rows
+    from msae.config import LinkConfig
+
+    sae.eval()
+    sp = encode_rows(sae, acts)
+    stats = latent_stats(sp, histogram_edges(sp.vals, 8))
+    out = []
+    for criterion in criteria:
+        links = hierarchy.nested_links(sp, list(sae.widths), stats, sae.W_dec, LinkConfig(criterion=criterion))
+        out.append(tree_recovery(toy, sae.W_dec, links, criterion))
+    return out
+
+
 def _rate(hits: Tensor, of: Tensor) -> float | None:
     """hits / of over boolean masks; None when `of` is empty (the metric is undefined, not 0)."""
     n = int(of.sum())
@@ -231,6 +338,10 @@ def default_k(toy: ToyHierarchy) -> int:
     return max(1, math.floor(sum(toy.marginal_probs())))
 
 
+EVAL_ACTIVATIONS = "eval_activations.safetensors"
+"""In a kept toy run's directory: the held-out sample its figures were measured on (tensor `activations`)."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named toy and the training settings it is compared under."""
@@ -248,6 +359,8 @@ PRESETS: dict[str, Preset] = {
     # ReLU latent initialised pointing away from all four (non-negative) features never fires again, and AuxK
     # only revives latents with a positive pre-activation.
     "chanin": Preset(chanin, {"activation": "relu", "l1_coeff": 0.1, "widths": (1, 8)}),
+    # One nested level per tree level: the roots, then roots and children, then everything.
+    "deep": Preset(deep, {"widths": (2, 8, 24)}),
 }
 
 
@@ -322,10 +435,15 @@ def compare(
         started = time.perf_counter()
         run_dirs = Trainer(cfg, TensorBatches(train_acts), root, run_info=RunInfo(toy=toy_info(toy))).train()
         train_s = time.perf_counter() - started
-        results = {name: evaluate(Run(d).load_sae(), toy, eval_acts, eval_present) for name, d in run_dirs.items()}
+        saes = {name: Run(d).load_sae() for name, d in run_dirs.items()}
+        results = {name: evaluate(sae, toy, eval_acts, eval_present) for name, sae in saes.items()}
+        recovery = toy_tree_recovery(toy, saes["matryoshka"], eval_acts) if len(widths) > 1 else None
+        if out_dir is not None:
+            # The held-out sample, for `msae analyze RUN --activations` on the kept runs.
+            io.atomic_save_safetensors({"activations": eval_acts.contiguous()}, root / EVAL_ACTIVATIONS)
     return ToyResult(toy=toy_info(toy), train=cfg, train_seconds=round(train_s, 2),
                      out=None if out_dir is None else str(out_dir), vanilla=results["vanilla"],
-                     matryoshka=results["matryoshka"])
+                     matryoshka=results["matryoshka"], tree_recovery=recovery)
 
 
 def toy_info(toy: ToyHierarchy) -> dict:
@@ -397,4 +515,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"toy {cfg.preset}, seed {cfg.seed}: {train.steps} steps of {train.batch_size}, {sparsity}, "
           f"matryoshka widths {','.join(map(str, train.widths))} ({result.train_seconds:.1f} s to train)")
     print(format_table(result))
+    for r in result.tree_recovery or []:
+        print(f"tree recovery, {r.criterion} links: F1 {_fmt(r.f1)} (precision {_fmt(r.precision)}, recall "
+              f"{_fmt(r.recall)}; best this SAE allows {_fmt(r.best_f1)}, {r.matched_features} of "
+              f"{result.matryoshka.per_feature and len(result.matryoshka.per_feature['latent'])} features matched)")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

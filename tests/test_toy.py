@@ -148,3 +148,77 @@ def test_cli_toy_json_end_to_end(tmp_path, capsys):
     table = toy.format_table(ToyResult.from_json(result))
     assert table.splitlines()[0].split() == ["vanilla", "matryoshka"]
     assert "parent absorption" in table
+
+
+def test_hungarian_assignment_is_optimal():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        score = torch.rand(4, 6, generator=g)
+        best = max(itertools.permutations(range(6), 4), key=lambda p: sum(score[i, p[i]] for i in range(4)))
+        got = toy.assign(score)
+        assert len(set(got.tolist())) == 4
+        assert sum(score[i, got[i]] for i in range(4)) == pytest.approx(sum(score[i, best[i]] for i in range(4)))
+
+
+def test_tree_recovery_scores_a_perfect_and_a_wrong_tree():
+    import pandas as pd
+
+    t = toy.deep()
+    perm = torch.randperm(t.n_features, generator=torch.Generator().manual_seed(0))
+    W_dec = t.directions[perm]  # latent j is feature perm[j]
+    latent = {int(f): j for j, f in enumerate(perm.tolist())}
+    edges = [(latent[t.parent_of[c]], latent[c]) for c in t.children]
+    perfect = pd.DataFrame({"parent": [p for p, _ in edges], "child": [c for _, c in edges], "tree": True})
+    r = toy.tree_recovery(t, W_dec, perfect, "coverage")
+    assert (r.matched_features, r.true_edges, r.correct_edges) == (24, 18, 18)
+    assert r.precision == r.recall == r.f1 == r.best_f1 == 1.0
+    # Grandchildren hung under their roots (an ancestor, not the parent): half the edges wrong.
+    wrong = perfect.copy()
+    for i, c in enumerate(t.children):
+        if t.parent_of[t.parent_of[c]] is not None:
+            wrong.loc[i, "parent"] = latent[t.parent_of[t.parent_of[c]]]
+    r = toy.tree_recovery(t, W_dec, wrong, "coverage")
+    assert r.correct_edges == 6 and r.precision == pytest.approx(6 / 18) and r.f1 == pytest.approx(6 / 18)
+
+
+def test_deep_toy_tree_recovery_per_criterion():
+    """The three-level toy (seed 0, 1500 steps, k 1, widths 2,8,24): the trained Matryoshka SAE matches 15 of 24
+    features at decoder cosine >= 0.9, so at best half the 18 true edges can be found (best F1 0.667). Measured:
+    coverage links F1 0.667 (precision 1.0), the cosine baseline 0.370 (precision 0.556); with 3000 steps 0.667
+    against 0.444, and on seed 1 (3000 steps) both 0.462 of a possible 0.500. The training, not the criterion,
+    bounds the toy; the test checks that coverage links reach that bound here and never exceed it."""
+    result = toy.compare(toy.deep(seed=0), seed=0, **toy.PRESETS["deep"].train)
+    by = {r.criterion: r for r in result.tree_recovery}
+    assert set(by) == {"coverage", "cosine"}
+    cov = by["coverage"]
+    assert cov.matched_features >= 12 and cov.best_f1 >= 0.5
+    assert cov.f1 >= cov.best_f1 - 0.01 and cov.precision >= 0.9
+    assert all(r.f1 <= r.best_f1 + 1e-9 for r in by.values())
+
+
+def test_cli_analyze_activations_writes_the_links_table(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "runs"
+    assert cli_main(["toy", "--preset", "nabeshima", "--steps", "300", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    acts_file = out / toy.EVAL_ACTIVATIONS
+    assert cli_main(["analyze", str(out / "matryoshka"), "--activations", str(acts_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "links" in printed and "held-out P(p|c), coverage" in printed
+    links = pd.read_parquet(out / "matryoshka" / "features" / "links.parquet")
+    assert {"parent", "child", "linked", "tree", "score", "coverage", "lift", "cosine_score"} <= set(links.columns)
+    assert links["tree"].any() and (links.loc[links["tree"], "linked"]).all()
+    assert (links.groupby("child")["tree"].sum() <= 1).all(), "one tree parent a child"
+    report = json.loads((out / "matryoshka" / "features" / "activations_analysis.json").read_text())
+    assert report["rows"] == 2**15 and report["tree_links"] == int(links["tree"].sum())
+    # A file of the wrong width is refused with both widths named, and the links written before stay.
+    from safetensors.torch import save_file
+
+    save_file({"activations": torch.randn(10, 7)}, str(tmp_path / "narrow.safetensors"))
+    assert cli_main(["analyze", str(out / "matryoshka"), "--activations", str(tmp_path / "narrow.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "have 7 columns but" in err and "d_in=20" in err
+    assert (out / "matryoshka" / "features" / "links.parquet").exists()

@@ -14,12 +14,13 @@ import torch
 from msae import io
 from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, read_manifest
 from msae.analysis import features, hierarchy, matching, validate
-from msae.analysis.store import STORE_FORMAT, Against, FeatureStore, write_store
-from msae.analysis.stream import Sparse, stream
+from msae.analysis.store import STORE_FORMAT, Against, FeatureStore, write_links_only, write_store
+from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, load_lm
-from msae.results import AbsorptionResult, AgainstSummary, ExtractionInfo, HierarchySummary, LevelSummary, StoreManifest
+from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, HierarchySummary,
+                          InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -250,6 +251,42 @@ def _against(sae: SAE, sp: Sparse, stats: dict, other: SAE, osp: Sparse, edges, 
         pairs["a_group"] = groups[torch.tensor(pairs["a"].to_numpy(), dtype=torch.long)].numpy()
     kids["coverage"] = cover.numpy()
     return Against(summary, {"links": links, "matching": pairs, "parents": kids})
+
+
+def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFile,
+                        cfg: LinkConfig | None = None) -> ActivationsAnalysis:
+    """Latent statistics, links (a Matryoshka SAE's nested ones), their validation (even rows make the links, odd
+    rows measure them) and the hierarchy figures of the run's SAE on `acts` (N, d_in), read from `source`;
+    written to RUN/features/ (links.parquet, activations_analysis.json), replacing what was there."""
+    cfg = cfg or LinkConfig()
+    with locked(run_dir):
+        run = Run(run_dir)
+        t0 = time.perf_counter()
+        sae = _load(run, "cpu")
+        if acts.shape[1] != sae.d_in:
+            raise AnalysisError(f"{source.path}: its activations have {acts.shape[1]} columns but {run.path}'s SAE "
+                                f"reads d_in={sae.d_in}")
+        sae.eval()
+        sp = encode_rows(sae, acts)
+        rows, cols, _ = sp.slice_rows(0, sp.n_rows)
+        sums = add_class_sums(None, acts.float(), rows, cols, torch.ones(sp.n_rows, dtype=torch.bool), sae.d_sae)
+        directions = sums.lda_directions()
+        stats = features.latent_stats(sp, features.histogram_edges(sp.vals, 8))
+        links = validation = None
+        if sae.n_groups > 1:
+            links = hierarchy.nested_links(sp, list(sae.widths), stats, sae.W_dec, cfg, directions=directions)
+            validation = validate.validate_links(sp, list(sae.widths), sae.W_dec, cfg,
+                                                 torch.arange(sp.n_rows) % 2 == 0)
+            validation.split = "rows: even ones make the links, odd ones measure them"
+        figures = validate.hierarchy_figures(sp, links, sae.W_dec, cfg.criterion, directions)
+        report = ActivationsAnalysis(
+            activations=source, rows=sp.n_rows, d_sae=sae.d_sae, widths=list(sae.widths), link_config=cfg,
+            links=0 if links is None else int(links["linked"].sum()),
+            tree_links=0 if links is None else int(links["tree"].sum()),
+            dead_fraction=float((stats["count"] == 0).double().mean()), hierarchy_figures=figures,
+            link_validation=validation, seconds=round(time.perf_counter() - t0, 2))
+        write_links_only(run.path, links, report)
+        return report
 
 
 def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM | None = None,

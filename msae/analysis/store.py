@@ -28,7 +28,7 @@ import pandas as pd
 
 from msae.analysis import features
 from msae.records import RecordError
-from msae.results import AgainstSummary, StoreManifest
+from msae.results import ActivationsAnalysis, AgainstSummary, StoreManifest
 from msae.run import STORE_DIR
 
 STORE_FORMAT = 3
@@ -147,6 +147,23 @@ def write_store(store: FeatureStore) -> Path:
         (tmp / MANIFEST_FILE).write_text(store.manifest.dumps())
 
     final = Path(store.run_dir) / STORE_DIR
+    _write_dir(final, fill)
+    return final
+
+
+ACTIVATIONS_ANALYSIS_FILE = "activations_analysis.json"
+
+
+def write_links_only(run_dir: Path | str, links: pd.DataFrame | None, report: ActivationsAnalysis) -> Path:
+    """features/ holding only links.parquet and the ActivationsAnalysis (`msae analyze --activations`): it replaces
+    any store there, and the app, finding no manifest, says the run has not been analysed on text."""
+
+    def fill(tmp: Path) -> None:
+        if links is not None:
+            _parquet(links, tmp / "links.parquet")
+        (tmp / ACTIVATIONS_ANALYSIS_FILE).write_text(report.dumps())
+
+    final = Path(run_dir) / STORE_DIR
     _write_dir(final, fill)
     return final
 

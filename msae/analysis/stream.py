@@ -337,7 +337,7 @@ def stream(
             parts[i]["cols"].append(cols.to(torch.int32))
             parts[i]["vals"].append(vals)
             if i == 0 and class_sums:
-                sums = _add_class_sums(sums, acts.float(), rows, cols, ~too_large, sae.d_sae)
+                sums = add_class_sums(sums, acts.float(), rows, cols, ~too_large, sae.d_sae)
             if i == 0:
                 lookup = _entry_lookup(rows, cols, vals, sae.d_sae)
                 _merge(top, cols, vals, vals, rows, view, lookup)
@@ -359,7 +359,7 @@ def stream(
                         torch.cat(row_parts) if row_parts else None, sums)
 
 
-def _add_class_sums(sums: ClassSums | None, x: Tensor, rows: Tensor, cols: Tensor, ok: Tensor, d_sae: int) -> ClassSums:
+def add_class_sums(sums: ClassSums | None, x: Tensor, rows: Tensor, cols: Tensor, ok: Tensor, d_sae: int) -> ClassSums:
     """Add one shard's rows `x` (n, d) and their entries to the running sums (rows where `ok` is False left out)."""
     d = x.shape[1]
     if sums is None:
@@ -369,7 +369,7 @@ def _add_class_sums(sums: ClassSums | None, x: Tensor, rows: Tensor, cols: Tenso
     keep = ok[rows]
     new_row = torch.cumsum(ok.long(), 0) - 1
     a = torch.sparse_coo_tensor(torch.stack([cols[keep], new_row[rows[keep]]]), torch.ones(int(keep.sum())),
-                                (d_sae, x.shape[0]))
+                                (d_sae, x.shape[0]), check_invariants=False)
     sums.by_latent += torch.sparse.mm(a, x).double()
     sums.count += torch.bincount(cols[keep], minlength=d_sae)
     for start in range(0, x.shape[0], 16384):  # float64 in chunks: the mean is large next to the spread
