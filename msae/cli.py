@@ -202,6 +202,33 @@ def format_hierarchy_figures(fig, validation) -> str:
     return "\n".join(lines)
 
 
+def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import hierarchy_bench
+
+    result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy, device=args.device)
+    print(format_hierarchy_bench(result))
+    return 0
+
+
+def format_hierarchy_bench(result) -> str:
+    """The benchmark's headline table, for the terminal."""
+
+    def iv(x) -> str:
+        return "-" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
+
+    lines = [f"taxonomy benchmark on {result.model} layer {result.layer}: {result.categories} WordNet categories, "
+             f"{result.occurrences:,} member occurrences ({result.from_templates:,} from templates), "
+             f"{result.background_rows:,} background rows, {result.ambiguous_tokens} ambiguous tokens left out"]
+    for b in result.saes:
+        widths = ", ".join("-" if v is None else f"{v:.3f}" for v in b.average_precision_per_width)
+        lines.append(f"  {b.name}: parent AP {iv(b.average_precision)} (per width: {widths}); absorption "
+                     f"{iv(b.absorption)}; member latents/category {iv(b.member_latents)}; labelled latents "
+                     f"{b.labelled_latents}; link precision {iv(b.link_precision)} vs null {iv(b.link_null)}")
+    for name, d in result.differences.items():
+        lines.append(f"  {name}: {iv(d)}")
+    return "\n".join(lines)
+
+
 def cmd_absorption(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import measure_absorption
 
@@ -287,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     absorption_parser.add_argument("--layer", type=int, help="layer, when cfg.json does not record it")
     add_config_args(absorption_parser, AbsorptionConfig)
     absorption_parser.set_defaults(func=cmd_absorption)
+
+    bench_parser = sub.add_parser("hierarchy-bench", help="WordNet categories as ground truth: parent recall, absorption, "
+                                                          "splitting and link precision per SAE")
+    bench_parser.add_argument("run_dir", help="run directory; hierarchy_bench.json is written here")
+    bench_parser.add_argument("--against", action="append", default=[], help="another run on the same activations "
+                              "(repeatable); differences are taken run minus each")
+    bench_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
+    bench_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
+    bench_parser.set_defaults(func=cmd_hierarchy_bench)
 
     tax = sub.add_parser("taxonomy", help="WordNet's noun hierarchy as token sets of a model's vocabulary")
     tax.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")

@@ -442,6 +442,75 @@ class ActivationsAnalysis(Record):
 
 
 @dataclass
+class CategoryResult(Record):
+    """One WordNet category on one SAE (msae.analysis.taxbench)."""
+
+    category: str
+    """The synset's first lemma."""
+    offset: int
+    """Its WordNet offset."""
+    members: int
+    """Unambiguous member tokens with occurrences."""
+    positives: int
+    """Held-out occurrences of its members."""
+    parent_latent: int
+    """The latent that detects it best on the selection half (average precision)."""
+    average_precision: float
+    """That latent's average precision on the held-out half: parent recall, free of a threshold."""
+    recall: float
+    """Share of held-out member occurrences on which it fires."""
+    absorption: float
+    """Share of held-out member occurrences where it is silent and a member-specific latent fires instead."""
+    member_latents: int
+    """Latents specific to one member token (splitting)."""
+
+
+@dataclass
+class SAEBench(Record):
+    """The taxonomy benchmark's figures for one SAE."""
+
+    name: str
+    d_sae: int
+    average_precision: Interval | None
+    """Mean over categories of the parent latent's held-out average precision."""
+    average_precision_per_width: list[float | None]
+    """The same with only the first w latents, for every nested width w (a vanilla SAE: one entry)."""
+    absorption: Interval | None
+    member_latents: Interval | None
+    """Member-specific latents per category."""
+    labelled_latents: int
+    """Latents whose best category reaches F1 >= LABEL_F1 on the occurrence pool."""
+    link_precision: Interval | None
+    """Tree links with both latents labelled whose parent's category is the child's or one of its ancestors."""
+    link_null: Interval | None
+    """The same with every parent replaced by a random labelled latent of the parent's group."""
+    categories: list[CategoryResult] = field(default_factory=list)
+
+
+@dataclass
+class HierarchyBench(Record):
+    """`msae hierarchy-bench`: WordNet categories as ground truth on the real model (RUN/hierarchy_bench.json)."""
+
+    model: str
+    layer: int
+    taxonomy: str
+    """The taxonomy file's source and tokenizer."""
+    categories: int
+    occurrences: int
+    """Member-token rows in the pool (corpus occurrences, and template sentences for tokens the corpus lacks)."""
+    from_templates: int
+    background_rows: int
+    """Random corpus rows in the pool as negatives."""
+    ambiguous_tokens: int
+    """Tokens left out as members of unrelated categories (polysemy)."""
+    split: str
+    saes: list[SAEBench]
+    differences: dict[str, Interval] = field(default_factory=dict)
+    """Paired over categories: "A - B average precision" for the SAEs compared."""
+    seconds: float | None = None
+
+
+@dataclass
 class MatchingSummary(Record):
     """Decoder-cosine matching of two SAEs' latents (a = this run, b = the other)."""
 

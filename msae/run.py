@@ -29,12 +29,13 @@ import torch
 from msae import io
 from msae.io import CFG_FILE, WEIGHTS_FILE
 from msae.records import Record, RecordError
-from msae.results import AbsorptionResult, EvalResult, RunInfo, TrainMetrics
+from msae.results import AbsorptionResult, EvalResult, HierarchyBench, RunInfo, TrainMetrics
 from msae.sae import SAE
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 ABSORPTION_FILE = "absorption.json"
+HIERARCHY_BENCH_FILE = "hierarchy_bench.json"
 STORE_DIR = "features"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
@@ -247,6 +248,13 @@ class Run:
 
     def write_absorption(self, result: AbsorptionResult) -> Path:
         return self._write(ABSORPTION_FILE, result)
+
+    def hierarchy_bench(self) -> HierarchyBench | None:
+        """The taxonomy benchmark measured from this run (None when it has none)."""
+        return self._read(HIERARCHY_BENCH_FILE, HierarchyBench)
+
+    def write_hierarchy_bench(self, result: HierarchyBench) -> Path:
+        return self._write(HIERARCHY_BENCH_FILE, result)
 
     def absorption_measured(self, others: Iterable[Run] = ()) -> AbsorptionResult | None:
         """The absorption result that measured this run: its own, else one measured from `others` or from a run

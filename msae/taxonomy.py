@@ -19,6 +19,8 @@ from typing import Iterable
 from msae.records import Record
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "taxonomy" / "smollm2-135m-wordnet.json"
+"""The taxonomy built for SmolLM2's vocabulary, shipped so the benchmark runs where apt does not."""
 HYPERNYM_POINTERS = ("@", "@i")
 """Hypernym and instance hypernym: the edges from a synset up to its parents."""
 
@@ -218,3 +220,16 @@ def read_data_noun(path: Path = DATA_NOUN) -> dict[int, Synset]:
         raise TaxonomyError(f"{path}: missing (Debian's package wordnet-base installs it: apt-get install wordnet-base)")
     with open(path, encoding="utf-8", errors="replace") as f:
         return parse_data_noun(f, str(path))
+
+
+def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxonomy:
+    """A taxonomy JSON (`msae taxonomy` writes one); with `model`, refused unless built for that model's
+    tokenizer (token ids mean nothing in another vocabulary)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaxonomyError(f"{path}: no such taxonomy file (msae taxonomy --model MODEL --out FILE makes one)")
+    tax = Taxonomy.loads(path.read_text())
+    if model is not None and tax.tokenizer != model:
+        raise TaxonomyError(f"{path} holds token ids of {tax.tokenizer!r}'s vocabulary, not {model!r}'s; make one "
+                            f"with `msae taxonomy --model {model} --out FILE` and pass it with --taxonomy FILE")
+    return tax

@@ -14,13 +14,14 @@ import torch
 from msae import io
 from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, read_manifest
 from msae.analysis import features, hierarchy, matching, validate
-from msae.analysis.store import STORE_FORMAT, Against, FeatureStore, write_links_only, write_store
+from msae.analysis.store import (STORE_FORMAT, Against, FeatureStore, StoreError, load_store, write_links_only,
+                                 write_store)
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, load_lm
-from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, HierarchySummary,
-                          InputFile, LevelSummary, StoreManifest)
+from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, HierarchyBench,
+                          HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -287,6 +288,46 @@ def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFi
             link_validation=validation, seconds=round(time.perf_counter() - t0, 2))
         write_links_only(run.path, links, report)
         return report
+
+
+def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
+                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None) -> HierarchyBench:
+    """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
+    and activation cache; tree links come from each run's feature store when it has one. Written to
+    RUN/hierarchy_bench.json."""
+    from msae import taxonomy as tax_mod
+    from msae.analysis import taxbench
+
+    run = Run(run_dir)
+    runs = [run] + [Run(p) for p in against]
+    saes = {r.name: _load(r, device) for r in runs}
+    if len(saes) < len(runs):
+        raise AnalysisError("two of the runs have the same name; compare runs with different folder names")
+    ecfg = extract_config(run, AnalyzeConfig())
+    for r in runs[1:]:
+        if r.source() != run.source():
+            raise AnalysisError(f"{r.path} reads {r.source()}, {run.path} reads {run.source()}: not the same "
+                                f"activations")
+    try:
+        tax = tax_mod.load_taxonomy(taxonomy or tax_mod.SHIPPED, ecfg.model)
+    except tax_mod.TaxonomyError as exc:
+        raise AnalysisError(str(exc)) from None
+    if lm is None:
+        try:
+            lm = load_lm(ecfg.model, device)
+        except LMLoadError as exc:
+            raise AnalysisError(f"{run.path} was trained on model {ecfg.model!r}, which cannot be loaded here: {exc}") from None
+    ext = run.info().extraction
+    cache = cache or find_cache(ecfg, ext.cache_id if ext else None) or extract(ecfg, lm=lm)
+    links = {}
+    for r in runs:
+        try:
+            links[r.name] = load_store(r.path).links
+        except StoreError:
+            links[r.name] = None
+    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links)
+    run.write_hierarchy_bench(result)
+    return result
 
 
 def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM | None = None,
