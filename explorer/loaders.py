@@ -19,7 +19,7 @@ from msae.analysis.store import MANIFEST_FILE, FeatureStore, StoreError, load_st
 from msae.config import ToyConfig
 from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits
 from msae.lm import BUILTIN, LMLoadError, LoadedLM, cache_dir, load_lm
-from msae.results import AbsorptionResult, ToyResult
+from msae.results import AbsorptionResult, HierarchyBench, ToyResult
 from msae.run import Run, RunError
 from msae.sae import SAE
 
@@ -195,3 +195,15 @@ def absorption_of(run: Path, compared: Sequence[Path]) -> AbsorptionResult | Non
     except RunError as exc:
         st.warning(f"Absorption could not be read: {exc}")
         return None
+
+
+def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | None:
+    """The taxonomy benchmark that measured `run`: its own, else one of a compared run that includes it."""
+    for candidate in [run, *compared]:
+        try:
+            bench = Run(candidate).hierarchy_bench()
+        except (OSError, ValueError):
+            continue
+        if bench is not None and (candidate == run or Run(run).name in {b.name for b in bench.saes}):
+            return bench
+    return None

@@ -244,6 +244,13 @@ def format_absorption(result: AbsorptionResult) -> str:
     for name, r in result.saes.items():
         lines.append(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in r.mean.to_json().items()))
+        for v in r.variants:
+            fraction = "-" if v.absorption_fraction is None else f"{v.absorption_fraction:.3f}"
+            lines.append(f"    variant, {v.name} (cosine >= {v.cos_threshold:.3f}"
+                         + (f", absorbers on <= {v.max_absorber_share:.0%} of words" if v.max_absorber_share else "")
+                         + f"): absorption fraction {fraction}")
+    if result.validity is not None:
+        lines.append(f"  validity: {result.validity.note}")
     return "\n".join(lines)
 
 

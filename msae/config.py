@@ -526,6 +526,13 @@ class AbsorptionConfig(Config):
     """A main latent at or below this activation counts as silent (full absorption)."""
     min_probe_f1: float = 0.6
     """Letters whose probe test F1 is at or below this are left out of the means."""
+    cos_sigmas: float = 4.8
+    """The dimension-aware variant's absorber cosine: this many standard deviations of a random cosine, 1/√d_in.
+    SAEBench's 0.1 was set on Gemma-2-2B (d_in 2,304), where it is 4.8 of them; at SmolLM2's 576 the same 0.1
+    is 2.4, so chance alignment passes it far more often. 4.8/√576 = 0.2."""
+    sparse_absorber_share: float = 0.1
+    """The sparse-absorber variant admits as absorbers only latents firing on at most this share of the words
+    (dense latents, which fire on every letter, are not absorbing one letter's feature)."""
 
     def validate(self) -> None:
         super().validate()

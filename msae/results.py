@@ -271,13 +271,46 @@ class AbsorptionMean(Record):
 
 
 @dataclass
+class AbsorptionVariant(Record):
+    """A variant of the measurement, labelled as such: never in place of the SAEBench-faithful figure."""
+
+    name: str
+    """What changes."""
+    cos_threshold: float
+    """The absorber cosine it used."""
+    max_absorber_share: float | None
+    """Absorbers limited to latents firing on at most this share of the words (None: no limit)."""
+    absorption_fraction: float | None
+    full_absorption_rate: float | None
+
+
+@dataclass
 class SAEAbsorption(Record):
     """One SAE's absorption."""
 
     mean: AbsorptionMean
-    """Means over letters."""
+    """Means over letters (SAEBench's definitions and thresholds)."""
     letters: list[LetterAbsorption]
     """One row a letter probed."""
+    variants: list[AbsorptionVariant] = field(default_factory=list)
+    """The dimension-aware cosine and the sparse-absorber variants (means over the same letters)."""
+    d_sae: int | None = None
+    """The SAE's width (the validity note compares it with SAEBench's 16k)."""
+
+
+@dataclass
+class AbsorptionValidity(Record):
+    """Whether first-letter absorption is a valid measurement here (SAEBench recommends models of >= 1B parameters
+    and SAEs of >= 16k latents)."""
+
+    model_parameters: int
+    d_in: int
+    random_cosine_sd: float
+    """1/√d_in: the spread of a random direction's cosine with the probe."""
+    valid: bool
+    """Model and every SAE at or above SAEBench's recommended sizes."""
+    note: str
+    """In words, with the main latents' mean k-sparse F1 per SAE."""
 
 
 @dataclass
@@ -300,6 +333,8 @@ class AbsorptionResult(Record):
     """By run name."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Time of each step."""
+    validity: AbsorptionValidity | None = None
+    """The validity note (None in results measured before it existed)."""
 
 
 # ------------------------------------------------------------------------------------------ features/manifest.json

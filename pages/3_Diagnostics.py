@@ -22,6 +22,8 @@ if absorption is None:
     st.info(f"Absorption has not been measured for this run: `msae analyze {run} --against OTHER_RUN` measures it "
             f"(it is on by default) for both runs on the same first-letter probes.")
 else:
+    if absorption.validity is not None and not absorption.validity.valid:
+        st.warning(absorption.validity.note, icon="⚠️")
     metric = st.radio("measure", list(figures.ABSORPTION_MEASURES), horizontal=True, key="absorption_metric",
                       format_func=figures.ABSORPTION_MEASURES.get)
     st.plotly_chart(figures.absorption_figure(absorption, metric))
@@ -32,6 +34,50 @@ else:
                "0.49 for BatchTopK on Gemma-2-2B. Read it beside the main-latent F1 in the table: far below the "
                "probe's, it means the SAE has no latent for the letter, and the fraction says little about absorption.")
     st.dataframe(tables.absorption_table(absorption), hide_index=True)
+    st.caption("The variant columns change one thing each and are labelled as such: the absorber cosine scaled to "
+               "this model's width (4.8 standard deviations of a random cosine, as SAEBench's 0.1 is on Gemma-2-2B), "
+               "and absorbers limited to latents that fire on at most 10% of the words (dense latents that fire on "
+               "every letter are not absorbing one). The first columns are SAEBench's definition.")
+
+st.header("Hierarchy: do the links hold?")
+if manifest is not None and manifest.link_validation is not None:
+    st.dataframe(tables.link_validation_table(manifest.link_validation), hide_index=True)
+    st.caption(f"Reading: links made on half the analysed contexts ({manifest.link_validation.split}); on the other "
+               "half, how often the parent fires where its tree child fires, beside a parent picked at random among "
+               "latents of earlier groups that fire about as often (95% bootstrap intervals over links). The "
+               "coverage rule is the default; the cosine rule is the earlier baseline.")
+figs = {}
+if manifest is not None and manifest.hierarchy_figures is not None:
+    figs[Run(run).name] = manifest.hierarchy_figures
+for name, path in compared.items():
+    other = loaders.store_of(path, quiet=True)
+    if other is not None and other.manifest.hierarchy_figures is not None:
+        figs[name] = other.manifest.hierarchy_figures
+if figs:
+    st.dataframe(tables.hierarchy_figures_table(figs), hide_index=True)
+    st.caption("Reading: the figures papers report, so this SAE can be set beside them. P(p|c) and P(c|p) over tree "
+               "links (HSAE); Hamming: the share of rows where the parent and its children disagree; sibling IoU: "
+               "how often two children of one parent fire together; Tree SAE's score: the share of frequent latents' "
+               "children for which parent and child are both among the five decoder rows nearest the child's "
+               "detection direction.")
+bench = loaders.hierarchy_bench_of(run, list(compared.values()))
+if bench is not None:
+    st.subheader("Taxonomy benchmark (WordNet categories)")
+    st.dataframe(tables.taxonomy_table(bench), hide_index=True)
+    for name, d in bench.differences.items():
+        st.markdown(f"**{name}**: {tables.interval_text(d)}")
+    st.caption(f"Reading: {bench.categories} WordNet noun categories, {bench.occurrences:,} occurrences of their "
+               "member tokens. Parent AP: how well the category's best latent (chosen on half the contexts) finds "
+               "its members on the other half, free of a threshold; absorption: member occurrences where that latent "
+               "is silent and a latent for the member's own token fires; link precision: tree links whose parent's "
+               "category contains the child's, beside a random parent of the same group. 95% intervals resample "
+               "categories and members.")
+    with st.expander("per category"):
+        sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="bench_sae")
+        st.dataframe(tables.taxonomy_categories_table(bench, sae_name), hide_index=True)
+elif not figs:
+    st.info(f"Not measured yet: `msae analyze {run}` validates the links, `msae hierarchy-bench {run} --against "
+            f"OTHER_RUN` runs the taxonomy benchmark.")
 
 st.header("Feature splitting")
 if manifest is not None and (manifest.splitting or manifest.against):

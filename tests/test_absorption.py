@@ -156,6 +156,30 @@ def test_word_absorption_follows_saebench_rules_word_by_word():
     assert full.tolist() == [False, True, False, False, True, False]
 
 
+def test_variants_raise_the_cosine_and_drop_dense_absorbers():
+    latents = torch.tensor([
+        [0.0, 0.5, 0.0],  # absorber 1 at cosine 0.15: in at 0.1, out at the dimension-aware 0.2
+        [0.0, 0.0, 0.6],  # absorber 2 at cosine 1: in everywhere, unless it is barred as dense
+    ])
+    total = torch.tensor([1.0, 1.0])
+    proj, cos = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 0.15, 1.0])
+    main = torch.tensor([0])
+    fraction, _ = ab.word_absorption(latents, total, proj, cos, main)
+    assert fraction.tolist() == [1.0, 1.0]
+    fraction, _ = ab.word_absorption(latents, total, proj, cos, main, cos_threshold=0.2)
+    assert fraction.tolist() == [0.0, 1.0]
+    fraction, full = ab.word_absorption(latents, total, proj, cos, main, allowed=torch.tensor([True, True, False]))
+    assert fraction.tolist() == [1.0, 0.0] and full.tolist() == [True, False]
+
+
+def test_validity_note_names_the_sizes(lm):
+    result = ab.SAEAbsorption(mean=ab.AbsorptionMean(0.3, 0.1, 2.0, 0.44, 20, "abc"), letters=[], d_sae=8192)
+    v = ab.validity(lm, 576, {"vanilla": result})
+    assert not v.valid and 130e6 < v.model_parameters < 140e6 and v.random_cosine_sd == pytest.approx(1 / 24)
+    assert "135M parameters" in v.note and "vanilla has fewer latents" in v.note and "2.4 sd" in v.note
+    assert "vanilla: main latents' k-sparse F1 0.44" in v.note
+
+
 def test_main_latents_grow_while_f1_rises_by_more_than_the_jump():
     f1 = torch.tensor([[0.5, 0.6, 0.62, 0.9], [0.8, 0.82, 0.95, 0.99], [0.0, 0.27, 0.31, 0.35]])
     assert ab.main_latents(f1, 0.03).tolist() == [2, 1, 4]
@@ -198,6 +222,11 @@ def test_shipped_saes_measure_within_bounds(measured, tmp_path):
                 assert row.n_full_absorption <= row.n_probe_true_positives <= row.n_test_words
         mean = result.mean
         assert 1 <= mean.n_letters <= 4 and 0.0 <= mean.absorption_fraction <= 1.0
+        names = [v.name for v in result.variants]
+        assert names == ["dimension-aware cosine", "sparse absorbers"] and result.d_sae == d_sae
+        assert result.variants[0].cos_threshold == pytest.approx(4.8 / 24)
+        assert all(v.absorption_fraction is None or 0 <= v.absorption_fraction <= 1 for v in result.variants)
+    assert measured.validity is not None and not measured.validity.valid
     groups = {g for row in measured.saes["matryoshka"].letters for g in row.main_groups}
     assert groups <= {0, 1, 2, 3}
     path = Run(tmp_path).write_absorption(measured)

@@ -60,7 +60,8 @@ from msae.analysis.stream import encode_rows
 from msae.config import LETTERS, AbsorptionConfig
 from msae.io import check_fits
 from msae.lm import DEFAULT_MODEL, LoadedLM, load_lm, residual_after
-from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption, mean_or_none
+from msae.results import (AbsorptionMean, AbsorptionResult, AbsorptionValidity, AbsorptionVariant, LetterAbsorption,
+                          SAEAbsorption, mean_or_none)
 from msae.run import Run
 from msae.sae import SAE
 
@@ -340,18 +341,27 @@ def word_absorption(
     decoder_cos: Tensor,
     main: Tensor,
     config: AbsorptionConfig | None = None,
+    cos_threshold: float | None = None,
+    allowed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Absorption fraction (n,) and full absorption (n,) bool of n words, by the module's definitions.
 
     latents (n, d_sae) SAE activations; total (n,) the activations' projection on the unit probe direction u;
     decoder_proj (d_sae,) each decoder row's dot product with u; decoder_cos (d_sae,) its cosine with u;
-    main: indices of the letter's main latents."""
+    main: indices of the letter's main latents. Variants: `cos_threshold` replaces the config's absorber cosine,
+    `allowed` (d_sae,) bool limits the absorbers (and full absorption's single absorber) to those latents."""
     cfg = config or AbsorptionConfig()
+    cos_threshold = cfg.cos_threshold if cos_threshold is None else cos_threshold
     proj = latents * decoder_proj  # (n, d_sae) each latent's share of the reconstruction along u
     is_main = torch.zeros(latents.shape[1], dtype=torch.bool)
     is_main[main] = True
     main_proj = proj[:, is_main].sum(1)
-    candidate = ~is_main & (decoder_cos >= cfg.cos_threshold)
+    candidate = ~is_main & (decoder_cos >= cos_threshold)
+    if allowed is not None:
+        candidate &= allowed
+        proj_for_top = torch.where(allowed | is_main, proj, torch.zeros_like(proj))
+    else:
+        proj_for_top = proj
     absorber_proj = torch.where(candidate & (proj > 0), proj, torch.zeros_like(proj))
     absorbed = absorber_proj.topk(min(cfg.max_absorbers, proj.shape[1]), dim=1).values.sum(1)
 
@@ -360,7 +370,7 @@ def word_absorption(
     partial = share / (share + main_proj).clamp_min(torch.finfo(proj.dtype).tiny)
     fraction = torch.where(none, 0.0, torch.where(main_proj <= 0, 1.0, partial.clamp(0, 1)))
 
-    top_proj, top_latent = proj.max(dim=1)
+    top_proj, top_latent = proj_for_top.max(dim=1)
     full = (
         (latents[:, is_main] <= cfg.silent).all(1)
         & (total > 0)
@@ -400,13 +410,23 @@ def absorption(
     decoder_cos = decoder_proj / W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W_dec.dtype).tiny)
     probe_logits = _logits(acts[test].float(), probes.weight, probes.bias)  # (L, n_test)
 
+    # The variants: SAEBench's cosine scaled to this d_in, and absorbers among latents firing on few words.
+    dim_cos = cfg.cos_sigmas / acts.shape[1] ** 0.5
+    sparse_ok = (latents > 0).double().mean(0) <= cfg.sparse_absorber_share
+    variant_args = {"dimension-aware cosine": (dim_cos, None), "sparse absorbers": (cfg.cos_threshold, sparse_ok)}
+    variant_rows: dict[str, list[tuple[float | None, float | None]]] = {k: [] for k in variant_args}
     rows = []
     for l, letter in enumerate(probes.letters.tolist()):
         right = (labels[test] == letter) & (probe_logits[l] > 0)
         main = sparse.ranked[l, : sparse.n_main[l]]
-        fraction, full = word_absorption(latents[test][right], acts[test][right].float() @ probes.directions[l],
-                                         decoder_proj[:, l], decoder_cos[:, l], main, cfg)
+        total = acts[test][right].float() @ probes.directions[l]
+        fraction, full = word_absorption(latents[test][right], total, decoder_proj[:, l], decoder_cos[:, l], main, cfg)
         n_right = int(right.sum())
+        for key, (cos_t, allowed) in variant_args.items():
+            vf, vfull = word_absorption(latents[test][right], total, decoder_proj[:, l], decoder_cos[:, l], main, cfg,
+                                        cos_t, allowed)
+            variant_rows[key].append((vf.mean().item() if n_right else None,
+                                      vfull.float().mean().item() if n_right else None))
         rows.append(LetterAbsorption(
             letter=LETTERS[letter],
             probe_f1=probes.f1[l].item(),
@@ -424,6 +444,14 @@ def absorption(
     used = [r for r in rows if r.used]
     if not used:
         raise AbsorptionError(f"no letter with probe F1 > {cfg.min_probe_f1} has a correctly probed test word")
+    variants = []
+    for key, (cos_t, allowed) in variant_args.items():
+        kept = [v for v, r in zip(variant_rows[key], rows) if r.used]
+        variants.append(AbsorptionVariant(
+            name=key, cos_threshold=cos_t,
+            max_absorber_share=cfg.sparse_absorber_share if allowed is not None else None,
+            absorption_fraction=mean_or_none([v[0] for v in kept]),
+            full_absorption_rate=mean_or_none([v[1] for v in kept])))
     mean = AbsorptionMean(
         absorption_fraction=mean_or_none([r.absorption_fraction for r in used]),
         full_absorption_rate=mean_or_none([r.full_absorption_rate for r in used]),
@@ -432,7 +460,32 @@ def absorption(
         n_letters=len(used),
         letters="".join(r.letter for r in used),
     )
-    return SAEAbsorption(mean=mean, letters=rows)
+    return SAEAbsorption(mean=mean, letters=rows, variants=variants, d_sae=sae.d_sae)
+
+
+SAEBENCH_MIN_PARAMETERS = 1_000_000_000
+SAEBENCH_MIN_D_SAE = 16_384
+
+
+def validity(lm: LoadedLM, d_in: int, results: Mapping[str, SAEAbsorption]) -> AbsorptionValidity:
+    """Whether the first-letter measurement is valid for this model and these SAEs (SAEBench's recommendation),
+    in numbers and words."""
+    params = sum(p.numel() for p in lm.model.parameters())
+    sd = 1 / d_in**0.5
+    small = [name for name, r in results.items() if (r.d_sae or 0) < SAEBENCH_MIN_D_SAE]
+    valid = params >= SAEBENCH_MIN_PARAMETERS and not small
+    f1 = "; ".join(f"{name}: main latents' k-sparse F1 {r.mean.main_f1:.2f}" for name, r in results.items()
+                   if r.mean.main_f1 is not None)
+    if valid:
+        note = f"Model and SAEs are at SAEBench's recommended sizes. {f1}."
+    else:
+        note = (f"Not a valid measurement here: SAEBench recommends first-letter absorption for models of >= 1B "
+                f"parameters and SAEs of >= 16k latents; this model has {params / 1e6:.0f}M parameters"
+                + (f" and {', '.join(small)} {'has' if len(small) == 1 else 'have'} fewer latents" if small else "")
+                + f". At d_in = {d_in} a random cosine has sd {sd:.3f}, so the absorber cosine 0.1 is "
+                f"{0.1 / sd:.1f} sd (4.8 at Gemma-2-2B's 2,304). {f1}: where the main latents barely detect the letter, "
+                f"the absorption fraction says little. Read it as indicative, with the variants beside it.")
+    return AbsorptionValidity(model_parameters=params, d_in=d_in, random_cosine_sd=sd, valid=valid, note=note)
 
 
 # ------------------------------------------------------------------------------------------------- whole runs
@@ -496,4 +549,4 @@ def measure(
     return AbsorptionResult(
         model=lm.name, layer=layer, config=cfg, n_words=len(words.words), n_test_words=int(probes.is_test.sum()),
         probe_f1={LETTERS[l]: f for l, f in zip(probes.letters.tolist(), probes.f1.tolist())}, saes=results,
-        seconds=seconds)
+        seconds=seconds, validity=validity(lm, acts.shape[1], results))

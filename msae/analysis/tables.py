@@ -14,7 +14,8 @@ import pandas as pd
 
 from msae.analysis.tree import ancestry
 from msae.config import LinkConfig
-from msae.results import AbsorptionResult, EvalResult, StoreManifest
+from msae.results import (AbsorptionResult, EvalResult, HierarchyBench, HierarchyFigures, Interval, LinkValidation,
+                          StoreManifest)
 from msae.run import Run, RunSummary
 
 RESULT_COLUMNS = ["prompt", "position", "token", "latent", "act", "label"]
@@ -322,12 +323,65 @@ def l0_fvu_point(run: Run, manifest: StoreManifest | None = None) -> dict | None
 
 
 def absorption_table(result: AbsorptionResult) -> pd.DataFrame:
-    """The means over letters of an absorption result (`absorption.measure`), one row per SAE."""
+    """The means over letters of an absorption result (`absorption.measure`), one row per SAE; the variants'
+    absorption fractions in their own, labelled columns."""
     rows = []
     for name, res in result.saes.items():
         mean = res.mean
-        rows.append({"SAE": name, "absorption fraction": mean.absorption_fraction,
-                     "full absorption rate": mean.full_absorption_rate,
-                     "main latents per letter": mean.n_main_latents, "main-latent F1": mean.main_f1,
-                     "letters used": mean.n_letters})
+        row = {"SAE": name, "absorption fraction": mean.absorption_fraction,
+               "full absorption rate": mean.full_absorption_rate,
+               "main latents per letter": mean.n_main_latents, "main-latent F1": mean.main_f1,
+               "letters used": mean.n_letters}
+        for v in res.variants:
+            row[f"variant: {v.name} (fraction)"] = v.absorption_fraction
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def interval_text(x: Interval | None) -> str:
+    return "" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
+
+
+def link_validation_table(validation: LinkValidation) -> pd.DataFrame:
+    """Both link criteria, made on one half of the rows and measured on the other: one row per criterion."""
+    rows = []
+    for c in validation.criteria:
+        rows.append({"criterion": c.criterion, "links": c.links, "tree links": c.tree_links,
+                     "share of latents with a parent": c.share_with_parent,
+                     "held-out P(parent | child)": interval_text(c.heldout_coverage),
+                     "random parent, same frequency": interval_text(c.null_coverage),
+                     "links measured": c.measured_links,
+                     **{f"held-out P(p|c) on {part}": v for part, v in c.heldout_coverage_per_part.items()}})
+    return pd.DataFrame(rows)
+
+
+def hierarchy_figures_table(figures: Mapping[str, HierarchyFigures]) -> pd.DataFrame:
+    """The literature's hierarchy figures, one row per SAE (name -> figures), with the published ranges."""
+    rows = []
+    for name, f in figures.items():
+        rows.append({"SAE": name, "tree links": f.tree_links, "P(p|c)": f.p_parent_given_child,
+                     "P(c|p)": f.p_child_given_parent, "Hamming": f.hamming, "sibling IoU": f.sibling_iou,
+                     "Tree SAE score": f.treesae_score, "Tree SAE pairs": f.treesae_pairs,
+                     "tree links passing Eq. 5": f.tree_links_probe_share})
+    rows.append({"SAE": "published", "P(p|c)": "0.65–0.80 (HSAE, Gemma-2-2B)", "P(c|p)": "0.33–0.46",
+                 "Tree SAE score": "Matryoshka 0.05–0.19, Tree SAE 0.48–0.88 (GPT-2 small)"})
+    return pd.DataFrame(rows).astype(object)
+
+
+def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
+    """The taxonomy benchmark, one row per SAE, intervals as 'mean [low, high]'."""
+    rows = []
+    for b in bench.saes:
+        rows.append({"SAE": b.name, "parent AP (held out)": interval_text(b.average_precision),
+                     "AP per nested width": ", ".join("-" if v is None else f"{v:.3f}"
+                                                      for v in b.average_precision_per_width),
+                     "absorption": interval_text(b.absorption), "member latents per category": interval_text(b.member_latents),
+                     "labelled latents": b.labelled_latents, "link precision": interval_text(b.link_precision),
+                     "link precision, null": interval_text(b.link_null)})
+    return pd.DataFrame(rows)
+
+
+def taxonomy_categories_table(bench: HierarchyBench, sae: str) -> pd.DataFrame:
+    """One SAE's per-category results."""
+    b = next(x for x in bench.saes if x.name == sae)
+    return pd.DataFrame([c.to_json() for c in b.categories])
