@@ -211,6 +211,9 @@ class TrainConfig(Config):
     """batchtopk, topk or relu (relu trains with an L1 penalty, see l1_coeff)."""
     also_vanilla: bool = False
     """Also train a vanilla SAE of width widths[-1] on the same batches (with arch=matryoshka)."""
+    also_narrow: int | None = None
+    """Also train a vanilla SAE of this width on the same batches, named vanilla-WIDTH: the narrow side of the
+    feature-splitting comparison (the width of a middle nested level, say)."""
     steps: int = 1000
     """Optimiser steps."""
     batch_size: int = 4096
@@ -271,6 +274,8 @@ class TrainConfig(Config):
         super().validate()
         w = self.widths
         check_widths(w, None if self.activation == "relu" else self.k)
+        _check(self.also_narrow is None or (self.arch == "matryoshka" and self.k <= self.also_narrow),
+               f"also_narrow needs arch matryoshka and a width of at least k ({self.k}), got {self.also_narrow}")
         if self.level_weights is not None:
             _check(len(self.level_weights) == len(w),
                    f"level_weights has {len(self.level_weights)} entries for {len(w)} widths")
@@ -326,6 +331,8 @@ class TrainConfig(Config):
         specs = [("matryoshka", self.widths)]
         if self.also_vanilla:
             specs.append(("vanilla", (self.widths[-1],)))
+        if self.also_narrow is not None:
+            specs.append((f"vanilla-{self.also_narrow}", (self.also_narrow,)))
         return specs
 
 

@@ -272,3 +272,13 @@ def test_balance_weights_follow_the_paper_and_per_group_l0_adds_up(tmp_path):
                               balance=0.25), TensorBatches(toy_acts(n=1024)), tmp_path / "b").train()["matryoshka"]
     for m in Run(run).metrics():
         assert len(m.l0_per_group) == 2 and sum(m.l0_per_group) == pytest.approx(m.l0)
+
+
+def test_a_narrow_vanilla_sae_trains_on_the_same_batches(tmp_path):
+    cfg = small_cfg(also_vanilla=True, also_narrow=24, steps=10)
+    assert [name for name, _w in cfg.sae_specs()] == ["matryoshka", "vanilla", "vanilla-24"]
+    dirs = Trainer(cfg, TensorBatches(toy_acts()), tmp_path / "run").train()
+    narrow = Run(dirs["vanilla-24"]).load_sae()
+    assert list(narrow.widths) == [24] and Run(dirs["vanilla-24"]).info().train.also_narrow == 24
+    with pytest.raises(ValueError, match="also_narrow"):
+        small_cfg(arch="vanilla", also_narrow=24)
