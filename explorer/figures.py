@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from msae.analysis.tables import token_label
 from msae.analysis.tree import children_of
-from msae.results import AbsorptionResult, StoreManifest, ToyResult, TrainMetrics
+from msae.results import AbsorptionResult, GalleryCase, StoreManifest, ToyResult, TrainMetrics
 
 GROUP_COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
 TREE_KINDS = ("icicle", "treemap", "sunburst")
@@ -170,6 +170,30 @@ def heatmap_figure(tokens: Sequence[str], frame: pd.DataFrame, latent_ids: Seque
                                  ticktext=[plot_text(token_label(t), 12) for t in tokens], tickangle=-60),
                       yaxis=dict(autorange="reversed"))
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ gallery
+
+
+def gallery_heatmap(case: GalleryCase) -> go.Figure:
+    """A gallery case's rows (tokens) × columns (latents) mean activations."""
+    fig = go.Figure(go.Heatmap(z=case.heatmap, x=[f"[{i}]" for i in range(len(case.columns))],
+                               y=[plot_text(token_label(r), 20) for r in case.rows], colorscale="Oranges", zmin=0,
+                               customdata=[[c for c in case.columns] for _ in case.rows],
+                               hovertemplate="%{y}<br>%{customdata}<br>mean activation %{z:.3f}<extra></extra>"))
+    fig.update_layout(height=max(260, 26 * len(case.rows) + 120), margin=dict(t=10, l=10, r=10, b=10),
+                      yaxis=dict(autorange="reversed"),
+                      xaxis=dict(tickmode="array", tickvals=[f"[{i}]" for i in range(len(case.columns))],
+                                 ticktext=[plot_text(c, 28) for c in case.columns], tickangle=-40))
+    return fig
+
+
+def gallery_cosines(case: GalleryCase) -> pd.DataFrame:
+    """The case's decoder cosines as a table, columns named like the heatmap's."""
+    names = [f"[{i}]" for i in range(len(case.columns))]
+    frame = pd.DataFrame(case.decoder_cos, index=names, columns=names).round(2)
+    frame.insert(0, "latent", case.columns)
+    return frame
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics

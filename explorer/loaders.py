@@ -19,7 +19,7 @@ from msae.analysis.store import MANIFEST_FILE, FeatureStore, StoreError, load_st
 from msae.config import ToyConfig
 from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits
 from msae.lm import BUILTIN, LMLoadError, LoadedLM, cache_dir, load_lm
-from msae.results import AbsorptionResult, HierarchyBench, ToyResult
+from msae.results import AbsorptionResult, Gallery, HierarchyBench, ToyResult
 from msae.run import Run, RunError
 from msae.sae import SAE
 
@@ -202,8 +202,20 @@ def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | 
     for candidate in [run, *compared]:
         try:
             bench = Run(candidate).hierarchy_bench()
-        except (OSError, ValueError):
+        except (OSError, ValueError, RunError):
             continue
         if bench is not None and (candidate == run or Run(run).name in {b.name for b in bench.saes}):
             return bench
+    return None
+
+
+def gallery_of(run: Path, compared: Sequence[Path]) -> Gallery | None:
+    """The gallery mined for `run`, or for a compared run whose gallery includes it."""
+    for candidate in [run, *compared]:
+        try:
+            gallery = Run(candidate).gallery()
+        except (OSError, ValueError, RunError):
+            continue
+        if gallery is not None and (candidate == run or Run(run).name in gallery.runs.values()):
+            return gallery
     return None

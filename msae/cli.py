@@ -229,6 +229,32 @@ def format_hierarchy_bench(result) -> str:
     return "\n".join(lines)
 
 
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import make_gallery
+
+    result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
+                          args.taxonomy, device=args.device)
+    print(format_gallery(result))
+    return 0
+
+
+def format_gallery(result) -> str:
+    """The gallery as a report: each case's verdict, reading and heatmap as a table."""
+    lines = [f"gallery on {result.model} layer {result.layer} ({result.seconds} s)"]
+    for case in result.cases:
+        lines.append(f"\n{case.kind}: {'clean case' if case.clean else 'no clean case; the closest one'} - {case.why}")
+        lines.append(f"  reading: {case.reading}")
+        width = max([len(r) for r in case.rows] + [8])
+        lines.append("  " + " " * width + "  " + "  ".join(f"[{i}]" for i in range(len(case.columns))))
+        for row, values in zip(case.rows, case.heatmap):
+            lines.append(f"  {row!r:<{width}}  " + "  ".join(f"{v:>{len(str(i)) + 2}.2f}" for i, v in enumerate(values)))
+        for i, col in enumerate(case.columns):
+            lines.append(f"  [{i}] {col}")
+    for kind, why in result.missing.items():
+        lines.append(f"\n{kind}: not looked for - {why}")
+    return "\n".join(lines)
+
+
 def cmd_absorption(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import measure_absorption
 
@@ -330,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
     bench_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
     bench_parser.set_defaults(func=cmd_hierarchy_bench)
+
+    gallery_parser = sub.add_parser("gallery", help="one absorption and one splitting case, with heatmaps and contexts")
+    gallery_parser.add_argument("run_dir", help="a Matryoshka run; gallery.json is written here")
+    gallery_parser.add_argument("--against", required=True, help="its vanilla twin of the same width")
+    gallery_parser.add_argument("--narrow", default=None, help="a narrower vanilla SAE (for the splitting case)")
+    gallery_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
+    gallery_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
+    gallery_parser.set_defaults(func=cmd_gallery)
 
     tax = sub.add_parser("taxonomy", help="WordNet's noun hierarchy as token sets of a model's vocabulary")
     tax.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")

@@ -546,6 +546,57 @@ class HierarchyBench(Record):
 
 
 @dataclass
+class GalleryExample(Record):
+    """One context of a gallery case: its tokens around the example token, and each column latent's activation on
+    that token."""
+
+    tokens: list[str]
+    center: int
+    """Index of the example token in `tokens`."""
+    acts: list[float]
+    """Per column of the case, its activation on the example token."""
+
+
+@dataclass
+class GalleryCase(Record):
+    """A concrete splitting or absorption case mined from the benchmark and the links (msae.analysis.gallery)."""
+
+    kind: str
+    """absorption or splitting."""
+    clean: bool
+    """The case meets the kind's bar (see `why`); otherwise it is the closest one found."""
+    why: str
+    """What makes it clean, or what it lacks."""
+    reading: str
+    """One line on what the heatmap shows."""
+    rows: list[str]
+    """Heatmap rows: member or context tokens."""
+    columns: list[str]
+    """Heatmap columns: latents, as 'run #latent (role)'."""
+    column_runs: list[str]
+    column_latents: list[int]
+    heatmap: list[list[float]]
+    """rows × columns: the latent's mean activation over the row token's occurrences."""
+    decoder_cos: list[list[float]]
+    """columns × columns decoder cosines (within one run; across runs too, both read the same stream)."""
+    examples: list[GalleryExample] = field(default_factory=list)
+
+
+@dataclass
+class Gallery(Record):
+    """`msae gallery`: one case of each kind for a run and the runs it is compared with (RUN/gallery.json)."""
+
+    model: str
+    layer: int
+    runs: dict[str, str]
+    """Role (matryoshka, wide, narrow) -> run name."""
+    cases: list[GalleryCase]
+    missing: dict[str, str] = field(default_factory=dict)
+    """Kind -> why no case of it could be looked for."""
+    seconds: float | None = None
+
+
+@dataclass
 class MatchingSummary(Record):
     """Decoder-cosine matching of two SAEs' latents (a = this run, b = the other)."""
 

@@ -29,13 +29,14 @@ import torch
 from msae import io
 from msae.io import CFG_FILE, WEIGHTS_FILE
 from msae.records import Record, RecordError
-from msae.results import AbsorptionResult, EvalResult, HierarchyBench, RunInfo, TrainMetrics
+from msae.results import AbsorptionResult, EvalResult, Gallery, HierarchyBench, RunInfo, TrainMetrics
 from msae.sae import SAE
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 ABSORPTION_FILE = "absorption.json"
 HIERARCHY_BENCH_FILE = "hierarchy_bench.json"
+GALLERY_FILE = "gallery.json"
 STORE_DIR = "features"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
@@ -255,6 +256,13 @@ class Run:
 
     def write_hierarchy_bench(self, result: HierarchyBench) -> Path:
         return self._write(HIERARCHY_BENCH_FILE, result)
+
+    def gallery(self) -> Gallery | None:
+        """The gallery of cases mined for this run (None when it has none)."""
+        return self._read(GALLERY_FILE, Gallery)
+
+    def write_gallery(self, result: Gallery) -> Path:
+        return self._write(GALLERY_FILE, result)
 
     def absorption_measured(self, others: Iterable[Run] = ()) -> AbsorptionResult | None:
         """The absorption result that measured this run: its own, else one measured from `others` or from a run

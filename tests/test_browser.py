@@ -44,6 +44,7 @@ PAGES = [
     ("Compare", "Compare", "4_compare"),
     ("Prompts", "Prompts", "5_prompts"),
     ("Train", "Train", "6_train"),
+    ("Gallery", "Gallery", "7_gallery"),
 ]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -20,8 +20,8 @@ from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, load_lm
-from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, HierarchyBench,
-                          HierarchySummary, InputFile, LevelSummary, StoreManifest)
+from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
+                          HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -290,16 +290,13 @@ def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFi
         return report
 
 
-def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
-                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None) -> HierarchyBench:
-    """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
-    and activation cache; tree links come from each run's feature store when it has one. Written to
-    RUN/hierarchy_bench.json."""
+def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | None, device: str,
+                   cache: Path | None) -> tuple[dict[str, SAE], ExtractConfig, object, LoadedLM, Path]:
+    """What the benchmark and the gallery read for runs on one model and layer (the first run's): the SAEs by
+    name, its extraction, the taxonomy for the model, the model and the activation cache."""
     from msae import taxonomy as tax_mod
-    from msae.analysis import taxbench
 
-    run = Run(run_dir)
-    runs = [run] + [Run(p) for p in against]
+    run = runs[0]
     saes = {r.name: _load(r, device) for r in runs}
     if len(saes) < len(runs):
         raise AnalysisError("two of the runs have the same name; compare runs with different folder names")
@@ -319,6 +316,39 @@ def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), tax
             raise AnalysisError(f"{run.path} was trained on model {ecfg.model!r}, which cannot be loaded here: {exc}") from None
     ext = run.info().extraction
     cache = cache or find_cache(ecfg, ext.cache_id if ext else None) or extract(ecfg, lm=lm)
+    return saes, ecfg, tax, lm, cache
+
+
+def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | None = None,
+                 taxonomy: Path | str | None = None, lm: LoadedLM | None = None, device: str = "cpu",
+                 cache: Path | None = None) -> Gallery:
+    """The gallery (msae.analysis.gallery) of a Matryoshka run with its wide vanilla twin and, for splitting, a
+    narrow vanilla SAE; the absorption case comes from the run's hierarchy_bench.json. Written to RUN/gallery.json."""
+    from msae.analysis import gallery
+
+    run = Run(run_dir)
+    runs = [run, Run(wide)] + ([Run(narrow)] if narrow is not None else [])
+    saes, ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    if saes[run.name].n_groups < 2:
+        raise AnalysisError(f"{run.path} is not a Matryoshka SAE: the gallery sets one against its vanilla twins")
+    roles = {"matryoshka": run.name, "wide": Run(wide).name}
+    if narrow is not None:
+        roles["narrow"] = Run(narrow).name
+    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.hierarchy_bench())
+    run.write_gallery(result)
+    return result
+
+
+def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
+                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None) -> HierarchyBench:
+    """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
+    and activation cache; tree links come from each run's feature store when it has one. Written to
+    RUN/hierarchy_bench.json."""
+    from msae.analysis import taxbench
+
+    run = Run(run_dir)
+    runs = [run] + [Run(p) for p in against]
+    saes, ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
     links = {}
     for r in runs:
         try:

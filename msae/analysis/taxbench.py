@@ -75,6 +75,11 @@ class Pool:
     background: Tensor
     """(n,) bool: a random corpus row, not chosen for its token."""
     from_template: int
+    origin: pd.DataFrame | None = None
+    """Where each corpus row is (shard, row, context, position), in order; the template rows follow them."""
+    template_ids: list[list[int]] | None = None
+    """The template rows' sentences as token ids, with the member at `template_pos`."""
+    template_pos: list[int] | None = None
 
 
 def choose_categories(tax: Taxonomy, available: set[int], n: int = N_CATEGORIES) -> list[tuple[Category, set[int]]]:
@@ -114,17 +119,19 @@ def ambiguous_tokens(chosen: list[tuple[Category, set[int]]], ancestors: dict[in
 
 def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0) -> pd.DataFrame:
     """Rows of the cache whose token is in `tokens`: at most PER_TOKEN a token (a seeded sample); columns shard,
-    row (in the shard), token, context."""
+    row (in the shard), token, context, position."""
     g = torch.Generator().manual_seed(seed)
     found = []
     for i, shard in enumerate(read_manifest(cache)["shards"]):
         with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
             ids = f.get_tensor("token_ids").long()
             context = f.get_tensor("context").long()
+            position = f.get_tensor("position").long()
         hit = torch.isin(ids, tokens).nonzero().squeeze(1)
         found.append(pd.DataFrame({"shard": i, "row": hit.numpy(), "token": ids[hit].numpy(),
-                                   "context": context[hit].numpy()}))
-    occ = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["shard", "row", "token", "context"])
+                                   "context": context[hit].numpy(), "position": position[hit].numpy()}))
+    occ = (pd.concat(found, ignore_index=True) if found
+           else pd.DataFrame(columns=["shard", "row", "token", "context", "position"]))
     occ["key"] = torch.rand(len(occ), generator=g).numpy()
     occ = occ.sort_values(["token", "key"]).groupby("token").head(PER_TOKEN)
     return occ.drop(columns="key").reset_index(drop=True)
@@ -145,11 +152,28 @@ def background_rows(cache: Path, exclude: Tensor, n: int, seed: int = 0) -> pd.D
         with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
             ids = f.get_tensor("token_ids").long()[local]
             context = f.get_tensor("context").long()[local]
+            position = f.get_tensor("position").long()[local]
         keep = ~torch.isin(ids, exclude)
         out.append(pd.DataFrame({"shard": i, "row": local[keep].numpy(), "token": ids[keep].numpy(),
-                                 "context": context[keep].numpy()}))
+                                 "context": context[keep].numpy(), "position": position[keep].numpy()}))
     frame = pd.concat(out, ignore_index=True)
     return frame.sample(n=min(n, len(frame)), random_state=seed).sort_index()
+
+
+def pool_window(cache: Path, pool: Pool, index: int, window: int) -> tuple[list[int], int]:
+    """The token ids around pool row `index` (its corpus context, or its template sentence) and its place there."""
+    n_corpus = len(pool.origin)
+    if index >= n_corpus:
+        ids, pos = pool.template_ids[index - n_corpus], pool.template_pos[index - n_corpus]
+    else:
+        o = pool.origin.iloc[index]
+        shard = read_manifest(cache)["shards"][int(o["shard"])]
+        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
+            start = int(f.get_tensor("context_start")[0])
+            row = f.get_tensor("context_tokens")[int(o["context"]) - start]
+        ids, pos = [t for t in row.tolist() if t >= 0], int(o["position"])
+    lo = max(0, pos - window)
+    return ids[lo : pos + window + 1], pos - lo
 
 
 def read_rows(cache: Path, frame: pd.DataFrame) -> Tensor:
@@ -166,8 +190,9 @@ def read_rows(cache: Path, frame: pd.DataFrame) -> Tensor:
 
 
 @torch.no_grad()
-def template_rows(lm, layer: int, tokens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Activations of each token in each TEMPLATE: (acts (2·T, d), token ids, selection flags)."""
+def template_rows(lm, layer: int, tokens: list[int]) -> tuple[Tensor, Tensor, Tensor, list[list[int]], list[int]]:
+    """Activations of each token in each TEMPLATE: (acts (2·T, d), token ids, selection flags, the sentences'
+    token ids, the member's position in each)."""
     from msae.activations import pad_batch
     from msae.lm import residual_after
 
@@ -190,28 +215,30 @@ def template_rows(lm, layer: int, tokens: list[int]) -> tuple[Tensor, Tensor, Te
         resid = residual_after(lm, ids, mask, layer).float().cpu()
         out.append(resid[torch.arange(len(batch)), torch.tensor(where[start : start + 64])])
     acts = torch.cat(out) if out else torch.zeros(0, lm.d_model)
-    return acts, torch.tensor(toks, dtype=torch.long), torch.tensor(sel, dtype=torch.bool)
+    return acts, torch.tensor(toks, dtype=torch.long), torch.tensor(sel, dtype=torch.bool), seqs, where
 
 
 def build_pool(cache: Path, lm, layer: int, tokens: set[int], exclude: set[int], occurrences: pd.DataFrame,
-               seed: int = 0) -> Pool:
+               seed: int = 0, background: int | None = None) -> Pool:
     """The `occurrences` (corpus_occurrences) of `tokens`, templates for those with fewer than MIN_OCCURRENCES,
-    and background rows whose token is not in `exclude`."""
+    and `background` (default BACKGROUND_ROWS) rows whose token is not in `exclude`."""
     occ = occurrences[occurrences["token"].isin(list(tokens))]
     counts = occ["token"].value_counts()
     rare = [t for t in sorted(tokens) if counts.get(t, 0) < MIN_OCCURRENCES]
     occ = occ[~occ["token"].isin(rare)]
-    back = background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), BACKGROUND_ROWS, seed)
-    frame = pd.concat([occ, back], ignore_index=True)
+    n_back = BACKGROUND_ROWS if background is None else background
+    back = background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), n_back, seed) if n_back else None
+    frame = pd.concat([occ, back], ignore_index=True) if back is not None else occ.reset_index(drop=True)
     acts = read_rows(cache, frame)
-    t_acts, t_tok, t_sel = template_rows(lm, layer, rare)
+    t_acts, t_tok, t_sel, t_ids, t_pos = template_rows(lm, layer, rare)
     n_occ = len(occ)
     return Pool(
         acts=torch.cat([acts, t_acts]),
         token=torch.cat([torch.tensor(frame["token"].to_numpy(), dtype=torch.long), t_tok]),
         selection=torch.cat([torch.tensor(frame["context"].to_numpy() % 2 == 0), t_sel]),
         background=torch.cat([torch.arange(len(frame)) >= n_occ, torch.zeros(len(t_tok), dtype=torch.bool)]),
-        from_template=int(t_tok.numel()))
+        from_template=int(t_tok.numel()), origin=frame[["shard", "row", "context", "position"]],
+        template_ids=t_ids, template_pos=t_pos)
 
 
 def average_precision(vals: np.ndarray, rel: np.ndarray, n_pos: float | np.ndarray,

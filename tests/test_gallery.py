@@ -1,0 +1,146 @@
+"""The taxonomy benchmark and the gallery on the real model: copies of the shipped pair and a narrow vanilla SAE
+(the Matryoshka SAE's first 2,048 latents, a real dictionary of its own), over a small cache of text that uses the
+members of three WordNet categories; the files they write, the CLI report and the Gallery page in AppTest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from explorer import loaders
+from msae import io
+from msae.activations import extract
+from msae.analysis import gallery as gallery_mod
+from msae.analysis import taxbench
+from msae.analysis.analyze import hierarchy_bench, make_gallery
+from msae.cli import format_gallery, format_hierarchy_bench
+from msae.config import ExtractConfig
+from msae.lm import DEFAULT_MODEL
+from msae.sae import SAE
+from msae.taxonomy import load_taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets" / "default"
+CATEGORIES = (13134947, 1503061, 2159955)  # fruit, bird, insect
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return loaders._lm(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def made(lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery")
+    tax = load_taxonomy(model="smollm2-135m")
+    members = tax.members()
+    picks = [c for c in tax.categories if c.offset in CATEGORIES]
+    assert [c.name for c in picks] == ["fruit", "bird", "insect"]
+    sentences = []
+    for c in picks:
+        for t in sorted(members[c.offset])[:10]:
+            w = lm.tokenizer.decode([t])
+            sentences += [f"Yesterday I saw{w} near the old house.", f"My friend told me about{w} again.",
+                          f"There was{w} in the picture on the wall."]
+    text = root / "text.txt"
+    text.write_text("\n\n".join(sentences))
+    runs = {}
+    for name in ("matryoshka", "vanilla"):
+        runs[name] = root / "runs" / "pair" / name
+        runs[name].mkdir(parents=True)
+        for f in ("sae_weights.safetensors", "cfg.json"):
+            shutil.copy(ASSETS / name / f, runs[name] / f)
+    m, cfg = io.load_sae(runs["matryoshka"], dtype=torch.float32)
+    narrow = SAE(m.d_in, [2048], k=m.k, activation=m.activation)
+    with torch.no_grad():
+        narrow.W_enc.copy_(m.W_enc[:, :2048])
+        narrow.b_enc.copy_(m.b_enc[:2048])
+        narrow.W_dec.copy_(m.W_dec[:2048])
+        narrow.b_dec.copy_(m.b_dec)
+        narrow.threshold.copy_(m.threshold[:2048] if m.threshold.numel() > 1 else m.threshold)
+    runs["narrow"] = root / "runs" / "pair" / "vanilla-2048"
+    io.save_sae(narrow, runs["narrow"], cfg={"msae": cfg["msae"]})
+    cache = extract(ExtractConfig(corpus=str(text), layer=15, ctx_len=128, tokens=20_000, lm_batch=8), lm=lm,
+                    root=root / "cache")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(taxbench, "BACKGROUND_ROWS", 200)
+    mp.setattr(taxbench, "BOOTSTRAP_REPS", 200)
+    bench = hierarchy_bench(runs["matryoshka"], [runs["vanilla"]], lm=lm, cache=cache)
+    result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], lm=lm, cache=cache)
+    mp.undo()
+    return runs, bench, result
+
+
+def test_benchmark_writes_every_category_for_both_saes(made):
+    runs, result, _g = made
+    assert result.categories >= 3 and result.occurrences > 0
+    on_disk = json.loads((runs["matryoshka"] / "hierarchy_bench.json").read_text())
+    assert on_disk["categories"] == result.categories
+    assert [b.name for b in result.saes] == ["matryoshka", "vanilla"]
+    for b in result.saes:
+        assert len(b.categories) == result.categories
+        assert all(0 <= r.average_precision <= 1 and 0 <= r.absorption <= 1 for r in b.categories)
+        assert b.average_precision.low <= b.average_precision.mean <= b.average_precision.high
+    m = result.saes[0]
+    assert len(m.average_precision_per_width) == 4
+    assert m.average_precision_per_width[-1] == pytest.approx(m.average_precision.mean)
+    assert "matryoshka - vanilla average precision" in result.differences
+    report = format_hierarchy_bench(result)
+    assert "parent AP" in report and "matryoshka - vanilla" in report
+
+
+def test_gallery_cases_hold_consistent_tables(made):
+    runs, _b, result = made
+    assert (runs["matryoshka"] / "gallery.json").exists()
+    assert result.runs == {"matryoshka": "matryoshka", "wide": "vanilla", "narrow": "vanilla-2048"}
+    kinds = {c.kind for c in result.cases} | set(result.missing)
+    assert kinds == {"absorption", "splitting"}
+    for case in result.cases:
+        n_cols = len(case.columns)
+        assert n_cols >= 2 and len(case.column_latents) == len(case.column_runs) == n_cols
+        assert len(case.heatmap) == len(case.rows) >= 1 and all(len(r) == n_cols for r in case.heatmap)
+        assert len(case.decoder_cos) == n_cols and all(c[i] == pytest.approx(1.0, abs=1e-4)
+                                                       for i, c in enumerate(case.decoder_cos))
+        assert all(0 <= ex.center < len(ex.tokens) and len(ex.acts) == n_cols for ex in case.examples)
+        assert case.reading and case.why
+    splitting = next(c for c in result.cases if c.kind == "splitting")
+    assert splitting.column_runs[0] == "vanilla-2048" and "matryoshka" in splitting.column_runs
+    # The split latent fires on every token shown (rows are the tokens it fires on most).
+    assert all(row[0] > 0 for row in splitting.heatmap)
+    assert "splitting" in format_gallery(result)
+
+
+def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
+    runs, _b, result = made
+    monkeypatch.setenv("MSAE_RUNS", str(runs["matryoshka"].parents[1]))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.session_state["run"] = str(runs["matryoshka"])
+    at.switch_page("pages/7_Gallery.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    headers = [h.value for h in at.header]
+    assert headers == ["Absorption", "Splitting"]
+    charts = at.get("plotly_chart")
+    assert len(charts) == len(result.cases)
+    spec = json.loads(charts[-1].proto.spec)
+    case = result.cases[-1]
+    assert torch.allclose(torch.tensor(spec["data"][0]["z"]), torch.tensor(case.heatmap), atol=1e-6)
+    verdicts = [m.value for m in at.success] + [m.value for m in at.warning]
+    assert len(verdicts) == len(result.cases)
+    for kind in result.missing:
+        assert any(kind in i.value for i in at.info)
+    # The wide run is in the gallery too, so its page shows it; a run in no gallery gets how to make one.
+    bare = runs["matryoshka"].parents[1] / "other" / "bare"
+    bare.mkdir(parents=True, exist_ok=True)
+    for f in ("sae_weights.safetensors", "cfg.json"):
+        shutil.copy(runs["vanilla"] / f, bare / f)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.session_state["run"] = str(bare)
+    at.switch_page("pages/7_Gallery.py")
+    at.run()
+    assert not at.exception and any("msae gallery" in i.value for i in at.info)
