@@ -5,7 +5,7 @@ shows why on the page and returns None."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -197,25 +197,28 @@ def absorption_of(run: Path, compared: Sequence[Path]) -> AbsorptionResult | Non
         return None
 
 
-def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | None:
-    """The taxonomy benchmark that measured `run`: its own, else one of a compared run that includes it."""
+R = TypeVar("R")
+
+
+def _measured_with(run: Path, compared: Sequence[Path], read: Callable[[Run], R | None],
+                   names: Callable[[R], set[str]]) -> R | None:
+    """A result file of `run` (`read` from its run directory), else one of a compared run whose result names it
+    (`names`); unreadable files are passed over."""
     for candidate in [run, *compared]:
         try:
-            bench = Run(candidate).hierarchy_bench()
+            result = read(Run(candidate))
         except (OSError, ValueError, RunError):
             continue
-        if bench is not None and (candidate == run or Run(run).name in {b.name for b in bench.saes}):
-            return bench
+        if result is not None and (candidate == run or Run(run).name in names(result)):
+            return result
     return None
+
+
+def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | None:
+    """The taxonomy benchmark that measured `run`: its own, else one of a compared run that includes it."""
+    return _measured_with(run, compared, Run.hierarchy_bench, lambda b: {x.name for x in b.saes})
 
 
 def gallery_of(run: Path, compared: Sequence[Path]) -> Gallery | None:
     """The gallery mined for `run`, or for a compared run whose gallery includes it."""
-    for candidate in [run, *compared]:
-        try:
-            gallery = Run(candidate).gallery()
-        except (OSError, ValueError, RunError):
-            continue
-        if gallery is not None and (candidate == run or Run(run).name in gallery.runs.values()):
-            return gallery
-    return None
+    return _measured_with(run, compared, Run.gallery, lambda g: set(g.runs.values()))
