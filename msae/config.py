@@ -480,6 +480,9 @@ class AnalyzeConfig(Config):
     """Override the layer recorded in the run's cfg.json."""
     corpus: str | None = None
     """Override the corpus recorded in the run's cfg.json."""
+    sample_rows: int = 300_000
+    """Rows (the first ones of the pass) that the detection directions and Tree SAE's all-pairs score are computed
+    on: both need many sums per row, and a direction or a latent's best children settle long before 1.5M rows."""
     max_norm_factor: float | None = 2.0
     """Rows whose norm exceeds this multiple of the cache's median norm are analysed as silent (None: none are).
     Extraction drops rows past 10x the median; on the shipped SmolLM2 cache 99.99% of rows are under 1.43x, and the
@@ -489,6 +492,7 @@ class AnalyzeConfig(Config):
     def validate(self) -> None:
         super().validate()
         _check(self.tokens is None or self.tokens > 0, f"tokens must be positive, got {self.tokens}")
+        _check(self.sample_rows > 0, f"sample_rows must be positive, got {self.sample_rows}")
         _check(self.layer is None or self.layer >= 0, f"layer must be at least 0, got {self.layer}")
         _check(self.max_norm_factor is None or self.max_norm_factor > 1,
                f"max_norm_factor must be above 1 (a multiple of the median norm), got {self.max_norm_factor}")

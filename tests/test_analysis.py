@@ -246,6 +246,14 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     cov = lat["coverage"].dropna()
     assert ((cov >= 0) & (cov <= 1)).all()
     assert set(manifest.against) == {"vanilla"} and "matching" in store.against["vanilla"].tables
+    # Both link rules validated on held-out contexts, and the literature's figures with the Tree SAE score.
+    names = [c.criterion for c in manifest.link_validation.criteria]
+    assert names[-1] == "cosine" and len(names) == 6
+    assert manifest.link_validation.link_rows + manifest.link_validation.measured_rows == manifest.rows
+    fig = manifest.hierarchy_figures
+    assert fig.criterion == "coverage" and fig.tree_links == int(links["tree"].sum())
+    assert fig.treesae_score is None or 0 <= fig.treesae_score <= 1
+    assert {"probe_rank_parent", "probe_rank_child", "coverage", "lift", "cosine_score"} <= set(links.columns)
     # A Matryoshka SAE's nested L0 grows with the width.
     assert manifest.l0_per_width == sorted(manifest.l0_per_width)
 

@@ -104,7 +104,8 @@ def test_heldout_validation_separates_true_links_from_the_frequency_matched_null
                                      validate.context_split(context), parts, ["a", "b"])
     assert result.link_rows + result.measured_rows == n
     by = {c.criterion: c for c in result.criteria}
-    cov = by["coverage"]
+    assert list(by) == [f"coverage, P(p|c) >= {t:g}" for t in validate.COVERAGE_GRID] + ["cosine"]
+    cov = by["coverage, P(p|c) >= 0.6"]
     assert cov.tree_links == 6 and cov.measured_links == 6 and cov.share_with_parent == 1.0
     assert cov.heldout_coverage.mean > 0.9 and cov.null_coverage.mean < 0.4
     assert cov.heldout_coverage.low > cov.null_coverage.high
@@ -142,3 +143,25 @@ def test_probe_ranks_count_the_rows_nearer_the_direction():
     directions = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     rank_p, rank_c = hierarchy.probe_ranks(directions, W, torch.tensor([0, 1]), torch.tensor([2, 2]))
     assert rank_c.tolist() == [0, 0] and rank_p.tolist() == [1, 2]
+
+
+def test_coverage_tree_at_the_configured_bound_is_the_tables_tree():
+    g = torch.Generator().manual_seed(5)
+    dense = torch.rand(3000, 40, generator=g) * (torch.rand(3000, 40, generator=g) < 0.15)
+    # Latent j >= 8 fires with its parent j % 8 most of the time (and sometimes alone): coverage near 0.5 to 1.
+    parent_on = dense[:, torch.arange(8, 40) % 8] > 0
+    alone = torch.rand(3000, 32, generator=g) < torch.linspace(0.0, 0.15, 32)
+    dense[:, 8:] *= parent_on | alone
+    sp = sparse_of(dense)
+    from msae.analysis.features import histogram_edges, latent_stats
+
+    stats = latent_stats(sp, histogram_edges(sp.vals, 4))
+    for bound in (0.5, 0.7):
+        cfg = LinkConfig(min_coverage=bound, min_lift=1.0, min_child_fires=5, min_cofires=3)
+        links = hierarchy.nested_links(sp, [8, 40], stats, torch.randn(40, 6, generator=g), cfg)
+        loose = hierarchy.nested_links(sp, [8, 40], stats, torch.randn(40, 6, generator=g),
+                                       LinkConfig(min_coverage=0.4, min_lift=1.0, min_child_fires=5, min_cofires=3))
+        want = links[links["tree"]].sort_values("child")[["parent", "child"]].reset_index(drop=True)
+        got = validate.coverage_tree(loose, bound).sort_values("child")[["parent", "child"]].reset_index(drop=True)
+        assert len(want) > 0
+        pd.testing.assert_frame_equal(got, want)

@@ -136,7 +136,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     try:
         result = stream([sae] + [o for _r, o in others], cache, top_n=acfg.store.top_n,
                         sample_n=acfg.store.quantiles * acfg.store.per_quantile, window=acfg.store.window,
-                        max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm, class_sums=True)
+                        max_rows=acfg.tokens, progress=stage("stream"), max_norm=max_norm, class_sums=acfg.sample_rows)
     except ValueError as exc:
         raise AnalysisError(str(exc)) from None
     timings["stream"] = result.seconds
@@ -188,7 +188,8 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
             read_manifest(cache).get("parts"))
         timings["link validation"] = time.perf_counter() - t
     t = time.perf_counter()
-    manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions)
+    manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions,
+                                                            treesae_rows=acfg.sample_rows)
     timings["hierarchy figures"] = time.perf_counter() - t
 
     compared = {}

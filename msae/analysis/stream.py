@@ -277,10 +277,10 @@ def stream(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     max_norm: float | None = None,
-    class_sums: bool = False,
+    class_sums: int = 0,
 ) -> StreamResult:
-    """Run every SAE over the cache once; examples are kept for the first SAE (and, with class_sums, the sums
-    its latents' detection directions need).
+    """Run every SAE over the cache once; examples are kept for the first SAE (and, over its first `class_sums`
+    rows, the sums its latents' detection directions need).
 
     Rows whose norm exceeds `max_norm` count as rows with no latent active: one such row (a massive activation
     the cache's own filter let through) is otherwise the top example of hundreds of latents at once."""
@@ -336,8 +336,10 @@ def stream(
             parts[i]["counts"].append(torch.bincount(rows, minlength=n_take))
             parts[i]["cols"].append(cols.to(torch.int32))
             parts[i]["vals"].append(vals)
-            if i == 0 and class_sums:
-                sums = add_class_sums(sums, acts.float(), rows, cols, ~too_large, sae.d_sae)
+            if i == 0 and row0 < class_sums:
+                # The shard's rows up to the sample's end.
+                ok = ~too_large & (torch.arange(n_take) < class_sums - row0)
+                sums = add_class_sums(sums, acts.float(), rows, cols, ok, sae.d_sae)
             if i == 0:
                 lookup = _entry_lookup(rows, cols, vals, sae.d_sae)
                 _merge(top, cols, vals, vals, rows, view, lookup)
@@ -372,10 +374,10 @@ def add_class_sums(sums: ClassSums | None, x: Tensor, rows: Tensor, cols: Tensor
                                 (d_sae, x.shape[0]), check_invariants=False)
     sums.by_latent += torch.sparse.mm(a, x).double()
     sums.count += torch.bincount(cols[keep], minlength=d_sae)
-    for start in range(0, x.shape[0], 16384):  # float64 in chunks: the mean is large next to the spread
-        chunk = x[start : start + 16384].double()
-        sums.total += chunk.sum(0)
-        sums.outer += chunk.T @ chunk
+    for start in range(0, x.shape[0], 16384):  # float32 products, float64 totals: the mean is large next to the spread
+        chunk = x[start : start + 16384]
+        sums.total += chunk.double().sum(0)
+        sums.outer += (chunk.T @ chunk).double()
     sums.n += x.shape[0]
     return sums
 

@@ -103,54 +103,82 @@ def context_split(row_context: Tensor) -> Tensor:
     return row_context % 2 == 0
 
 
+COVERAGE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
+"""The coverage rule's P(p | c) thresholds validated side by side (the rest of its settings from the config)."""
+
+
+def coverage_tree(links: pd.DataFrame, min_coverage: float) -> pd.DataFrame:
+    """The tree of a links table's coverage links at a stricter P(p | c) bound: each child under its most specific
+    linked parent (fewest firings, then higher coverage, then lower id), as links_table chooses it."""
+    linked = links[links["linked_coverage"] & (links["coverage"] >= min_coverage)]
+    order = linked.sort_values(["child", "parent_fires", "coverage", "parent"], ascending=[True, True, False, True])
+    return order.drop_duplicates("child")
+
+
 def validate_links(sp: Sparse, widths: list[int], W_dec: Tensor, cfg: LinkConfig, link_rows: Tensor,
                    row_part: Tensor | None = None, part_names: list[str] | None = None,
-                   criteria: tuple[str, ...] = ("coverage", "cosine"), seed: int = 0) -> LinkValidation:
-    """Links of each criterion (cfg's thresholds otherwise) made on the rows where `link_rows` is set, measured
-    on the others: held-out P(p | c) of the tree links with its frequency-matched null, per child group, and per
-    corpus part (`row_part` indexes `part_names`)."""
+                   grid: tuple[float, ...] = COVERAGE_GRID, seed: int = 0) -> LinkValidation:
+    """Links made on the rows where `link_rows` is set and measured on the others: the coverage rule at every
+    P(p | c) bound of `grid` and the cosine rule (cfg's settings otherwise). Per rule, held-out P(p | c) of the
+    tree links with its frequency-matched null, per child group and per corpus part (`row_part` indexes
+    `part_names`)."""
     sp_a, sp_b = sp.subset(link_rows), sp.subset(~link_rows)
     stats_a, stats_b = _stats(sp_a), _stats(sp_b)
     group = hierarchy.group_index(widths)
     live_children = int(((stats_a["count"] > 0) & (group > 0)).sum())
     part_b = row_part[~link_rows] if row_part is not None else None
+    loose = LinkConfig.from_json({**cfg.to_json(), "criterion": "coverage", "min_coverage": min(grid)})
+    coverage_links = hierarchy.nested_links(sp_a, widths, stats_a, W_dec, loose)
+    trees = {f"coverage, P(p|c) >= {t:g}": (coverage_tree(coverage_links, t),
+                                            int((coverage_links["linked_coverage"]
+                                                 & (coverage_links["coverage"] >= t)).sum()))
+             for t in grid}
+    cosine_cfg = LinkConfig.from_json({**cfg.to_json(), "criterion": "cosine"})
+    cosine_links = hierarchy.nested_links(sp_a, widths, stats_a, W_dec, cosine_cfg)
+    trees["cosine"] = (cosine_links[cosine_links["tree"]], int(cosine_links["linked"].sum()))
     out = []
-    for criterion in criteria:
-        ccfg = LinkConfig.from_json({**cfg.to_json(), "criterion": criterion})
-        links = hierarchy.nested_links(sp_a, widths, stats_a, W_dec, ccfg)
-        tree = links[links["tree"]]
-        parent = torch.tensor(tree["parent"].to_numpy(), dtype=torch.long)
-        child = torch.tensor(tree["child"].to_numpy(), dtype=torch.long)
-        n_c = stats_b["count"][child]
-        measured = n_c >= MIN_HELD_FIRES
-        parent, child, n_c = parent[measured], child[measured], n_c[measured]
-        held = pair_cofires(sp_b, parent, child).double() / n_c.clamp_min(1)
-        null_parent = matched_null_parents(parent, child, stats_a["count"], group, seed)
-        has_null = null_parent >= 0
-        null = pair_cofires(sp_b, null_parent[has_null], child[has_null]).double() / n_c[has_null].clamp_min(1)
-        per_group = []
-        for g in range(len(widths)):
-            sel = group[child] == g
-            per_group.append(float(held[sel].mean()) if sel.any() else None)
-        per_part = {}
-        if part_b is not None and part_names:
-            for i, name in enumerate(part_names):
-                rows = part_b == i
-                if int(rows.sum()) == 0:
-                    continue
-                sub = sp_b.subset(rows)
-                n_sub = torch.bincount(sub.cols.long(), minlength=sub.d_sae)[child]
-                ok = n_sub >= MIN_HELD_FIRES
-                if ok.any():
-                    per_part[name] = float((pair_cofires(sub, parent[ok], child[ok]).double() / n_sub[ok]).mean())
-        out.append(CriterionValidation(
-            criterion=criterion, links=int(links["linked"].sum()), tree_links=len(tree),
-            share_with_parent=len(tree) / live_children if live_children else None,
-            measured_links=int(measured.sum()), heldout_coverage=bootstrap_mean(held, seed=seed),
-            null_coverage=bootstrap_mean(null, seed=seed), heldout_coverage_per_group=per_group,
-            heldout_coverage_per_part=per_part))
+    for name, (tree, n_links) in trees.items():
+        out.append(_measure_tree(name, tree, n_links, sp_b, stats_a, stats_b, group, live_children, part_b,
+                                 part_names, len(widths), seed))
     return LinkValidation(split="contexts: even ones make the links, odd ones measure them",
                           link_rows=sp_a.n_rows, measured_rows=sp_b.n_rows, criteria=out)
+
+
+def _measure_tree(name: str, tree: pd.DataFrame, n_links: int, sp_b: Sparse, stats_a: dict, stats_b: dict,
+                  group: Tensor, live_children: int, part_b: Tensor | None, part_names: list[str] | None,
+                  n_groups: int, seed: int) -> CriterionValidation:
+    """Held-out P(p | c) of one rule's tree links (children firing >= MIN_HELD_FIRES times there), its null, per
+    group and per part."""
+    parent = torch.tensor(tree["parent"].to_numpy(), dtype=torch.long)
+    child = torch.tensor(tree["child"].to_numpy(), dtype=torch.long)
+    n_c = stats_b["count"][child]
+    measured = n_c >= MIN_HELD_FIRES
+    parent, child, n_c = parent[measured], child[measured], n_c[measured]
+    held = pair_cofires(sp_b, parent, child).double() / n_c.clamp_min(1)
+    null_parent = matched_null_parents(parent, child, stats_a["count"], group, seed)
+    has_null = null_parent >= 0
+    null = pair_cofires(sp_b, null_parent[has_null], child[has_null]).double() / n_c[has_null].clamp_min(1)
+    per_group = []
+    for g in range(n_groups):
+        sel = group[child] == g
+        per_group.append(float(held[sel].mean()) if sel.any() else None)
+    per_part = {}
+    if part_b is not None and part_names:
+        for i, part in enumerate(part_names):
+            rows = part_b == i
+            if int(rows.sum()) == 0:
+                continue
+            sub = sp_b.subset(rows)
+            n_sub = torch.bincount(sub.cols.long(), minlength=sub.d_sae)[child]
+            ok = n_sub >= MIN_HELD_FIRES
+            if ok.any():
+                per_part[part] = float((pair_cofires(sub, parent[ok], child[ok]).double() / n_sub[ok]).mean())
+    return CriterionValidation(
+        criterion=name, links=n_links, tree_links=len(tree),
+        share_with_parent=len(tree) / live_children if live_children else None,
+        measured_links=int(measured.sum()), heldout_coverage=bootstrap_mean(held, seed=seed),
+        null_coverage=bootstrap_mean(null, seed=seed), heldout_coverage_per_group=per_group,
+        heldout_coverage_per_part=per_part)
 
 
 def _rank_in_parent(parent: Tensor, score: Tensor) -> Tensor:
@@ -182,10 +210,10 @@ def _both_near(directions: Tensor, W_dec: Tensor, parent: Tensor, child: Tensor)
 
 
 def hierarchy_figures(sp: Sparse, links: pd.DataFrame | None, W_dec: Tensor, criterion: str,
-                      directions: Tensor | None = None, seed: int = 0) -> HierarchyFigures:
+                      directions: Tensor | None = None, seed: int = 0, treesae_rows: int | None = None) -> HierarchyFigures:
     """The literature's figures for one SAE over the rows of `sp`: on its tree links (when it has any) P(p | c),
     P(c | p), the parent-vs-children Hamming distance and sibling IoU; with `directions`, Tree SAE's hierarchy
-    score and the same test on the tree links."""
+    score (over the first `treesae_rows` rows) and the same test on the tree links."""
     stats = _stats(sp)
     count = stats["count"]
     tree = links[links["tree"]] if links is not None else links
@@ -209,7 +237,8 @@ def hierarchy_figures(sp: Sparse, links: pd.DataFrame | None, W_dec: Tensor, cri
             probe_share = float(_both_near(directions, W_dec, parent, child).double().mean())
     ts_score, ts_n = None, 0
     if directions is not None:
-        tp, tc = treesae_pairs(sp, stats)
+        head = sp if treesae_rows is None or treesae_rows >= sp.n_rows else sp.subset(torch.arange(sp.n_rows) < treesae_rows)
+        tp, tc = treesae_pairs(head, _stats(head))
         ts_n = tp.numel()
         if ts_n:
             ts_score = float(_both_near(directions, W_dec, tp, tc).double().mean())
