@@ -28,7 +28,8 @@ with st.container(border=True):
                             format_func=lambda g: f"group {g} (width {widths[g]:,})")
     min_freq = c2.select_slider("fires on at least", FREQ_STEPS, value=0.0, key="tree_freq",
                                 format_func=lambda f: f"{f:.3%}" if f else "any")
-    max_score = max(1.5, float(links["score"].max()))
+    # P(p | c) tops out at 1; the cosine score (× a max ratio capped at 1) too, but older stores went above.
+    max_score = max(1.0, float(links["score"].max()))
     min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=threshold, step=0.05,
                           key="tree_score", help="Below the link threshold you see the store's best candidates too.")
     kind = c4.radio("view", figures.TREE_KINDS, horizontal=True, key="tree_kind")
