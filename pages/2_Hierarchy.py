@@ -21,6 +21,9 @@ widths = store.manifest.widths
 link_cfg = store.manifest.link_config
 threshold = link_cfg.score_threshold
 st.caption(tables.link_rule_text(link_cfg) + " Node labels are the tokens each latent fires on most.")
+held = tables.heldout_line(store.manifest.link_validation, link_cfg)
+if held:
+    st.caption(held)
 
 with st.container(border=True):
     c1, c2, c3, c4 = st.columns([3, 2, 2, 2])

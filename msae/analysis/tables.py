@@ -342,6 +342,19 @@ def interval_text(x: Interval | None) -> str:
     return "" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
 
 
+def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | None:
+    """One sentence on how the configured rule's tree links held on held-out contexts (None when not measured)."""
+    if validation is None:
+        return None
+    name = f"coverage, P(p|c) >= {cfg.min_coverage:g}" if cfg.criterion == "coverage" else "cosine"
+    row = next((c for c in validation.criteria if c.criterion == name), None)
+    if row is None or row.heldout_coverage is None:
+        return None
+    null = f"; a random parent of the same frequency: {row.null_coverage.mean:.2f}" if row.null_coverage else ""
+    return (f"Checked on held-out contexts: where a child fires, its tree parent fires on "
+            f"{interval_text(row.heldout_coverage)} of the tokens ({row.measured_links:,} links){null}.")
+
+
 def link_validation_table(validation: LinkValidation) -> pd.DataFrame:
     """Both link criteria, made on one half of the rows and measured on the other: one row per criterion."""
     rows = []
