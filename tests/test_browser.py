@@ -310,3 +310,23 @@ def wait_selected(page, latent: int) -> None:
     """Until the Hierarchy page has `latent` selected (its button names it) and has finished its run."""
     page.get_by_role("button", name=f"Open #{latent} in Features").wait_for(timeout=60_000)
     wait_idle(page)
+
+
+def test_gallery_shows_its_cases(page, server):
+    """The Gallery page on the shipped runs: each case's heatmap drawn (or, where the shipped runs hold no
+    gallery, the line that says how to make one)."""
+    shipped = REPO / "assets" / "default" / "matryoshka" / "gallery.json"
+    with step(page, server, "gallery"):
+        open_page(page, server, "Gallery", "Gallery")
+        assert_no_errors(page, "Gallery")
+        if not shipped.exists():
+            assert page.get_by_text("No gallery for this run yet").count() == 1
+            return
+        import json
+
+        cases = json.loads(shipped.read_text())["cases"]
+        charts = page.locator('[data-testid="stPlotlyChart"] .main-svg')
+        page.wait_for_function(f"""() => document.querySelectorAll('[data-testid="stPlotlyChart"] .main-svg').length
+                                          >= {len(cases)}""", timeout=PAGE_S * 1000)
+        assert charts.count() >= len(cases)
+        screenshot(page, "7_gallery_cases")
