@@ -197,7 +197,8 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_weights(acts, t
     _wait(lambda: ckpt.exists() and json.loads(safe_open(str(ckpt), "pt").metadata()["msae"])["step"] >= 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "matryoshka" / "sae_weights.safetensors").exists(), "killed before the end"
+    # Killed before the end: the run directory holds its last checkpoint's snapshot, not a finished run.
+    assert Run(out / "matryoshka").info().steps_done < 40
     assert run_cli(train_argv(acts, out, "--checkpoint-every", "5", "--resume", steps=40), capsys)[0] == 0
     for name in ("matryoshka", "vanilla"):
         a, b = weights(straight / name), weights(out / name)
