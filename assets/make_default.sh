@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Makes the shipped default runs again (assets/README.md says what they are and what they measure). `train` can be
+# run again after a stop: it resumes from its last checkpoint. `finish` replaces assets/default/ with the new runs.
+#
+#   bash assets/make_default.sh train     # about 2 h on 2 CPU cores; a background job is fine (nohup ... &)
+#   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
+#
+# OUT is where the float32 runs are trained (default /work/shipped/v2); WORDNET: the built-in corpus holds WordNet's
+# definitions only where Debian's wordnet-base is installed, so the same runs need it (apt-get install wordnet-base).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/work/shipped/v2}
+MSAE=.venv/bin/msae
+WIDTHS=${WIDTHS:-128,512,2048,8192}
+NARROW=${NARROW:-2048}
+BALANCE=${BALANCE:-}
+STEPS=${STEPS:-5000}
+
+train() {
+  local resume=()
+  [ -f "$OUT/checkpoint/state.safetensors" ] && resume=(--resume)
+  local balance=()
+  [ -n "$BALANCE" ] && balance=(--balance "$BALANCE")
+  # 5,000 steps of 4,096 rows = 20.5M tokens, about 14 epochs of the 1.45M training rows.
+  "$MSAE" train --model smollm2-135m --layer 15 --corpus builtin --tokens 1500000 \
+    --arch matryoshka --also-vanilla --also-narrow "$NARROW" --widths "$WIDTHS" --k 32 "${balance[@]}" \
+    --steps "$STEPS" --batch-size 4096 --seed 0 --checkpoint-every 250 --log-every 20 --out "$OUT" "${resume[@]}"
+}
+
+finish() {
+  # The float32 runs in float16 (what ships and what the app loads); then everything is measured on those.
+  .venv/bin/python - "$OUT" "$NARROW" <<'EOF'
+import shutil, sys, torch
+from pathlib import Path
+from msae.io import load_sae, save_sae
+out, narrow = Path(sys.argv[1]), sys.argv[2]
+for name in ("matryoshka", "vanilla", f"vanilla-{narrow}"):
+    src, dst = out / name, Path("assets/default") / name
+    shutil.rmtree(dst, ignore_errors=True)  # no file of the runs it replaces stays beside the new SAE
+    sae, cfg = load_sae(src)
+    save_sae(sae, dst, cfg={"msae": cfg["msae"]}, dtype=torch.float16)
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+EOF
+  local m=assets/default/matryoshka v=assets/default/vanilla n=assets/default/vanilla-$NARROW
+  .venv/bin/python - "$m" "$v" "$n" <<'EOF'
+import sys
+from msae.activations import cache_root
+from msae.evaluate import evaluate_run
+from msae.lm import load_lm
+from msae.run import Run
+lm = load_lm("smollm2-135m")
+for run in sys.argv[1:]:
+    evaluate_run(run, cache_root() / Run(run).info().extraction.cache_id, lm)
+EOF
+  "$MSAE" analyze "$m" --against "$v"
+  "$MSAE" analyze "$v" --against "$n" --no-absorption
+  "$MSAE" analyze "$n" --no-absorption
+  "$MSAE" hierarchy-bench "$m" --against "$v" --against "$n"
+  "$MSAE" gallery "$m" --against "$v" --narrow "$n"
+  .venv/bin/python benchmarks/bench_quality.py "$m" "$v" "$n"
+}
+
+"${1:?train or finish}"
