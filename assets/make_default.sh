@@ -11,9 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/work/shipped/v2}
 MSAE=.venv/bin/msae
-WIDTHS=${WIDTHS:-128,512,2048,8192}
-NARROW=${NARROW:-2048}
-BALANCE=${BALANCE:-}
+# The layout the sweep chose (benchmarks/sweep_levels.py, 2,048 latents: 4 levels from 1/32 with balance 0.5 had the
+# best full-width and fresh-text FVU and no group above 34% of the L0), scaled to 8,192 latents.
+WIDTHS=${WIDTHS:-256,816,2576,8192}
+NARROW=${NARROW:-2576}
+BALANCE=${BALANCE:-0.5}
 STEPS=${STEPS:-5000}
 
 train() {
