@@ -217,13 +217,14 @@ def _ratio(theta: dict | None) -> str:
 
 def table(results: dict[str, dict]) -> str:
     """One line per measured run: held-out FVU per width, worst part, fresh text, L0, θ/BatchTopK, groups."""
-    lines = [f"{'run':<24} {'held-out FVU per width':<30} {'worst part':>10} {'fresh':>6} {'L0':>6} {'θ/BTK':>6} "
+    w = max(map(len, ["run", *results]))
+    lines = [f"{'run':<{w}} {'held-out FVU per width':<30} {'worst part':>10} {'fresh':>6} {'L0':>6} {'θ/BTK':>6} "
              f"{'L0 share per group':<24} {'last alive':>10}  targets met"]
     for name, r in results.items():
         parts = r["heldout"]["parts"]
         worst = max((p["fvu"] for p in parts), default=r["heldout"]["fvu"][-1])
         met = [v for v in r["targets"].values() if v is not None]
-        lines.append(f"{name:<24} {_fmt(r['heldout']['fvu']):<30} {worst:>10.3f} {r['fresh_text']['fvu']:>6.3f} "
+        lines.append(f"{name:<{w}} {_fmt(r['heldout']['fvu']):<30} {worst:>10.3f} {r['fresh_text']['fvu']:>6.3f} "
                      f"{r['heldout']['l0']:>6.1f} {_ratio(r['held_in_theta']):>6} "
                      f"{_fmt(r['groups']['l0_share'], 2):<24} {r['groups']['alive_per_100k'][-1]:>10.3f}  "
                      f"{sum(met)}/{len(met)}")
