@@ -518,7 +518,7 @@ def main(args: argparse.Namespace) -> int:
     for r in result.tree_recovery or []:
         print(f"tree recovery, {r.criterion} links: F1 {_fmt(r.f1)} (precision {_fmt(r.precision)}, recall "
               f"{_fmt(r.recall)}; best this SAE allows {_fmt(r.best_f1)}, {r.matched_features} of "
-              f"{result.matryoshka.per_feature and len(result.matryoshka.per_feature['latent'])} features matched)")
+              f"{len(result.toy['parent_of'])} features matched)")
     return 0
 
 

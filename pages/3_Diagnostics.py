@@ -34,10 +34,11 @@ else:
                "0.49 for BatchTopK on Gemma-2-2B. Read it beside the main-latent F1 in the table: far below the "
                "probe's, it means the SAE has no latent for the letter, and the fraction says little about absorption.")
     st.dataframe(tables.absorption_table(absorption), hide_index=True)
-    st.caption("The variant columns change one thing each and are labelled as such: the absorber cosine scaled to "
-               "this model's width (4.8 standard deviations of a random cosine, as SAEBench's 0.1 is on Gemma-2-2B), "
-               "and absorbers limited to latents that fire on at most 10% of the words (dense latents that fire on "
-               "every letter are not absorbing one). The first columns are SAEBench's definition.")
+    if any(r.variants for r in absorption.saes.values()):
+        st.caption("The variant columns change one thing each and are labelled as such: the absorber cosine scaled to "
+                   "this model's width (4.8 standard deviations of a random cosine, as SAEBench's 0.1 is on Gemma-2-2B), "
+                   "and absorbers limited to latents that fire on at most 10% of the words (dense latents that fire on "
+                   "every letter are not absorbing one). The first columns are SAEBench's definition.")
 
 st.header("Hierarchy: do the links hold?")
 if manifest is not None and manifest.link_validation is not None:

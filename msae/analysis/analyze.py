@@ -131,7 +131,8 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
-    median_norm = read_manifest(cache).get("median_norm")
+    cache_manifest = read_manifest(cache)
+    median_norm = cache_manifest.get("median_norm")
     max_norm = acfg.max_norm_factor * median_norm if acfg.max_norm_factor and median_norm else None
     try:
         result = stream([sae] + [o for _r, o in others], cache, top_n=acfg.store.top_n,
@@ -185,7 +186,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         t = time.perf_counter()
         manifest.link_validation = validate.validate_links(
             sp, sae.widths, sae.W_dec, acfg.links, validate.context_split(result.row_context), result.row_part,
-            read_manifest(cache).get("parts"))
+            cache_manifest.get("parts"))
         timings["link validation"] = time.perf_counter() - t
     t = time.perf_counter()
     manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions,

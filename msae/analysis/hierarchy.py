@@ -93,14 +93,15 @@ def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, n_r
             ok = parent_group[pairs.parent] < child_group[pairs.child]
         fig = pair_figures(pairs, parent_stats, child_stats, n_rows)
         score = torch.where(ok, rank_score(fig, cfg), torch.full((pairs.parent.numel(),), -torch.inf))
-        rank = _rank_in_child(pairs.child, score)
+        rank = rank_within(pairs.child, score)
         return ok & ((rank < cfg.keep_per_child) | is_link(fig, cfg, "coverage") | is_link(fig, cfg, "cosine"))
 
     return keep
 
 
-def _rank_in_child(child: Tensor, score: Tensor) -> Tensor:
-    """Rank of every pair's score among the pairs of the same child (0 = best)."""
+def rank_within(child: Tensor, score: Tensor) -> Tensor:
+    """Rank of every pair's score among the pairs with the same `child` (0 = best); any grouping key works (the
+    parent, for a parent's best children)."""
     order = torch.argsort(score, descending=True, stable=True)
     order = order[torch.argsort(child[order], stable=True)]
     sorted_child = child[order]
@@ -120,7 +121,7 @@ def _tree_rank(fig: dict[str, Tensor], linked: Tensor, child: Tensor, parent: Te
     else:
         # Fewest firings first; coverage (in [0, 1]) and the id break ties without reordering counts.
         key = -fig["parent_fires"].double() + 0.5 * fig["coverage"] - 1e-9 * parent.double()
-    return _rank_in_child(child, torch.where(linked, key, torch.full_like(key, -torch.inf)))
+    return rank_within(child, torch.where(linked, key, torch.full_like(key, -torch.inf)))
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def links_table(pairs: Pairs, parent_stats: dict, child_stats: dict, W_par: Tens
         if cfg.probe_top > 0:
             linked_by["coverage"] &= (ranks[0] < cfg.probe_top) & (ranks[1] < cfg.probe_top)
     linked = linked_by[cfg.criterion]
-    rank = _rank_in_child(pairs.child, score)
+    rank = rank_within(pairs.child, score)
     tree_rank = _tree_rank(fig, linked, pairs.child, pairs.parent, cfg.criterion)
     keep = ((rank < cfg.keep_per_child) | linked_by["coverage"] | linked_by["cosine"]).nonzero().squeeze(1)
     keep = keep[torch.argsort(pairs.child[keep] * (pairs.child.numel() + 1) + rank[keep])]  # by child, best first

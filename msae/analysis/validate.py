@@ -181,10 +181,6 @@ def _measure_tree(name: str, tree: pd.DataFrame, n_links: int, sp_b: Sparse, sta
         heldout_coverage_per_part=per_part)
 
 
-def _rank_in_parent(parent: Tensor, score: Tensor) -> Tensor:
-    return hierarchy._rank_in_child(parent, score)
-
-
 def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
     """Tree SAE's pairs: for each latent of the most frequent half, its TREESAE_CHILDREN children by binary masked
     cosine (which orders like P(p | c) for a fixed parent) among latents firing >= TREESAE_MIN_CHILD_FIRES times."""
@@ -197,7 +193,7 @@ def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) 
     def keep(pairs: Pairs) -> Tensor:
         ok = is_dense[pairs.parent] & (count[pairs.child] >= TREESAE_MIN_CHILD_FIRES) & (pairs.parent != pairs.child)
         score = torch.where(ok, pairs.count.double() / count[pairs.child].clamp_min(1), torch.full_like(pairs.dot, -1.0))
-        return ok & (_rank_in_parent(pairs.parent, score) < TREESAE_CHILDREN)
+        return ok & (hierarchy.rank_within(pairs.parent, score) < TREESAE_CHILDREN)
 
     pairs = coactivation(sp, sp, chunk_rows=chunk_rows, prune=keep)
     pairs = Pairs(*(getattr(pairs, f)[keep(pairs)] for f in PAIR_FIELDS))
