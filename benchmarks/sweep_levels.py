@@ -21,6 +21,11 @@ refused (use another --runs, e.g. one per --steps). Every run is measured with b
 shard, benchmarks/data/fresh_prose.txt, θ against BatchTopK on held-in batches of --batch-size rows); the JSON,
 written after every run, holds under a key naming the sweep's settings, per config, each seed's figures, their mean
 and standard deviation (ddof 1) across seeds, and the training time.
+
+--hierarchy then runs the taxonomy benchmark of `msae hierarchy-bench` (WordNet categories: parent recall as
+average precision, overall and per nested width, absorption, member-specific latents) over every run the JSON holds at
+these settings, all configs and seeds, in one pass; figures per run under "hierarchy", mean and std per config under
+"hierarchy_mean" / "hierarchy_std", and the paired differences against the shipped layout's seed 0 (m4-1/32-b0.5).
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class SweepConfig:
         return self.name.replace("/", "of")
 
 
+CHOSEN = "m4-1/32-b0.5"
+"""The layout assets/make_default.sh ships (at 8,192 latents); the hierarchy pass compares every run with it."""
 CONFIGS = {c.name: c for c in [
     *(SweepConfig(f"m4-1/{s}", 4, s) for s in (64, 32, 16)),
     *(SweepConfig(f"m4-1/{s}-b0.5", 4, s, balance=0.5) for s in (64, 32, 16)),
@@ -150,7 +157,8 @@ def headline(result: dict) -> dict:
 
 
 def mean_std(values: list) -> tuple:
-    """Element-wise mean and standard deviation (ddof 1; 0 for one value) of numbers, lists or dicts alike."""
+    """Element-wise mean and standard deviation (ddof 1; 0 for one value) of numbers, lists or dicts alike (None
+    where a value is missing from any of them)."""
     first = values[0]
     if isinstance(first, dict):
         pairs = {key: mean_std([v[key] for v in values]) for key in first}
@@ -158,11 +166,13 @@ def mean_std(values: list) -> tuple:
     if isinstance(first, list):
         pairs = [mean_std(list(column)) for column in zip(*values)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+    if any(v is None for v in values):
+        return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _fmt(values, digits: int = 3) -> str:
-    return "/".join(f"{v:.{digits}f}" for v in values)
+    return "/".join("-" if v is None else f"{v:.{digits}f}" for v in values)
 
 
 def table(configs: dict[str, dict]) -> str:
@@ -190,6 +200,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     parser.add_argument("--runs", type=Path, default=Path("/work/sweep"), help="where the run directories go")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sweep.json")
+    parser.add_argument("--hierarchy", action="store_true",
+                        help="then run the taxonomy benchmark over every run the JSON holds at these settings")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     unknown = [n for n in args.configs.split(",") if n not in CONFIGS]
@@ -233,6 +245,61 @@ def main() -> None:
             args.out.write_text(json.dumps(out, indent=1) + "\n")
             print(bench_quality.table({f"{config.name} s{seed}": result}), flush=True)
     print(table({c.name: sweep["configs"][c.name] for c in chosen}))
+    if args.hierarchy:
+        hierarchy(sweep, args.runs, cache, args.out, out)
+
+
+HIERARCHY_FIGURES = ("average_precision", "absorption", "member_latents")
+"""The taxonomy benchmark's per-SAE figures (means over its categories) that the sweep records and averages."""
+
+
+def hierarchy(sweep: dict, runs: Path, cache: Path, out_path: Path, out: dict) -> None:
+    """The taxonomy benchmark (`msae hierarchy-bench`: WordNet categories, parent recall as average precision,
+    absorption, member-specific latents) over every run the sweep holds at these settings, in one pass that shares
+    the model's activations: each run's figures go under its "hierarchy", each config's mean and spread across
+    seeds under "hierarchy_mean" / "hierarchy_std". The first run is the first config's seed 0 (its folder gets
+    hierarchy_bench.json with the paired differences against every other run)."""
+    from msae.analysis.analyze import hierarchy_bench
+
+    dirs = {(name, seed): runs / f"{CONFIGS[name].dir_name}-s{seed}"
+            for name, entry in sweep["configs"].items() for seed in entry["runs"]}
+    order = sorted(dirs, key=lambda key: (key[0] != CHOSEN, key[0], int(key[1])))
+    started = time.perf_counter()
+    bench = hierarchy_bench(dirs[order[0]], against=[dirs[key] for key in order[1:]], cache=cache)
+    by_name = {s.name: s for s in bench.saes}
+    for name, seed in order:
+        sae = by_name[dirs[name, seed].name]
+        figures = {f: getattr(sae, f).mean if getattr(sae, f) is not None else None for f in HIERARCHY_FIGURES}
+        figures["average_precision_interval"] = dataclasses.asdict(sae.average_precision) \
+            if sae.average_precision is not None else None
+        figures["average_precision_per_width"] = sae.average_precision_per_width
+        figures["labelled_latents"] = sae.labelled_latents
+        sweep["configs"][name]["runs"][seed]["hierarchy"] = figures
+    for name, entry in sweep["configs"].items():
+        values = [r["hierarchy"] for r in entry["runs"].values()]
+        numbers = [{f: v[f] for f in (*HIERARCHY_FIGURES, "labelled_latents", "average_precision_per_width")}
+                   for v in values]
+        if all(n["average_precision"] is not None for n in numbers):
+            entry["hierarchy_mean"], entry["hierarchy_std"] = mean_std(numbers)
+    sweep["hierarchy"] = {"first_run": str(dirs[order[0]]), "categories": bench.categories,
+                          "occurrences": bench.occurrences, "seconds": round(time.perf_counter() - started, 1),
+                          "differences": {k: dataclasses.asdict(v) for k, v in bench.differences.items()}}
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(hierarchy_table(sweep["configs"]))
+
+
+def hierarchy_table(configs: dict[str, dict]) -> str:
+    """One line per config with taxonomy figures: mean ± std across its seeds."""
+    lines = [f"{'config':<14} {'seeds':>5} {'parent AP':>15} {'AP per width':<28} {'absorption':>15} "
+             f"{'member latents':>15}"]
+    for name, c in configs.items():
+        if "hierarchy_mean" not in c:
+            continue
+        m, s = c["hierarchy_mean"], c["hierarchy_std"]
+        lines.append(f"{name:<14} {len(c['runs']):>5} {m['average_precision']:>8.3f} ±{s['average_precision']:.3f} "
+                     f"{_fmt(m['average_precision_per_width']):<28} {m['absorption']:>8.3f} ±{s['absorption']:.3f} "
+                     f"{m['member_latents']:>8.2f} ±{s['member_latents']:.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""benchmarks/sweep_levels.py's layouts and its averaging across seeds (the training itself is the engine's, tested
+elsewhere)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sweep_levels  # noqa: E402
+
+
+@pytest.mark.parametrize("name, widths", [
+    ("m4-1/64", (32, 128, 512, 2048)),
+    ("m4-1/32", (64, 208, 640, 2048)),
+    ("m4-1/16", (128, 320, 816, 2048)),
+    ("m3-1/32", (64, 368, 2048)),
+    ("vanilla", (2048,)),
+])
+def test_layouts_are_the_documented_geometric_levels(name, widths):
+    assert sweep_levels.CONFIGS[name].widths(2048) == widths
+
+
+def test_the_shipped_layout_at_8192_latents_is_what_make_default_trains():
+    script = (Path(__file__).resolve().parents[1] / "assets" / "make_default.sh").read_text()
+    widths = sweep_levels.CONFIGS[sweep_levels.CHOSEN].widths(8192)
+    assert f"WIDTHS=${{WIDTHS:-{','.join(map(str, widths))}}}" in script
+    assert f"NARROW=${{NARROW:-{widths[2]}}}" in script
+    assert sweep_levels.CONFIGS[sweep_levels.CHOSEN].balance == 0.5
+    assert "BALANCE=${BALANCE:-0.5}" in script
+
+
+def test_mean_std_averages_numbers_lists_and_dicts_element_wise():
+    mean, std = sweep_levels.mean_std([{"a": 1.0, "b": [1.0, 4.0]}, {"a": 3.0, "b": [3.0, 4.0]}])
+    assert mean == {"a": 2.0, "b": [2.0, 4.0]}
+    assert std["a"] == pytest.approx(2 ** 0.5)
+    assert std["b"] == [pytest.approx(2 ** 0.5), 0.0]
+    assert sweep_levels.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_a_figure_missing_from_any_seed_has_no_mean():
+    mean, std = sweep_levels.mean_std([{"w": [0.5, None]}, {"w": [0.7, 0.2]}])
+    assert mean["w"][0] == pytest.approx(0.6)
+    assert mean["w"][1] is None and std["w"][1] is None
+    assert sweep_levels._fmt([0.5, None]) == "0.500/-"
