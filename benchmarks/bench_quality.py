@@ -11,7 +11,10 @@ extraction.cache_id under msae.activations.cache_root(), or --cache):
 - inference L0 with θ against BatchTopK's L0 on held-in rows (16 batches of 4096 from the training shards, in a
   seeded order other than any run's);
 - per nested group: its share of the L0, firing-frequency quantiles, the share of its latents firing at least once
-  per 100k held-out tokens;
+  per 100k held-out tokens (the held-out shard holds about 50k rows, so this is "fired at least once there": a
+  noisy reading of a 1e-5 rate); where the run has a feature store (`msae analyze`), the same share from the
+  store's firing counts over every cache row (1.5M rows for the built-in cache: a rate of 1e-5 is 15 firings),
+  as `groups.store_alive_per_100k`, beside it and not in its place;
 - the targets as booleans (TARGETS), None where one does not apply (the group targets for a one-width SAE).
 Results are merged into the JSON under a key naming the run, so several runs share one file.
 
@@ -164,6 +167,20 @@ def targets(sae: SAE, parts: list[dict], heldout_fvu: float, fresh_fvu: float, l
     }
 
 
+def store_alive(run: Run, n_groups: int) -> dict | None:
+    """Per nested group, the share of its latents whose firing frequency over the feature store's rows is at least
+    1e-5 (None when the run has no store)."""
+    import pandas as pd
+
+    path = run.store_dir / "latents.parquet"
+    if not path.exists():
+        return None
+    latents = pd.read_parquet(path, columns=["group", "freq"])
+    rows = json.loads((run.store_dir / "manifest.json").read_text())["rows"]
+    return {"rows": rows, "alive_per_100k": [float((latents.loc[latents["group"] == g, "freq"] >= 1e-5).mean())
+                                             for g in range(n_groups)]}
+
+
 def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) -> dict:
     """Every figure of issue 11 for the run at `run_dir` (trained on `cache`); `fresh` and `held_in` are shared
     by the runs measured together."""
@@ -189,7 +206,8 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
                     "parts": parts},
         "groups": {"l0": result.l0_per_group, "l0_share": l0_share, "freq_quantiles": result.freq_quantiles,
                    "freq_quantiles_per_group": result.freq_quantiles_per_group,
-                   "alive_per_100k": result.alive_per_100k_per_group},
+                   "alive_per_100k": result.alive_per_100k_per_group,
+                   "store_alive_per_100k": store_alive(run, sae.n_groups)},
         "fresh_text": fresh_q,
         "held_in_theta": theta,
         "targets": targets(sae, parts, result.fvu[-1], fresh_q["fvu"], result.l0, theta, l0_share,
@@ -215,19 +233,25 @@ def _ratio(theta: dict | None) -> str:
     return "-" if theta is None else f"{theta['ratio']:.3f}"
 
 
+def _store_alive(result: dict) -> str:
+    store = result["groups"].get("store_alive_per_100k")
+    return f"{store['alive_per_100k'][-1]:.3f}" if store else "-"
+
+
 def table(results: dict[str, dict]) -> str:
-    """One line per measured run: held-out FVU per width, worst part, fresh text, L0, θ/BatchTopK, groups."""
+    """One line per measured run: held-out FVU per width, worst part, fresh text, L0, θ/BatchTopK, groups (the last
+    group's alive share on the held-out rows, and over the feature store's rows where there is one)."""
     w = max(map(len, ["run", *results]))
     lines = [f"{'run':<{w}} {'held-out FVU per width':<30} {'worst part':>10} {'fresh':>6} {'L0':>6} {'θ/BTK':>6} "
-             f"{'L0 share per group':<24} {'last alive':>10}  targets met"]
+             f"{'L0 share per group':<24} {'last alive':>10} {'(store)':>7}  targets met"]
     for name, r in results.items():
         parts = r["heldout"]["parts"]
         worst = max((p["fvu"] for p in parts), default=r["heldout"]["fvu"][-1])
         met = [v for v in r["targets"].values() if v is not None]
         lines.append(f"{name:<{w}} {_fmt(r['heldout']['fvu']):<30} {worst:>10.3f} {r['fresh_text']['fvu']:>6.3f} "
                      f"{r['heldout']['l0']:>6.1f} {_ratio(r['held_in_theta']):>6} "
-                     f"{_fmt(r['groups']['l0_share'], 2):<24} {r['groups']['alive_per_100k'][-1]:>10.3f}  "
-                     f"{sum(met)}/{len(met)}")
+                     f"{_fmt(r['groups']['l0_share'], 2):<24} {r['groups']['alive_per_100k'][-1]:>10.3f} "
+                     f"{_store_alive(r):>7}  {sum(met)}/{len(met)}")
     return "\n".join(lines)
 
 

@@ -1,9 +1,11 @@
 """benchmarks/bench_quality.py's measurements on a tiny SAE trained on a tiny real cache (SmolLM2, layer 2):
 θ against BatchTopK, fresh-text FVU against a direct computation, and a whole run's figures."""
 
+import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -104,4 +106,17 @@ def test_measure_reports_every_figure_and_target(lm, trained):
     assert sum(result["groups"]["l0_share"]) == pytest.approx(1.0)
     assert result["fresh_text"]["fvu"] == pytest.approx(bench.text_quality(Run(run_dir).load_sae(), fresh)["fvu"])
     assert all(isinstance(v, bool) for v in result["targets"].values())
+    assert result["groups"]["store_alive_per_100k"] is None, "the run has no feature store"
     assert "θ/BTK" in bench.table({"tiny": result})
+
+
+def test_store_alive_counts_latents_at_a_rate_of_one_per_100k_per_group(tmp_path):
+    run = Run(tmp_path / "run")
+    assert bench.store_alive(run, 2) is None, "no store, no figure"
+    run.store_dir.mkdir(parents=True)
+    pd.DataFrame({"group": [0, 0, 1, 1, 1], "freq": [0.0, 2e-5, 1e-6, 1e-5, 0.3]}).to_parquet(
+        run.store_dir / "latents.parquet")
+    (run.store_dir / "manifest.json").write_text(json.dumps({"rows": 1_500_000}))
+    got = bench.store_alive(run, 2)
+    assert got["rows"] == 1_500_000
+    assert got["alive_per_100k"] == [pytest.approx(0.5), pytest.approx(2 / 3)]
