@@ -125,14 +125,18 @@ def test_an_absorbing_sae_scores_full_absorption():
 
 
 def test_matryoshka_absorbs_less_than_vanilla_on_nabeshima():
-    """Measured with these settings (800 steps of 512, k 1, widths 3,12,20), parent absorption vanilla vs
-    Matryoshka, seeds 0-4: 0.547/0.113, 0.550/0.107, 0.777/0.334, 0.415/0.108, 0.566/0.224; the smallest gap
-    is 0.31, the largest Matryoshka figure 0.33, the smallest vanilla one 0.42."""
+    """Measured with these settings (800 steps of 512, k 1, widths 3,12,20; θ calibrated at the end as in every
+    run), parent absorption vanilla vs Matryoshka, seeds 0-4: 0.532/0.123, 0.513/0.089, 0.766/0.337, 0.256/0.108,
+    0.566/0.224 (seed 3's gap is the smallest, 0.15; seed 0's 0.41); the Matryoshka parent latent fires alone on
+    0.919, 1.000, 0.984, 0.987, 0.983 of its feature's rows. (With the running θ alone, as first measured:
+    0.547/0.113, 0.550/0.107, 0.777/0.334, 0.415/0.108, 0.566/0.224 and fires alone > 0.95 on seed 0: the
+    calibrated cut, set for BatchTopK's L0 on the whole distribution, is a little higher for the parent latent.)
+    The test runs seed 0."""
     result = toy.compare(toy.nabeshima(seed=0), seed=0, steps=800)
     vanilla, matryoshka = result.vanilla.parent_absorption, result.matryoshka.parent_absorption
-    assert vanilla - matryoshka > 0.2, (vanilla, matryoshka)
-    assert vanilla > 0.35 and matryoshka < 0.4
-    assert result.matryoshka.parent_fires_alone > 0.95
+    assert vanilla - matryoshka > 0.25, (vanilla, matryoshka)
+    assert vanilla > 0.4 and matryoshka < 0.25
+    assert result.matryoshka.parent_fires_alone > 0.88
 
 
 def test_cli_toy_json_end_to_end(tmp_path, capsys):
