@@ -201,6 +201,12 @@ def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
             assert "/work/" not in text and "/root/" not in text and "site-packages" not in text, path
 
 
+def test_shipped_assets_stay_within_90_mb():
+    """Issue 11's budget for the shipped runs with their stores, the toys and the taxonomy (git holds them)."""
+    total = sum(path.stat().st_size for path in ASSETS.rglob("*") if path.is_file())
+    assert total <= 90e6, f"assets/ holds {total / 1e6:.1f} MB"
+
+
 def test_a_job_is_a_typed_spec_whose_command_rebuilds_it(tmp_path):
     job = TrainJob(train=TrainConfig(widths=(32, 128), k=8, steps=5, device="cpu"), activations="acts.safetensors")
     command = jobs.command(tmp_path / "out", job, resume=True)
