@@ -160,7 +160,8 @@ def test_home_summarises_the_chosen_run(env):
     assert summary["FVU per width (held-out)"] == ", ".join(f"{w}: {v:.3f}" for w, v in zip(held_out["widths"], held_out["fvu"]))
     assert "tokens analysed" in summary["feature store"]
     fvu, l0 = figures(at)[:2]
-    assert [t["name"] for t in fvu["data"]] == ["width 128", "width 512", "width 2048", "width 8192"]
+    assert [t["name"] for t in fvu["data"]] == [f"width {w}" for w in held_out["widths"]]
+    assert len(held_out["widths"]) == 4 and held_out["widths"][-1] == 8192
     assert l0["data"][0]["name"] == "L0"
 
     at = ok(open_page(None, env["bare"]))
