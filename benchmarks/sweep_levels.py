@@ -238,6 +238,11 @@ def main() -> None:
             print(f"{config.name} seed {seed}: {run_dir}", flush=True)
             how = train_run(cfg, cache, run_info, run_dir)
             result = {**bench_quality.measure(run_dir, cache, fresh, held_in), **how}
+            kept = entry["runs"].get(str(seed), {}).get("hierarchy")
+            if kept is not None and not how["trained_now"]:
+                result["hierarchy"] = kept  # the same SAE: its taxonomy figures still hold
+            elif kept is not None:  # retrained: the config's hierarchy figures are out of date until --hierarchy
+                entry.pop("hierarchy_mean", None), entry.pop("hierarchy_std", None)
             entry["runs"][str(seed)] = result
             figures = [headline(r) for r in entry["runs"].values()]
             entry["mean"], entry["std"] = mean_std(figures)
