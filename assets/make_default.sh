@@ -12,10 +12,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/work/shipped/v2}
 MSAE=.venv/bin/msae
 # The layout the sweep chose (benchmarks/sweep_levels.py, 2,048 latents: 4 levels from 1/32 with balance 0.5 had the
-# best full-width and fresh-text FVU and no group above 34% of the L0), scaled to 8,192 latents.
+# best full-width and fresh-text FVU and no group above 35% of the L0), scaled to 8,192 latents. At 8,192 latents
+# balance 0.5 let the first group take 51% of the L0 by step 1,000, still rising; with balance 0.25 (level weights
+# 1/64, 1/16, 1/4, 1) no group held more than 33% at step 600, where the full-width training FVU was the same (0.307
+# against 0.306) (benchmarks/results/probe_8192.json, benchmarks/group_share.py).
 WIDTHS=${WIDTHS:-256,816,2576,8192}
 NARROW=${NARROW:-2576}
-BALANCE=${BALANCE:-0.5}
+BALANCE=${BALANCE:-0.25}
 STEPS=${STEPS:-5000}
 
 train() {
