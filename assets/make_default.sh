@@ -2,7 +2,7 @@
 # Makes the shipped default runs again (assets/README.md says what they are and what they measure). `train` can be
 # run again after a stop: it resumes from its last checkpoint. `finish` replaces assets/default/ with the new runs.
 #
-#   bash assets/make_default.sh train     # about 2 h 50 min on 2 CPU cores; a background job is fine (nohup ... &)
+#   bash assets/make_default.sh train     # about 2 h 30 min on 2 CPU cores; a background job is fine (nohup ... &)
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #
 # OUT is where the float32 runs are trained (default /work/shipped/v2); WORDNET: the built-in corpus holds WordNet's
@@ -26,7 +26,7 @@ train() {
   [ -f "$OUT/checkpoint/state.safetensors" ] && resume=(--resume)
   local balance=()
   [ -n "$BALANCE" ] && balance=(--balance "$BALANCE")
-  # 5,000 steps of 4,096 rows = 20.5M tokens, about 14 epochs of the 1.45M training rows (about 2.0 s a step for the
+  # 5,000 steps of 4,096 rows = 20.5M tokens, about 14 epochs of the 1.45M training rows (about 1.75 s a step for the
   # three SAEs here). A checkpoint every 100 steps, so a stop loses at most 100 steps.
   "$MSAE" train --model smollm2-135m --layer 15 --corpus builtin --tokens 1500000 \
     --arch matryoshka --also-vanilla --also-narrow "$NARROW" --widths "$WIDTHS" --k 32 "${balance[@]}" \
