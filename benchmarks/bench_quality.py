@@ -40,7 +40,8 @@ from torch import Tensor
 
 from msae import corpus
 from msae.activations import CachedActivations, cache_root, pad_batch, read_manifest
-from msae.evaluate import fvu_by_part, reconstruction_metrics
+from msae.analysis.store import MANIFEST_FILE
+from msae.evaluate import ALIVE_RATE, fvu_by_part, reconstruction_metrics
 from msae.lm import LoadedLM, load_lm, residual_after
 from msae.run import Run
 from msae.sae import SAE
@@ -176,8 +177,8 @@ def store_alive(run: Run, n_groups: int) -> dict | None:
     if not path.exists():
         return None
     latents = pd.read_parquet(path, columns=["group", "freq"])
-    rows = json.loads((run.store_dir / "manifest.json").read_text())["rows"]
-    return {"rows": rows, "alive_per_100k": [float((latents.loc[latents["group"] == g, "freq"] >= 1e-5).mean())
+    rows = json.loads((run.store_dir / MANIFEST_FILE).read_text())["rows"]
+    return {"rows": rows, "alive_per_100k": [float((latents.loc[latents["group"] == g, "freq"] >= ALIVE_RATE).mean())
                                              for g in range(n_groups)]}
 
 

@@ -19,6 +19,8 @@ from msae.sae import SAE
 
 
 FREQ_QUANTILES = (0.1, 0.5, 0.9)
+ALIVE_RATE = 1e-5
+"""A latent counts as alive when it fires on at least this share of rows (once per 100k tokens)."""
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
                       l0=total_active / n_rows, dead_fraction=(firings == 0).double().mean().item(),
                       l0_per_group=group_l0(sae, firings, n_rows), freq_quantiles=list(FREQ_QUANTILES),
                       freq_quantiles_per_group=[torch.quantile(f, q).tolist() for f in per_group],
-                      alive_per_100k_per_group=[(f >= 1e-5).double().mean().item() for f in per_group])
+                      alive_per_100k_per_group=[(f >= ALIVE_RATE).double().mean().item() for f in per_group])
 
 
 @torch.no_grad()
