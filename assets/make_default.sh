@@ -2,8 +2,9 @@
 # Makes the shipped default runs again (assets/README.md says what they are and what they measure). `train` can be
 # run again after a stop: it resumes from its last checkpoint. `finish` replaces assets/default/ with the new runs.
 #
-#   bash assets/make_default.sh train     # about 2 h 30 min on 2 CPU cores; a background job is fine (nohup ... &)
+#   bash assets/make_default.sh train     # about 2 h 40 min on 2 CPU cores (three SAEs); a background job is fine (nohup ... &)
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
+#   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
 #
 # OUT is where the float32 runs are trained (default /work/shipped/v2); WORDNET: the built-in corpus holds WordNet's
 # definitions only where Debian's wordnet-base is installed, so the same runs need it (apt-get install wordnet-base).
@@ -33,8 +34,8 @@ train() {
     --steps "$STEPS" --batch-size 4096 --seed 0 --checkpoint-every 100 --log-every 20 --out "$OUT" "${resume[@]}"
 }
 
-finish() {
-  # The float32 runs in float16 (what ships and what the app loads); then everything is measured on those.
+copy() {
+  # The float32 runs in float16 (what ships and what the app loads); everything after is measured on those.
   .venv/bin/python - "$OUT" "$NARROW" <<'EOF'
 import shutil, sys, torch
 from pathlib import Path
@@ -47,8 +48,12 @@ for name in ("matryoshka", "vanilla", f"vanilla-{narrow}"):
     save_sae(sae, dst, cfg={"msae": cfg["msae"]}, dtype=torch.float16)
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
 EOF
-  local m=assets/default/matryoshka v=assets/default/vanilla n=assets/default/vanilla-$NARROW
-  .venv/bin/python - "$m" "$v" "$n" <<'EOF'
+}
+
+M=assets/default/matryoshka V=assets/default/vanilla N=assets/default/vanilla-$NARROW
+
+evaluate() {
+  .venv/bin/python - "$M" "$V" "$N" <<'EOF'
 import sys
 from msae.activations import cache_root
 from msae.evaluate import evaluate_run
@@ -58,12 +63,32 @@ lm = load_lm("smollm2-135m")
 for run in sys.argv[1:]:
     evaluate_run(run, cache_root() / Run(run).info().extraction.cache_id, lm)
 EOF
-  "$MSAE" analyze "$m" --against "$v"
-  "$MSAE" analyze "$v" --against "$n" --no-absorption
-  "$MSAE" analyze "$n" --no-absorption
-  "$MSAE" hierarchy-bench "$m" --against "$v" --against "$n"
-  "$MSAE" gallery "$m" --against "$v" --narrow "$n"
-  .venv/bin/python benchmarks/bench_quality.py "$m" "$v" "$n"
 }
 
-"${1:?train or finish}"
+analyze_m() { "$MSAE" analyze "$M" --against "$V"; }
+analyze_v() { "$MSAE" analyze "$V" --against "$N" --no-absorption; }
+analyze_n() { "$MSAE" analyze "$N" --no-absorption; }
+bench() { "$MSAE" hierarchy-bench "$M" --against "$V" --against "$N"; }
+gallery() { "$MSAE" gallery "$M" --against "$V" --narrow "$N"; }
+quality() { .venv/bin/python benchmarks/bench_quality.py "$M" "$V" "$N"; }
+
+FINISH_STEPS=(copy evaluate analyze_m analyze_v analyze_n bench gallery quality)
+
+finish() {
+  # Every step, or the ones named (`finish analyze_v bench ...`: a stop in the middle loses only the step it hit;
+  # each one writes its files through a temporary file and a rename). About 1 h 30 min in all here; each step's
+  # time is printed.
+  local steps=("$@")
+  [ ${#steps[@]} -eq 0 ] && steps=("${FINISH_STEPS[@]}")
+  for step in "${steps[@]}"; do
+    [[ " ${FINISH_STEPS[*]} " == *" $step "* ]] || { echo "unknown step $step (${FINISH_STEPS[*]})" >&2; exit 2; }
+    local t0=$SECONDS
+    echo "== $(date +%T) $step"
+    "$step"
+    echo "== $step took $((SECONDS - t0)) s"
+  done
+}
+
+cmd=${1:?train or finish [STEP ...]}
+shift
+"$cmd" "$@"

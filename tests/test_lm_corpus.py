@@ -8,12 +8,14 @@ import torch
 from safetensors import safe_open
 
 from msae import corpus as corpus_mod
-from msae.activations import CachedActivations, extract, read_manifest
+from msae.activations import CachedActivations, cache_root, extract, read_manifest
 from msae.config import ExtractConfig
 from msae.cli import main as cli_main
 from msae.corpus import CorpusError, file_documents, strip_wiki_markup
-from msae.io import load_sae, sha256_file
+from msae.evaluate import evaluate_run
+from msae.io import load_sae, save_sae, sha256_file
 from msae.lm import decoder_layers, load_lm, residual_after
+from msae.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +239,15 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(text_file, tmp_path, monkeypatch
     assert held["parts"][0]["fvu"] == pytest.approx(held["fvu"][-1], rel=1e-4), "one part: its FVU is the whole's"
     assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
     assert "CE loss recovered" in capsys.readouterr().out
+
+    # a float16 copy (how the shipped runs are stored) evaluates like the float32 run it came from
+    sae, cfg = load_sae(tmp_path / "run" / "matryoshka")
+    save_sae(sae, tmp_path / "half", cfg={"msae": cfg["msae"]}, dtype=torch.float16)
+    half = evaluate_run(tmp_path / "half", cache_root() / Run(tmp_path / "half").info().extraction.cache_id,
+                        load_lm("smollm2-135m"), n_contexts=4)
+    assert half.rows == held["rows"] and half.fvu == pytest.approx(held["fvu"], abs=2e-3)
+    assert half.ce_sae == pytest.approx(held["ce_sae"], abs=2e-2)
+    assert json.loads((tmp_path / "half" / "eval.json").read_text())["fvu"] == pytest.approx(half.fvu)
 
 
 def test_contexts_never_cross_documents(lm):
