@@ -75,8 +75,8 @@ quality() { .venv/bin/python benchmarks/bench_quality.py "$M" "$V" "$N"; }
 FINISH_STEPS=(copy evaluate analyze_m analyze_v analyze_n bench gallery quality)
 
 finish() {
-  # Every step, or the ones named (`finish analyze_v bench ...`: a stop in the middle loses only the step it hit;
-  # each one writes its files through a temporary file and a rename). About 1 h 30 min in all here; each step's
+  # Every step, or the ones named (`finish analyze_v bench ...`: a stop in the middle loses only the step it hit:
+  # every step after `copy` writes its files through a temporary file and a rename). About 1 h 30 min in all here; each step's
   # time is printed.
   local steps=("$@")
   [ ${#steps[@]} -eq 0 ] && steps=("${FINISH_STEPS[@]}")

@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.random_widths:
         widths = [int(w) for w in args.random_widths.split(",")]
         run = Run(run_dir)
-        sae, info = run.load_sae(dtype=torch.float32), run.info()
+        sae, info = run.load_sae(), run.info()
         rand = SAE(sae.d_in, widths, k=sae.k)
         tmp = Path(tempfile.mkdtemp(prefix="msae-bench-analyze-"))
         if args.grow_cache:

@@ -187,7 +187,7 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
     by the runs measured together."""
     started = time.perf_counter()
     run = Run(run_dir)
-    sae = run.load_sae(dtype=torch.float32)
+    sae = run.load_sae()
     heldout = CachedActivations(cache, heldout=True)
     result = reconstruction_metrics(sae, heldout.all_rows(4096))
     parts = [{"part": p.part, "rows": p.rows, "fvu": p.fvu} for p in fvu_by_part(sae, heldout) or []]

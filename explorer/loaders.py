@@ -9,7 +9,6 @@ from typing import Callable, Sequence, TypeVar
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from explorer.state import APP_DIR, against_runs, short_name
 from msae import toy
@@ -59,7 +58,7 @@ def require_store(run: Path | None) -> FeatureStore:
 
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=8)
 def _sae(run_dir: str, _stamp_value: float) -> SAE:
-    return Run(run_dir).load_sae(dtype=torch.float32)
+    return Run(run_dir).load_sae()
 
 
 def _sae_stamp(run: Path) -> float:

@@ -181,8 +181,9 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- the SAE
 
-    def load_sae(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SAE:
-        """The SAE in eval mode (msae.io.load_sae)."""
+    def load_sae(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32) -> SAE:
+        """The SAE in eval mode (msae.io.load_sae), in float32 unless told otherwise: runs may be stored in float16,
+        and half-precision matmuls on a CPU are many times slower (None keeps the stored dtype)."""
         return io.load_sae(self.path, device=device, dtype=dtype)[0]
 
     def save_sae(self, sae: SAE, info: RunInfo, act_scale: float = 1.0) -> None:

@@ -507,7 +507,7 @@ def measure(
         raise AbsorptionError("no SAE to measure")
     say = progress or (lambda _msg: None)
     runs = {name: Run(run_dir) for name, run_dir in run_dirs.items()}
-    saes = {name: run.load_sae(dtype=torch.float32) for name, run in runs.items()}
+    saes = {name: run.load_sae() for name, run in runs.items()}
     sources = {name: run.source() for name, run in runs.items()}
     if layer is None:
         layers = {name: source[1] for name, source in sources.items()}

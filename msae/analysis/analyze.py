@@ -77,7 +77,7 @@ def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
 
 def _load(run: Run, device: str) -> SAE:
     try:
-        return run.load_sae(device=device, dtype=torch.float32)
+        return run.load_sae(device=device)
     except (io.SAELoadError, RunError) as exc:
         raise AnalysisError(str(exc)) from None
 
