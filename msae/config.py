@@ -417,8 +417,11 @@ class LinkConfig(Config):
 
     criterion: typing.Literal["coverage", "cosine"] = "coverage"
     """Which rule makes a candidate a link (see above)."""
-    min_coverage: float = 0.6
-    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this."""
+    min_coverage: float = 0.7
+    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. Chosen on
+    held-out data (`msae analyze`'s link validation, links made on even contexts and measured on odd ones): on the
+    shipped Matryoshka run 0.7 is the lowest bound of the grid whose tree links keep a mean held-out P(p | c) of at
+    least 0.7 (0.778, against 0.682 at 0.6), with a frequency-matched random parent under half of it (0.117)."""
     max_reverse: float = 0.9
     """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
     min_lift: float = 2.0
