@@ -112,6 +112,13 @@ def test_gallery_cases_hold_consistent_tables(made):
     assert splitting.column_runs[0] == "vanilla-2048" and "matryoshka" in splitting.column_runs
     # The split latent fires on every token shown (rows are the tokens it fires on most).
     assert all(row[0] > 0 for row in splitting.heatmap)
+    absorption = next((c for c in result.cases if c.kind == "absorption"), None)
+    if absorption is not None:
+        # The top row is an absorbed member (a member latent of the parent's SAE fires there), unless the reading
+        # says the shown occurrences hold none; the rows below it are the members the parent fires on most.
+        n_main = absorption.column_runs.count(absorption.column_runs[0])
+        top = absorption.heatmap[0]
+        assert any(v > 0 for v in top[1:n_main]) or "shows no absorption" in absorption.reading, absorption.rows
     assert "splitting" in format_gallery(result)
 
 

@@ -93,10 +93,14 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
         parent = next(c.parent_latent for b in bench.saes if b.name == n for c in b.categories
                       if c.offset == cat.offset)
         acts_p = _column_acts(sp, [parent])[:, 0]
-        # Member latents: specific to a member where the parent is silent most often, the busiest first.
+        # Member latents: the ones that fire on their own member most often where the parent is silent (the
+        # absorbed occurrences), then by how often the parent is silent on their member.
+        own = [(l, t) for l, t in specific.items() if t in members]
+        own_acts = _column_acts(sp, [l for l, _t in own])
         silent_share = {t: float((acts_p[token == t] == 0).mean()) for t in set(token.tolist())}
-        mine = sorted(((l, t) for l, t in specific.items() if t in members),
-                      key=lambda lt: (-silent_share.get(lt[1], 0.0), lt[0]))[: MAX_CHILDREN if n == name else 2]
+        took = {l: int(((acts_p == 0) & (own_acts[:, i] > 0) & (token == t)).sum()) for i, (l, t) in enumerate(own)}
+        mine = sorted(own, key=lambda lt: (-took[lt[0]], -silent_share.get(lt[1], 0.0), lt[0]))
+        mine = mine[: MAX_CHILDREN if n == name else 2]
         cols = [parent] + [l for l, _t in mine]
         for i, l in enumerate(cols):
             role = "parent" if i == 0 else f"member latent of '{lm.tokenizer.decode([specific[l]]).strip()}'"
@@ -107,11 +111,19 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
         mats.append(_column_acts(sp, cols))
     acts = np.concatenate(mats, axis=1)
     main_parent = acts[:, 0]
-    absorbed = {t: float(((main_parent == 0) & (token == t)).sum() / max((token == t).sum(), 1))
-                for t in sorted(set(token.tolist()))}
-    shown = sorted(absorbed, key=lambda t: (-absorbed[t], t))[:MAX_ROWS]
+    n_main = sum(1 for r in runs if r == name)
+    # Absorbed: the parent silent while one of its SAE's member latents fires.
+    absorbed_row = (main_parent == 0) & (acts[:, 1:n_main].sum(axis=1) > 0)
+    tokens = sorted(set(token.tolist()))
+    absorbed = {t: float(absorbed_row[token == t].mean()) for t in tokens}
+    parent_mean = {t: float(main_parent[token == t].mean()) for t in tokens}
+    # Rows: the absorbed members first (most absorbed on top), then the members the parent fires on most, so the
+    # parent column reads dark above and lit below.
+    top = sorted((t for t in tokens if absorbed[t] > 0), key=lambda t: (-absorbed[t], t))[: MAX_ROWS // 2]
+    rest = sorted((t for t in tokens if t not in top), key=lambda t: (-parent_mean[t], t))
+    shown = top + rest[: MAX_ROWS - len(top)]
     examples = []
-    absorbed_rows = np.nonzero((main_parent == 0) & (acts[:, 1:].sum(axis=1) > 0))[0] if acts.shape[1] > 1 else []
+    absorbed_rows = np.nonzero(absorbed_row)[0]
     for i in list(absorbed_rows)[:N_EXAMPLES]:
         ids, center = taxbench.pool_window(cache, pool, int(i), WINDOW)
         examples.append(GalleryExample(tokens=_decode(lm.tokenizer, ids), center=center, acts=acts[i].tolist()))
@@ -119,8 +131,12 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
            f"member latent firing instead, on {cat.absorption:.0%}" if clean else
            f"closest case: absorption {cat.absorption:.0%}, parent recall {cat.recall:.0%} (a clean case needs "
            f">= {CLEAN_ABSORPTION:.0%} and >= {CLEAN_RECALL:.0%})")
-    reading = (f"'{cat.category}': {name}'s parent latent (first column) is dark on the top rows, where a latent "
-               f"for that one member fires instead; the other SAE's columns show whether it keeps the parent.")
+    reading = (f"'{cat.category}': {name}'s parent latent (first column) is dark on the top {len(top)} rows, "
+               f"where a latent for that one member fires instead, and lit on the members below; the other SAE's "
+               f"columns show whether it keeps the parent there." if top else
+               f"'{cat.category}': on these occurrences no member latent of {name} fires where its parent latent "
+               f"(first column) is silent, so the heatmap shows no absorption; the benchmark found it on other "
+               f"occurrences.")
     return GalleryCase(kind="absorption", clean=clean, why=why, reading=reading,
                        rows=[lm.tokenizer.decode([t]) for t in shown], columns=columns, column_runs=runs,
                        column_latents=latents, heatmap=_mean_by_token(acts, token, shown), decoder_cos=_cos(W),
