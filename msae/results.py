@@ -520,6 +520,11 @@ class SAEBench(Record):
     link_null: Interval | None
     """The same with every parent replaced by a random labelled latent of the parent's group."""
     categories: list[CategoryResult] = field(default_factory=list)
+    dag_link_precision: Interval | None = None
+    """link_precision over every link of the DAG (a child with several linked parents counts each), not only the
+    tree's one parent per child: more labelled pairs, so a narrower interval."""
+    dag_link_null: Interval | None = None
+    """Its null, as link_null."""
 
 
 @dataclass

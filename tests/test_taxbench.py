@@ -86,10 +86,14 @@ def test_categories_polysemy_and_link_precision_on_a_hand_built_taxonomy(monkeyp
     assert taxbench.ambiguous_tokens(chosen, tax.ancestors()) == {7}
     # Links: a latent labelled "animal" over one labelled "dog" is right; "instrument" over "cat" is wrong.
     labels = {0: (1, 0.9), 1: (2, 0.8), 2: (4, 0.7), 3: (3, 0.6)}
-    links = pd.DataFrame({"parent": [0, 2], "child": [1, 3], "tree": [True, True]})
+    # A third link, in the DAG but not the tree: "instrument" over "dog", wrong.
+    links = pd.DataFrame({"parent": [0, 2, 2], "child": [1, 3, 1], "tree": [True, True, False],
+                          "linked": [True, True, True]})
     precision, null = taxbench.link_precision(links, labels, tax.ancestors(), torch.tensor([0, 1, 0, 1]))
     assert precision.mean == 0.5 and precision.n == 2
     assert null.n == 2
+    dag, dag_null = taxbench.link_precision(links, labels, tax.ancestors(), torch.tensor([0, 1, 0, 1]), which="linked")
+    assert dag.mean == pytest.approx(1 / 3) and dag.n == 3 and dag_null.n == 3
 
 
 def test_labels_are_each_latents_best_category_by_f1():

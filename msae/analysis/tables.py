@@ -390,7 +390,11 @@ def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
                                                       for v in b.average_precision_per_width),
                      "absorption": interval_text(b.absorption), "member latents per category": interval_text(b.member_latents),
                      "labelled latents": b.labelled_latents, "link precision": interval_text(b.link_precision),
-                     "link precision, null": interval_text(b.link_null)})
+                     "link precision, null": interval_text(b.link_null),
+                     "links measured": b.link_precision.n if b.link_precision else 0,
+                     "DAG link precision": interval_text(b.dag_link_precision),
+                     "DAG link precision, null": interval_text(b.dag_link_null),
+                     "DAG links measured": b.dag_link_precision.n if b.dag_link_precision else 0})
     return pd.DataFrame(rows)
 
 

@@ -331,12 +331,13 @@ def label_latents(sp: Sparse, token: Tensor, tax: Taxonomy) -> dict[int, tuple[i
 
 
 def link_precision(links: pd.DataFrame | None, labels: dict[int, tuple[int, float]], ancestors: dict[int, set[int]],
-                   groups: Tensor, seed: int = 0) -> tuple[Interval | None, Interval | None]:
-    """Tree links with both ends labelled: share whose parent's category is the child's or an ancestor of it, and
-    the same with each parent swapped for a random labelled latent of its group (the null)."""
+                   groups: Tensor, seed: int = 0, which: str = "tree") -> tuple[Interval | None, Interval | None]:
+    """Links with both ends labelled (`which`: the table's "tree" or its "linked" column, the DAG): share whose
+    parent's category is the child's or an ancestor of it, and the same with each parent swapped for a random
+    labelled latent of its group (the null)."""
     if links is None or links.empty:
         return None, None
-    tree = links[links["tree"] & links["parent"].isin(list(labels)) & links["child"].isin(list(labels))]
+    tree = links[links[which] & links["parent"].isin(list(labels)) & links["child"].isin(list(labels))]
     if tree.empty:
         return None, None
 
@@ -424,13 +425,15 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
     labels = label_latents(sp, pool.token, tax)
     groups = sae.group_of(torch.arange(sae.d_sae)).cpu()
     precision, null = link_precision(links, labels, ancestors, groups, seed)
+    dag_precision, dag_null = link_precision(links, labels, ancestors, groups, seed, which="linked")
     reps = np.stack(reps_ap) if reps_ap else np.zeros((0, BOOTSTRAP_REPS))
     bench = SAEBench(
         name=name, d_sae=sae.d_sae, average_precision=_two_level(reps, [r.average_precision for r in results], rng),
         average_precision_per_width=[float(np.mean(v)) if v else None for v in per_width],
         absorption=bootstrap_mean(torch.tensor([r.absorption for r in results]), seed=seed),
         member_latents=bootstrap_mean(torch.tensor([float(r.member_latents) for r in results]), seed=seed),
-        labelled_latents=len(labels), link_precision=precision, link_null=null, categories=results)
+        labelled_latents=len(labels), link_precision=precision, link_null=null, categories=results,
+        dag_link_precision=dag_precision, dag_link_null=dag_null)
     return bench, reps
 
 
