@@ -71,8 +71,9 @@ if bench is not None:
                "member tokens. Parent AP: how well the category's best latent (chosen on half the contexts) finds "
                "its members on the other half, free of a threshold; absorption: member occurrences where that latent "
                "is silent and a latent for the member's own token fires; link precision: tree links whose parent's "
-               "category contains the child's, beside a random parent of the same group. 95% intervals resample "
-               "categories and members.")
+               "category contains the child's, beside a random parent of the same group (only links whose two latents "
+               "are labelled by a category count; DAG: every linked parent, not only the tree's). 95% intervals "
+               "resample categories and members.")
     with st.expander("per category"):
         sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="bench_sae")
         st.dataframe(tables.taxonomy_categories_table(bench, sae_name), hide_index=True)
