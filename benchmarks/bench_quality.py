@@ -15,6 +15,9 @@ extraction.cache_id under msae.activations.cache_root(), or --cache):
   noisy reading of a 1e-5 rate); where the run has a feature store (`msae analyze`), the same share from the
   store's firing counts over every cache row (1.5M rows for the built-in cache: a rate of 1e-5 is 15 firings),
   as `groups.store_alive_per_100k`, beside it and not in its place;
+- for a BatchTopK SAE, the same held-out and fresh-text FVU with BatchTopK kept at inference (`batchtopk_at_k`:
+  L0 exactly k per batch), the reconstruction within the sparsity budget where θ's L0 drifts above k on rows
+  unlike those it was set on;
 - the targets as booleans (TARGETS), None where one does not apply (the group targets for a one-width SAE).
 Results are merged into the JSON under a key naming the run, so several runs share one file.
 
@@ -28,6 +31,7 @@ a recipe, a letter, news paragraphs and dialogue. Paragraphs are separated by bl
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import time
@@ -137,6 +141,18 @@ def theta_vs_batchtopk(sae: SAE, batches: Iterable[Tensor]) -> dict:
             "within_5pct": abs(ratio - 1) <= TARGETS["theta_l0_tolerance"]}
 
 
+def at_k(sae: SAE) -> SAE | None:
+    """A copy of a BatchTopK SAE that keeps selecting by BatchTopK in eval (its θ cleared), so every batch's L0 is
+    k exactly: the reconstruction it reaches within the sparsity budget, whatever θ gives on a shifted
+    distribution. None for other activations."""
+    if sae.activation != "batchtopk":
+        return None
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.threshold.fill_(-1.0)
+    return out
+
+
 def held_in_batches(cache: Path, n: int = HELD_IN_BATCHES, batch_size: int = HELD_IN_BATCH_SIZE) -> list[Tensor]:
     """`n` batches of training-shard rows in the seeded order HELD_IN_SEED."""
     return list(itertools.islice(CachedActivations(cache).batches(0, batch_size, seed=HELD_IN_SEED), n))
@@ -195,6 +211,14 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
     has_theta = sae.activation == "batchtopk" and bool((sae.threshold >= 0).all())
     theta = theta_vs_batchtopk(sae, held_in) if has_theta else None
     l0_share = [g / result.l0 for g in result.l0_per_group]
+    exact = at_k(sae)
+    if exact is not None:
+        at_k_held = reconstruction_metrics(exact, heldout.all_rows(4096))
+        at_k_fresh = text_quality(exact, fresh)
+        batchtopk = {"heldout_fvu": at_k_held.fvu, "heldout_l0": at_k_held.l0, "fresh_fvu": at_k_fresh["fvu"],
+                     "fresh_l0": at_k_fresh["l0"]}
+    else:
+        batchtopk = None
     info = run.info()
     return {
         "run": str(run_dir),
@@ -211,6 +235,7 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
                    "store_alive_per_100k": store_alive(run, sae.n_groups)},
         "fresh_text": fresh_q,
         "held_in_theta": theta,
+        "batchtopk_at_k": batchtopk,
         "targets": targets(sae, parts, result.fvu[-1], fresh_q["fvu"], result.l0, theta, l0_share,
                            result.alive_per_100k_per_group),
         "seconds": round(time.perf_counter() - started, 1),

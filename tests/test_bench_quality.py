@@ -108,6 +108,11 @@ def test_measure_reports_every_figure_and_target(lm, trained):
     assert all(isinstance(v, bool) for v in result["targets"].values())
     assert result["groups"]["store_alive_per_100k"] is None, "the run has no feature store"
     assert "θ/BTK" in bench.table({"tiny": result})
+    # BatchTopK at k on the same rows: L0 exactly k (every row keeps some positive pre-activation here), and the
+    # nested FVUs in their usual order.
+    at_k = result["batchtopk_at_k"]
+    assert at_k["heldout_l0"] == pytest.approx(result["k"]) and at_k["fresh_l0"] <= result["k"] + 1e-9
+    assert at_k["heldout_fvu"][0] >= at_k["heldout_fvu"][-1] > 0
 
 
 def test_store_alive_counts_latents_at_a_rate_of_one_per_100k_per_group(tmp_path):
