@@ -8,6 +8,7 @@ share, against a vanilla SAE of the same width; with several seeds, how much of 
 Configs (W = --width; every one BatchTopK with --k, TrainConfig's defaults otherwise, checkpoints every 250 steps):
     m4-1/64, m4-1/32, m4-1/16           4 levels from W/64, W/32, W/16 to W
     m4-1/64-b0.5, m4-1/32-b0.5, ...     the same with balance 0.5 (level weights 0.125, 0.25, 0.5, 1, summed)
+    m4-1/32-b0.25                       balance 0.25 (level weights 1/64, 1/16, 1/4, 1): what ships at 8,192
     m3-1/32                             3 levels from W/32 (against m4-1/32: the number of levels)
     vanilla                             one dictionary of width W
 The levels are geometric (one ratio between all of them) from the smallest to W, each rounded to a multiple of 16,
@@ -94,10 +95,12 @@ class SweepConfig:
 
 
 CHOSEN = "m4-1/32-b0.5"
-"""The layout assets/make_default.sh ships (at 8,192 latents); the hierarchy pass compares every run with it."""
+"""The layout the sweep chose at 2,048 latents (assets/make_default.sh ships it at 8,192 latents with balance 0.25,
+the m4-1/32-b0.25 row); the hierarchy pass compares every run with it."""
 CONFIGS = {c.name: c for c in [
     *(SweepConfig(f"m4-1/{s}", 4, s) for s in (64, 32, 16)),
     *(SweepConfig(f"m4-1/{s}-b0.5", 4, s, balance=0.5) for s in (64, 32, 16)),
+    SweepConfig("m4-1/32-b0.25", 4, 32, balance=0.25),
     SweepConfig("m3-1/32", 3, 32),
     SweepConfig("vanilla", 1, 1),
 ]}
