@@ -522,7 +522,7 @@ class SAEBench(Record):
     categories: list[CategoryResult] = field(default_factory=list)
     dag_link_precision: Interval | None = None
     """link_precision over every link of the DAG (a child with several linked parents counts each), not only the
-    tree's one parent per child: more labelled pairs, so a narrower interval."""
+    tree's one parent per child: more labelled pairs than the tree alone."""
     dag_link_null: Interval | None = None
     """Its null, as link_null."""
 

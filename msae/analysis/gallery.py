@@ -84,12 +84,11 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
     columns, runs, latents, W = [], [], [], []
     order = [name] + [n for n in saes if n != name][:1]
     mats = []
-    specific_of = {}
+    member_token = []  # per column of the first SAE: the member its latent is specific to (-1: the parent)
     for n in order:
         sae = saes[n].eval()
         sp = encode_rows(sae, pool.acts)
         specific = taxbench.member_specific(sp, pool.token)
-        specific_of[n] = specific
         parent = next(c.parent_latent for b in bench.saes if b.name == n for c in b.categories
                       if c.offset == cat.offset)
         acts_p = _column_acts(sp, [parent])[:, 0]
@@ -102,6 +101,8 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
         mine = sorted(own, key=lambda lt: (-took[lt[0]], -silent_share.get(lt[1], 0.0), lt[0]))
         mine = mine[: MAX_CHILDREN if n == name else 2]
         cols = [parent] + [l for l, _t in mine]
+        if n == name:
+            member_token = [-1] + [t for _l, t in mine]
         for i, l in enumerate(cols):
             role = "parent" if i == 0 else f"member latent of '{lm.tokenizer.decode([specific[l]]).strip()}'"
             columns.append(f"{n} #{l} ({role})")
@@ -111,9 +112,11 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
         mats.append(_column_acts(sp, cols))
     acts = np.concatenate(mats, axis=1)
     main_parent = acts[:, 0]
-    n_main = sum(1 for r in runs if r == name)
-    # Absorbed: the parent silent while one of its SAE's member latents fires.
-    absorbed_row = (main_parent == 0) & (acts[:, 1:n_main].sum(axis=1) > 0)
+    # Absorbed, as the benchmark counts it: the parent silent while a latent specific to the row's own member fires.
+    own_fires = np.zeros(len(token), dtype=bool)
+    for j, t in enumerate(member_token[1:], start=1):
+        own_fires |= (acts[:, j] > 0) & (token == t)
+    absorbed_row = (main_parent == 0) & own_fires
     tokens = sorted(set(token.tolist()))
     absorbed = {t: float(absorbed_row[token == t].mean()) for t in tokens}
     parent_mean = {t: float(main_parent[token == t].mean()) for t in tokens}
