@@ -26,7 +26,7 @@ from torch import Tensor
 from msae.activations import read_manifest
 from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
-from msae.analysis.stream import Sparse, encode_rows
+from msae.analysis.stream import encode_rows
 from msae.config import LinkConfig
 from msae.results import Gallery, GalleryCase, GalleryExample, HierarchyBench
 from msae.sae import SAE
@@ -58,10 +58,9 @@ def _mean_by_token(acts: np.ndarray, tokens: np.ndarray, rows_tokens: list[int])
             for t in rows_tokens]
 
 
-def _column_acts(sp: Sparse, latents: list[int]) -> np.ndarray:
-    """(n_rows, len(latents)) the latents' activations."""
-    by = taxbench.ByLatent(sp)
-    return np.stack([by.scores(l) for l in latents], axis=1) if latents else np.zeros((sp.n_rows, 0))
+def _column_acts(by: taxbench.ByLatent, latents: list[int]) -> np.ndarray:
+    """(n_rows, len(latents)) the latents' activations (`by`: one SAE's activations, grouped once per SAE)."""
+    return np.stack([by.scores(l) for l in latents], axis=1) if latents else np.zeros((by.n_rows, 0))
 
 
 @torch.no_grad()
@@ -88,14 +87,15 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
     for n in order:
         sae = saes[n].eval()
         sp = encode_rows(sae, pool.acts)
+        by = taxbench.ByLatent(sp)
         specific = taxbench.member_specific(sp, pool.token)
         parent = next(c.parent_latent for b in bench.saes if b.name == n for c in b.categories
                       if c.offset == cat.offset)
-        acts_p = _column_acts(sp, [parent])[:, 0]
+        acts_p = by.scores(parent)
         # Member latents: the ones that fire on their own member most often where the parent is silent (the
         # absorbed occurrences), then by how often the parent is silent on their member.
         own = [(l, t) for l, t in specific.items() if t in members]
-        own_acts = _column_acts(sp, [l for l, _t in own])
+        own_acts = _column_acts(by, [l for l, _t in own])
         silent_share = {t: float((acts_p[token == t] == 0).mean()) for t in set(token.tolist())}
         took = {l: int(((acts_p == 0) & (own_acts[:, i] > 0) & (token == t)).sum()) for i, (l, t) in enumerate(own)}
         mine = sorted(own, key=lambda lt: (-took[lt[0]], -silent_share.get(lt[1], 0.0), lt[0]))
@@ -109,7 +109,7 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
             runs.append(n)
             latents.append(int(l))
             W.append(saes[n].W_dec[l].detach().float().cpu())
-        mats.append(_column_acts(sp, cols))
+        mats.append(_column_acts(by, cols))
     acts = np.concatenate(mats, axis=1)
     main_parent = acts[:, 0]
     # Absorbed, as the benchmark counts it: the parent silent while a latent specific to the row's own member fires.
@@ -205,7 +205,8 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm,
         "child_fires", ascending=False)["child"].tolist()[:MAX_CHILDREN]
     cols = [("narrow", n_latent, "split latent")] + [("wide", c, "piece") for c in children] + \
            [("matryoshka", m_latent, "nearest parent")] + [("matryoshka", c, "tree child") for c in m_children]
-    acts = np.concatenate([_column_acts(sp[r], [l]) for r, l, _role in cols], axis=1)
+    by = {r: taxbench.ByLatent(sp[r]) for r in {r for r, _l, _role in cols}}
+    acts = np.stack([by[r].scores(l) for r, l, _role in cols], axis=1)
     token = sample["token"].numpy()
     fires = acts[:, 0] > 0
     counts = pd.Series(token[fires]).value_counts()

@@ -337,21 +337,21 @@ def link_precision(links: pd.DataFrame | None, labels: dict[int, tuple[int, floa
     labelled latent of its group (the null)."""
     if links is None or links.empty:
         return None, None
-    tree = links[links[which] & links["parent"].isin(list(labels)) & links["child"].isin(list(labels))]
-    if tree.empty:
+    measured = links[links[which] & links["parent"].isin(list(labels)) & links["child"].isin(list(labels))]
+    if measured.empty:
         return None, None
 
     def correct(p: int, c: int) -> float:
         lp, lc = labels[p][0], labels[c][0]
         return float(lp == lc or lp in ancestors.get(lc, set()))
 
-    hits = torch.tensor([correct(p, c) for p, c in zip(tree["parent"], tree["child"])])
+    hits = torch.tensor([correct(p, c) for p, c in zip(measured["parent"], measured["child"])])
     g = torch.Generator().manual_seed(seed)
     by_group: dict[int, list[int]] = {}
     for l in labels:
         by_group.setdefault(int(groups[l]), []).append(l)
     null = []
-    for p, c in zip(tree["parent"], tree["child"]):
+    for p, c in zip(measured["parent"], measured["child"]):
         pool = by_group[int(groups[p])]
         pick = pool[int(torch.randint(len(pool), (1,), generator=g))]
         null.append(correct(pick, c))
