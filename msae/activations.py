@@ -22,6 +22,7 @@ from msae import corpus as corpus_mod
 from msae import io
 from msae.config import ExtractConfig
 from msae.distributed import World
+from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
 from msae.lm import LoadedLM, cache_dir, load_lm, residual_after
 
@@ -292,6 +293,7 @@ def extract(
                 progress(manifest["rows"] + writer.pending_rows, cfg.tokens)
             if writer.pending_rows >= cfg.shard_rows:
                 writer.flush()
+                pause_at(f"extract shard {len(manifest['shards'])}")
             if manifest["rows"] + writer.pending_rows >= cfg.tokens:
                 stopped = True
                 break

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from msae import io, sparse
 from msae.config import TrainConfig
 from msae.distributed import DataParallelSAE, RankLost, World
+from msae.faults import pause_at
 from msae.results import RunInfo, ThresholdInfo, TrainMetrics
 from msae.run import Run, checkpoint_path
 from msae.lm import resolve_device
@@ -302,6 +303,7 @@ class Trainer:
                     self.save_checkpoint()
                     if self.step < self.cfg.steps:
                         self.save_snapshot(list(recent))
+                pause_at(f"train step {self.step} rank {self.world.rank}")
             held_in = [next(batches)[part].to(self.device, self.dtype) * self.scale
                        for _ in range(self.cfg.threshold_batches)]
             self.thresholds = {s.name: self._set_threshold(s, held_in) for s in self.states}

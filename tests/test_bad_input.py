@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from msae.cli import main as cli_main
+from msae.faults import PAUSE_AT, PAUSE_MARKER
 from msae.run import LOCK_FILE, Run, checkpoint_path, lock_holder
 
 D_IN = 16
@@ -160,10 +161,24 @@ def test_a_torn_metrics_line_and_stale_temp_files_do_not_block_resume(acts, tmp_
     assert [m.step for m in Run(out / "vanilla").metrics()][-1] == 30
 
 
-def _train_process(acts: Path, out: Path, steps: int, checkpoint_every: int) -> subprocess.Popen:
+def _train_process(acts: Path, out: Path, steps: int, checkpoint_every: int, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "msae.cli", *train_argv(acts, out, steps=steps),
                              "--checkpoint-every", str(checkpoint_every), "--log-every", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def paused_at(point: str, marker: Path) -> dict:
+    """The environment that makes a msae process stop at `point` (msae.faults) and say so in `marker`."""
+    return {PAUSE_AT: point, PAUSE_MARKER: str(marker)}
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
+    """Kill -9 `proc` once it has reached its pause point: the kill lands exactly there, however fast the machine."""
+    _wait(lambda: marker.exists() or proc.poll() is not None, timeout)
+    assert marker.exists(), f"the process ended (code {proc.returncode}) before it reached its pause point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _wait(predicate, timeout: float = 120.0) -> None:
@@ -192,11 +207,10 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_weights(acts, t
     assert run_cli(train_argv(acts, straight, "--checkpoint-every", "5", steps=40), capsys)[0] == 0
 
     out = tmp_path / "killed"
-    proc = _train_process(acts, out, steps=40, checkpoint_every=5)
-    ckpt = checkpoint_path(out)
-    _wait(lambda: ckpt.exists() and json.loads(safe_open(str(ckpt), "pt").metadata()["msae"])["step"] >= 10)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    marker = tmp_path / "paused"
+    proc = _train_process(acts, out, steps=40, checkpoint_every=5, env=paused_at("train step 12 rank 0", marker))
+    kill_when_paused(proc, marker)  # after the checkpoint of step 10, mid-way to the next
+    assert json.loads(safe_open(str(checkpoint_path(out)), "pt").metadata()["msae"])["step"] == 10
     # Killed before the end: the run directory holds its last checkpoint's snapshot, not a finished run.
     assert Run(out / "matryoshka").info().steps_done < 40
     assert run_cli(train_argv(acts, out, "--checkpoint-every", "5", "--resume", steps=40), capsys)[0] == 0
@@ -259,12 +273,12 @@ def test_kill_9_during_extraction_then_the_rerun_equals_an_uninterrupted_cache(c
     assert run_cli(["extract", "--corpus", str(corpus), *EXTRACT], capsys)[0] == 0
 
     killed = tmp_path / "killed"
+    marker = tmp_path / "paused"
     proc = subprocess.Popen([sys.executable, "-m", "msae.cli", "extract", "--corpus", str(corpus), *EXTRACT],
-                            env={**os.environ, "MSAE_ACTIVATION_CACHE": str(killed)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _wait(lambda: any(len(json.loads(m.read_text())["shards"]) >= 2 for m in killed.glob("*/manifest.json")), 300)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            env={**os.environ, "MSAE_ACTIVATION_CACHE": str(killed),
+                                 **paused_at("extract shard 2", marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when_paused(proc, marker)  # two shards written, the third under way
     (manifest,) = killed.glob("*/manifest.json")
     assert not json.loads(manifest.read_text())["exhausted"] and len(_cache_rows(killed)) < 900, "killed mid-way"
     monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(killed))
@@ -281,12 +295,12 @@ def test_kill_9_during_analysis_then_the_rerun_writes_the_same_store(corpus, tmp
             "--steps", "10", "--batch-size", "64", "--eval-contexts", "2"]
     assert run_cli(argv, capsys)[0] == 0
     analyze = ["analyze", str(out), "--no-absorption", "--top-n", "5"]
+    marker = tmp_path / "paused"
     proc = subprocess.Popen([sys.executable, "-m", "msae.cli", *analyze], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "MSAE_ACTIVATION_CACHE": str(tmp_path / "cache")})
-    _wait(lambda: lock_holder(out) is not None, 120)
-    time.sleep(3.0)  # into the analysis (loading the model and streaming the cache)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            stderr=subprocess.DEVNULL, env={**os.environ, "MSAE_ACTIVATION_CACHE": str(tmp_path / "cache"),
+                                                            **paused_at("stream shard 1", marker)})
+    kill_when_paused(proc, marker)  # the model loaded, the first shard of the cache streamed
+    assert lock_holder(out) is None, "kill -9 releases the run's lock"
     assert not (out / "features" / "manifest.json").exists(), "killed before it wrote the store"
     assert run_cli(analyze, capsys)[0] == 0
     first = (out / "features" / "latents.parquet").read_bytes()

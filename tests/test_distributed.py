@@ -155,13 +155,16 @@ def test_killed_rank_stops_the_job_and_resume_ends_as_an_uninterrupted_run(acts_
     run2("-m", "msae.cli", "train", *flags, "--out", str(tmp_path / "straight"))
 
     out = tmp_path / "killed"
-    job = subprocess.Popen(torchrun("-m", "msae.cli", "train", *flags, "--out", str(out)), env=run_env(), cwd=ROOT,
+    marker = tmp_path / "paused"
+    # Rank 1 stops after step 12 (msae.faults) and is killed there; rank 0 waits for it in the next collective.
+    job = subprocess.Popen(torchrun("-m", "msae.cli", "train", *flags, "--out", str(out)),
+                           env=run_env(MSAE_PAUSE_AT="train step 12 rank 1", MSAE_PAUSE_MARKER=str(marker)), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 90
-    while not (out / "checkpoint" / "state.safetensors").exists():  # step 10 of 80
-        assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+    while not marker.exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before rank 1 reached step 12"
         time.sleep(0.02)
-    os.kill(rank_pid(job.pid, 1), signal.SIGKILL)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
     log, _ = job.communicate(timeout=60)
     assert job.returncode != 0
     assert "lost contact with the other ranks" in log or "the launcher stopped this rank" in log, log[-3000:]
@@ -178,15 +181,6 @@ def test_killed_rank_stops_the_job_and_resume_ends_as_an_uninterrupted_run(acts_
     assert cli_main(["train", *flags, "--out", str(one_process), "--resume"]) == 0
     assert "the checkpoint was written by 2 process(es), this job has 1" in capsys.readouterr().err
     assert_same_state(checkpoint(tmp_path / "straight"), checkpoint(one_process), atol=1e-6)
-
-
-def rank_pid(launcher: int, rank: int) -> int:
-    """The process id of `rank`: the child of torchrun whose environment says RANK=rank."""
-    for children in Path(f"/proc/{launcher}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            if f"RANK={rank}" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"):
-                return int(pid)
-    raise AssertionError(f"no process of rank {rank} under {launcher}")
 
 
 def test_too_small_a_batch_for_the_ranks_is_refused():

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from msae.activations import first_shards, read_manifest
+from msae.faults import pause_at
 from msae.sae import SAE
 
 
@@ -348,6 +349,7 @@ def stream(
         row0 += n_take
         if progress is not None:
             progress(row0, total)
+        pause_at(f"stream shard {len(row_contexts)}")
     sparse = []
     for sae, p in zip(saes, parts):
         counts = torch.cat(p["counts"]) if p["counts"] else torch.zeros(0, dtype=torch.long)
