@@ -9,6 +9,10 @@ default, and glibc keeping freed memory: peers.MALLOC_KEEP_ENV), each timing in 
   (c) our vanilla vs a plain dense PyTorch TopK step           target >= 1.8x faster
   (d) our Matryoshka vs SAELens / dictionary_learning           target >= 4x SAELens, same mode
       (with AuxK running every step on both sides, and without it on both sides)
+  (e) each precision (--precisions): our encoder in float32 and in bfloat16 (float32 weights, Adam and loss), the
+      encoder's forward matmul alone as the floor, and the peers under their bf16 autocast for the bf16 rows.
+      bf16 targets: Matryoshka step >= 2.5x its float32 time, within 1.5x of the bf16 encoder-matmul floor,
+      >= 6x SAELens with autocast.
 (d) needs the peers installed in another interpreter (--peers-python; see benchmarks/peers.py).
 All sides train on the same activations file.
 """
@@ -46,8 +50,10 @@ def make_activations(path: Path, n_rows: int = BATCH * 4, seed: int = 0) -> None
     save_file({"activations": acts.contiguous()}, str(path))
 
 
-def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, warmup: int = 2) -> dict:
-    """Median seconds of msae's full training step (forward, loss with AuxK, backward, Adam, constraints).
+def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, precision: str = "float32",
+              warmup: int = 2) -> dict:
+    """Median seconds of msae's full training step (forward, loss with AuxK, backward, Adam, constraints), with the
+    encoder in `precision` (float32 weights either way).
 
     With `aux`, every latent that did not fire in the previous step counts as dead, so AuxK runs every step,
     as the peers' with-aux variants do."""
@@ -59,7 +65,7 @@ def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, warmup: 
 
     acts = load_file(acts_path)["activations"]
     cfg = TrainConfig(widths=tuple(widths), k=K, batch_size=BATCH, steps=100_000, threshold_start_step=0,
-                      dead_tokens=1 if aux else 10_000_000)
+                      dead_tokens=1 if aux else 10_000_000, precision=precision)
     state = make_state("bench", tuple(widths), D_IN, cfg, torch.device("cpu"), torch.float32)
     scale = 1.0 / acts.pow(2).sum(1).mean().sqrt()
     with torch.no_grad():
@@ -73,6 +79,27 @@ def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, warmup: 
         times.append(time.perf_counter() - start)
         dead.append(round(metrics["dead_fraction"] * state.sae.d_sae))
     return {"median_s": statistics.median(times[warmup:]), "steps_s": times[warmup:], "dead_latents": dead[warmup:]}
+
+
+def time_encoder_floor(acts_path: str, steps: int, precision: str) -> dict:
+    """Median seconds of the encoder's forward matmul alone (the batch against 16,384 latents, in the row chunks
+    the step uses, bias added): the step's floor, since every other part is sparse or O(B · d_in)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from msae.sparse import CHUNK_ROWS
+
+    dtype = getattr(torch, precision)
+    x = load_file(acts_path)["activations"][:BATCH].to(dtype)
+    W = torch.randn(D_IN, WIDTHS[-1]).to(dtype)
+    b = torch.zeros(WIDTHS[-1], dtype=dtype)
+    times = []
+    for _ in range(2 + steps):
+        start = time.perf_counter()
+        for row0 in range(0, BATCH, CHUNK_ROWS):
+            torch.addmm(b, x[row0 : row0 + CHUNK_ROWS], W)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times[2:]), "steps_s": times[2:]}
 
 
 def time_dense(acts_path: str, steps: int) -> dict:
@@ -96,14 +123,17 @@ def run_child(args: list[str], malloc_keep: bool) -> dict:
     return result
 
 
-def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool) -> dict:
-    """The peers' real trainers, in their own venv (peers.py applies the allocator mode itself)."""
+def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool, autocast: bool = False) -> dict:
+    """The peers' real trainers, in their own venv (peers.py applies the allocator mode itself); with `autocast`,
+    under their bf16 autocast (the peers' way to the precision of our bf16 encoder)."""
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         cmd = [python, str(HERE / "peers.py"), "--out", str(out), "--activations", str(acts_path), "--n-steps", str(steps),
                "--peers", "saelens,dictionary_learning,saelens_noaux,dictionary_learning_noaux"]
-        done = subprocess.run(cmd + (["--malloc-keep"] if malloc_keep else []), capture_output=True, text=True, check=False)
+        cmd += ["--malloc-keep"] if malloc_keep else []
+        cmd += ["--autocast"] if autocast else []
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not out.exists():
             return {"peers_error": (done.stderr or done.stdout).strip().splitlines()[-3:]}
         load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -113,21 +143,27 @@ def run_peers(python: str, acts_path: Path, steps: int, malloc_keep: bool) -> di
 MODES = {"default": False, "malloc_keep": True}
 
 
-def measure(acts_path: Path, steps: int, peers_python: str | None, modes: list[str]) -> dict:
+def measure(acts_path: Path, steps: int, peers_python: str | None, modes: list[str], precision: str) -> dict:
     results: dict = {}
     me = [str(Path(__file__).resolve()), "--child"]
+
+    def ours(widths: str, aux: str, keep: bool) -> dict:
+        return run_child([*me, "ours", str(acts_path), widths, str(steps), aux, precision], keep)
+
     for mode in modes:
         keep = MODES[mode]
         r = {
-            "matryoshka": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "0"], keep),
-            "matryoshka_aux": run_child([*me, "ours", str(acts_path), ",".join(map(str, WIDTHS)), str(steps), "1"], keep),
-            "vanilla": run_child([*me, "ours", str(acts_path), str(WIDTHS[-1]), str(steps), "0"], keep),
-            "plain_dense_topk": run_child([*me, "dense", str(acts_path), "", str(steps), "0"], keep),
+            "matryoshka": ours(",".join(map(str, WIDTHS)), "0", keep),
+            "matryoshka_aux": ours(",".join(map(str, WIDTHS)), "1", keep),
+            "vanilla": ours(str(WIDTHS[-1]), "0", keep),
+            "encoder_matmul_floor": run_child([*me, "floor", str(acts_path), "", str(steps), "0", precision], keep),
         }
+        if precision == "float32":  # the plain dense baseline is a float32 program
+            r["plain_dense_topk"] = run_child([*me, "dense", str(acts_path), "", str(steps), "0", precision], keep)
         for w in WIDTHS[:-1]:
-            r[f"vanilla_{w}"] = run_child([*me, "ours", str(acts_path), str(w), str(steps), "0"], keep)
+            r[f"vanilla_{w}"] = ours(str(w), "0", keep)
         if peers_python:
-            r.update(run_peers(peers_python, acts_path, steps, keep))
+            r.update(run_peers(peers_python, acts_path, steps, keep, autocast=precision == "bfloat16"))
         results[mode] = r
     return results
 
@@ -142,6 +178,8 @@ def ratios(mode: dict) -> dict:
             out["b_five_vanillas_over_matryoshka"] = sum(five) / med["matryoshka"]
     if med.get("plain_dense_topk") and med.get("vanilla"):
         out["c_dense_topk_over_our_vanilla"] = med["plain_dense_topk"] / med["vanilla"]
+    if med.get("encoder_matmul_floor") and med.get("matryoshka"):
+        out["matryoshka_over_encoder_floor"] = med["matryoshka"] / med["encoder_matmul_floor"]
     for peer in ("saelens", "dictionary_learning"):
         if med.get(f"peer_{peer}") and med.get("matryoshka_aux"):
             out[f"d_{peer}_over_ours_with_aux"] = med[f"peer_{peer}"] / med["matryoshka_aux"]
@@ -152,9 +190,11 @@ def ratios(mode: dict) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        what, acts_path, widths, steps, aux = sys.argv[2:7]
+        what, acts_path, widths, steps, aux, precision = sys.argv[2:8]
         if what == "ours":
-            result = time_ours(acts_path, [int(w) for w in widths.split(",")], int(steps), aux == "1")
+            result = time_ours(acts_path, [int(w) for w in widths.split(",")], int(steps), aux == "1", precision)
+        elif what == "floor":
+            result = time_encoder_floor(acts_path, int(steps), precision)
         else:
             result = time_dense(acts_path, int(steps))
         print(json.dumps(result))
@@ -165,19 +205,31 @@ def main() -> None:
     parser.add_argument("--activations", type=Path, default=HERE / "results" / "bench_acts.safetensors")
     parser.add_argument("--peers-python", help="python of a venv with sae-lens / dictionary_learning (see peers.py)")
     parser.add_argument("--modes", default="default,malloc_keep", help="allocator modes to measure (comma-separated)")
+    parser.add_argument("--precisions", default="float32,bfloat16",
+                        help="encoder precisions to measure (comma-separated: float32, bfloat16)")
     args = parser.parse_args()
     if not args.activations.exists():
         make_activations(args.activations)
     import torch
 
-    results = measure(args.activations, args.steps, args.peers_python, args.modes.split(","))
+    from msae.lm import bf16_is_fast
+
+    precisions = args.precisions.split(",")
+    results = {p: measure(args.activations, args.steps, args.peers_python, args.modes.split(","), p) for p in precisions}
     report = {
         "setup": {"d_in": D_IN, "k": K, "batch": BATCH, "widths": WIDTHS, "steps": args.steps},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu"},
+                    "torch": torch.__version__, "device": "cpu", "bf16_fast": bf16_is_fast(torch.device("cpu"))},
         "results": results,
-        "ratios": {mode: ratios(r) for mode, r in results.items()},
+        "ratios": {p: {mode: ratios(r) for mode, r in by_mode.items()} for p, by_mode in results.items()},
     }
+    if "float32" in results and "bfloat16" in results:
+        report["ratios"]["bf16_speedup"] = {
+            mode: {name: results["float32"][mode][name]["median_s"] / results["bfloat16"][mode][name]["median_s"]
+                   for name in ("matryoshka", "matryoshka_aux", "vanilla", "encoder_matmul_floor")
+                   if "median_s" in results["float32"][mode].get(name, {})
+                   and "median_s" in results["bfloat16"][mode].get(name, {})}
+            for mode in results["bfloat16"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

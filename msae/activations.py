@@ -24,7 +24,7 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import LoadedLM, cache_dir, load_lm, residual_after
+from msae.lm import LoadedLM, cache_dir, compute_dtype, load_lm, residual_after, resolve_device
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -55,7 +55,7 @@ def _corpus_fingerprint(info: CorpusInfo) -> str:
 
 def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None) -> dict:
     """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again."""
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "model": cfg.model,
         "layer": layer,
@@ -64,6 +64,15 @@ def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None) 
         "outlier_factor": cfg.outlier_factor,
         "cache_dtype": cfg.cache_dtype,
     }
+    lm_dtype = lm_dtype_name(cfg)
+    if lm_dtype != "float32":  # float32 caches keep the key (and so the directory) they had before bf16 existed
+        key["lm_dtype"] = lm_dtype
+    return key
+
+
+def lm_dtype_name(cfg: ExtractConfig) -> str:
+    """The dtype the LM runs in for this extraction (its precision on its device)."""
+    return str(compute_dtype(cfg.precision, resolve_device(cfg.device))).removeprefix("torch.")
 
 
 def cache_root() -> Path:
@@ -235,7 +244,10 @@ def extract(
     from tqdm.auto import tqdm
 
     corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
-    lm = lm or load_lm(cfg.model, cfg.device)
+    lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
+    if str(lm.dtype).removeprefix("torch.") != lm_dtype_name(cfg):
+        raise ValueError(f"the model runs in {lm.dtype} but the extraction asks for precision {cfg.precision} "
+                         f"({lm_dtype_name(cfg)}): load it with that precision")
     layer = lm.default_layer if cfg.layer is None else cfg.layer
     key = cache_key(cfg, layer, corpus)
     cache = cache_path_for(key, root)
@@ -408,7 +420,8 @@ def extraction_info(cache: Path, cfg: ExtractConfig) -> ExtractionInfo:
     key = m["key"]
     return ExtractionInfo(
         model=key["model"], layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
-        outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], rows=m["rows"],
+        outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], lm_dtype=key.get("lm_dtype", "float32"),
+        rows=m["rows"],
         contexts=m["contexts_done"], exhausted=m["exhausted"], dropped=m["dropped"], median_norm=m["median_norm"],
         cache_id=Path(cache).name)
 

@@ -18,7 +18,7 @@ from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigErro
 from msae.corpus import CorpusError
 from msae.distributed import RankLost, World, launch
 from msae.io import SAELoadError
-from msae.lm import LMLoadError
+from msae.lm import LMLoadError, precision_note, resolve_device
 from msae.records import RecordError
 from msae.results import AbsorptionResult, InputFile, RunInfo, StoreManifest
 from msae.run import Run, RunError, locked
@@ -62,6 +62,8 @@ def train(job: TrainJob, out: Path, resume: bool = False, world: World = World()
 
 
 def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Path]:
+    if world.main:
+        print(precision_note(job.train.precision, resolve_device(job.train.device)))
     if job.activations is not None:
         path = Path(job.activations)
         source = TensorBatches(load_activations_file(path))
@@ -89,7 +91,7 @@ def evaluate_runs(dirs: dict[str, Path], cache: Path, job: TrainJob) -> None:
     from msae.evaluate import evaluate_run
     from msae.lm import load_lm
 
-    lm = load_lm(job.extract.model, job.extract.device)
+    lm = load_lm(job.extract.model, job.extract.device, precision=job.extract.precision)
     for name, run_dir in dirs.items():
         try:
             r = evaluate_run(run_dir, cache, lm, job.eval_contexts)
@@ -114,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     cfg = config_from_args(ExtractConfig, args)
     with launch(cfg.device) as world:
+        if world.main:
+            print(precision_note(cfg.precision, resolve_device(cfg.device)))
         cache = extract(cfg, world=world)
     if world.main:
         m = read_manifest(cache)

@@ -162,6 +162,10 @@ def _kth_largest(vals: Tensor, k: int) -> Tensor:
     return vals.kthvalue(vals.numel() - k + 1).values
 
 
+def _in_float32(entries: Entries) -> Entries:
+    return entries if entries.vals.dtype == torch.float64 else entries._replace(vals=entries.vals.float())
+
+
 @torch.no_grad()
 def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, world: World) -> Entries:
     """This rank's entries of BatchTopK over the global batch: the k·B largest positive pre-activations of all ranks'
@@ -173,7 +177,8 @@ def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, world: W
     tie with probability zero). Three small all-gathers; the encoder runs once unless a rank's pool stops above lo."""
     n_rows = x_c.shape[0]
     depth = math.ceil(POOL_DEPTH * k)
-    pool = sparse.select_batchtopk(x_c, W_enc, b_enc, depth)
+    # Values compared and gathered in float32: every bf16 value is exact in it, and the row count is not in bf16.
+    pool = _in_float32(sparse.select_batchtopk(x_c, W_enc, b_enc, depth))
     complete = pool.vals.numel() < depth * n_rows  # the pool holds every positive value of this rank
     floor = pool.vals.new_zeros(()) if complete else pool.vals.min()  # every value above it is in the pool
     info = world.gather(torch.stack([_kth_largest(pool.vals, k * n_rows), floor,
@@ -181,7 +186,8 @@ def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, world: W
     lo, hi = info[:, 0].min(), info[:, 0].max()
     n_keep = k * int(info[:, 2].sum().item())
     if not complete and floor >= lo:
-        pool = sparse.select_above(x_c, W_enc, b_enc, torch.nextafter(lo, lo.new_tensor(-math.inf)))
+        below = lo.to(x_c.dtype)  # lo is one of the pool's values, so exact in the compute dtype
+        pool = _in_float32(sparse.select_above(x_c, W_enc, b_enc, torch.nextafter(below, below.new_tensor(-math.inf))))
 
     contested = pool.vals[(pool.vals >= lo) & (pool.vals <= hi)]
     counts = world.gather(torch.tensor([int((pool.vals > hi).sum()), contested.numel()]))  # (ranks, 2)
@@ -246,7 +252,9 @@ class DataParallelSAE(SAE):
     def select(self, x: Tensor) -> Entries:
         if not (self.training and self.uses_batchtopk()):
             return super().select(x)
-        return select_batchtopk((x - self.b_dec).detach(), self.W_enc.detach(), self.b_enc.detach(), self.k, self.world)
+        W_enc, b_enc = self.encoder_weights()
+        entries = select_batchtopk((x - self.b_dec).detach().to(self.compute_dtype), W_enc, b_enc, self.k, self.world)
+        return entries._replace(vals=entries.vals.to(self.W_dec.dtype))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
         out = super().forward(x, dead_mask, k_aux)

@@ -84,6 +84,8 @@ class ExtractionInfo(Record):
     """Rows dropped: position 0, special tokens, norm outliers."""
     median_norm: float | None = None
     """Median activation norm of the cache."""
+    lm_dtype: str | None = None
+    """The dtype the LM ran in (`precision`); None: extracted before this was recorded, in float32."""
     cache_id: str | None = None
     """The cache's directory name under the activation cache root (a digest of model, layer, corpus content and
     filters): the same on every machine that extracts the same activations."""
@@ -134,6 +136,9 @@ class RunInfo(Record):
     """The toy hierarchy's definition, for a toy run (msae.toy.toy_info)."""
     threshold: ThresholdInfo | None = None
     """How θ was set (BatchTopK runs)."""
+    compute_dtype: str | None = None
+    """Dtype of the encoder matmul and the selection in training (`precision`): bfloat16 or float32 (float64 for
+    float64 weights); None: trained before this was recorded, in float32."""
 
 
 # ------------------------------------------------------------------------------------------ metrics.jsonl, eval.json

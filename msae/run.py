@@ -28,6 +28,7 @@ import torch
 
 from msae import io
 from msae.io import CFG_FILE, WEIGHTS_FILE
+from msae.lm import compute_dtype
 from msae.records import Record, RecordError
 from msae.results import AbsorptionResult, EvalResult, Gallery, HierarchyBench, RunInfo, TrainMetrics
 from msae.sae import SAE
@@ -181,10 +182,14 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- the SAE
 
-    def load_sae(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32) -> SAE:
+    def load_sae(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+                 precision: str = "auto") -> SAE:
         """The SAE in eval mode (msae.io.load_sae), in float32 unless told otherwise: runs may be stored in float16,
-        and half-precision matmuls on a CPU are many times slower (None keeps the stored dtype)."""
-        return io.load_sae(self.path, device=device, dtype=dtype)[0]
+        and half-precision matmuls on a CPU are many times slower (None keeps the stored dtype). Its encoder computes
+        in `precision`'s dtype (msae.lm.compute_dtype: auto is bf16 where the hardware makes it fast)."""
+        sae = io.load_sae(self.path, device=device, dtype=dtype)[0]
+        sae.compute_dtype = compute_dtype(precision, sae.W_enc.device, sae.W_enc.dtype)
+        return sae
 
     def save_sae(self, sae: SAE, info: RunInfo, act_scale: float = 1.0) -> None:
         """Write the SAE (trained on activations × act_scale) and its cfg.json with `info` under "msae"."""

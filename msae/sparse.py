@@ -63,10 +63,31 @@ def _concat(parts: list[Entries], like: Tensor) -> Entries:
     return Entries(*(torch.cat(field) for field in zip(*parts)))
 
 
+def _positions_above(flat: Tensor, threshold: float | Tensor) -> Tensor:
+    """Indices of the values of `flat` above `threshold` (>= 0; a scalar or one value per element).
+
+    In bf16 a scalar threshold is compared on the bit patterns: for a threshold >= 0 the order of bf16 values above
+    it is the order of their bits read as int16 (negative values and -0 read as negative integers), and the integer
+    compare is about 2.5x faster than torch's bf16 one. The mask is then scanned 8 bytes at a time, since few
+    entries pass: only the words holding a set byte are opened."""
+    if flat.dtype == torch.bfloat16 and not isinstance(threshold, Tensor):
+        bits = torch.tensor([threshold], dtype=torch.bfloat16).view(torch.int16).item()
+        mask = flat.view(torch.int16) > bits
+    else:
+        mask = flat > threshold
+    if mask.numel() % 8:
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    hits = mask.view(-1, 8)[words].nonzero()
+    return words[hits[:, 0]] * 8 + hits[:, 1]
+
+
 def _above(pre_CF: Tensor, threshold: float | Tensor, row0: int) -> Entries:
     """Entries of one chunk whose pre-activation exceeds `threshold` (>= 0; a scalar or one per latent)."""
     flat = pre_CF.reshape(-1)
-    idx = (pre_CF > threshold).reshape(-1).nonzero().squeeze(1)
+    if isinstance(threshold, Tensor):
+        threshold = float(threshold) if threshold.numel() == 1 else threshold.expand_as(pre_CF).reshape(-1)
+    idx = _positions_above(flat, threshold)
     d_sae = pre_CF.shape[1]
     return Entries(idx // d_sae + row0, idx % d_sae, flat[idx])
 
@@ -221,9 +242,12 @@ class _NestedMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, parts, b_dec, x):
-        recons = torch.cumsum(parts, dim=0).add_(b_dec)  # (G, B, d_in)
-        diff = recons - x
-        mse = diff.pow(2).sum(dim=-1).mean(dim=-1)  # (G,)
+        n_levels, n_rows, _ = parts.shape
+        diff = torch.cumsum(parts, dim=0).add_(b_dec - x)  # (G, B, d_in) errors, made in place
+        # Each level's sum of squares as a batched dot product: one read of diff, no squared copy of it.
+        flat = diff.view(n_levels, 1, -1)
+        mse = torch.bmm(flat, flat.transpose(1, 2)).view(n_levels) / n_rows  # (G,)
+        recons = diff + x
         ctx.save_for_backward(diff)
         ctx.mark_non_differentiable(recons)
         return mse, recons

@@ -30,7 +30,7 @@ from msae.distributed import DataParallelSAE, RankLost, World
 from msae.faults import pause_at
 from msae.results import RunInfo, ThresholdInfo, TrainMetrics
 from msae.run import Run, checkpoint_path
-from msae.lm import resolve_device
+from msae.lm import compute_dtype, resolve_device
 from msae.sae import SAE, default_lr
 
 class TrainingError(RuntimeError):
@@ -112,6 +112,7 @@ def make_state(name: str, widths: tuple[int, ...], d_in: int, cfg: TrainConfig, 
     kind = SAE if world.size == 1 else functools.partial(DataParallelSAE, world=world)
     sae = kind(d_in, widths, k=cfg.k, activation=cfg.activation, dtype=dtype, device=device)
     sae.reset_parameters(generator=torch.Generator().manual_seed(cfg.seed))
+    sae.compute_dtype = compute_dtype(cfg.precision, device, dtype)
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     fused = device.type == "cuda" or dtype in (torch.float32, torch.float64)
     optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=cfg.adam_betas, fused=fused)
@@ -129,14 +130,16 @@ def calibrate_threshold(sae: SAE, batches: list[Tensor], k: int, world: World = 
     rows, T the number BatchTopK keeps. The candidates are each batch's 2·k·B largest values, enough unless one batch
     holds over twice its share of the top T (checked, and recorded as `exact`)."""
     running = float(sae.threshold.max())
-    x_parts = [x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec for x in batches]
+    # Selected as inference selects (msae.sae.SAE.select: the compute dtype), so that θ is one of its values.
+    x_parts = [(x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec).to(sae.compute_dtype) for x in batches]
+    W_enc, b_enc = sae.encoder_weights()
     per_batch, kept, rows = [], 0, 0
     # Every rank pads its candidates to the largest rank's count: the all-gather needs one shape (an odd batch
     # splits into parts one row apart).
     local_rows = max((x_c.shape[0] for x_c in x_parts), default=0)
     n = 2 * k * int(world.gather(torch.tensor([local_rows], device=sae.W_dec.device)).max())
     for x_c in x_parts:
-        vals = sparse.select_batchtopk(x_c, sae.W_enc.detach(), sae.b_enc.detach(), 2 * k).vals.float()
+        vals = sparse.select_batchtopk(x_c, W_enc, b_enc, 2 * k).vals.float()
         kept += min(k * x_c.shape[0], vals.numel())
         per_batch.append(torch.cat([vals, vals.new_full((n - vals.numel(),), -math.inf)]))  # (2kB,) padded
         rows += x_c.shape[0]
@@ -242,6 +245,11 @@ class Trainer:
         self.checkpoint_step = 0
         self.thresholds: dict[str, ThresholdInfo | None] = {}
         self.scale: float | None = None
+
+    @property
+    def compute_dtype_name(self) -> str:
+        """The dtype of the SAEs' encoder matmuls, as cfg.json and the checkpoint record it."""
+        return str(self.states[0].sae.compute_dtype).removeprefix("torch.")
 
     def run_dir(self, name: str) -> Path:
         """Where SAE `name` is saved: out_dir itself when it is the only one."""
@@ -353,6 +361,7 @@ class Trainer:
             self.run_info, name=state.name, train=self.cfg, steps_done=self.step,
             tokens_seen=self.step * self.cfg.batch_size, act_scale=self.scale,
             dead_fraction=dead.float().mean().item(), world_size=self.world.size,
+            compute_dtype=self.compute_dtype_name,
             threshold=self.thresholds.get(state.name))
         run.save_sae(state.sae, info, act_scale=self.scale)
         return run.path
@@ -374,7 +383,7 @@ class Trainer:
                         tensors[f"{s.name}/adam/{pname}/{key}"] = opt_state[key].reshape(-1)
             tensors[f"{s.name}/tokens_since_fired"] = s.tokens_since_fired
         meta = {"step": self.step, "scale": self.scale, "config": self.cfg.to_json(), "world_size": self.world.size,
-                "input": self._input_id(), "d_in": self.source.d_in}
+                "input": self._input_id(), "d_in": self.source.d_in, "compute_dtype": self.compute_dtype_name}
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         io.atomic_save_safetensors(tensors, self.checkpoint_path, metadata={"msae": json.dumps(meta)})
@@ -403,8 +412,13 @@ class Trainer:
             if meta.get("d_in", self.source.d_in) != self.source.d_in:
                 raise TrainingError(f"--resume: the checkpoint's SAEs read d_in={meta['d_in']} but these activations "
                                     f"have d_in={self.source.d_in}")
+            saved_dtype = meta.get("compute_dtype", "float32")  # checkpoints from before bf16 computed in float32
+            if saved_dtype != self.compute_dtype_name:
+                raise TrainingError(f"--resume: the checkpoint was trained with {saved_dtype} matmuls and this run "
+                                    f"would use {self.compute_dtype_name}; pass --precision {saved_dtype} to continue "
+                                    f"it as it started")
             saved = TrainConfig.from_json(meta["config"])
-            may_change = ("steps", "checkpoint_every", "log_every", "device")
+            may_change = ("steps", "checkpoint_every", "log_every", "device", "precision")
             diff = [f.name for f in dataclasses.fields(TrainConfig)
                     if f.name not in may_change and getattr(saved, f.name) != getattr(self.cfg, f.name)]
             if diff:

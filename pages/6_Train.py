@@ -9,7 +9,8 @@ import torch
 
 from explorer import figures, state
 from msae import jobs
-from msae.config import ConfigError, ExtractConfig, TrainConfig, TrainJob, choices
+from msae.config import PRECISION_HELP, ConfigError, ExtractConfig, TrainConfig, TrainJob, choices
+from msae.lm import precision_note
 from msae.uploads import UploadError, max_upload_mb, safe_name, save_corpus_upload
 
 REFRESH_S = 2
@@ -106,6 +107,10 @@ tokens = c3.number_input("activation rows to extract", min_value=1000, value=ext
 steps = c3.number_input("steps", min_value=1, value=train_defaults.steps, step=100, key="train_steps")
 batch = c3.number_input("batch size", min_value=1, value=train_defaults.batch_size, step=256, key="train_batch")
 device = c4.selectbox("device", ["auto", "cpu", "cuda"], key="train_device")
+precision = c4.selectbox("precision", choices(TrainConfig, "precision"), key="train_precision",
+                         help=PRECISION_HELP + ". The model's forward and the SAE's encoder run in it; weights, "
+                              "optimiser state, loss and metrics stay float32.")
+c4.caption(precision_note(precision, torch.device("cuda" if device != "cpu" and cuda else "cpu")))
 log_every = c4.number_input("log every (steps)", min_value=1, value=train_defaults.log_every, key="train_log_every")
 checkpoint_every = c4.number_input("checkpoint every (steps)", min_value=1, value=train_defaults.checkpoint_every,
                                    key="train_ckpt_every")
@@ -116,7 +121,8 @@ def training_job(corpus: str | None) -> TrainJob:
     widths = tuple(int(w) for w in widths_text.replace(" ", "").split(",") if w)
     train = TrainConfig(arch=arch, widths=widths, k=int(k), activation=activation,
                         also_vanilla=also_vanilla and arch == "matryoshka", steps=int(steps), batch_size=int(batch),
-                        device=device, log_every=int(log_every), checkpoint_every=int(checkpoint_every))
+                        device=device, precision=precision, log_every=int(log_every),
+                        checkpoint_every=int(checkpoint_every))
     if source == "activations":
         return TrainJob(train=train, activations=acts_path)
     extract = ExtractConfig(model=model.strip(), layer=None if layer is None else int(layer), tokens=int(tokens),

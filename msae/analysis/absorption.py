@@ -507,7 +507,7 @@ def measure(
         raise AbsorptionError("no SAE to measure")
     say = progress or (lambda _msg: None)
     runs = {name: Run(run_dir) for name, run_dir in run_dirs.items()}
-    saes = {name: run.load_sae() for name, run in runs.items()}
+    saes = {name: run.load_sae(precision=cfg.precision) for name, run in runs.items()}
     sources = {name: run.source() for name, run in runs.items()}
     if layer is None:
         layers = {name: source[1] for name, source in sources.items()}
@@ -518,7 +518,7 @@ def measure(
             raise AbsorptionError(f"the runs record different layers {layers}: measure them separately")
         layer = known.pop()
     if lm is None:
-        lm = load_lm(next(iter(sources.values()))[0] or DEFAULT_MODEL)
+        lm = load_lm(next(iter(sources.values()))[0] or DEFAULT_MODEL, precision=cfg.precision)
     for name, sae in saes.items():
         check_fits(sae, lm.d_model, f"{lm.name} ({name}: {run_dirs[name]})")
 

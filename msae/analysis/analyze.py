@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from msae import io
-from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, read_manifest
+from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, lm_dtype_name, read_manifest
 from msae.analysis import features, hierarchy, matching, validate
 from msae.analysis.store import (STORE_FORMAT, Against, FeatureStore, StoreError, load_store, write_links_only,
                                  write_store)
@@ -46,10 +46,12 @@ def extract_config(run: Run, acfg: AnalyzeConfig) -> ExtractConfig:
                             f"pass --model and --layer")
     recorded = ext.corpus
     corpus = acfg.corpus or (recorded.file.path if recorded is not None and recorded.kind == "file" else "builtin")
-    out = ExtractConfig(model=model, layer=int(layer), corpus=corpus)
+    out = ExtractConfig(model=model, layer=int(layer), corpus=corpus, device=acfg.device, precision=acfg.precision)
     for name in ("ctx_len", "outlier_factor", "cache_dtype"):
         if getattr(ext, name) is not None:
             setattr(out, name, getattr(ext, name))
+    if run.info().extraction is not None:  # the activations the run was trained on: its LM's dtype
+        out.precision = ext.lm_dtype or "float32"
     out.tokens = acfg.tokens or ext.rows or out.tokens
     return out
 
@@ -69,15 +71,16 @@ def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
     for cand in candidates:
         if (cand / MANIFEST).exists():
             m = read_manifest(cand)
-            same = all(m["key"].get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
+            same = (all(m["key"].get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
+                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg))
             if same and (m["rows"] >= (ecfg.tokens or 0) or m["exhausted"]):
                 return cand
     return None
 
 
-def _load(run: Run, device: str) -> SAE:
+def _load(run: Run, device: str, precision: str = "auto") -> SAE:
     try:
-        return run.load_sae(device=device)
+        return run.load_sae(device=device, precision=precision)
     except (io.SAELoadError, RunError) as exc:
         raise AnalysisError(str(exc)) from None
 
@@ -106,8 +109,8 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
              progress: Callable[[str, int, int], None] | None, cache: Path | None) -> StoreManifest:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    sae = _load(run, acfg.device)
-    others = [(Run(p), _load(Run(p), acfg.device)) for p in against]
+    sae = _load(run, acfg.device, acfg.precision)
+    others = [(Run(p), _load(Run(p), acfg.device, acfg.precision)) for p in against]
     for other_run, other in others:
         if other.d_in != sae.d_in:
             raise AnalysisError(f"{other_run.path} has d_in={other.d_in} but {run.path} has d_in={sae.d_in}; they "
@@ -117,7 +120,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     cache = cache or find_cache(ecfg, ext.cache_id if ext else None)
     if lm is None:
         try:
-            lm = load_lm(ecfg.model, acfg.device)
+            lm = load_lm(ecfg.model, acfg.device, precision=ecfg.precision)
         except LMLoadError as exc:
             raise AnalysisError(f"{run.path} was trained on model {ecfg.model!r}, which cannot be loaded here: {exc}") from None
     try:
@@ -313,7 +316,7 @@ def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | 
         raise AnalysisError(str(exc)) from None
     if lm is None:
         try:
-            lm = load_lm(ecfg.model, device)
+            lm = load_lm(ecfg.model, device, precision=ecfg.precision)
         except LMLoadError as exc:
             raise AnalysisError(f"{run.path} was trained on model {ecfg.model!r}, which cannot be loaded here: {exc}") from None
     ext = run.info().extraction
