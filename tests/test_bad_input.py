@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,13 @@ def refused_unchanged(argv: list[str], capsys, message: str, *roots: Path) -> st
     line = refused(argv, capsys, message)
     assert [file_hashes(r) for r in roots] == before, f"{argv} changed what was there"
     return line
+
+
+def copy_shipped(root: Path, *names: str) -> Path:
+    """Shipped runs (with their stores) copied into `root`, for tests that must leave them as they were."""
+    for name in names:
+        shutil.copytree(Path("assets/default") / name, root / name)
+    return root
 
 
 def train_argv(acts: Path, out: Path, *more: str, steps: int = 20) -> list[str]:

@@ -5,7 +5,6 @@ was there is byte-for-byte the same after."""
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -16,19 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from msae.run import LOCK_FILE, Run
-from test_bad_input import (file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
+from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
                              wait_paused)
-
-SHIPPED = Path("assets/default")
-
 
 @pytest.fixture
 def runs(tmp_path) -> Path:
     """Two shipped runs, with their stores, in a directory of their own."""
-    root = tmp_path / "runs"
-    for name in ("vanilla", "vanilla-2576"):
-        shutil.copytree(SHIPPED / name, root / name)
-    return root
+    return copy_shipped(tmp_path / "runs", "vanilla", "vanilla-2576")
 
 
 def test_export_into_another_run_is_refused_and_both_stay_as_they_were(runs, capsys):

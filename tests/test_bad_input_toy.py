@@ -5,24 +5,20 @@ every run that was there byte-for-byte the same after."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from test_bad_input import acts, refused, refused_unchanged, run_cli, train_argv  # noqa: F401 (acts: a fixture)
+from test_bad_input import (acts, copy_shipped, refused, refused_unchanged, run_cli,  # noqa: F401 (acts: a fixture)
+                             train_argv)
 
-SHIPPED = Path("assets/default")
 TOY = ["toy", "--preset", "chanin", "--steps", "5", "--json"]
 
 
 @pytest.fixture
 def shipped(tmp_path) -> Path:
     """The shipped pair, with stores and eval.json, as a training directory holds them."""
-    root = tmp_path / "shipped"
-    for name in ("matryoshka", "vanilla"):
-        shutil.copytree(SHIPPED / name, root / name)
-    return root
+    return copy_shipped(tmp_path / "shipped", "matryoshka", "vanilla")
 
 
 def test_toy_never_writes_over_runs_that_are_there(shipped, tmp_path, capsys):
