@@ -222,10 +222,20 @@ def format_hierarchy_figures(fig, validation) -> str:
     return "\n".join(lines)
 
 
+def locked_run(run_dir: str):
+    """A run that a command writes a result into, held under its lock (a run that is not there is named, not
+    made)."""
+    if not Path(run_dir).is_dir():
+        raise CLIError(f"{run_dir}: not a run directory")
+    return locked(run_dir)
+
+
 def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import hierarchy_bench
 
-    result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy, device=args.device)
+    with locked_run(args.run_dir):
+        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
+                                 device=args.device)
     print(format_hierarchy_bench(result))
     return 0
 
@@ -254,8 +264,9 @@ def format_hierarchy_bench(result) -> str:
 def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
-    result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
-                          args.taxonomy, device=args.device)
+    with locked_run(args.run_dir):
+        result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
+                              args.taxonomy, device=args.device)
     print(format_gallery(result))
     return 0
 
@@ -280,8 +291,10 @@ def format_gallery(result) -> str:
 def cmd_absorption(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import measure_absorption
 
-    result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
-                                config=config_from_args(AbsorptionConfig, args))
+    config = config_from_args(AbsorptionConfig, args)
+    with locked_run(args.run_dir):
+        result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
+                                    config=config)
     print(format_absorption(result))
     return 0
 
