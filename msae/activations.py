@@ -24,7 +24,7 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import LoadedLM, cache_dir, compute_dtype, load_lm, residual_after, resolve_device
+from msae.lm import LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, residual_after, resolve_device
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -244,11 +244,14 @@ def extract(
     from tqdm.auto import tqdm
 
     corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
+    if cfg.corpus != "builtin":
+        next(corpus_mod.file_documents(cfg.corpus))  # so is an empty, binary or unreadable one
     lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
     if str(lm.dtype).removeprefix("torch.") != lm_dtype_name(cfg):
         raise ValueError(f"the model runs in {lm.dtype} but the extraction asks for precision {cfg.precision} "
                          f"({lm_dtype_name(cfg)}): load it with that precision")
     layer = lm.default_layer if cfg.layer is None else cfg.layer
+    check_layer(lm, layer)  # before the progress bar, which the message would be printed into
     key = cache_key(cfg, layer, corpus)
     cache = cache_path_for(key, root)
     manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -14,7 +16,7 @@ from msae import io
 from msae.activations import CachedActivations, extract, extraction_info, first_non_finite_row, read_manifest
 from msae.analysis.analyze import AnalysisError
 from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainJob,
-                         add_config_args, config_from_args)
+                         add_config_args, check_device_name, config_from_args)
 from msae.corpus import CorpusError
 from msae.distributed import RankLost, World, launch
 from msae.io import SAELoadError
@@ -22,7 +24,7 @@ from msae.lm import LMLoadError, precision_note, resolve_device
 from msae.records import RecordError
 from msae.results import AbsorptionResult, InputFile, RunInfo, StoreManifest
 from msae.run import Run, RunError, locked
-from msae.train import TensorBatches, Trainer, TrainingError
+from msae.train import TensorBatches, Trainer, TrainingError, check_new_run
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -48,7 +50,7 @@ def load_activations_file(path: Path) -> torch.Tensor:
         raise CLIError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
     bad = first_non_finite_row(acts)
     if bad is not None:
-        raise CLIError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows before training")
+        raise CLIError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run again")
     return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
 
@@ -62,6 +64,8 @@ def train(job: TrainJob, out: Path, resume: bool = False, world: World = World()
 
 
 def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Path]:
+    if not resume:
+        check_new_run(out)
     if world.main:
         print(precision_note(job.train.precision, resolve_device(job.train.device)))
     if job.activations is not None:
@@ -126,10 +130,25 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(path: Path, is_own: Callable[[Path], bool]) -> None:
+    """An output file is written only where it can be, and replaces only a file of its own kind (`is_own`)."""
+    if path.is_dir():
+        raise CLIError(f"{path}: a directory; --out names the file to write")
+    if not path.parent.is_dir():
+        raise CLIError(f"{path}: {path.parent} is not a directory")
+    if not os.access(path.parent, os.W_OK):
+        raise CLIError(f"{path}: cannot write in {path.parent}")
+    if path.exists() and not is_own(path):
+        raise CLIError(f"{path} exists and is not what this command writes: pick another --out")
+
+
 def cmd_taxonomy(args: argparse.Namespace) -> int:
     from msae import taxonomy
     from msae.lm import load_lm
 
+    if args.min_tokens < 1:
+        raise CLIError(f"--min-tokens must be at least 1, got {args.min_tokens}")
+    check_output_file(Path(args.out), taxonomy.is_taxonomy_file)
     built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(args.data_noun)), load_lm(args.model, "cpu").tokenizer,
                                     args.model, args.min_tokens, source=f"WordNet 3.0 {Path(args.data_noun).name}")
     taxonomy.write_taxonomy(built, Path(args.out))
@@ -165,7 +184,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     acfg = config_from_args(AnalyzeConfig, args)
     if args.activations is not None:
         return _analyze_activations(args, acfg)
-    manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg)
+    manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg,
+                       overwrite=args.overwrite)
     print(format_analysis(manifest))
     absorption = Run(args.run_dir).absorption()
     if acfg.absorption and absorption is not None:
@@ -181,7 +201,7 @@ def _analyze_activations(args: argparse.Namespace, acfg: AnalyzeConfig) -> int:
     path = Path(args.activations)
     acts = load_activations_file(path)
     report = analyze_activations(args.run_dir, acts, InputFile(path=args.activations, sha256=io.sha256_file(path)),
-                                 acfg.links)
+                                 acfg.links, overwrite=args.overwrite)
     print(f"{args.run_dir}: {report.rows:,} rows of {args.activations}; {report.links} links "
           f"({report.link_config.criterion}), {report.tree_links} in the tree; written to "
           f"{Path(args.run_dir) / 'features'}")
@@ -206,10 +226,20 @@ def format_hierarchy_figures(fig, validation) -> str:
     return "\n".join(lines)
 
 
+def locked_run(run_dir: str):
+    """A run that a command writes a result into, held under its lock (a run that is not there is named, not
+    made)."""
+    if not Path(run_dir).is_dir():
+        raise CLIError(f"{run_dir}: not a run directory")
+    return locked(run_dir)
+
+
 def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import hierarchy_bench
 
-    result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy, device=args.device)
+    with locked_run(args.run_dir):
+        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
+                                 device=args.device)
     print(format_hierarchy_bench(result))
     return 0
 
@@ -238,8 +268,9 @@ def format_hierarchy_bench(result) -> str:
 def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
-    result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
-                          args.taxonomy, device=args.device)
+    with locked_run(args.run_dir):
+        result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
+                              args.taxonomy, device=args.device)
     print(format_gallery(result))
     return 0
 
@@ -264,8 +295,10 @@ def format_gallery(result) -> str:
 def cmd_absorption(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import measure_absorption
 
-    result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
-                                config=config_from_args(AbsorptionConfig, args))
+    config = config_from_args(AbsorptionConfig, args)
+    with locked_run(args.run_dir):
+        result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
+                                    config=config)
     print(format_absorption(result))
     return 0
 
@@ -344,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="a safetensors file with a tensor 'activations' (N, d_in): latent statistics and "
                                      "links on these rows (a toy's sample, say) instead of the run's corpus; writes "
                                      "RUN/features/links.parquet and activations_analysis.json")
+    analyze_parser.add_argument("--overwrite", action="store_true",
+                                help="replace a feature store the other kind of analysis (on text, or on "
+                                     "--activations) made")
     add_config_args(analyze_parser, AnalyzeConfig)
     analyze_parser.set_defaults(func=cmd_analyze)
 
@@ -392,14 +428,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str | None) -> None:
+    """Every command's --device, refused in one line before any work: a name torch does not know, CUDA where
+    there is none, a GPU index past the last."""
+    if device is not None:
+        check_device_name(device)
+        resolve_device(device)
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as the user needs it: the path and what the system said about it."""
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
         return args.func(args)
     except (CLIError, TrainingError, CorpusError, LMLoadError, ValueError, AnalysisError, SAELoadError, ConfigError,
             RecordError, RunError, RankLost) as exc:
-        print(f"msae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        message = str(exc)
+    except torch.OutOfMemoryError:
+        message = "the device ran out of memory: pick smaller sizes (--batch-size, widths) or another --device"
+    except OSError as exc:
+        message = os_error_text(exc)
+    print(f"msae {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Runs saved from now on are already in SAELens 6's inference layout; this rewrites older runs (in place when the
 output directory is the run itself: only sae_weights.safetensors and cfg.json are replaced, atomically) and runs
-or SAEs from elsewhere that msae reads. The tensors are the ones msae loads, so encode and decode are unchanged.
+or SAEs from elsewhere that msae reads. Any other output directory must hold no SAE yet, unless --overwrite. The
+tensors are the ones msae loads, so encode and decode are unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 from pathlib import Path
 
 from msae import io
+from msae.faults import pause_at
+from msae.run import locked, refuse_other_runs
 
 TARGETS = ("saelens", "dictionary_learning")
 
@@ -22,30 +25,40 @@ def _own_fields(cfg: dict) -> dict:
     return {key: value for key, value in cfg.items() if key.startswith("msae")}
 
 
-def export_run(run: Path | str, target: str, out_dir: Path | str) -> Path:
+def export_run(run: Path | str, target: str, out_dir: Path | str, overwrite: bool = False) -> Path:
     """Write the SAE at `run` (anything msae.io.load_sae reads) to `out_dir` for `target`; returns `out_dir`.
 
-    Raises ValueError when the target would compute something else (a BatchTopK θ never learned)."""
+    `out_dir` is held under its lock. Unless it is the run itself, it must hold no SAE yet (RunError), or
+    `overwrite` says to replace what is there. Raises ValueError when the target would compute something else
+    (a BatchTopK θ never learned)."""
     if target not in TARGETS:
         raise ValueError(f"export target must be one of {', '.join(TARGETS)}, got {target!r}")
-    sae, cfg = io.load_sae(run)
-    reason = io.unexportable_reason(sae)
-    if reason is not None:
-        raise ValueError(f"{run}: cannot export to {target}: {reason}")
-    ours = _own_fields(cfg)
-    if target == "saelens":
-        return io.save_sae(sae, out_dir, cfg=ours)
-    return io.save_dictionary_learning(sae, out_dir, ours.get("msae"))
+    run, out_dir = Path(run), Path(out_dir)
+    run_dir = run if run.is_dir() else run.parent
+    with locked(out_dir):
+        if not (overwrite or out_dir.resolve() == run_dir.resolve()):
+            refuse_other_runs(out_dir, "--overwrite")
+        sae, cfg = io.load_sae(run)
+        reason = io.unexportable_reason(sae)
+        if reason is not None:
+            raise ValueError(f"{run}: cannot export to {target}: {reason}")
+        ours = _own_fields(cfg)
+        pause_at("export locked")
+        if target == "saelens":
+            return io.save_sae(sae, out_dir, cfg=ours)
+        return io.save_dictionary_learning(sae, out_dir, ours.get("msae"))
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory (or an SAE from SAELens / dictionary_learning that msae reads)")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the layout to write")
     parser.add_argument("out", help="output directory; the run directory itself rewrites the run in place")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the SAE files in an output directory that already holds an SAE")
 
 
 def main(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.to, args.out)
+    out = export_run(args.run, args.to, args.out, overwrite=args.overwrite)
     files = f"{io.WEIGHTS_FILE} + {io.CFG_FILE}" if args.to == "saelens" else f"{io.DL_WEIGHTS_FILE} + {io.DL_CFG_FILE}"
     print(f"wrote {out}: {files} ({args.to})")
     return 0

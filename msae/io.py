@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
+from msae.faults import pause_at
 from msae.sae import SAE
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -56,24 +57,46 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+"""Read once at import: reading it means setting it, which is not safe once threads run."""
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a file replacing `path` gets: the old file's, else what open() would give a new one.
+    Some writers (safetensors) create their files 0600 whatever the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
 def _replace_files(writers: Mapping[Path, Callable[[Path], None]]) -> None:
     """Write each file to a temp file beside it, flush them all, then rename them all into place.
 
     A failure before the renames removes the temp files and leaves every existing file untouched; staging all
-    files before renaming any keeps the window in which a crash mixes old and new files to a few renames."""
+    files before renaming any keeps the window in which a crash mixes old and new files to a few renames. A
+    replaced file keeps its permissions."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, write in writers.items():
             tmp = _temp_path(path)
             staged.append((tmp, path))
             write(tmp)
+            os.chmod(tmp, _mode_for(path))
             _fsync(tmp)
+        pause_at("files staged")
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
     if os.name == "posix":  # a directory can be opened and fsynced only on POSIX
         for directory in {path.parent for _, path in staged}:
             _fsync(directory)

@@ -226,9 +226,13 @@ def metrics(out_dir: Path) -> dict[str, list[TrainMetrics]]:
 def _supervise(out_dir: Path) -> int:
     record = _read_job(out_dir)
     if record is None:
-        print(f"msae.jobs: {out_dir / JOB_FILE} is missing or unreadable", file=sys.stderr)
-        return 2
-    child = subprocess.Popen(record.command)
+        raise JobError(f"{out_dir / JOB_FILE} is missing or unreadable")
+    if not record.command:
+        raise JobError(f"{out_dir / JOB_FILE} holds no command to run")
+    try:
+        child = subprocess.Popen(record.command)
+    except OSError as exc:
+        raise JobError(f"{out_dir / JOB_FILE}: cannot run {record.command[0]} ({exc.strerror})") from None
     signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
     code = child.wait()
     atomic_write_text(out_dir / EXIT_FILE, json.dumps({"exit_code": code, "ended": time.time()}))
@@ -236,5 +240,17 @@ def _supervise(out_dir: Path) -> int:
     return 0
 
 
+def main(argv: list[str]) -> int:
+    """`python -m msae.jobs OUT`: supervise the job in OUT; a mistake costs one line and exit status 2."""
+    try:
+        if len(argv) != 1 or not argv[0] or argv[0].startswith("-"):
+            raise JobError("usage: python -m msae.jobs OUT, where OUT is a job's directory holding job.json (the "
+                           "app's Train page starts this)")
+        return _supervise(Path(argv[0]))
+    except JobError as exc:
+        print(f"msae.jobs: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(_supervise(Path(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))

@@ -205,6 +205,9 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype 
     dtype = dtype or compute_dtype(precision, dev)
     source = builtin_model_dir(name) if name in BUILTIN else name
     local = Path(source)
+    if local.is_file():
+        raise LMLoadError(f"{name}: a file, not a model; give a directory made with save_pretrained, a built-in model "
+                          f"({', '.join(BUILTIN)}) or a Hugging Face id")
     if local.is_dir() and not (local / "config.json").is_file():
         raise LMLoadError(f"{name}: a directory, but not a transformers model (no config.json); give a directory "
                           f"made with save_pretrained, a built-in model ({', '.join(BUILTIN)}) or a Hugging Face id")
@@ -248,6 +251,12 @@ class _StopForward(Exception):
     pass
 
 
+def check_layer(lm: LoadedLM, layer: int) -> None:
+    """Refuse (ValueError) a layer the model does not have."""
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer must be between 0 and {lm.n_layers - 1} for {lm.name}, got {layer}")
+
+
 def _block_output(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -256,8 +265,7 @@ def _block_output(output) -> Tensor:
 def residual_after(lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor, layer: int) -> Tensor:
     """(B, T, d_model) residual stream after block `layer`; the forward stops there."""
     layers = decoder_layers(lm.model)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"layer must be between 0 and {len(layers) - 1} for {lm.name}, got {layer}")
+    check_layer(lm, layer)
     captured: list[Tensor] = []
 
     def hook(_module, _inputs, output):

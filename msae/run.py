@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,11 +84,12 @@ def _holder_text(path: Path) -> str:
 def locked(out_dir: Path | str) -> Iterator[Path]:
     """Own a directory for writing: an exclusive lock on OUT/.msae.lock (flock, so the OS releases it when the
     process dies and kill -9 leaves nothing stale). A second writer is refused with RunInUse naming the holder.
-    While it holds the lock it sweeps temp files a crash left; a directory it created and that holds nothing but
-    the lock when it is released (a run that failed before writing anything) is removed."""
+    While it holds the lock it sweeps temp files a crash left. On release it removes the lock file (a refused
+    command leaves the directory as it found it; one a killed process left is stale) and the directory if it made
+    it and it is empty (a run that failed before writing anything)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise RunError(f"{out_dir} is a file, not a directory: pick another --out")
+        raise RunError(f"{out_dir} is a file, not a directory: pick another directory")
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,11 +97,12 @@ def locked(out_dir: Path | str) -> Iterator[Path]:
     except OSError as exc:
         raise RunError(f"{out_dir}: cannot write there ({exc.strerror})") from None
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, stop "
-                           f"it, or pick another --out") from None
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, stop "
+                       f"it, or pick another --out") from None
+    try:
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)}))
@@ -110,9 +111,36 @@ def locked(out_dir: Path | str) -> Iterator[Path]:
             stale.unlink(missing_ok=True)
         yield out_dir
     finally:
+        # Unlinked while still held: a process that opened the old file can only fail to lock it.
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
         f.close()
-        if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def sae_files_in(directory: Path | str) -> list[Path]:
+    """The weights of every SAE msae reads (our / SAELens's layout or dictionary_learning's) and every training
+    checkpoint at or under `directory`, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = {p / WEIGHTS_FILE for p in find_runs(directory)}
+    found.update(p for p in directory.rglob(io.DL_WEIGHTS_FILE) if (p.parent / io.DL_CFG_FILE).is_file())
+    found.update(directory.rglob(f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"))
+    return sorted(found)
+
+
+def refuse_other_runs(out_dir: Path | str, overwrite_flag: str | None = None) -> None:
+    """The rule for every command that makes a new run or output: it never writes over a run it was not asked
+    to replace. Refuses (RunError) when `out_dir` already holds an SAE or a checkpoint; the message names them and,
+    when the command has one, the flag that replaces them."""
+    out_dir = Path(out_dir)
+    held = sae_files_in(out_dir)
+    if not held:
+        return
+    names = ", ".join(p.relative_to(out_dir).as_posix() for p in held[:4]) + (", ..." if len(held) > 4 else "")
+    how = f", or pass {overwrite_flag} to replace what is there" if overwrite_flag else ""
+    raise RunError(f"{out_dir} already holds a run ({names}): pick a new directory{how}")
 
 
 _HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
@@ -290,7 +318,11 @@ class Run:
 
     @property
     def store_dir(self) -> Path:
-        return self.path / STORE_DIR
+        """features/, or features.old when a writer was killed between moving the old store aside and moving the
+        new one in: then that is the last whole store (the next writer moves it back first)."""
+        final = self.path / STORE_DIR
+        old = final.with_name(f"{STORE_DIR}.old")
+        return old if not final.exists() and old.is_dir() else final
 
     def summary(self) -> RunSummary:
         """What the run is and how well it reconstructs."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from msae.records import Record
+from msae.records import Record, RecordError
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "taxonomy" / "smollm2-135m-wordnet.json"
@@ -216,10 +216,21 @@ def write_taxonomy(taxonomy: Taxonomy, path: Path) -> None:
 
 def read_data_noun(path: Path = DATA_NOUN) -> dict[int, Synset]:
     """The synsets of a data.noun file."""
+    if path.is_dir():
+        raise TaxonomyError(f"{path}: a directory, not WordNet's data.noun file")
     if not path.is_file():
         raise TaxonomyError(f"{path}: missing (Debian's package wordnet-base installs it: apt-get install wordnet-base)")
     with open(path, encoding="utf-8", errors="replace") as f:
         return parse_data_noun(f, str(path))
+
+
+def is_taxonomy_file(path: Path) -> bool:
+    """`path` holds a taxonomy JSON (what `msae taxonomy` may replace)."""
+    try:
+        load_taxonomy(path)
+    except (OSError, TaxonomyError):
+        return False
+    return True
 
 
 def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxonomy:
@@ -228,7 +239,10 @@ def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxon
     path = Path(path)
     if not path.is_file():
         raise TaxonomyError(f"{path}: no such taxonomy file (msae taxonomy --model MODEL --out FILE makes one)")
-    tax = Taxonomy.loads(path.read_text())
+    try:
+        tax = Taxonomy.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, RecordError) as exc:
+        raise TaxonomyError(f"{path}: not a taxonomy JSON ({exc})") from None
     if model is not None and tax.tokenizer != model:
         raise TaxonomyError(f"{path} holds token ids of {tax.tokenizer!r}'s vocabulary, not {model!r}'s; make one "
                             f"with `msae taxonomy --model {model} --out FILE` and pass it with --taxonomy FILE")

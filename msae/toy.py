@@ -12,6 +12,7 @@ absorption is the fraction of parent-with-child inputs where it does not (DESIGN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import tempfile
 import time
@@ -26,7 +27,7 @@ from torch import Tensor
 from msae import io
 from msae.config import ToyConfig, TrainConfig, add_config_args, config_from_args
 from msae.results import RunInfo, ToyMetrics, ToyResult, TreeRecovery, mean_or_none
-from msae.run import Run
+from msae.run import Run, locked, refuse_other_runs
 from msae.sae import SAE
 from msae.train import TensorBatches, Trainer
 
@@ -338,6 +339,10 @@ def default_k(toy: ToyHierarchy) -> int:
     return max(1, math.floor(sum(toy.marginal_probs())))
 
 
+N_TRAIN, N_EVAL = 2**16, 2**15
+"""Rows `compare` samples to train on and to evaluate on."""
+
+
 EVAL_ACTIVATIONS = "eval_activations.safetensors"
 """In a kept toy run's directory: the held-out sample its figures were measured on (tensor `activations`)."""
 
@@ -385,8 +390,8 @@ def compare(
     batch_size: int = 512,
     seed: int = 0,
     lr: float = 1e-2,
-    n_train: int = 2**16,
-    n_eval: int = 2**15,
+    n_train: int = N_TRAIN,
+    n_eval: int = N_EVAL,
     out_dir: Path | None = None,
     **train_overrides,
 ) -> ToyResult:
@@ -489,13 +494,44 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="keep the trained runs in this directory (default: a temporary one)")
 
 
+def memory_needed(n_dims: int, widths: Sequence[int], batch_size: int, n_rows: int = N_TRAIN + N_EVAL) -> int:
+    """Bytes a comparison holds at its peak, roughly: both SAEs' weights with their gradients and Adam's two
+    moments (float32), a step's (batch, width) pre-activations, activations and gradients for each, and the
+    sampled rows."""
+    d_sae = max(widths)
+    per_sae = 4 * 4 * (2 * n_dims * d_sae + d_sae + n_dims) + 4 * 4 * batch_size * d_sae
+    return 2 * per_sae + 4 * n_rows * n_dims
+
+
+def available_memory() -> int | None:
+    """Bytes the system can hand out now (Linux's MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_preset(cfg: ToyConfig, out_dir: Path | None = None) -> ToyResult:
-    """The comparison `msae toy` makes: the preset's toy and settings, with `cfg`'s widths and k where given."""
+    """The comparison `msae toy` makes: the preset's toy and settings, with `cfg`'s widths and k where given.
+    Sizes whose memory the machine does not have are refused before anything is allocated; a kept `out_dir` is
+    held under its lock and must hold no run yet."""
     preset = PRESETS[cfg.preset]
     given = {"widths": cfg.widths, "k": cfg.k}
     settings = {**preset.train, **{key: v for key, v in given.items() if v is not None}}
-    result = compare(preset.make(seed=cfg.seed), steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                     lr=cfg.lr, out_dir=out_dir, **settings)
+    toy = preset.make(seed=cfg.seed)
+    widths = settings.get("widths") or default_widths(toy)
+    needed, free = memory_needed(toy.n_dims, widths, cfg.batch_size), available_memory()
+    if free is not None and needed > free:
+        raise ValueError(f"widths up to {max(widths):,} with batch_size {cfg.batch_size:,} need about "
+                         f"{needed / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free: pick smaller sizes")
+    with locked(out_dir) if out_dir is not None else contextlib.nullcontext():
+        if out_dir is not None:
+            refuse_other_runs(out_dir)
+        result = compare(toy, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.lr,
+                         out_dir=out_dir, **settings)
     result.preset = cfg.preset
     return result
 

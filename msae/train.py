@@ -29,7 +29,7 @@ from msae.config import TrainConfig
 from msae.distributed import DataParallelSAE, RankLost, World
 from msae.faults import pause_at
 from msae.results import RunInfo, ThresholdInfo, TrainMetrics
-from msae.run import Run, checkpoint_path
+from msae.run import Run, checkpoint_path, refuse_other_runs
 from msae.lm import compute_dtype, resolve_device
 from msae.sae import SAE, default_lr
 
@@ -216,6 +216,13 @@ def _check_finite(x: Tensor, step: int) -> None:
         )
 
 
+def check_new_run(out_dir: Path) -> None:
+    """A training without --resume starts only where no run is: neither its own checkpoint nor another SAE."""
+    if checkpoint_path(out_dir).exists():
+        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it or pick a new --out")
+    refuse_other_runs(out_dir)
+
+
 @dataclass
 class Trainer:
     """Trains every SAE of `cfg.sae_specs()` from one BatchSource, with checkpoints in `out_dir`."""
@@ -279,8 +286,8 @@ class Trainer:
             if not self.checkpoint_path.exists():
                 raise TrainingError(f"--resume: no checkpoint at {self.checkpoint_path}")
             self.load_checkpoint()
-        elif self.checkpoint_path.exists():
-            raise TrainingError(f"{self.out_dir} already holds a run; pass --resume to continue it or pick a new --out")
+        else:
+            check_new_run(self.out_dir)
         if self.world.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for state in self.states:

@@ -5,9 +5,11 @@ completes to the same result as an uninterrupted one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +53,28 @@ def refused(argv: list[str], capsys, message: str) -> str:
     assert "Traceback" not in err and len(errors) == 1, f"one line, not a traceback: {err}"
     assert message in errors[0], err
     return errors[0]
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under `root` (hidden ones included), by path: equal before and after means nothing
+    under it was written, added or removed."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused_unchanged(argv: list[str], capsys, message: str, *roots: Path) -> str:
+    """`refused`, and every file under `roots` byte-for-byte as it was."""
+    before = [file_hashes(r) for r in roots]
+    line = refused(argv, capsys, message)
+    assert [file_hashes(r) for r in roots] == before, f"{argv} changed what was there"
+    return line
+
+
+def copy_shipped(root: Path, *names: str) -> Path:
+    """Shipped runs (with their stores) copied into `root`, for tests that must leave them as they were."""
+    for name in names:
+        shutil.copytree(Path("assets/default") / name, root / name)
+    return root
 
 
 def train_argv(acts: Path, out: Path, *more: str, steps: int = 20) -> list[str]:
@@ -173,10 +197,15 @@ def paused_at(point: str, marker: Path) -> dict:
     return {PAUSE_AT: point, PAUSE_MARKER: str(marker)}
 
 
-def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
-    """Kill -9 `proc` once it has reached its pause point: the kill lands exactly there, however fast the machine."""
+def wait_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
+    """Return once `proc` waits at its pause point (it holds whatever it holds there until killed)."""
     _wait(lambda: marker.exists() or proc.poll() is not None, timeout)
     assert marker.exists(), f"the process ended (code {proc.returncode}) before it reached its pause point"
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
+    """Kill -9 `proc` once it has reached its pause point: the kill lands exactly there, however fast the machine."""
+    wait_paused(proc, marker, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

@@ -59,7 +59,7 @@ from msae.activations import pad_batch
 from msae.analysis.stream import encode_rows
 from msae.config import LETTERS, AbsorptionConfig
 from msae.io import check_fits
-from msae.lm import DEFAULT_MODEL, LoadedLM, load_lm, residual_after
+from msae.lm import DEFAULT_MODEL, LoadedLM, check_layer, load_lm, residual_after
 from msae.results import (AbsorptionMean, AbsorptionResult, AbsorptionValidity, AbsorptionVariant, LetterAbsorption,
                           SAEAbsorption, mean_or_none)
 from msae.run import Run
@@ -509,16 +509,22 @@ def measure(
     runs = {name: Run(run_dir) for name, run_dir in run_dirs.items()}
     saes = {name: run.load_sae(precision=cfg.precision) for name, run in runs.items()}
     sources = {name: run.source() for name, run in runs.items()}
+    models = {name: source[0] for name, source in sources.items() if source[0] is not None}
+    if len(set(models.values())) > 1:
+        raise AbsorptionError(f"the runs read different models {models}: measure them separately")
+    layers = {name: source[1] for name, source in sources.items() if source[1] is not None}
+    if layer is not None and any(v != layer for v in layers.values()):
+        raise AbsorptionError(f"--layer {layer}, but the runs record layers {layers}: an SAE measured on another "
+                              f"layer's activations tells nothing; leave --layer out")
+    if len(set(layers.values())) > 1:
+        raise AbsorptionError(f"the runs record different layers {layers}: measure them separately")
     if layer is None:
-        layers = {name: source[1] for name, source in sources.items()}
-        known = set(v for v in layers.values() if v is not None)
-        if not known:
-            raise AbsorptionError("no run records the layer it was trained on: give `layer`")
-        if len(known) > 1:
-            raise AbsorptionError(f"the runs record different layers {layers}: measure them separately")
-        layer = known.pop()
+        if not layers:
+            raise AbsorptionError("no run records the layer it was trained on: pass --layer")
+        layer = next(iter(layers.values()))
     if lm is None:
-        lm = load_lm(next(iter(sources.values()))[0] or DEFAULT_MODEL, precision=cfg.precision)
+        lm = load_lm(next(iter(models.values()), DEFAULT_MODEL), precision=cfg.precision)
+    check_layer(lm, layer)
     for name, sae in saes.items():
         check_fits(sae, lm.d_model, f"{lm.name} ({name}: {run_dirs[name]})")
 

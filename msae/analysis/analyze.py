@@ -14,8 +14,8 @@ import torch
 from msae import io
 from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, lm_dtype_name, read_manifest
 from msae.analysis import features, hierarchy, matching, validate
-from msae.analysis.store import (STORE_FORMAT, Against, FeatureStore, StoreError, load_store, write_links_only,
-                                 write_store)
+from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE_FORMAT, Against, FeatureStore,
+                                 StoreError, load_store, write_links_only, write_store)
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
@@ -35,15 +35,15 @@ class AnalysisError(RuntimeError):
     """Why an analysis cannot run, in words for the user."""
 
 
-def extract_config(run: Run, acfg: AnalyzeConfig) -> ExtractConfig:
-    """The extraction the run was trained on (its cfg.json), with the user's overrides."""
+def extract_config(run: Run, acfg: AnalyzeConfig, how: str = "pass --model and --layer") -> ExtractConfig:
+    """The extraction the run was trained on (its cfg.json), with the user's overrides; `how` tells the user how
+    to name the model and layer where cfg.json does not."""
     ext = run.info().extraction or ExtractionInfo()
     model, layer = run.source()
     model = acfg.model or model
     layer = acfg.layer if acfg.layer is not None else layer
     if model is None or layer is None:
-        raise AnalysisError(f"{run.path}: cfg.json does not record the model and layer it was trained on; "
-                            f"pass --model and --layer")
+        raise AnalysisError(f"{run.path}: cfg.json does not record the model and layer it was trained on; {how}")
     recorded = ext.corpus
     corpus = acfg.corpus or (recorded.file.path if recorded is not None and recorded.kind == "file" else "builtin")
     out = ExtractConfig(model=model, layer=int(layer), corpus=corpus, device=acfg.device, precision=acfg.precision)
@@ -90,6 +90,20 @@ def _l0_per_width(sp: Sparse, widths: list[int]) -> list[float]:
     return [float((cols < w).sum()) / max(sp.n_rows, 1) for w in widths]
 
 
+TEXT_STORE, ACTIVATIONS_STORE = "msae analyze", "msae analyze --activations"
+
+
+def check_store_replaceable(run: Run, command: str, overwrite: bool) -> None:
+    """A store is replaced only by the kind of analysis that made it, or when the user says --overwrite: the
+    text analysis of the shipped run took half an hour, and --activations would leave its links alone."""
+    store = run.store_dir
+    made_by = (TEXT_STORE if (store / MANIFEST_FILE).exists()
+               else ACTIVATIONS_STORE if (store / ACTIVATIONS_ANALYSIS_FILE).exists() else None)
+    if made_by not in (None, command) and not overwrite:
+        raise AnalysisError(f"{store} holds the feature store `{made_by}` made; `{command}` would replace it: pass "
+                            f"--overwrite to replace it")
+
+
 def analyze(
     run_dir: Path | str,
     against: Sequence[Path | str] = (),
@@ -97,11 +111,14 @@ def analyze(
     lm: LoadedLM | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     cache: Path | None = None,
+    overwrite: bool = False,
 ) -> StoreManifest:
     """Analyse a run (and its relation to `against` runs); writes RUN_DIR/features (and absorption.json) and
     returns the store's manifest. `cache` overrides the activation cache the run recorded. The run's lock is held
-    throughout: a second analysis of it is refused."""
+    throughout: a second analysis of it is refused. A store `msae analyze --activations` made is replaced only
+    with `overwrite`."""
     with locked(run_dir):
+        check_store_replaceable(Run(run_dir), TEXT_STORE, overwrite)
         return _analyze(Run(run_dir), against, acfg or AnalyzeConfig(), lm, progress, cache)
 
 
@@ -260,13 +277,15 @@ def _against(sae: SAE, sp: Sparse, stats: dict, other: SAE, osp: Sparse, edges, 
 
 
 def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFile,
-                        cfg: LinkConfig | None = None) -> ActivationsAnalysis:
+                        cfg: LinkConfig | None = None, overwrite: bool = False) -> ActivationsAnalysis:
     """Latent statistics, links (a Matryoshka SAE's nested ones), their validation (even rows make the links, odd
     rows measure them) and the hierarchy figures of the run's SAE on `acts` (N, d_in), read from `source`;
-    written to RUN/features/ (links.parquet, activations_analysis.json), replacing what was there."""
+    written to RUN/features/ (links.parquet, activations_analysis.json), replacing what was there: a store the
+    text analysis made only with `overwrite`."""
     cfg = cfg or LinkConfig()
     with locked(run_dir):
         run = Run(run_dir)
+        check_store_replaceable(run, ACTIVATIONS_STORE, overwrite)
         t0 = time.perf_counter()
         sae = _load(run, "cpu")
         if acts.shape[1] != sae.d_in:
@@ -295,17 +314,22 @@ def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFi
         return report
 
 
-def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | None, device: str,
-                   cache: Path | None) -> tuple[dict[str, SAE], ExtractConfig, object, LoadedLM, Path]:
-    """What the benchmark and the gallery read for runs on one model and layer (the first run's): the SAEs by
-    name, its extraction, the taxonomy for the model, the model and the activation cache."""
-    from msae import taxonomy as tax_mod
-
-    run = runs[0]
+def _load_named(runs: list[Run], device: str) -> dict[str, SAE]:
+    """The SAEs of `runs` by run name, which must differ: results are keyed by it."""
     saes = {r.name: _load(r, device) for r in runs}
     if len(saes) < len(runs):
         raise AnalysisError("two of the runs have the same name; compare runs with different folder names")
-    ecfg = extract_config(run, AnalyzeConfig())
+    return saes
+
+
+def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | None, device: str,
+                   cache: Path | None) -> tuple[ExtractConfig, object, LoadedLM, Path]:
+    """What the benchmark and the gallery read for runs on one model and layer (the first run's): its
+    extraction, the taxonomy for the model, the model and the activation cache (extracted when there is none)."""
+    from msae import taxonomy as tax_mod
+
+    run = runs[0]
+    ecfg = extract_config(run, AnalyzeConfig(), how="add them to its cfg.json (msae.extraction.model and .layer)")
     for r in runs[1:]:
         if r.source() != run.source():
             raise AnalysisError(f"{r.path} reads {r.source()}, {run.path} reads {run.source()}: not the same "
@@ -321,7 +345,7 @@ def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | 
             raise AnalysisError(f"{run.path} was trained on model {ecfg.model!r}, which cannot be loaded here: {exc}") from None
     ext = run.info().extraction
     cache = cache or find_cache(ecfg, ext.cache_id if ext else None) or extract(ecfg, lm=lm)
-    return saes, ecfg, tax, lm, cache
+    return ecfg, tax, lm, cache
 
 
 def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | None = None,
@@ -333,12 +357,16 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
 
     run = Run(run_dir)
     runs = [run, Run(wide)] + ([Run(narrow)] if narrow is not None else [])
-    saes, ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    saes = _load_named(runs, device)
     if saes[run.name].n_groups < 2:
         raise AnalysisError(f"{run.path} is not a Matryoshka SAE: the gallery sets one against its vanilla twins")
     roles = {"matryoshka": run.name, "wide": Run(wide).name}
     if narrow is not None:
         roles["narrow"] = Run(narrow).name
+        if saes[roles["narrow"]].d_sae >= saes[run.name].d_sae:
+            raise AnalysisError(f"--narrow {narrow} has {saes[roles['narrow']].d_sae} latents, not fewer than "
+                                f"{run.path}'s {saes[run.name].d_sae}: splitting needs a narrower SAE")
+    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
     result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.hierarchy_bench())
     run.write_gallery(result)
     return result
@@ -353,7 +381,8 @@ def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), tax
 
     run = Run(run_dir)
     runs = [run] + [Run(p) for p in against]
-    saes, ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    saes = _load_named(runs, device)
+    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
     links = {}
     for r in runs:
         try:

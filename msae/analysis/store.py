@@ -29,7 +29,8 @@ import pandas as pd
 from msae.analysis import features
 from msae.records import RecordError
 from msae.results import ActivationsAnalysis, AgainstSummary, StoreManifest
-from msae.run import STORE_DIR
+from msae.faults import pause_at
+from msae.run import STORE_DIR, Run
 
 STORE_FORMAT = 3
 """2: manifest.json is a StoreManifest (the cache by its id, not its path; no copy of eval.json). 3: links carry
@@ -93,15 +94,19 @@ class FeatureStore:
 
 
 def _write_dir(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory beside `final` and swap it in, so a crash never leaves a half-written store."""
+    """Build a directory beside `final` and swap it in, so a crash never leaves a half-written store. A kill
+    between the two renames leaves the last whole store as final.old alone; it is moved back before anything else."""
     tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    if old.is_dir() and not final.exists():
+        old.rename(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
-    old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
+    pause_at("store between renames")
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -170,7 +175,7 @@ def write_links_only(run_dir: Path | str, links: pd.DataFrame | None, report: Ac
 
 def load_store(run_dir: Path | str) -> FeatureStore:
     run_dir = Path(run_dir)
-    root = run_dir / STORE_DIR
+    root = Run(run_dir).store_dir
     if not (root / MANIFEST_FILE).exists():
         raise StoreError(f"{run_dir} has not been analysed yet (no {STORE_DIR}/{MANIFEST_FILE}): run "
                          f"`msae analyze {run_dir}`")
