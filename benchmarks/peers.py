@@ -4,7 +4,8 @@ Times one full training step of each peer's *real* trainer class -- forward, los
 (including the auxiliary dead-latent loss), backward, gradient clipping, optimizer
 and scheduler step, exactly as their own training loop calls it -- at the shared
 benchmark shape: d_in 576, k 32, batch 4096, Matryoshka widths
-1024, 2048, 4096, 8192, 16384 (16,384 latents), fp32 on CPU.  A plain dense
+1024, 2048, 4096, 8192, 16384 (16,384 latents), fp32 on CPU (``--autocast``: under the
+trainers' bf16 autocast, the precision of msae's bf16 encoder).  A plain dense
 PyTorch TopK SAE step is timed alongside as a baseline.
 
 This module does not import msae.  It runs in the separate peers virtual
@@ -159,8 +160,9 @@ def batch_at(acts: torch.Tensor, i: int, batch: int = BATCH) -> torch.Tensor:
 # --------------------------------------------------------------------------- peers
 
 
-def build_saelens(aux: bool = True) -> tuple[StepFn, Callable[[], int], str]:
-    """SAELens 6 Matryoshka BatchTopK trainer; returns (step_fn, dead_count_fn, version)."""
+def build_saelens(aux: bool = True, autocast: bool = False) -> tuple[StepFn, Callable[[], int], str]:
+    """SAELens 6 Matryoshka BatchTopK trainer; returns (step_fn, dead_count_fn, version). `autocast` turns on its
+    own bf16 autocast (SAETrainerConfig.autocast: torch.autocast on the trainer's device, bfloat16)."""
     import sae_lens
     from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -179,6 +181,7 @@ def build_saelens(aux: bool = True) -> tuple[StepFn, Callable[[], int], str]:
         lr_end=lr / 10,  # what LanguageModelSAERunnerConfig fills in
         device="cpu",
         dead_feature_window=0 if aux else 1000,
+        autocast=autocast,
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(()))
 
@@ -194,8 +197,9 @@ def build_saelens(aux: bool = True) -> tuple[StepFn, Callable[[], int], str]:
     return step, dead, sae_lens.__version__
 
 
-def build_dictionary_learning(aux: bool = True) -> tuple[StepFn, Callable[[], int], str]:
-    """dictionary_learning Matryoshka BatchTopK trainer; returns (step_fn, dead_count_fn, version)."""
+def build_dictionary_learning(aux: bool = True, autocast: bool = False) -> tuple[StepFn, Callable[[], int], str]:
+    """dictionary_learning Matryoshka BatchTopK trainer; returns (step_fn, dead_count_fn, version). It has no
+    precision setting: `autocast` wraps its update in torch.autocast("cpu", bfloat16)."""
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
     group_sizes = [WIDTHS[0]] + [b - a for a, b in zip(WIDTHS, WIDTHS[1:])]  # 1024,1024,2048,4096,8192
@@ -219,7 +223,8 @@ def build_dictionary_learning(aux: bool = True) -> tuple[StepFn, Callable[[], in
         i = next(counter)
         # Step 0 initialises b_dec (geometric median); later steps run past
         # threshold_start_step, i.e. the steady-state path with the threshold update.
-        trainer.update(0 if i == 0 else trainer.threshold_start_step + i, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            trainer.update(0 if i == 0 else trainer.threshold_start_step + i, batch)
 
     def dead() -> int:  # what the last step's aux loss saw
         return int(trainer.dead_features)
@@ -303,7 +308,7 @@ def time_plain_dense_topk(acts: torch.Tensor, d_sae: int = D_SAE, k: int = K,
     return {**result, "version": version}
 
 
-def time_peer(name: str, acts: torch.Tensor, n_warmup: int = 2, n_steps: int = 10) -> dict:
+def time_peer(name: str, acts: torch.Tensor, n_warmup: int = 2, n_steps: int = 10, autocast: bool = False) -> dict:
     """Time `n_steps` full training steps of peer `name` after `n_warmup` untimed ones.
 
     `acts` is an (N, 576) float32 tensor, consumed in batches of 4096 (cycling).
@@ -316,9 +321,9 @@ def time_peer(name: str, acts: torch.Tensor, n_warmup: int = 2, n_steps: int = 1
     if name not in PEERS or base not in builders:
         raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
     aux = name == base
-    step, dead, version = builders[base](aux=aux)
+    step, dead, version = builders[base](aux=aux, autocast=autocast)
     result = _time_steps(step, acts, n_warmup, n_steps, dead)
-    return {**result, "version": version, "aux": aux}
+    return {**result, "version": version, "aux": aux, "autocast_bf16": autocast}
 
 
 # --------------------------------------------------------------------------- script
@@ -340,7 +345,7 @@ def _reexec_with_malloc_keep() -> None:
 def _run_one(name: str, args: argparse.Namespace) -> dict:
     acts = load_activations(args.activations) if args.activations else \
         make_activations((args.n_warmup + args.n_steps) * BATCH)
-    result = time_peer(name, acts, args.n_warmup, args.n_steps)
+    result = time_peer(name, acts, args.n_warmup, args.n_steps, args.autocast)
     result.update(
         malloc_keep=args.malloc_keep,
         malloc_env=_malloc_env(),
@@ -362,6 +367,8 @@ def _run_in_child(name: str, args: argparse.Namespace) -> dict:
             cmd += ["--activations", args.activations]
         if args.malloc_keep:
             cmd.append("--malloc-keep")
+        if args.autocast:
+            cmd.append("--autocast")
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # the parent prints the summary
         if proc.returncode != 0:
             return {"error": f"exit status {proc.returncode}"}
@@ -379,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated subset of: {', '.join(PEERS)}")
     parser.add_argument("--n-warmup", type=int, default=2)
     parser.add_argument("--n-steps", type=int, default=10)
+    parser.add_argument("--autocast", action="store_true", help="the peers' bf16 autocast (the bf16 comparison)")
     args = parser.parse_args(argv)
     if args.malloc_keep:
         _reexec_with_malloc_keep()

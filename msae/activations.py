@@ -53,8 +53,9 @@ def _corpus_fingerprint(info: CorpusInfo) -> str:
     return f"file:{info.file.sha256}"
 
 
-def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None) -> dict:
-    """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again."""
+def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, lm_dtype: str | None = None) -> dict:
+    """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again, `lm_dtype`
+    is the dtype the model runs in (default: the one `cfg.precision` gives on its device)."""
     key = {
         "format": CACHE_FORMAT,
         "model": cfg.model,
@@ -64,7 +65,7 @@ def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None) 
         "outlier_factor": cfg.outlier_factor,
         "cache_dtype": cfg.cache_dtype,
     }
-    lm_dtype = lm_dtype_name(cfg)
+    lm_dtype = lm_dtype or lm_dtype_name(cfg)
     if lm_dtype != "float32":  # float32 caches keep the key (and so the directory) they had before bf16 existed
         key["lm_dtype"] = lm_dtype
     return key
@@ -247,12 +248,9 @@ def extract(
     if cfg.corpus != "builtin":
         next(corpus_mod.file_documents(cfg.corpus))  # so is an empty, binary or unreadable one
     lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
-    if str(lm.dtype).removeprefix("torch.") != lm_dtype_name(cfg):
-        raise ValueError(f"the model runs in {lm.dtype} but the extraction asks for precision {cfg.precision} "
-                         f"({lm_dtype_name(cfg)}): load it with that precision")
     layer = lm.default_layer if cfg.layer is None else cfg.layer
     check_layer(lm, layer)  # before the progress bar, which the message would be printed into
-    key = cache_key(cfg, layer, corpus)
+    key = cache_key(cfg, layer, corpus, lm_dtype=str(lm.dtype).removeprefix("torch."))  # the model given decides
     cache = cache_path_for(key, root)
     manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)
     full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],

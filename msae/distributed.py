@@ -147,6 +147,9 @@ def launch(device: str = "auto") -> Iterator[World]:
     previous = signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
         yield World(rank, size)
+        # The ranks leave together: a rank that tore its group down while rank 0 was still saving and evaluating
+        # was seen to abort in gloo's teardown ("terminate called without an active exception") after a whole run.
+        dist.barrier()
     finally:
         signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()

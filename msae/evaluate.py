@@ -152,7 +152,8 @@ def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int
     heldout = CachedActivations(cache, heldout=True)
     contexts = heldout_contexts(cache)[:n_contexts]
     layer = read_manifest(cache)["key"]["layer"]
-    sae = run.load_sae(device=lm.device)
+    # The encoder in the model's precision: one setting for the forward and the SAE.
+    sae = run.load_sae(device=lm.device, precision="bfloat16" if lm.dtype == torch.bfloat16 else "float32")
     result = reconstruction_metrics(sae, heldout.all_rows(4096))
     result = dataclasses.replace(result, layer=layer, parts=fvu_by_part(sae, heldout),
                                  **ce_loss_recovered(lm, sae, contexts, layer))

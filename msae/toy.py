@@ -426,6 +426,9 @@ def compare(
         log_every=max(1, steps // 10),
         # Kernels a few dozen wide are faster on the CPU than their GPU launch.
         device="cpu",
+        # The toys are the exact reference (known features, exact absorption): float32 throughout. Matmuls a few
+        # dozen wide gain nothing from bf16, and its rounding would move the measured figures.
+        precision="float32",
         seed=seed,
     )
     settings.update(train_overrides)
@@ -436,7 +439,7 @@ def compare(
         started = time.perf_counter()
         run_dirs = Trainer(cfg, TensorBatches(train_acts), root, run_info=RunInfo(toy=toy_info(toy))).train()
         train_s = time.perf_counter() - started
-        saes = {name: Run(d).load_sae() for name, d in run_dirs.items()}
+        saes = {name: Run(d).load_sae(precision=cfg.precision) for name, d in run_dirs.items()}
         results = {name: evaluate(sae, toy, eval_acts, eval_present) for name, sae in saes.items()}
         recovery = toy_tree_recovery(toy, saes["matryoshka"], eval_acts) if len(widths) > 1 else None
         if out_dir is not None:

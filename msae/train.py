@@ -130,9 +130,10 @@ def calibrate_threshold(sae: SAE, batches: list[Tensor], k: int, world: World = 
     rows, T the number BatchTopK keeps. The candidates are each batch's 2·k·B largest values, enough unless one batch
     holds over twice its share of the top T (checked, and recorded as `exact`)."""
     running = float(sae.threshold.max())
-    # Selected as inference selects (msae.sae.SAE.select: the compute dtype), so that θ is one of its values.
-    x_parts = [(x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec).to(sae.compute_dtype) for x in batches]
-    W_enc, b_enc = sae.encoder_weights()
+    # In the weights' dtype whatever the compute dtype: θ is a figure of the run, and bf16 pre-activations tie in
+    # bins of 2^-8 of their size, so no θ could make a bf16 count exact (bf16 inference keeps within one such bin).
+    x_parts = [x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec for x in batches]
+    W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
     per_batch, kept, rows = [], 0, 0
     # Every rank pads its candidates to the largest rank's count: the all-gather needs one shape (an odd batch
     # splits into parts one row apart).

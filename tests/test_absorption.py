@@ -10,17 +10,12 @@ import torch
 
 from msae.analysis import absorption as ab
 from msae.io import SAELoadError, save_sae
-from msae.lm import load_lm, residual_after
+from msae.lm import residual_after
 from msae.run import Run
 from msae.sae import SAE
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
 SLICE = ab.AbsorptionConfig(letters="abst", per_letter=40)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_lm("smollm2-135m", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from msae import io, toy
+from msae.run import Run
 from msae.activations import extract
 from msae.config import AnalyzeConfig, ExtractConfig
 from msae.analysis import hierarchy, search
@@ -160,13 +161,6 @@ def test_matching_pairs_identical_and_permuted_dictionaries():
 
 
 @pytest.fixture(scope="module")
-def lm():
-    from msae.lm import load_lm
-
-    return load_lm()
-
-
-@pytest.fixture(scope="module")
 def small_runs(lm, tmp_path_factory):
     """Copies of the shipped runs (their SAEs only) with a small cache of real text on the shipped layer."""
     root = tmp_path_factory.mktemp("runs")
@@ -208,7 +202,7 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     manifest = _analyze(runs, text, lm)
     store = load_store(runs["matryoshka"])
     assert store.manifest == manifest
-    sae, _ = io.load_sae(runs["matryoshka"], dtype=torch.float32)
+    sae = Run(runs["matryoshka"]).load_sae()  # as the analysis loads it (its precision)
     lat = store.latents
     assert len(lat) == sae.d_sae and (lat["group"].diff().fillna(0) >= 0).all()
     assert manifest.rows == sum(s["rows"] for s in json.loads((cache / "manifest.json").read_text())["shards"])

@@ -419,7 +419,7 @@ def test_compare_runs_one_text_through_both_saes(env, lm):
     text = "<script>alert(1)</script> The battle of Waterloo."
     at.text_area(key="compare_text").input(text).run()
     ok(at)
-    saes = [io.load_sae(env[n], dtype=torch.float32)[0].eval() for n in ("matryoshka", "vanilla")]
+    saes = [Run(env[n]).load_sae() for n in ("matryoshka", "vanilla")]  # as the app loads them (its precision)
     want = text_latents(lm, saes, 15, text)
     per_token, matched, only_a, only_b = (d.value for d in at.dataframe)
     assert list(per_token["token"]) == [tables.token_label(t) for t in want.tokens]
@@ -445,7 +445,7 @@ def test_prompts_highlight_heatmap_paths_and_csv(env, lm, media):
     body = html_of(at)
     assert not re.search(r"<(script|b)\b", body) and "&lt;" in body
     assert html.unescape(re.sub(r"<[^>]+>", "", body)) == text  # the markup reads as text
-    sae = io.load_sae(env["matryoshka"], dtype=torch.float32)[0].eval()
+    sae = Run(env["matryoshka"]).load_sae()  # as the app loads it (its precision)
     want = text_latents(lm, [sae], 15, text)
     assert len(re.findall(r'class="msae-tok[ "]', body)) == len(want.tokens) and "msae-active" in body
 
