@@ -60,10 +60,10 @@ class BuiltinSource:
     """How its file(s) are read (a key of _FORMATS); None: named after the part (the first built-in parts)."""
 
     def path(self) -> Path | None:
-        """The part's file, or for a part of many files (a glob in relpath) its folder; None when absent."""
+        """The part's file, or for a part of many files its pattern (a glob in relpath); None when absent."""
         if self.system is not None:
             if any(c in self.relpath for c in "*?["):
-                return Path(self.system) if self.files() else None
+                return Path(self.system) / self.relpath if self.files() else None
             path = Path(self.system) / self.relpath
             return path if path.is_file() else None
         spec = importlib.util.find_spec(self.package)
@@ -147,7 +147,7 @@ LARGE_EXTRA_SOURCES = (
                   "Free On-line Dictionary of Computing (Debian dict-foldoc)", system=DICTD_DIR,
                   licence="GFDL-1.1+", format="dictd"),
     BuiltinSource("man-pages", "manpages", "manpages.list",
-                  "Linux man-pages, sections 1, 4, 5 and 7 (devices, file formats, overviews), roff stripped "
+                  "Linux man-pages, mostly sections 4, 5 and 7 (devices, file formats, overviews), roff stripped "
                   "(Debian manpages)", system="/var/lib/dpkg/info",
                   licence="Linux-man-pages-copyleft, GPL-2+ and others (free)", format="man"),
     BuiltinSource("man-pages-dev", "manpages-dev", "manpages-dev.list",
