@@ -60,11 +60,11 @@ class BuiltinSource:
     """How its file(s) are read (a key of _FORMATS); None: named after the part (the first built-in parts)."""
 
     def path(self) -> Path | None:
-        """The part's file, or for a part of many files its pattern (a glob in relpath); None when absent."""
+        """The part's file, or for a part of many files its pattern or package file list; None when absent."""
         if self.system is not None:
-            if any(c in self.relpath for c in "*?["):
-                return Path(self.system) / self.relpath if self.files() else None
             path = Path(self.system) / self.relpath
+            if self.many_files():
+                return path if self.files() else None
             return path if path.is_file() else None
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
@@ -72,16 +72,21 @@ class BuiltinSource:
         path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
         return path if path.exists() else None
 
+    def many_files(self) -> bool:
+        """Whether relpath names several files: a glob, or a Debian package's file list (PACKAGE.list)."""
+        return self.system is not None and (any(c in self.relpath for c in "*?[") or self.relpath.endswith(".list"))
+
     def files(self) -> list[Path]:
         """Every file the part reads, in reading order."""
-        if self.system is not None and any(c in self.relpath for c in "*?["):
+        if self.many_files():
+            if self.relpath.endswith(".list"):
+                listing = Path(self.system) / self.relpath
+                return _package_files(listing, _LISTED[self.format]) if listing.is_file() else []
             found = sorted(p for p in Path(self.system).glob(self.relpath) if p.is_file())
             return list({p.resolve(): p for p in reversed(found)}.values())[::-1]  # one path a file (links)
         path = self.path()
         if path is None:
             return []
-        if self.format == "man":
-            return _man_pages(path)
         if self.format == "dictd":
             return [path, path.with_name(path.name.removesuffix(".index") + ".dict.dz")]
         return [path]
@@ -107,6 +112,7 @@ BUILTIN_SOURCES = (
 )
 
 DICTD_DIR = "/usr/share/dictd"
+DPKG_INFO = "/var/lib/dpkg/info"
 DICT_DOCUMENT_CHARS = 4000
 """Dictionary entries are short: consecutive entries make a document of at least this many characters."""
 
@@ -140,19 +146,19 @@ LARGE_EXTRA_SOURCES = (
     BuiltinSource("postgresql-docs", "postgresql-doc-15", "postgresql-doc-*/html/*.html",
                   "The PostgreSQL manual, one document a page (HTML stripped; Debian postgresql-doc-15)",
                   system="/usr/share/doc", licence="PostgreSQL (BSD-style)", format="html"),
-    BuiltinSource("perl-docs", "perl-doc", "5.*/pod/*.pod",
+    BuiltinSource("perl-docs", "perl-doc", "perl-doc.list",
                   "Perl's documentation (perlintro, perlfunc, perlfaq, ...), POD markup stripped (Debian perl-doc)",
-                  system="/usr/share/perl", licence="GPL-1+ or Artistic", format="pod"),
+                  system=DPKG_INFO, licence="GPL-1+ or Artistic", format="pod"),
     BuiltinSource("foldoc", "dict-foldoc", "foldoc.index",
                   "Free On-line Dictionary of Computing (Debian dict-foldoc)", system=DICTD_DIR,
                   licence="GFDL-1.1+", format="dictd"),
     BuiltinSource("man-pages", "manpages", "manpages.list",
                   "Linux man-pages, mostly sections 4, 5 and 7 (devices, file formats, overviews), roff stripped "
-                  "(Debian manpages)", system="/var/lib/dpkg/info",
+                  "(Debian manpages)", system=DPKG_INFO,
                   licence="Linux-man-pages-copyleft, GPL-2+ and others (free)", format="man"),
     BuiltinSource("man-pages-dev", "manpages-dev", "manpages-dev.list",
                   "Linux man-pages, sections 2 and 3 (system calls, C library), roff stripped (Debian manpages-dev)",
-                  system="/var/lib/dpkg/info", licence="Linux-man-pages-copyleft, GPL-2+ and others (free)",
+                  system=DPKG_INFO, licence="Linux-man-pages-copyleft, GPL-2+ and others (free)",
                   format="man"),
 )
 """Debian packages of real English text, each optional. Not among them: Debian's fortune packages, which the
@@ -325,14 +331,19 @@ def _sword_documents(files: list[Path], name: str) -> Iterator[Document]:
                     yield Document(text, f"{name}:{found.group(1)}")
 
 
-def _man_pages(dpkg_list: Path) -> list[Path]:
-    """The manual pages a Debian package installed (its dpkg file list), English only, links left out."""
-    pages = []
+_LISTED = {"man": r"/usr/share/man/man\w+/[^/]+\.gz", "pod": r"/usr/share/perl/[^/]+/pod/[^/]+\.pod"}
+"""For a part read from the files its Debian package installed (relpath PACKAGE.list in DPKG_INFO, as the
+same folders hold other packages' files): which of them, by format. English man pages only."""
+
+
+def _package_files(dpkg_list: Path, pattern: str) -> list[Path]:
+    """The files a Debian package installed (its dpkg file list) that match `pattern`, links left out."""
+    files = []
     for line in dpkg_list.read_text(encoding="utf-8", errors="replace").splitlines():
         path = Path(line)
-        if re.fullmatch(r"/usr/share/man/man\w+/[^/]+\.gz", line) and path.is_file() and not path.is_symlink():
-            pages.append(path)
-    return sorted(pages)
+        if re.fullmatch(pattern, line) and path.is_file() and not path.is_symlink():
+            files.append(path)
+    return sorted(files)
 
 
 def _read_text(path: Path) -> str:
@@ -393,7 +404,7 @@ def source_sha256(source: BuiltinSource) -> str | None:
     files = source.files()
     if not files:
         return None
-    if len(files) == 1 and source.format not in ("man",) and not any(c in source.relpath for c in "*?["):
+    if len(files) == 1 and not source.many_files():
         return _sha256_file(files[0])
     digest = hashlib.sha256()
     for path in files:

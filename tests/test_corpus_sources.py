@@ -315,3 +315,17 @@ def test_installed_parts_read_as_plain_text(source):
     text = "\n".join(d.text for d in docs)
     for markup_left in ("<div", "</p>", "\\fB", "=head1", ":func:`", "[1913 Webster]", 'lemma="strong'):
         assert markup_left not in text, f"{source.name}: {markup_left!r} left in the text"
+
+
+def test_a_part_read_from_a_package_file_list_needs_its_files(tmp_path):
+    """perl-doc removed leaves its file list (config-files) and other packages' .pod files in the same folder: the
+    part is absent, not read from what happens to be there."""
+    page = tmp_path / "usr/share/man/man7/x.7.gz"
+    listing = tmp_path / "manpages.list"
+    listing.write_text(f"/usr/share/man/man7/gone.7.gz\n{page}\n")
+    source = BuiltinSource("man-pages", "manpages", "manpages.list", "t", system=str(tmp_path), format="man")
+    assert source.files() == [] and source.path() is None
+    assert corpus_mod._package_files(listing, r"/usr/share/man/man\w+/[^/]+\.gz") == []
+    if Path("/var/lib/dpkg/info/manpages-dev.list").is_file():
+        pages = corpus_mod._package_files(Path("/var/lib/dpkg/info/manpages-dev.list"), corpus_mod._LISTED["man"])
+        assert pages and all(p.suffix == ".gz" and "/man" in str(p) and not p.is_symlink() for p in pages)
