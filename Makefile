@@ -47,7 +47,7 @@ browser:
 CORPUS_DEBS := wordnet-base sword-text-kjv dict-devil dict-gcide dict-jargon dict-foldoc debian-handbook \
   debian-reference-en python3-doc postgresql-doc-15 perl-doc manpages manpages-dev
 corpus:
-	@missing=""; for p in $(CORPUS_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(CORPUS_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q " installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "Installing Debian text packages for the corpora (apt-get):$$missing"; \
