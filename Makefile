@@ -10,7 +10,7 @@ STAMP := $(VENV)/.msae-installed
 TAXONOMY := assets/taxonomy/smollm2-135m-wordnet.json
 WORDNET := $(wildcard /usr/share/wordnet/data.noun)
 
-.PHONY: app test bench setup browser clean
+.PHONY: app test bench setup browser corpus clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
-app: setup
+app: setup corpus
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
 
 # The real-browser test (tests/test_browser.py) drives Debian's chromium through playwright. As root with apt, install
@@ -41,12 +41,31 @@ browser:
 	  echo "warning: apt-get could not install chromium; the browser test will be skipped"; \
 	fi
 
+# The `large` corpus's Debian text packages (and wordnet-base, part of `builtin` too; msae corpus --info lists them
+# with their licences). As root with apt, install those missing, quietly; otherwise (or if apt fails) a note, and
+# the corpora are read without them: no test and no page needs them.
+CORPUS_DEBS := wordnet-base sword-text-kjv dict-devil dict-gcide dict-jargon dict-foldoc debian-handbook \
+  debian-reference-en python3-doc postgresql-doc-15 perl-doc manpages manpages-dev
+corpus:
+	@missing=""; for p in $(CORPUS_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q " installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian text packages for the corpora (apt-get):$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } || \
+	    echo "warning: apt-get could not install$$missing; the corpora are read without them"; \
+	  else \
+	    echo "note: not root with apt-get, so$$missing stay missing; the corpora are read without them"; \
+	  fi; \
+	fi
+
 # WordNet's noun taxonomy as SmolLM2 token sets ships in assets/; where Debian's wordnet-base is installed and newer,
 # it is built again from it (msae taxonomy).
 $(TAXONOMY): $(WORDNET) | $(STAMP)
 	$(BIN)/msae taxonomy --out $@
 
-test: setup browser $(TAXONOMY)
+test: setup browser corpus $(TAXONOMY)
 	$(BIN)/python -m pytest
 
 bench: setup

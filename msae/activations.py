@@ -33,12 +33,11 @@ CACHE_FORMAT = 1
 def corpus_provenance(corpus: str) -> CorpusInfo:
     """Where the text comes from, as cfg.json records it: the built-in parts (package, file inside it, content
     hash) or the user's file (the path as given, content hash). No absolute path of this machine."""
-    if corpus == "builtin":
+    if corpus in corpus_mod.CORPORA:
         sources = []
-        for part in corpus_mod.present_sources():
-            path = part.path()
-            sources.append(BuiltinFile(part.name, part.package, part.relpath, io.sha256_file(path) if path else None))
-        return CorpusInfo(kind="builtin", sources=sources)
+        for part in corpus_mod.present_sources(corpus):
+            sources.append(BuiltinFile(part.name, part.package, part.relpath, corpus_mod.source_sha256(part)))
+        return CorpusInfo(kind=corpus, sources=sources)
     path = Path(corpus)
     if not path.is_file():
         raise corpus_mod.CorpusError(f"{corpus}: no such file")
@@ -48,8 +47,8 @@ def corpus_provenance(corpus: str) -> CorpusInfo:
 def _corpus_fingerprint(info: CorpusInfo) -> str:
     """The corpus's part of the cache key: its content, so a moved file keeps its cache and an edited one does
     not (and the key is the same on every machine)."""
-    if info.kind == "builtin":
-        return "builtin:" + ",".join(f"{s.name}={s.sha256}" for s in info.sources)
+    if info.kind != "file":
+        return f"{info.kind}:" + ",".join(f"{s.name}={s.sha256}" for s in info.sources)
     return f"file:{info.file.sha256}"
 
 
@@ -245,7 +244,7 @@ def extract(
     from tqdm.auto import tqdm
 
     corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
-    if cfg.corpus != "builtin":
+    if cfg.corpus not in corpus_mod.CORPORA:
         next(corpus_mod.file_documents(cfg.corpus))  # so is an empty, binary or unreadable one
     lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
@@ -259,8 +258,8 @@ def extract(
         return cache
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), dtype=torch.long)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    if cfg.corpus == "builtin" and corpus_mod.missing_note() and world.main:
-        print(f"note: {corpus_mod.missing_note()}")
+    if cfg.corpus in corpus_mod.CORPORA and corpus_mod.missing_note(cfg.corpus) and world.main:
+        print(f"note: {corpus_mod.missing_note(cfg.corpus)}")
     writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
     doc_parts: list[int] = []  # per document read so far, its part's index in manifest["parts"]
     manifest.setdefault("parts", [])

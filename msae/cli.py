@@ -157,18 +157,21 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from msae.corpus import corpus_info, missing_note
+    from msae.corpus import CORPORA, corpus_info, missing_note
     from msae.lm import load_lm
 
     tokenizer = load_lm(args.model, "cpu").tokenizer if args.info else None
     rows = corpus_info(tokenizer)
     for row in rows:
-        counts = f"  {row['documents']} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
-        print(f"{row['name']}: {row['description']}{counts}\n    {row['file']}")
-    if tokenizer is not None:
-        print(f"total: {sum(r.get('tokens', 0) for r in rows):,} tokens ({args.model} tokenizer)")
-    if missing_note():
-        print(f"note: {missing_note()}")
+        counts = f"  {row['documents']:,} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
+        print(f"{row['name']}: {row['description']}{counts}\n    licence: {row['licence']}; in: "
+              f"{', '.join(row['corpora'])}\n    {row['file']}")
+    for corpus in CORPORA:
+        if tokenizer is not None:
+            total = sum(r.get("tokens", 0) for r in rows if corpus in r["corpora"])
+            print(f"total {corpus}: {total:,} distinct tokens ({args.model} tokenizer)")
+        if missing_note(corpus):
+            print(f"note: {missing_note(corpus)}")
     return 0
 
 
@@ -364,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(extract_parser, ExtractConfig)
     extract_parser.set_defaults(func=cmd_extract)
 
-    corpus = sub.add_parser("corpus", help="the built-in corpus: provenance (and token counts with --info)")
+    corpus = sub.add_parser("corpus", help="the named corpora's parts: provenance, licence (and token counts with --info)")
     corpus.add_argument("--info", action="store_true", help="count documents and tokens with the model's tokenizer")
     corpus.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens")
     corpus.set_defaults(func=cmd_corpus)

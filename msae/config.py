@@ -356,7 +356,8 @@ class ExtractConfig(Config):
     layer: int | None = None
     """Residual stream after this block; None is the middle block."""
     corpus: str = "builtin"
-    """'builtin' or a path to a .txt / .jsonl / .csv / .parquet file."""
+    """'builtin', 'large' (builtin and Debian's text packages where installed; `msae corpus --info`) or a path
+    to a .txt / .jsonl / .csv / .parquet file."""
     tokens: int = 2_000_000
     """Activation rows to have in the cache (after filtering); the cache grows to this if it holds fewer."""
     ctx_len: int = 128

@@ -38,7 +38,7 @@ class BuiltinFile(Record):
     name: str
     """The part's name (wikipedia, news, python-docs)."""
     package: str
-    """The Python package that ships it."""
+    """The Python or Debian package that ships it."""
     file: str
     """Its path inside the package."""
     sha256: str | None = None
@@ -49,10 +49,10 @@ class BuiltinFile(Record):
 class CorpusInfo(Record):
     """Which text the activations were extracted from."""
 
-    kind: Literal["builtin", "file"]
-    """builtin (the parts in `sources`) or a user file (`file`)."""
+    kind: Literal["builtin", "large", "file"]
+    """A named corpus (the parts in `sources`) or a user file (`file`)."""
     sources: list[BuiltinFile] = field(default_factory=list)
-    """The built-in corpus's parts."""
+    """The named corpus's parts."""
     file: InputFile | None = None
     """The user's corpus file."""
 

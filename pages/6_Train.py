@@ -14,7 +14,8 @@ from msae.lm import precision_note
 from msae.uploads import UploadError, max_upload_mb, safe_name, save_corpus_upload
 
 REFRESH_S = 2
-SOURCES = {"builtin": "the built-in corpus", "upload": "an uploaded text file", "activations": "an activations file on this machine"}
+SOURCES = {"builtin": "the built-in corpus", "large": "the large corpus (built-in + Debian's text packages)",
+           "upload": "an uploaded text file", "activations": "an activations file on this machine"}
 
 state.setup("Train")
 st.title("Train")
@@ -126,7 +127,7 @@ def training_job(corpus: str | None) -> TrainJob:
     if source == "activations":
         return TrainJob(train=train, activations=acts_path)
     extract = ExtractConfig(model=model.strip(), layer=None if layer is None else int(layer), tokens=int(tokens),
-                            corpus=corpus or "builtin")
+                            corpus=corpus or (source if source in ("builtin", "large") else "builtin"))
     return TrainJob(train=train, extract=extract)
 
 

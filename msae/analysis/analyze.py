@@ -45,7 +45,8 @@ def extract_config(run: Run, acfg: AnalyzeConfig, how: str = "pass --model and -
     if model is None or layer is None:
         raise AnalysisError(f"{run.path}: cfg.json does not record the model and layer it was trained on; {how}")
     recorded = ext.corpus
-    corpus = acfg.corpus or (recorded.file.path if recorded is not None and recorded.kind == "file" else "builtin")
+    named = "builtin" if recorded is None else recorded.file.path if recorded.kind == "file" else recorded.kind
+    corpus = acfg.corpus or named
     out = ExtractConfig(model=model, layer=int(layer), corpus=corpus, device=acfg.device, precision=acfg.precision)
     for name in ("ctx_len", "outlier_factor", "cache_dtype"):
         if getattr(ext, name) is not None:
