@@ -80,6 +80,30 @@ def _holder_text(path: Path) -> str:
         return "another process"
 
 
+def _lock_file(out_dir: Path, tries: int = 3):
+    """OUT/.msae.lock opened and exclusively locked. A holder unlinks the file as it releases it, so a lock taken on
+    a file that is no longer at that path (its holder finished in between) is dropped and taken again."""
+    for _ in range(tries):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            f = open(out_dir / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise RunError(f"{out_dir}: cannot write there ({exc.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, "
+                           f"stop it, or pick another --out") from None
+        try:
+            if os.stat(out_dir / LOCK_FILE).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise RunInUse(f"{out_dir}: other processes keep taking and releasing it; try again")
+
+
 @contextmanager
 def locked(out_dir: Path | str) -> Iterator[Path]:
     """Own a directory for writing: an exclusive lock on OUT/.msae.lock (flock, so the OS releases it when the
@@ -91,17 +115,7 @@ def locked(out_dir: Path | str) -> Iterator[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise RunError(f"{out_dir} is a file, not a directory: pick another directory")
     created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        f = open(out_dir / LOCK_FILE, "a+")
-    except OSError as exc:
-        raise RunError(f"{out_dir}: cannot write there ({exc.strerror})") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, stop "
-                       f"it, or pick another --out") from None
+    f = _lock_file(out_dir)
     try:
         f.seek(0)
         f.truncate()
