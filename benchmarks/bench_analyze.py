@@ -1,12 +1,14 @@
 """Time and peak memory of `msae analyze`; writes a JSON.
 
     python benchmarks/bench_analyze.py RUN_DIR [--against OTHER] [--tokens N] [--no-absorption]
-        [--out benchmarks/results/analyze.json]
+        [--precision auto|float32|bfloat16] [--cache CACHE_DIR] [--out benchmarks/results/analyze.json]
     python benchmarks/bench_analyze.py RUN_DIR --random-widths 1024,2048,4096,8192,16384 --no-absorption \
         [--grow-cache 1000000]
 
+The runs are copied (their weights and cfg.json) and the copies analysed, so no run's store changes. --cache
+analyses over another activation cache of the same model and layer (a smaller one, say) instead of the recorded one.
 With --random-widths, a randomly initialised Matryoshka SAE of those widths is analysed over RUN_DIR's
-activation cache instead (the memory bound of issue 4: 16,384 latents over the cache must fit in 8 GB; a random
+activation cache instead (the memory bound: 16,384 latents over the cache must fit in 8 GB; a random
 SAE fires more evenly than a trained one, which makes the co-activation table larger, not smaller);
 --grow-cache repeats the cache's shards (as new contexts) up to that many rows, for more rows than the corpus has.
 The analysis runs in a child process so that its peak RSS is its own; results are merged into the JSON under a
@@ -61,6 +63,17 @@ def grown_cache(cache: Path, rows: int, out: Path) -> tuple[Path, int]:
     return out, total
 
 
+def sae_copy(run_dir: Path, to: Path) -> Path:
+    """A directory holding the run's SAE (weights and cfg.json) and nothing else, named like the run."""
+    from msae.io import CFG_FILE, WEIGHTS_FILE
+
+    to = to / run_dir.name
+    to.mkdir(parents=True)
+    for name in (WEIGHTS_FILE, CFG_FILE):
+        shutil.copy2(run_dir / name, to / name)
+    return to
+
+
 def child(args: argparse.Namespace) -> dict:
     import torch
 
@@ -73,7 +86,12 @@ def child(args: argparse.Namespace) -> dict:
     from msae.sae import SAE
 
     run_dir = Path(args.run_dir)
-    cache = None
+    cache = Path(args.cache) if args.cache else None
+    copies = Path(tempfile.mkdtemp(prefix="msae-bench-analyze-runs-"))
+    # The analysis writes its store beside the SAE: it runs on copies of the runs' two files, never on the runs
+    # themselves (the shipped runs' stores are assets).
+    run_dir, against = sae_copy(run_dir, copies / "run"), [sae_copy(Path(a), copies / f"against-{i}")
+                                                           for i, a in enumerate(args.against)]
     if args.random_widths:
         widths = [int(w) for w in args.random_widths.split(",")]
         run = Run(run_dir)
@@ -88,15 +106,18 @@ def child(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    manifest = analyze(run_dir, against=[Path(a) for a in args.against],
-                       acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption), cache=cache)
+    manifest = analyze(run_dir, against=against, cache=cache,
+                       acfg=AnalyzeConfig(tokens=args.tokens, absorption=not args.no_absorption, precision=args.precision))
     seconds = time.perf_counter() - t0
     if args.random_widths:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(copies, ignore_errors=True)
     return {
         "run": str(args.run_dir) + (f" (random SAE, widths {args.random_widths}"
                                     f"{f', cache grown to {args.grow_cache:,} rows' if args.grow_cache else ''})"
-                                    if args.random_widths else ""),
+                                    if args.random_widths else "")
+               + (f" on cache {Path(args.cache).name}" if args.cache else "") + f", precision {args.precision}",
+        "precision": args.precision,
         "against": args.against,
         "rows": manifest.rows,
         "d_sae": manifest.d_sae,
@@ -115,6 +136,9 @@ def main() -> None:
     parser.add_argument("--no-absorption", action="store_true")
     parser.add_argument("--random-widths")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="the encoders' precision (AnalyzeConfig.precision)")
+    parser.add_argument("--cache", help="analyse over this activation cache instead of the one the run records")
     parser.add_argument("--grow-cache", type=int, metavar="ROWS",
                         help="with --random-widths: repeat the cache's shards until it holds ROWS rows")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "analyze.json")
