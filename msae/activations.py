@@ -24,7 +24,8 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, residual_after, resolve_device
+from msae.lm import (LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, model_identity, residual_after,
+                     resolve_device)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -52,12 +53,16 @@ def _corpus_fingerprint(info: CorpusInfo) -> str:
     return f"file:{info.file.sha256}"
 
 
-def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, lm_dtype: str | None = None) -> dict:
+def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, lm_dtype: str | None = None,
+              model: str | None = None) -> dict:
     """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again, `lm_dtype`
-    is the dtype the model runs in (default: the one `cfg.precision` gives on its device)."""
+    is the dtype the model runs in (default: the one `cfg.precision` gives on its device), `model` what the model
+    is (default: msae.lm.model_identity of cfg.model; LMLoadError when that cannot be known without loading it).
+    The model is keyed by what it is, not by its name, so the built-in name, the hub id and the folder of one model
+    share one cache."""
     key = {
         "format": CACHE_FORMAT,
-        "model": cfg.model,
+        "model": model or model_identity(cfg.model),
         "layer": layer,
         "corpus": _corpus_fingerprint(corpus or corpus_provenance(cfg.corpus)),
         "ctx_len": cfg.ctx_len,
@@ -81,15 +86,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("MSAE_ACTIVATION_CACHE", cache_dir() / "activations"))
 
 
-def cache_path_for(key: dict, root: Path | None = None) -> Path:
-    """The cache directory for `key` under `root` (default: cache_root()); its name is the key's digest."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root if root is not None else cache_root()) / digest
+def cache_path_for(key: dict, root: Path | None = None, name: str | None = None) -> Path:
+    """The cache directory for `key` under `root` (default: cache_root()); its name is the key's digest. With
+    `name` (the model's name), a cache written before caches were keyed by what the model is (its key held the
+    name) is the one returned when it exists and the digest's directory does not: it holds the same rows."""
+    root = Path(root if root is not None else cache_root())
+    path = root / _digest(key)
+    if name is not None and not (path / MANIFEST).exists():
+        by_name = root / _digest({**key, "model": name})
+        if (by_name / MANIFEST).exists():
+            return by_name
+    return path
 
 
-def _new_manifest(key: dict, d_model: int) -> dict:
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_manifest(key: dict, d_model: int, model_name: str) -> dict:
     return {
         "key": key,
+        "model_name": model_name,  # the name it was first extracted under, for people and for re-extraction
         "d_model": d_model,
         "shards": [],
         "rows": 0,
@@ -249,9 +266,10 @@ def extract(
     lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
     check_layer(lm, layer)  # before the progress bar, which the message would be printed into
-    key = cache_key(cfg, layer, corpus, lm_dtype=str(lm.dtype).removeprefix("torch."))  # the model given decides
-    cache = cache_path_for(key, root)
-    manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)
+    # The model given decides its dtype and identity (one built in memory has no folder: keyed by cfg.model's).
+    key = cache_key(cfg, layer, corpus, lm_dtype=str(lm.dtype).removeprefix("torch."), model=lm.identity)
+    cache = cache_path_for(key, root, name=cfg.model)
+    manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model, cfg.model)
     full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
                                                 manifest["contexts_done"]])).tolist()
     if full:
@@ -419,7 +437,7 @@ def extraction_info(cache: Path, cfg: ExtractConfig) -> ExtractionInfo:
     m = read_manifest(cache)
     key = m["key"]
     return ExtractionInfo(
-        model=key["model"], layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
+        model=cfg.model, layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
         outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], lm_dtype=key.get("lm_dtype", "float32"),
         rows=m["rows"],
         contexts=m["contexts_done"], exhausted=m["exhausted"], dropped=m["dropped"], median_norm=m["median_norm"],

@@ -19,7 +19,7 @@ from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
-from msae.lm import LMLoadError, LoadedLM, load_lm
+from msae.lm import LMLoadError, LoadedLM, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
                           HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
@@ -57,7 +57,20 @@ def extract_config(run: Run, acfg: AnalyzeConfig, how: str = "pass --model and -
     return out
 
 
-KEY_FIELDS = ("model", "layer", "ctx_len", "outlier_factor", "cache_dtype")
+KEY_FIELDS = ("layer", "ctx_len", "outlier_factor", "cache_dtype")
+
+
+def same_model(keyed: str, name: str) -> bool:
+    """Whether a cache keyed by model `keyed` (a model identity, or a name in caches written before identities)
+    holds model `name`'s activations: the same name, or the same identity (msae.lm.model_identity), so the built-in
+    name, its hub id and its folder all find one cache."""
+    if keyed == name:
+        return True
+    try:
+        wanted = model_identity(name)
+        return keyed == wanted or (not is_identity(keyed) and model_identity(keyed) == wanted)
+    except LMLoadError:  # one of them cannot be resolved here: it is not known to be the same model
+        return False
 
 
 def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
@@ -66,14 +79,15 @@ def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
     needs no corpus file: a run whose corpus moved is still analysed on the activations it was trained on."""
     candidates = [cache_root() / cache_id] if cache_id else []
     try:
-        candidates.append(cache_path_for(cache_key(ecfg, ecfg.layer)))
-    except CorpusError:
+        candidates.append(cache_path_for(cache_key(ecfg, ecfg.layer), name=ecfg.model))
+    except (CorpusError, LMLoadError):  # no corpus file, or a model not on this machine: no cache to point to
         pass
     for cand in candidates:
         if (cand / MANIFEST).exists():
             m = read_manifest(cand)
             same = (all(m["key"].get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
-                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg))
+                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg)
+                    and same_model(m["key"].get("model", ""), ecfg.model))
             if same and (m["rows"] >= (ecfg.tokens or 0) or m["exhausted"]):
                 return cand
     return None
