@@ -110,7 +110,7 @@ def default_cache() -> Path:
     """The built-in layer-15 cache; refused unless its extraction has finished (a growing cache moves the
     held-out shard)."""
     cfg = ExtractConfig(layer=LAYER, tokens=TOKENS)
-    cache = cache_path_for(cache_key(cfg, LAYER))
+    cache = cache_path_for(cache_key(cfg, LAYER), name=cfg.model)
     manifest = read_manifest(cache)
     if manifest["rows"] < TOKENS and not manifest["exhausted"]:
         sys.exit(f"{cache} holds {manifest['rows']:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
@@ -120,10 +120,12 @@ def default_cache() -> Path:
 
 def builtin_extraction(cache: Path) -> ExtractConfig:
     """The extraction settings of a cache of the built-in corpus (what each run's cfg.json records)."""
-    key = read_manifest(cache)["key"]
+    manifest = read_manifest(cache)
+    key = manifest["key"]
     if not key["corpus"].startswith("builtin:"):
         sys.exit(f"{cache} is not a cache of the built-in corpus")
-    return ExtractConfig(model=key["model"], layer=key["layer"], ctx_len=key["ctx_len"],
+    # Caches keyed by what the model is keep its name beside the key; older ones keyed it by name.
+    return ExtractConfig(model=manifest.get("model_name", key["model"]), layer=key["layer"], ctx_len=key["ctx_len"],
                          outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"])
 
 

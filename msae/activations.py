@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,7 +26,8 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, residual_after, resolve_device
+from msae.lm import (LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, model_identity, residual_after,
+                     resolve_device)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -39,9 +42,84 @@ def corpus_provenance(corpus: str) -> CorpusInfo:
             sources.append(BuiltinFile(part.name, part.package, part.relpath, corpus_mod.source_sha256(part)))
         return CorpusInfo(kind=corpus, sources=sources)
     path = Path(corpus)
-    if not path.is_file():
-        raise corpus_mod.CorpusError(f"{corpus}: no such file")
-    return CorpusInfo(kind="file", file=InputFile(path=corpus, sha256=io.sha256_file(path)))
+    if not path.exists():
+        raise corpus_mod.CorpusError(f"{corpus}: no such file or folder")
+    return CorpusInfo(kind="file", file=InputFile(path=corpus, sha256=corpus_sha256(path)))
+
+
+def corpus_sha256(path: Path) -> str:
+    """A user corpus's content hash: a file's SHA-256; a folder's, that of its files' paths (relative to it) and
+    hashes, so a moved folder keeps its cache and an added, removed or edited file makes another."""
+    if not path.is_dir():
+        return io.sha256_file(path)
+    listing = "".join(f"{f.relative_to(path).as_posix()}={io.sha256_file(f)}\n" for f in corpus_mod.corpus_files(path))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def check_corpus(corpus: str) -> CorpusInfo:
+    """The corpus's provenance, refused (CorpusError) before any model loads when it is missing, empty, binary or
+    unreadable (a folder: its first file)."""
+    info = corpus_provenance(corpus)
+    if corpus not in corpus_mod.CORPORA:
+        next(corpus_mod.documents(corpus))
+    return info
+
+
+@dataclass
+class ExtractionEstimate:
+    """How long an extraction will take, said before it starts."""
+
+    rows: int
+    """Rows still to extract: the text's (up to cfg.tokens) less those already cached."""
+    text_rows: int
+    """Rows the text gives, counted up to cfg.tokens (fewer: the text runs out first)."""
+    cached_rows: int
+    rows_per_second: float
+    how: str
+    """Where the rate comes from."""
+
+    @property
+    def seconds(self) -> float:
+        return self.rows / self.rows_per_second if self.rows_per_second > 0 else float("inf")
+
+
+def estimate_extraction(cfg: ExtractConfig, lm: LoadedLM, layer: int, root: Path | None = None) -> ExtractionEstimate:
+    """The rows an extraction of `cfg` will add and the time it will take at a rate measured here: the text's
+    contexts counted (tokenised) up to cfg.tokens as the extraction counts them (position 0 dropped; special
+    tokens and outliers, a few per thousand, not foreseen), and the model timed on its first batch of contexts
+    (run twice, the second timed: the first pays one-off set-up)."""
+    cache = cache_for(cfg, lm, layer, root)
+    cached = read_manifest(cache)["rows"] if (cache / MANIFEST).exists() else 0
+    first: list[list[int]] = []
+    text_rows = 0
+    for tokens, _doc in corpus_mod.contexts(corpus_mod.documents(cfg.corpus), lm.tokenizer, cfg.ctx_len):
+        if len(first) < cfg.lm_batch:
+            first.append(tokens)
+        text_rows += len(tokens) - 1
+        if text_rows >= cfg.tokens:
+            break
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    batch = pad_batch(first, cfg.ctx_len, pad_id)
+    residual_after(lm, *batch, layer)
+    started = time.perf_counter()
+    residual_after(lm, *batch, layer)
+    rate = sum(len(t) - 1 for t in first) / max(time.perf_counter() - started, 1e-9)
+    text_rows = min(text_rows, cfg.tokens)
+    return ExtractionEstimate(rows=max(text_rows - cached, 0), text_rows=text_rows, cached_rows=cached,
+                              rows_per_second=rate,
+                              how=f"measured here on one batch of {len(first)} contexts ({_dtype_name(lm)} on {lm.device})")
+
+
+def _dtype_name(lm: LoadedLM) -> str:
+    return str(lm.dtype).removeprefix("torch.")
+
+
+def cache_for(cfg: ExtractConfig, lm: LoadedLM, layer: int, root: Path | None = None,
+              corpus: CorpusInfo | None = None) -> Path:
+    """The cache directory extracting `cfg` with `lm` fills: the model given decides its dtype and identity (one
+    built in memory has no folder: then cfg.model's identity)."""
+    key = cache_key(cfg, layer, corpus, lm_dtype=_dtype_name(lm), model=lm.identity)
+    return cache_path_for(key, root, name=cfg.model)
 
 
 def _corpus_fingerprint(info: CorpusInfo) -> str:
@@ -52,12 +130,16 @@ def _corpus_fingerprint(info: CorpusInfo) -> str:
     return f"file:{info.file.sha256}"
 
 
-def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, lm_dtype: str | None = None) -> dict:
+def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, lm_dtype: str | None = None,
+              model: str | None = None) -> dict:
     """What a cache holds, as a dict whose digest names its directory; `corpus` saves hashing it again, `lm_dtype`
-    is the dtype the model runs in (default: the one `cfg.precision` gives on its device)."""
+    is the dtype the model runs in (default: the one `cfg.precision` gives on its device), `model` what the model
+    is (default: msae.lm.model_identity of cfg.model; LMLoadError when that cannot be known without loading it).
+    The model is keyed by what it is, not by its name, so the built-in name, the hub id and the folder of one model
+    share one cache."""
     key = {
         "format": CACHE_FORMAT,
-        "model": cfg.model,
+        "model": model or model_identity(cfg.model),
         "layer": layer,
         "corpus": _corpus_fingerprint(corpus or corpus_provenance(cfg.corpus)),
         "ctx_len": cfg.ctx_len,
@@ -81,15 +163,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("MSAE_ACTIVATION_CACHE", cache_dir() / "activations"))
 
 
-def cache_path_for(key: dict, root: Path | None = None) -> Path:
-    """The cache directory for `key` under `root` (default: cache_root()); its name is the key's digest."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root if root is not None else cache_root()) / digest
+def cache_path_for(key: dict, root: Path | None = None, name: str | None = None) -> Path:
+    """The cache directory for `key` under `root` (default: cache_root()); its name is the key's digest. With
+    `name` (the model's name), a cache written before caches were keyed by what the model is (its key held the
+    name) is the one returned when it exists and the digest's directory does not: it holds the same rows."""
+    root = Path(root if root is not None else cache_root())
+    path = root / _digest(key)
+    if name is not None and not (path / MANIFEST).exists():
+        by_name = root / _digest({**key, "model": name})
+        if (by_name / MANIFEST).exists():
+            return by_name
+    return path
 
 
-def _new_manifest(key: dict, d_model: int) -> dict:
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_manifest(key: dict, d_model: int, model_name: str) -> dict:
     return {
         "key": key,
+        "model_name": model_name,  # the name it was first extracted under, for people and for re-extraction
         "d_model": d_model,
         "shards": [],
         "rows": 0,
@@ -243,15 +337,13 @@ def extract(
     writes them in corpus order: the very cache one process writes, stopping after the same batch."""
     from tqdm.auto import tqdm
 
-    corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
-    if cfg.corpus not in corpus_mod.CORPORA:
-        next(corpus_mod.file_documents(cfg.corpus))  # so is an empty, binary or unreadable one
+    corpus = check_corpus(cfg.corpus)
     lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
     check_layer(lm, layer)  # before the progress bar, which the message would be printed into
-    key = cache_key(cfg, layer, corpus, lm_dtype=str(lm.dtype).removeprefix("torch."))  # the model given decides
-    cache = cache_path_for(key, root)
-    manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)
+    cache = cache_for(cfg, lm, layer, root, corpus)
+    manifest = (read_manifest(cache) if (cache / MANIFEST).exists()
+                else _new_manifest(cache_key(cfg, layer, corpus, _dtype_name(lm), lm.identity), lm.d_model, cfg.model))
     full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
                                                 manifest["contexts_done"]])).tolist()
     if full:
@@ -419,7 +511,7 @@ def extraction_info(cache: Path, cfg: ExtractConfig) -> ExtractionInfo:
     m = read_manifest(cache)
     key = m["key"]
     return ExtractionInfo(
-        model=key["model"], layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
+        model=cfg.model, layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
         outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], lm_dtype=key.get("lm_dtype", "float32"),
         rows=m["rows"],
         contexts=m["contexts_done"], exhausted=m["exhausted"], dropped=m["dropped"], median_norm=m["median_norm"],

@@ -188,7 +188,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.activations is not None:
         return _analyze_activations(args, acfg)
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, say=print)
     print(format_analysis(manifest))
     absorption = Run(args.run_dir).absorption()
     if acfg.absorption and absorption is not None:

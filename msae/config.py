@@ -356,8 +356,9 @@ class ExtractConfig(Config):
     layer: int | None = None
     """Residual stream after this block; None is the middle block."""
     corpus: str = "builtin"
-    """'builtin', 'large' (builtin and Debian's text packages where installed; `msae corpus --info`) or a path
-    to a .txt / .jsonl / .csv / .parquet file."""
+    """'builtin', 'large' (builtin and Debian's text packages where installed; `msae corpus --info`), a path
+    to a .txt / .jsonl / .csv / .parquet file, or a folder: of such files (read in sorted order) or saved by
+    `datasets` (save_to_disk; read with the datasets package where it is installed)."""
     tokens: int = 2_000_000
     """Activation rows to have in the cache (after filtering); the cache grows to this if it holds fewer."""
     ctx_len: int = 128
@@ -502,7 +503,8 @@ class AnalyzeConfig(Config):
     layer: int | None = None
     """Override the layer recorded in the run's cfg.json."""
     corpus: str | None = None
-    """Override the corpus recorded in the run's cfg.json."""
+    """Override the corpus recorded in the run's cfg.json (or, for a SAELens SAE, the dataset its cfg.json names):
+    a named corpus, a file or a folder, as for extraction."""
     sample_rows: int = 300_000
     """Rows (the first ones of the pass) that the detection directions and Tree SAE's all-pairs score are computed
     on: both need many sums per row, and a direction or a latent's best children settle long before 1.5M rows."""

@@ -608,12 +608,84 @@ def file_documents(path: Path | str) -> Iterator[Document]:
         raise CorpusError(f"{path}: no text found in the file")
 
 
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")
+"""What `datasets`' save_to_disk writes at the top of its folder (a Dataset, a DatasetDict)."""
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk."""
+    return any((path / name).is_file() for name in SAVED_DATASET_FILES)
+
+
+def corpus_files(path: Path | str) -> list[Path]:
+    """The files a corpus path reads: the file itself; a folder's supported files at any depth (hidden ones
+    left out) in sorted order; every file of a saved `datasets` folder. Refused (CorpusError) when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        _check_readable(path)
+        return [path]
+    visible = sorted(p for p in path.rglob("*") if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if is_saved_dataset(path):
+        return visible
+    files = [p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES]
+    if not files:
+        raise CorpusError(f"{path}: a folder without text files (none ending in {', '.join(SUPPORTED_SUFFIXES)})")
+    return files
+
+
+def folder_documents(path: Path) -> Iterator[Document]:
+    """The documents of a folder's supported files, file after file in sorted order (the way a Hugging Face
+    dataset folder of jsonl / parquet / txt shards is read); a document's source names its file relative to the
+    folder."""
+    for file in corpus_files(path):
+        relative = file.relative_to(path).as_posix()
+        for doc in file_documents(file):
+            yield Document(doc.text, relative + doc.source.removeprefix(file.name))
+
+
+def saved_dataset_documents(path: Path) -> Iterator[Document]:
+    """The 'text' column of a folder `datasets`' save_to_disk wrote (its 'train' split, or its only one), read
+    with datasets.load_from_disk; refused with a message when the package is not installed."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{path}: a dataset saved by the `datasets` package; reading it needs that package "
+                          f"(pip install datasets), or give its text as .jsonl / .parquet / .txt files") from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"{path}: cannot be read by datasets.load_from_disk ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        split = "train" if "train" in data else next(iter(data), None)
+        if split is None:
+            raise CorpusError(f"{path}: the saved dataset has no split")
+        data = data[split]
+    if "text" not in data.column_names:
+        tokens = [c for c in ("tokens", "input_ids") if c in data.column_names]
+        what = f"token ids ('{tokens[0]}'), not text" if tokens else f"no 'text' column ({', '.join(data.column_names)})"
+        raise CorpusError(f"{path}: the saved dataset holds {what}; msae tokenises text itself")
+    found, row = False, 0
+    for batch in data.select_columns(["text"]).iter(batch_size=1024):
+        for text in batch["text"]:
+            if isinstance(text, str) and text.strip():
+                found = True
+                yield Document(text, f"{path.name}:{row}")
+            row += 1
+    if not found:
+        raise CorpusError(f"{path}: no text found in the saved dataset")
+
+
 def documents(corpus: str | Path) -> Iterator[Document]:
-    """A named corpus ('builtin', 'large') or a path to a user file."""
+    """A named corpus ('builtin', 'large'), a path to a user file, or a folder: of text files (folder_documents)
+    or saved by `datasets` (saved_dataset_documents)."""
     if str(corpus) == "builtin":
         return builtin_documents()
     if str(corpus) == "large":
         return large_documents()
+    path = Path(corpus)
+    if path.is_dir():
+        return saved_dataset_documents(path) if is_saved_dataset(path) else folder_documents(path)
     return file_documents(corpus)
 
 

@@ -3,7 +3,9 @@ forward pass stopped there (no later blocks, no lm_head)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from msae import io
 from msae.config import DEFAULT_MODEL
 
 
@@ -155,16 +158,116 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
-def _in_hub_cache(name: str) -> bool:
-    """The Hugging Face cache holds a download of `name` (so it loads offline)."""
+def _hub_snapshot(name: str) -> Path | None:
+    """The folder of the Hugging Face cache's download of `name` (so it loads offline), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
+        return None
     try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+        found = try_to_load_from_cache(name, "config.json")
     except ValueError:  # not a valid repo id
-        return False
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """The Hugging Face cache holds a download of `name` (so it loads offline)."""
+    return _hub_snapshot(name) is not None
+
+
+def builtin_of(name: str) -> str | None:
+    """The built-in model `name` is: its own name, or the hub id of the model it ships (None for any other)."""
+    if name in BUILTIN:
+        return name
+    return next((builtin for builtin, spec in BUILTIN.items() if spec.hub_id == name), None)
+
+
+def model_source(name: str) -> Path | str:
+    """Where `name` loads from: a built-in model's converted folder, also for its hub id when the Hugging Face
+    cache holds no download of it (the built-in is that model, shipped quantised: offline it is the copy there
+    is; a download, where there is one, is the model the id names and is used as it is); else `name` itself, a
+    local folder or a hub id."""
+    builtin = builtin_of(name)
+    if builtin is None or (name != builtin and _in_hub_cache(name)):
+        return name
+    try:
+        return builtin_model_dir(builtin)
+    except LMLoadError:
+        if name != builtin and hub_reachable():  # the hub id without the built-in's package: download it
+            return name
+        raise
+
+
+def model_folder(name: str) -> Path | None:
+    """The local folder model `name` loads from (the hub cache's for a downloaded hub id); None for a hub id
+    not downloaded yet."""
+    source = Path(model_source(name))
+    if source.is_dir():
+        return source
+    return _hub_snapshot(str(source))
+
+
+IDENTITY_FILE = "msae_identity.json"
+"""Beside a converted built-in model: its identity and the sizes and times of the files it was hashed from."""
+
+IDENTITY_PREFIX = "sha256:"
+
+
+def is_identity(model: str) -> bool:
+    """Whether `model` is a model identity (`model_identity`) rather than a name."""
+    return model.startswith(IDENTITY_PREFIX)
+
+
+def _identity_files(folder: Path) -> list[Path]:
+    """The files that make a model what it is: its config.json and its weights (safetensors, else torch's)."""
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise LMLoadError(f"{folder}: not a transformers model (it needs config.json and weight files)")
+    return [folder / "config.json", *weights]
+
+
+def _identity_memo(folder: Path) -> Path:
+    """Where a folder's identity is kept: beside a model we converted, else (a folder we do not own, such as the
+    user's or the hub cache's) under the msae cache, named by the folder's path."""
+    folder = folder.resolve()
+    if folder.is_relative_to((cache_dir() / "models").resolve()):
+        return folder / IDENTITY_FILE
+    return cache_dir() / "model-ids" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
+
+
+def folder_identity(folder: Path) -> str:
+    """What the model in `folder` is: a short hash of its config.json and weight files, so every name of one
+    model (built-in name, hub id, folder path) means one model. Hashing 0.5 GB takes seconds, so the result is
+    kept on disk and reused while the files keep their sizes and modification times."""
+    files = _identity_files(folder)
+    stamp = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    memo = _identity_memo(folder)
+    try:
+        kept = json.loads(memo.read_text())
+        if kept["files"] == stamp:
+            return kept["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}={io.sha256_file(f)}\n".encode())
+    identity = IDENTITY_PREFIX + digest.hexdigest()[:16]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        io.atomic_write_text(memo, json.dumps({"identity": identity, "files": stamp}, indent=1))
+    except OSError:  # a read-only cache: the identity is only computed again next time
+        pass
+    return identity
+
+
+def model_identity(name: str) -> str:
+    """What model `name` names (`folder_identity` of the folder it loads from), without loading it; LMLoadError
+    when it cannot be known here (a hub id not downloaded, a path that is not a model)."""
+    folder = model_folder(name)
+    if folder is None:
+        raise LMLoadError(f"model {name!r} is neither a local folder nor in the Hugging Face cache")
+    return folder_identity(folder)
 
 
 @dataclass
@@ -175,6 +278,13 @@ class LoadedLM:
     model: nn.Module
     tokenizer: object
     device: torch.device
+    folder: Path | None = None
+    """The local folder its weights came from (None for a model built in memory)."""
+
+    @property
+    def identity(self) -> str | None:
+        """What the model is (`folder_identity`), whatever name it was loaded by; None without a folder."""
+        return folder_identity(self.folder) if self.folder is not None else None
 
     @property
     def n_layers(self) -> int:
@@ -197,13 +307,13 @@ class LoadedLM:
 
 def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype | None = None,
             precision: str = "auto") -> LoadedLM:
-    """The built-in model by name, or any causal LM by local path or Hugging Face id, in `dtype` (default: the
-    dtype of `precision` on the device)."""
+    """The built-in model by name or hub id (`model_source`), or any causal LM by local path or Hugging Face id,
+    in `dtype` (default: the dtype of `precision` on the device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     dtype = dtype or compute_dtype(precision, dev)
-    source = builtin_model_dir(name) if name in BUILTIN else name
+    source = model_source(name)
     local = Path(source)
     if local.is_file():
         raise LMLoadError(f"{name}: a file, not a model; give a directory made with save_pretrained, a built-in model "
@@ -211,7 +321,7 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype 
     if local.is_dir() and not (local / "config.json").is_file():
         raise LMLoadError(f"{name}: a directory, but not a transformers model (no config.json); give a directory "
                           f"made with save_pretrained, a built-in model ({', '.join(BUILTIN)}) or a Hugging Face id")
-    if not local.exists() and not _in_hub_cache(name) and not hub_reachable():
+    if not local.exists() and not _in_hub_cache(str(source)) and not hub_reachable():
         raise LMLoadError(f"could not load model {name!r}: it is not a local directory, not in the Hugging Face cache, "
                           f"and the hub is not reachable from here. Use a built-in model ({', '.join(BUILTIN)}) or a "
                           f"local directory made with save_pretrained.")
@@ -226,7 +336,7 @@ def load_lm(name: str = DEFAULT_MODEL, device: str = "auto", dtype: torch.dtype 
         ) from None
     model.to(dev).eval()
     model.requires_grad_(False)
-    return LoadedLM(name, model, tokenizer, dev)
+    return LoadedLM(name, model, tokenizer, dev, folder=model_folder(name))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

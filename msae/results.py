@@ -50,11 +50,12 @@ class CorpusInfo(Record):
     """Which text the activations were extracted from."""
 
     kind: Literal["builtin", "large", "file"]
-    """A named corpus (the parts in `sources`) or a user file (`file`)."""
+    """A named corpus (the parts in `sources`) or a user file or folder (`file`; a folder's sha256 is that of its
+    files' relative paths and hashes, msae.activations.corpus_sha256)."""
     sources: list[BuiltinFile] = field(default_factory=list)
     """The named corpus's parts."""
     file: InputFile | None = None
-    """The user's corpus file."""
+    """The user's corpus file or folder."""
 
 
 @dataclass

@@ -56,11 +56,12 @@ for name, path in compared.items():
         figs[name] = other.manifest.hierarchy_figures
 if figs:
     st.dataframe(tables.hierarchy_figures_table(figs), hide_index=True)
+    st.dataframe(tables.published_hierarchy_figures(), hide_index=True)
     st.caption("Reading: the figures papers report, so this SAE can be set beside them. P(p|c) and P(c|p) over tree "
                "links (HSAE); Hamming: the share of rows where the parent and its children disagree; sibling IoU: "
                "how often two children of one parent fire together; Tree SAE's score: the share of frequent latents' "
                "children for which parent and child are both among the five decoder rows nearest the child's "
-               "detection direction.")
+               "detection direction. The second table: the ranges papers publish, on larger models.")
 bench = loaders.hierarchy_bench_of(run, list(compared.values()))
 if bench is not None:
     st.subheader("Taxonomy benchmark (WordNet categories)")

@@ -9,12 +9,13 @@ from safetensors import safe_open
 
 from msae import corpus as corpus_mod
 from msae.activations import CachedActivations, cache_root, extract, read_manifest
+from msae.analysis.analyze import find_cache
 from msae.config import ExtractConfig
 from msae.cli import main as cli_main
 from msae.corpus import CorpusError, file_documents, strip_wiki_markup
 from msae.evaluate import evaluate_run
 from msae.io import load_sae, save_sae, sha256_file
-from msae.lm import decoder_layers, load_lm, residual_after
+from msae.lm import BUILTIN, builtin_model_dir, decoder_layers, load_lm, residual_after
 from msae.run import Run
 
 
@@ -48,6 +49,59 @@ def test_forward_stops_after_the_hooked_block(lm):
     finally:
         handle.remove()
     assert ran == []
+
+
+HUB_ID = BUILTIN["smollm2-135m"].hub_id
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub and an empty Hugging Face cache: what a machine that never downloaded the model has."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+
+
+def test_the_builtins_hub_id_loads_offline_as_the_builtin(lm, offline):
+    by_id = load_lm(HUB_ID, device="cpu", precision="float32")
+    assert by_id.name == HUB_ID and by_id.identity == lm.identity
+    ids = lm.tokenizer(["Sparse autoencoders find features."], return_tensors="pt")
+    torch.testing.assert_close(residual_after(by_id, ids["input_ids"], ids["attention_mask"], 15),
+                               residual_after(lm, ids["input_ids"], ids["attention_mask"], 15), rtol=0, atol=0)
+
+
+def test_every_name_of_the_builtin_extracts_into_one_cache(lm, offline, text_file, tmp_path, monkeypatch):
+    """The built-in name, its hub id and its converted folder are one model: one cache, extracted once (each name
+    loads the model itself, as `msae extract --model NAME` does). A run that records any of them finds it, and so
+    does a run recording a cache written before caches were keyed by what the model is (its key held the name)."""
+    names = ["smollm2-135m", HUB_ID, str(builtin_model_dir("smollm2-135m"))]
+    caches = []
+    for name in names:
+        cfg = ExtractConfig(model=name, corpus=str(text_file), tokens=100, ctx_len=32, lm_batch=2, layer=15,
+                            device="cpu", precision="float32")
+        caches.append(extract(cfg, root=tmp_path / "caches"))
+        if len(caches) == 1:
+            written = {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()}
+    assert caches == [caches[0]] * 3
+    assert {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()} == written, "extracted again"
+    manifest = read_manifest(caches[0])
+    assert manifest["key"]["model"] == lm.identity and manifest["model_name"] == "smollm2-135m"
+
+    monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(tmp_path / "caches"))
+    old = tmp_path / "caches" / "0123456789abcdef"
+    old.mkdir()
+    for f in caches[0].iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "key": {**manifest["key"], "model": "smollm2-135m"}}))
+    for name in names:
+        cfg = ExtractConfig(model=name, corpus=str(text_file), tokens=100, ctx_len=32, layer=15, device="cpu",
+                            precision="float32")
+        assert find_cache(cfg, None) == caches[0], name
+        assert find_cache(cfg, old.name) == old, name
+    other = ExtractConfig(model=str(tmp_path), corpus=str(text_file), tokens=100, ctx_len=32, layer=15,
+                          precision="float32")
+    assert find_cache(other, old.name) is None, "a folder that is no model is not the built-in"
 
 
 def test_bad_layer_is_refused(lm):

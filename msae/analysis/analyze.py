@@ -12,14 +12,15 @@ import pandas as pd
 import torch
 
 from msae import io
-from msae.activations import MANIFEST, cache_key, cache_path_for, cache_root, extract, lm_dtype_name, read_manifest
+from msae.activations import (MANIFEST, ExtractionEstimate, cache_key, cache_path_for, cache_root, check_corpus,
+                              estimate_extraction, extract, lm_dtype_name, read_manifest)
 from msae.analysis import features, hierarchy, matching, validate
 from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE_FORMAT, Against, FeatureStore,
                                  StoreError, load_store, write_links_only, write_store)
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
-from msae.lm import LMLoadError, LoadedLM, load_lm
+from msae.lm import LMLoadError, LoadedLM, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
                           HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
@@ -44,20 +45,66 @@ def extract_config(run: Run, acfg: AnalyzeConfig, how: str = "pass --model and -
     layer = acfg.layer if acfg.layer is not None else layer
     if model is None or layer is None:
         raise AnalysisError(f"{run.path}: cfg.json does not record the model and layer it was trained on; {how}")
-    recorded = ext.corpus
-    named = "builtin" if recorded is None else recorded.file.path if recorded.kind == "file" else recorded.kind
-    corpus = acfg.corpus or named
+    corpus, _why = corpus_choice(run, acfg)
     out = ExtractConfig(model=model, layer=int(layer), corpus=corpus, device=acfg.device, precision=acfg.precision)
     for name in ("ctx_len", "outlier_factor", "cache_dtype"):
         if getattr(ext, name) is not None:
             setattr(out, name, getattr(ext, name))
+    context_size = io.sae_lens_field(run.cfg(), "context_size")
+    if ext.ctx_len is None and isinstance(context_size, int) and context_size > 0:  # SAELens's, as it trained
+        out.ctx_len = context_size
     if run.info().extraction is not None:  # the activations the run was trained on: its LM's dtype
         out.precision = ext.lm_dtype or "float32"
     out.tokens = acfg.tokens or ext.rows or out.tokens
     return out
 
 
-KEY_FIELDS = ("model", "layer", "ctx_len", "outlier_factor", "cache_dtype")
+def saelens_dataset(run: Run) -> tuple[str, Path | None] | None:
+    """The dataset SAELens recorded in the SAE's cfg.json (dataset_path: under metadata in 6.x, at the top level
+    before) and where it is on this machine: as written (absolute, or relative to the working directory), else
+    relative to the SAE's folder or one of the three above it (SAELens writes checkpoints/RUN_ID/NAME under the
+    folder it ran in); None as the second item when it is not here (a hub dataset's id, another machine's path).
+    None when cfg.json names no dataset."""
+    recorded = io.sae_lens_field(run.cfg(), "dataset_path")
+    if not isinstance(recorded, str) or not recorded.strip():
+        return None
+    path = Path(recorded).expanduser()
+    places = [path] if path.is_absolute() else [path, *(d / path for d in [run.path, *run.path.resolve().parents[:3]])]
+    return recorded, next((p for p in places if p.exists()), None)
+
+
+def corpus_choice(run: Run, acfg: AnalyzeConfig) -> tuple[str, str]:
+    """The text a run is analysed on, and why, in words: --corpus; else the corpus our cfg.json records; else the
+    dataset SAELens recorded, when it is on this machine; else the built-in corpus."""
+    if acfg.corpus:
+        return acfg.corpus, f"{acfg.corpus} (--corpus)"
+    recorded = run.info().extraction.corpus if run.info().extraction else None
+    if recorded is not None:
+        named = recorded.file.path if recorded.kind == "file" else recorded.kind
+        return named, f"{named}, the corpus the run was trained on"
+    dataset = saelens_dataset(run)
+    if dataset is None:
+        return "builtin", "the built-in corpus (cfg.json names no dataset; --corpus FILE_OR_FOLDER picks the text)"
+    if dataset[1] is None:
+        return "builtin", (f"the built-in corpus: the dataset SAELens recorded in cfg.json ({dataset[0]}) is not on "
+                           f"this machine (--corpus FILE_OR_FOLDER picks its text)")
+    return str(dataset[1]), f"{dataset[1]}, the dataset SAELens recorded in cfg.json"
+
+
+KEY_FIELDS = ("layer", "ctx_len", "outlier_factor", "cache_dtype")
+
+
+def same_model(keyed: str, name: str) -> bool:
+    """Whether a cache keyed by model `keyed` (a model identity, or a name in caches written before identities)
+    holds model `name`'s activations: the same name, or the same identity (msae.lm.model_identity), so the built-in
+    name, its hub id and its folder all find one cache."""
+    if keyed == name:
+        return True
+    try:
+        wanted = model_identity(name)
+        return keyed == wanted or (not is_identity(keyed) and model_identity(keyed) == wanted)
+    except LMLoadError:  # one of them cannot be resolved here: it is not known to be the same model
+        return False
 
 
 def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
@@ -66,14 +113,15 @@ def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
     needs no corpus file: a run whose corpus moved is still analysed on the activations it was trained on."""
     candidates = [cache_root() / cache_id] if cache_id else []
     try:
-        candidates.append(cache_path_for(cache_key(ecfg, ecfg.layer)))
-    except CorpusError:
+        candidates.append(cache_path_for(cache_key(ecfg, ecfg.layer), name=ecfg.model))
+    except (CorpusError, LMLoadError):  # no corpus file, or a model not on this machine: no cache to point to
         pass
     for cand in candidates:
         if (cand / MANIFEST).exists():
             m = read_manifest(cand)
             same = (all(m["key"].get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
-                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg))
+                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg)
+                    and same_model(m["key"].get("model", ""), ecfg.model))
             if same and (m["rows"] >= (ecfg.tokens or 0) or m["exhausted"]):
                 return cand
     return None
@@ -113,18 +161,30 @@ def analyze(
     progress: Callable[[str, int, int], None] | None = None,
     cache: Path | None = None,
     overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> StoreManifest:
     """Analyse a run (and its relation to `against` runs); writes RUN_DIR/features (and absorption.json) and
     returns the store's manifest. `cache` overrides the activation cache the run recorded. The run's lock is held
     throughout: a second analysis of it is refused. A store `msae analyze --activations` made is replaced only
-    with `overwrite`."""
+    with `overwrite`. `say` is told which text is read and, before an extraction, how long it will take."""
     with locked(run_dir):
         check_store_replaceable(Run(run_dir), TEXT_STORE, overwrite)
-        return _analyze(Run(run_dir), against, acfg or AnalyzeConfig(), lm, progress, cache)
+        return _analyze(Run(run_dir), against, acfg or AnalyzeConfig(), lm, progress, cache, say or (lambda _m: None))
+
+
+def extraction_note(ecfg: ExtractConfig, why: str, estimate: ExtractionEstimate) -> str:
+    """Which text an extraction reads, how many tokens, and how long it will take, in words."""
+    whole = " (all of it)" if estimate.text_rows < ecfg.tokens else ""
+    cached = f", {estimate.cached_rows:,} of them cached already" if estimate.cached_rows else ""
+    minutes = estimate.seconds / 60
+    return (f"text: {why}\nextracting activations: {estimate.text_rows:,} tokens{whole}{cached}; "
+            f"about {minutes:.1f} min for {estimate.rows:,} at {estimate.rows_per_second:,.0f} tokens/s "
+            f"({estimate.how})")
 
 
 def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: LoadedLM | None,
-             progress: Callable[[str, int, int], None] | None, cache: Path | None) -> StoreManifest:
+             progress: Callable[[str, int, int], None] | None, cache: Path | None,
+             say: Callable[[str], None]) -> StoreManifest:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sae = _load(run, acfg.device, acfg.precision)
@@ -135,7 +195,10 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
                                 f"cannot read the same activations")
     ecfg = extract_config(run, acfg)
     ext = run.info().extraction
+    given = cache
     cache = cache or find_cache(ecfg, ext.cache_id if ext else None)
+    if cache is None:
+        check_corpus(ecfg.corpus)  # a corpus that cannot be read is refused before the model loads
     if lm is None:
         try:
             lm = load_lm(ecfg.model, acfg.device, precision=ecfg.precision)
@@ -145,8 +208,12 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         io.check_fits(sae, lm.d_model, f"model {ecfg.model!r}")
     except io.SAELoadError as exc:
         raise AnalysisError(str(exc)) from None
+    why = corpus_choice(run, acfg)[1]
     if cache is None:
+        say(extraction_note(ecfg, why, estimate_extraction(ecfg, lm, ecfg.layer)))
         cache = extract(ecfg, lm=lm)
+    elif given is None:
+        say(f"text: {why}; its activations are cached ({cache})")
     timings["load"] = time.perf_counter() - t0
 
     def stage(name: str) -> Callable[[int, int], None] | None:

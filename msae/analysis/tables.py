@@ -368,22 +368,32 @@ def link_validation_table(validation: LinkValidation) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _round3(x: float | None) -> float | None:
-    return None if x is None else round(float(x), 3)
-
-
 def hierarchy_figures_table(figures: Mapping[str, HierarchyFigures]) -> pd.DataFrame:
-    """The literature's hierarchy figures, one row per SAE (name -> figures), with the published ranges."""
+    """The literature's hierarchy figures measured here, one row per SAE (name -> figures); every column one type
+    (the published ranges are text, so they are a table of their own: `published_hierarchy_figures`)."""
     rows = []
     for name, f in figures.items():
-        # Rounded here: the published row's text makes the columns objects, which print every digit.
-        rows.append({"SAE": name, "tree links": f.tree_links, "P(p|c)": _round3(f.p_parent_given_child),
-                     "P(c|p)": _round3(f.p_child_given_parent), "Hamming": _round3(f.hamming),
-                     "sibling IoU": _round3(f.sibling_iou), "Tree SAE score": _round3(f.treesae_score),
-                     "Tree SAE pairs": f.treesae_pairs, "tree links passing Eq. 5": _round3(f.tree_links_probe_share)})
-    rows.append({"SAE": "published", "P(p|c)": "0.65–0.80 (HSAE, Gemma-2-2B)", "P(c|p)": "0.33–0.46",
-                 "Tree SAE score": "Matryoshka 0.05–0.19, Tree SAE 0.48–0.88 (GPT-2 small)"})
-    return pd.DataFrame(rows).astype(object)
+        rows.append({"SAE": name, "tree links": f.tree_links, "P(p|c)": f.p_parent_given_child,
+                     "P(c|p)": f.p_child_given_parent, "Hamming": f.hamming, "sibling IoU": f.sibling_iou,
+                     "Tree SAE score": f.treesae_score, "Tree SAE pairs": f.treesae_pairs,
+                     "tree links passing Eq. 5": f.tree_links_probe_share})
+    columns = ["SAE", "tree links", "P(p|c)", "P(c|p)", "Hamming", "sibling IoU", "Tree SAE score", "Tree SAE pairs",
+               "tree links passing Eq. 5"]
+    table = pd.DataFrame(rows, columns=columns)
+    counts = ["tree links", "Tree SAE pairs"]
+    shares = [c for c in columns if c not in ("SAE", *counts)]
+    # A missing figure is None: as float NaN (not object) the column keeps one type and rounds once for display.
+    return table.astype({c: "float64" for c in shares}).round(3).astype({c: "Int64" for c in counts})
+
+
+def published_hierarchy_figures() -> pd.DataFrame:
+    """The published ranges of the figures in `hierarchy_figures_table`, as text: figure, range, where from."""
+    return pd.DataFrame([
+        {"figure": "P(p|c)", "published": "0.65–0.80", "source": "HSAE, Gemma-2-2B"},
+        {"figure": "P(c|p)", "published": "0.33–0.46", "source": "HSAE, Gemma-2-2B"},
+        {"figure": "Tree SAE score", "published": "Matryoshka 0.05–0.19, Tree SAE 0.48–0.88",
+         "source": "Tree SAE, GPT-2 small"},
+    ])
 
 
 def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:

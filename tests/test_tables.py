@@ -1,0 +1,41 @@
+"""Display tables as the app hands them to Streamlit, which converts every frame to Arrow: a column that mixes
+text and numbers fails there (ArrowInvalid in the server log) and the table is shown without its types."""
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from msae.analysis import tables
+from msae.analysis.store import load_store
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "default" / "matryoshka"
+
+
+def text(kind: pa.DataType) -> bool:
+    """pandas' string columns arrive as string or large_string, depending on pandas' version."""
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def test_hierarchy_figures_convert_to_arrow_with_one_type_per_column():
+    measured = load_store(SHIPPED).manifest.hierarchy_figures
+    # A second SAE without the figures an SAE of one width lacks: None must stay a missing number, not text.
+    bare = type(measured)(criterion=measured.criterion, tree_links=0, p_parent_given_child=None,
+                          p_child_given_parent=None, hamming=None, sibling_iou=None, sibling_pairs=0,
+                          treesae_score=None, treesae_pairs=0, tree_links_probe_share=None, rows=measured.rows)
+    table = tables.hierarchy_figures_table({"matryoshka": measured, "vanilla": bare})
+    arrow = pa.Table.from_pandas(table)
+    assert text(arrow.schema.field("SAE").type)
+    for column in ("P(p|c)", "P(c|p)", "Hamming", "sibling IoU", "Tree SAE score", "tree links passing Eq. 5"):
+        assert pa.types.is_floating(arrow.schema.field(column).type), column
+    for column in ("tree links", "Tree SAE pairs"):
+        assert pa.types.is_integer(arrow.schema.field(column).type), column
+    row = table.set_index("SAE").loc["matryoshka"]
+    assert row["P(p|c)"] == round(measured.p_parent_given_child, 3)
+    assert row["tree links"] == measured.tree_links
+    assert table.set_index("SAE")["P(p|c)"].isna().tolist() == [False, True]
+
+
+def test_published_ranges_are_a_text_table():
+    arrow = pa.Table.from_pandas(tables.published_hierarchy_figures())
+    assert all(text(f.type) for f in arrow.schema)
+    assert "0.65–0.80" in arrow.column("published").to_pylist()
