@@ -24,7 +24,8 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, residual_after, resolve_device
+from msae.lm import (LoadedLM, cache_dir, check_before_load, check_layer, check_sizes, compute_dtype, load_lm,
+                     residual_after, resolve_device)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -39,8 +40,11 @@ def corpus_provenance(corpus: str) -> CorpusInfo:
             sources.append(BuiltinFile(part.name, part.package, part.relpath, corpus_mod.source_sha256(part)))
         return CorpusInfo(kind=corpus, sources=sources)
     path = Path(corpus)
+    if path.is_dir():
+        raise corpus_mod.CorpusError(f"{corpus}: a directory; the corpus is one file (.txt, .jsonl, .csv, .parquet) "
+                                     f"or a corpus name ({', '.join(corpus_mod.CORPORA)})")
     if not path.is_file():
-        raise corpus_mod.CorpusError(f"{corpus}: no such file")
+        raise corpus_mod.CorpusError(f"{corpus}: no such file, nor a corpus name ({', '.join(corpus_mod.CORPORA)})")
     return CorpusInfo(kind="file", file=InputFile(path=corpus, sha256=io.sha256_file(path)))
 
 
@@ -246,9 +250,14 @@ def extract(
     corpus = corpus_provenance(cfg.corpus)  # a missing corpus file is refused before the model loads
     if cfg.corpus not in corpus_mod.CORPORA:
         next(corpus_mod.file_documents(cfg.corpus))  # so is an empty, binary or unreadable one
-    lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
+    if lm is None:
+        check_before_load(cfg.model, cfg.layer, cfg.ctx_len)  # a mistake costs no model load
+        lm = load_lm(cfg.model, cfg.device, precision=cfg.precision)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
-    check_layer(lm, layer)  # before the progress bar, which the message would be printed into
+    # Again on the loaded model (a hub id's config is known only now), before the progress bar, which the
+    # message would be printed into.
+    check_layer(lm, layer)
+    check_sizes(lm.name, lm.model.config.to_dict(), ctx_len=cfg.ctx_len)
     key = cache_key(cfg, layer, corpus, lm_dtype=str(lm.dtype).removeprefix("torch."))  # the model given decides
     cache = cache_path_for(key, root)
     manifest = read_manifest(cache) if (cache / MANIFEST).exists() else _new_manifest(key, lm.d_model)

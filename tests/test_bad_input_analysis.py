@@ -19,7 +19,7 @@ from msae import io
 from msae.run import LOCK_FILE, Run
 from msae.sae import SAE
 from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged,
-                            run_cli)
+                            run_cli, wait_paused)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -188,3 +188,35 @@ def test_a_replace_whose_rename_fails_leaves_no_temp_file(tmp_path):
         io.atomic_write_text(target, "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json"]
     assert file_hashes(tmp_path) == {}
+
+
+# ---- layers and context lengths are checked from the model's config.json, before it loads -------------------------
+
+
+def test_absorption_checks_the_layer_against_the_models_config_before_loading_it(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    io.save_sae(SAE(576, [64], k=8), bare)
+    code, err = run_cli(["absorption", str(bare), "--layer", "99"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "layer must be between 0 and 29 for smollm2-135m, got 99" in err
+    assert "Loading weights" not in err, "refused before the model loaded"
+    assert sorted(p.name for p in bare.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+@pytest.mark.parametrize("more, message", [(["--layer", "99"], "layer must be between 0 and 29 for smollm2-135m"),
+                                           (["--layer", "3", "--ctx-len", "100000000"],
+                                            "ctx_len must be at most 8,192 for smollm2-135m")])
+def test_extract_checks_layer_and_context_length_before_loading_the_model(tmp_path, empty_cache, capsys, more, message):
+    text = tmp_path / "text.txt"
+    text.write_text("A few words of text to extract from.\n\nAnd a second document.")
+    code, err = run_cli(["extract", "--corpus", str(text), "--device", "cpu", *more], capsys)
+    assert code == 2 and "Traceback" not in err and message in err, err
+    assert "Loading weights" not in err, "refused before the model loaded"
+    assert not any(empty_cache.iterdir())
+
+
+@pytest.mark.parametrize("corpus, message", [("DIR", "a directory; the corpus is one file"),
+                                             ("biultin", "biultin: no such file, nor a corpus name (builtin, large)")])
+def test_extract_names_a_corpus_it_cannot_read_for_what_it_is(tmp_path, empty_cache, capsys, corpus, message):
+    refused(["extract", "--corpus", str(tmp_path) if corpus == "DIR" else corpus, "--device", "cpu"], capsys, message)
+    assert not any(empty_cache.iterdir())

@@ -19,7 +19,7 @@ from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
-from msae.lm import LMLoadError, LoadedLM, load_lm
+from msae.lm import LMLoadError, LoadedLM, check_before_load, load_lm
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
                           HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
@@ -137,6 +137,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     ext = run.info().extraction
     cache = cache or find_cache(ecfg, ext.cache_id if ext else None)
     if lm is None:
+        check_before_load(ecfg.model, ecfg.layer, ecfg.ctx_len)  # a --layer the model lacks costs no model load
         try:
             lm = load_lm(ecfg.model, acfg.device, precision=ecfg.precision)
         except LMLoadError as exc:
