@@ -402,6 +402,8 @@ def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM 
     from msae.analysis import absorption
 
     runs = {Run(p).name: Path(p) for p in [run_dir, *others]}
+    if len(runs) < 1 + len(others):  # results are keyed by name: one run would silently stand for both
+        raise AnalysisError("two of the runs have the same name; compare runs with different folder names")
     try:
         result = absorption.measure(runs, lm=lm, layer=layer, config=config)
     except (absorption.AbsorptionError, io.SAELoadError) as exc:
