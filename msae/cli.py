@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -254,13 +255,28 @@ def locked_run(run_dir: str):
     return locked(run_dir)
 
 
+class ProgressLines:
+    """A long command's stages as lines on stderr: a stage's first and last count, and between them at most one
+    line every `every` seconds (a line a step would bury the result; none leaves the user guessing for minutes)."""
+
+    def __init__(self, command: str, every: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.command, self.every, self.clock = command, every, clock
+        self.stage, self.last = None, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        if stage != self.stage or done >= total or now - self.last >= self.every:
+            print(f"msae {self.command}: {stage} {done:,}/{total:,}", file=sys.stderr, flush=True)
+            self.stage, self.last = stage, now
+
+
 def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import hierarchy_bench
 
     check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
         result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
-                                 device=args.device)
+                                 device=args.device, progress=ProgressLines("hierarchy-bench"))
     print(format_hierarchy_bench(result))
     return 0
 

@@ -375,10 +375,11 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
 
 
 def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
-                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None) -> HierarchyBench:
+                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> HierarchyBench:
     """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
     and activation cache; tree links come from each run's feature store when it has one. Written to
-    RUN/hierarchy_bench.json."""
+    RUN/hierarchy_bench.json. `progress` hears its stages (taxbench.run_bench)."""
     from msae.analysis import taxbench
 
     run = Run(run_dir)
@@ -391,7 +392,7 @@ def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), tax
             links[r.name] = load_store(r.path).links
         except StoreError:
             links[r.name] = None
-    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links)
+    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, progress=progress)
     run.write_hierarchy_bench(result)
     return result
 
