@@ -26,8 +26,8 @@ from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
-from msae.lm import (LoadedLM, cache_dir, check_layer, compute_dtype, load_lm, model_identity, residual_after,
-                     resolve_device)
+from msae.lm import (LoadedLM, cache_dir, check_before_load, check_layer, check_sizes, compute_dtype, load_lm,
+                     model_identity, residual_after, resolve_device)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -43,7 +43,8 @@ def corpus_provenance(corpus: str) -> CorpusInfo:
         return CorpusInfo(kind=corpus, sources=sources)
     path = Path(corpus)
     if not path.exists():
-        raise corpus_mod.CorpusError(f"{corpus}: no such file or folder")
+        raise corpus_mod.CorpusError(f"{corpus}: no such file or folder, nor a corpus name "
+                                     f"({', '.join(corpus_mod.CORPORA)})")
     return CorpusInfo(kind="file", file=InputFile(path=corpus, sha256=corpus_sha256(path)))
 
 
@@ -338,9 +339,14 @@ def extract(
     from tqdm.auto import tqdm
 
     corpus = check_corpus(cfg.corpus)
-    lm = lm or load_lm(cfg.model, cfg.device, precision=cfg.precision)
+    if lm is None:
+        check_before_load(cfg.model, cfg.layer, cfg.ctx_len)  # a mistake costs no model load
+        lm = load_lm(cfg.model, cfg.device, precision=cfg.precision)
     layer = lm.default_layer if cfg.layer is None else cfg.layer
-    check_layer(lm, layer)  # before the progress bar, which the message would be printed into
+    # Again on the loaded model (a hub id's config is known only now), before the progress bar, which the
+    # message would be printed into.
+    check_layer(lm, layer)
+    check_sizes(lm.name, lm.model.config.to_dict(), ctx_len=cfg.ctx_len)
     cache = cache_for(cfg, lm, layer, root, corpus)
     manifest = (read_manifest(cache) if (cache / MANIFEST).exists()
                 else _new_manifest(cache_key(cfg, layer, corpus, _dtype_name(lm), lm.identity), lm.d_model, cfg.model))

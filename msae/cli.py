@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -136,10 +137,14 @@ def check_output_file(path: Path, is_own: Callable[[Path], bool]) -> None:
         raise CLIError(f"{path}: a directory; --out names the file to write")
     if not path.parent.is_dir():
         raise CLIError(f"{path}: {path.parent} is not a directory")
-    if not os.access(path.parent, os.W_OK):
-        raise CLIError(f"{path}: cannot write in {path.parent}")
     if path.exists() and not is_own(path):
         raise CLIError(f"{path} exists and is not what this command writes: pick another --out")
+    # A file made and removed, not os.access: root passes os.access everywhere, even where nothing can be made
+    # (under /proc, on a read-only mount), and the failure would come after the work, naming a temp file.
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
 
 
 def cmd_taxonomy(args: argparse.Namespace) -> int:
@@ -151,6 +156,8 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     check_output_file(Path(args.out), taxonomy.is_taxonomy_file)
     built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(args.data_noun)), load_lm(args.model, "cpu").tokenizer,
                                     args.model, args.min_tokens, source=f"WordNet 3.0 {Path(args.data_noun).name}")
+    if not built.categories:  # the benchmarks would refuse it later, after their model load and extraction
+        raise CLIError(f"no category of {args.data_noun} has {args.min_tokens:,} single-token words: lower --min-tokens")
     taxonomy.write_taxonomy(built, Path(args.out))
     print(f"{args.out}: {len(built.categories):,} categories with >= {args.min_tokens} single-token words")
     return 0
@@ -185,6 +192,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import analyze
 
     acfg = config_from_args(AnalyzeConfig, args)
+    if not Path(args.run_dir).exists():
+        raise CLIError(f"{args.run_dir}: no such run directory")
+    check_against(args.run_dir, args.against)
     if args.activations is not None:
         return _analyze_activations(args, acfg)
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg,
@@ -229,6 +239,13 @@ def format_hierarchy_figures(fig, validation) -> str:
     return "\n".join(lines)
 
 
+def check_against(run_dir: str, others: list[str], flag: str = "--against") -> None:
+    """A run compared with itself is a mistake (a typo, a copied line): its figures would read as a comparison."""
+    for other in others:
+        if Path(other).exists() and Path(other).resolve() == Path(run_dir).resolve():
+            raise CLIError(f"{flag} {other} is the run itself: name another run to compare it with")
+
+
 def locked_run(run_dir: str):
     """A run that a command writes a result into, held under its lock (a run that is not there is named, not
     made)."""
@@ -237,12 +254,28 @@ def locked_run(run_dir: str):
     return locked(run_dir)
 
 
+class ProgressLines:
+    """A long command's stages as lines on stderr: a stage's first and last count, and between them at most one
+    line every `every` seconds (a line a step would bury the result; none leaves the user guessing for minutes)."""
+
+    def __init__(self, command: str, every: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.command, self.every, self.clock = command, every, clock
+        self.stage, self.last = None, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        if stage != self.stage or done >= total or now - self.last >= self.every:
+            print(f"msae {self.command}: {stage} {done:,}/{total:,}", file=sys.stderr, flush=True)
+            self.stage, self.last = stage, now
+
+
 def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import hierarchy_bench
 
+    check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
         result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
-                                 device=args.device)
+                                 device=args.device, progress=ProgressLines("hierarchy-bench"))
     print(format_hierarchy_bench(result))
     return 0
 
@@ -271,6 +304,8 @@ def format_hierarchy_bench(result) -> str:
 def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
+    check_against(args.run_dir, [args.against])
+    check_against(args.run_dir, [args.narrow] if args.narrow else [], "--narrow")
     with locked_run(args.run_dir):
         result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
                               args.taxonomy, device=args.device)
@@ -299,6 +334,7 @@ def cmd_absorption(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import measure_absorption
 
     config = config_from_args(AbsorptionConfig, args)
+    check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
         result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
                                     config=config)
@@ -445,6 +481,19 @@ def os_error_text(exc: OSError) -> str:
     return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
 
 
+INTERRUPTED = 128 + 2
+"""The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: not a mistake (2), not a crash."""
+
+
+def close_progress_bars() -> None:
+    """End the progress bars a failed or interrupted command left open, so that its one line starts a line of its
+    own instead of being glued onto a bar."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -457,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         message = "the device ran out of memory: pick smaller sizes (--batch-size, widths) or another --device"
     except OSError as exc:
         message = os_error_text(exc)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        again = " with --resume" if args.command == "train" else ""
+        print(f"msae {args.command}: interrupted; run the same command again{again} to finish", file=sys.stderr)
+        return INTERRUPTED
+    close_progress_bars()
     print(f"msae {args.command}: error: {message}", file=sys.stderr)
     return 2
 

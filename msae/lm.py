@@ -367,6 +367,39 @@ def check_layer(lm: LoadedLM, layer: int) -> None:
         raise ValueError(f"layer must be between 0 and {lm.n_layers - 1} for {lm.name}, got {layer}")
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def local_config(name: str) -> dict | None:
+    """A model's config.json read without loading the model: the built-in model's converted folder under the msae
+    cache, or a local directory's; None for a hub id, or a built-in model not converted yet (its config is known
+    only once it loads)."""
+    folder = cache_dir() / "models" / name if name in BUILTIN else Path(name)
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_sizes(name: str, config: dict, layer: int | None = None, ctx_len: int | None = None) -> None:
+    """Refuse (ValueError) a layer the model's config says it lacks, or contexts longer than its positions: from
+    config.json, so that a mistake costs no model load (and a context of 10^8 tokens is never allocated)."""
+    n_layers = next((config[k] for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+    if layer is not None and n_layers is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be between 0 and {n_layers - 1} for {name}, got {layer}")
+    positions = next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
+    if ctx_len is not None and positions is not None and ctx_len > positions:
+        raise ValueError(f"ctx_len must be at most {positions:,} for {name} (its position limit), got {ctx_len:,}")
+
+
+def check_before_load(name: str, layer: int | None = None, ctx_len: int | None = None) -> None:
+    """`check_sizes` on the config a local or built-in model has on disk; a hub id is checked once it loads."""
+    config = local_config(name)
+    if config is not None:
+        check_sizes(name, config, layer, ctx_len)
+
+
 def _block_output(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 

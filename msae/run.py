@@ -93,8 +93,8 @@ def _lock_file(out_dir: Path, tries: int = 3):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish, "
-                           f"stop it, or pick another --out") from None
+            raise RunInUse(f"{out_dir} is in use by {_holder_text(out_dir / LOCK_FILE)}: wait for it to finish "
+                           f"or stop it") from None
         try:
             if os.stat(out_dir / LOCK_FILE).st_ino == os.fstat(f.fileno()).st_ino:
                 return f

@@ -237,6 +237,8 @@ def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxon
     """A taxonomy JSON (`msae taxonomy` writes one); with `model`, refused unless built for that model's
     tokenizer (token ids mean nothing in another vocabulary)."""
     path = Path(path)
+    if path.is_dir():
+        raise TaxonomyError(f"{path}: a directory, not a taxonomy JSON (msae taxonomy --model MODEL --out FILE makes one)")
     if not path.is_file():
         raise TaxonomyError(f"{path}: no such taxonomy file (msae taxonomy --model MODEL --out FILE makes one)")
     try:

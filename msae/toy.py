@@ -526,6 +526,8 @@ def run_preset(cfg: ToyConfig, out_dir: Path | None = None) -> ToyResult:
     settings = {**preset.train, **{key: v for key, v in given.items() if v is not None}}
     toy = preset.make(seed=cfg.seed)
     widths = settings.get("widths") or default_widths(toy)
+    if settings.get("k") is not None and settings["k"] > max(widths):  # as msae train refuses it
+        raise ValueError(f"k must be between 1 and the largest width {max(widths)}, got {settings['k']}")
     needed, free = memory_needed(toy.n_dims, widths, cfg.batch_size), available_memory()
     if free is not None and needed > free:
         raise ValueError(f"widths up to {max(widths):,} with batch_size {cfg.batch_size:,} need about "

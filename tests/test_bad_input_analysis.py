@@ -19,7 +19,7 @@ from msae import io
 from msae.run import LOCK_FILE, Run
 from msae.sae import SAE
 from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged,
-                            run_cli)
+                            run_cli, wait_paused)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -188,3 +188,92 @@ def test_a_replace_whose_rename_fails_leaves_no_temp_file(tmp_path):
         io.atomic_write_text(target, "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json"]
     assert file_hashes(tmp_path) == {}
+
+
+# ---- a second pass: mistakes a new user makes with the run, its --against and its layer ---------------------------
+
+
+@pytest.mark.parametrize("command", [["analyze", "RUN", "--against", "RUN", "--no-absorption"],
+                                     ["absorption", "RUN", "--against", "RUN"],
+                                     ["hierarchy-bench", "RUN", "--against", "RUN/"],
+                                     ["gallery", "RUN", "--against", "RUN"],
+                                     ["gallery", "RUN", "--against", "VANILLA", "--narrow", "RUN"]])
+def test_a_run_compared_with_itself_is_refused_before_any_work(runs, empty_cache, capsys, command):
+    argv = [str(runs / "matryoshka") + a[3:] if a.startswith("RUN") else str(runs / "vanilla") if a == "VANILLA" else a
+            for a in command]
+    refused_unchanged(argv, capsys, "is the run itself", runs)
+    assert not any(empty_cache.iterdir()), "refused before any extraction"
+
+
+def test_absorption_refuses_two_runs_of_one_name_instead_of_measuring_one(runs, capsys):
+    twin = copy_shipped(runs.parent / "elsewhere", "vanilla") / "vanilla"
+    refused_unchanged(["absorption", str(runs / "vanilla"), "--against", str(twin)], capsys,
+                      "two of the runs have the same name", runs, twin)
+
+
+def test_analyze_of_a_run_that_is_not_there_says_so(tmp_path, capsys):
+    refused(["analyze", str(tmp_path / "nowhere"), "--no-absorption"], capsys, "nowhere: no such run directory")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_taxonomy_that_is_a_directory_is_named_as_one(runs, capsys):
+    refused_unchanged(["hierarchy-bench", str(runs / "vanilla"), "--taxonomy", str(runs)], capsys,
+                      "a directory, not a taxonomy JSON", runs)
+
+
+def test_other_commands_on_a_run_in_use_are_refused_without_offering_flags_they_lack(runs, tmp_path, capsys):
+    run, marker = runs / "vanilla", tmp_path / "paused"
+    holder = subprocess.Popen([sys.executable, "-m", "msae.cli", "export", str(run), "--to", "saelens", str(run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, **paused_at("export locked", marker)})
+    try:
+        wait_paused(holder, marker)
+        for argv in (["absorption", str(run)], ["hierarchy-bench", str(run)], ["analyze", str(run), "--no-absorption"]):
+            line = refused(argv, capsys, f"is in use by process {holder.pid}")
+            assert "--out" not in line, "these commands have no --out"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---- layers and context lengths are checked from the model's config.json, before it loads -------------------------
+
+
+def test_absorption_checks_the_layer_against_the_models_config_before_loading_it(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    io.save_sae(SAE(576, [64], k=8), bare)
+    code, err = run_cli(["absorption", str(bare), "--layer", "99"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "layer must be between 0 and 29 for smollm2-135m, got 99" in err
+    assert "Loading weights" not in err, "refused before the model loaded"
+    assert sorted(p.name for p in bare.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+@pytest.mark.parametrize("more, message", [(["--layer", "99"], "layer must be between 0 and 29 for smollm2-135m"),
+                                           (["--layer", "3", "--ctx-len", "100000000"],
+                                            "ctx_len must be at most 8,192 for smollm2-135m")])
+def test_extract_checks_layer_and_context_length_before_loading_the_model(tmp_path, empty_cache, capsys, more, message):
+    text = tmp_path / "text.txt"
+    text.write_text("A few words of text to extract from.\n\nAnd a second document.")
+    code, err = run_cli(["extract", "--corpus", str(text), "--device", "cpu", *more], capsys)
+    assert code == 2 and "Traceback" not in err and message in err, err
+    assert "Loading weights" not in err, "refused before the model loaded"
+    assert not any(empty_cache.iterdir())
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ("DIR", "a folder without text files (none ending in .txt, .jsonl, .csv, .parquet)"),
+    ("biultin", "biultin: no such file or folder, nor a corpus name (builtin, large)")])
+def test_extract_names_a_corpus_it_cannot_read_for_what_it_is(tmp_path, empty_cache, capsys, corpus, message):
+    refused(["extract", "--corpus", str(tmp_path) if corpus == "DIR" else corpus, "--device", "cpu"], capsys, message)
+    assert not any(empty_cache.iterdir())
+
+
+def test_taxonomy_refuses_to_write_an_empty_taxonomy_or_where_it_cannot(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    refused(["taxonomy", "--data-noun", str(SAMPLE), "--min-tokens", str(10**20), "--out", str(out)], capsys,
+            "has 100,000,000,000,000,000,000 single-token words: lower --min-tokens")
+    assert not out.exists()
+    if Path("/proc").is_dir():  # a directory where nothing can be made, even by root
+        refused(["taxonomy", "--data-noun", str(SAMPLE), "--out", "/proc/t.json"], capsys,
+                "/proc/t.json: cannot write in /proc")

@@ -5,6 +5,7 @@ was there is byte-for-byte the same after."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -100,3 +101,20 @@ def test_temp_files_of_a_killed_export_are_swept_by_the_next(runs, tmp_path, cap
     assert len(staged) == 2 and not (out / "sae_weights.safetensors").exists(), "killed between staging and renaming"
     assert run_cli(["export", str(runs / "vanilla"), "--to", "saelens", str(out)], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_ctrl_c_mid_export_is_one_line_and_leaves_nothing(runs, tmp_path):
+    out = tmp_path / "exported"
+    marker = tmp_path / "paused"
+    before = file_hashes(runs)
+    proc = subprocess.Popen([sys.executable, "-m", "msae.cli", "export", str(runs / "vanilla"), "--to", "saelens",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **paused_at("files staged", marker)})
+    wait_paused(proc, marker)  # both files written to temp names, neither renamed yet
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("msae export: interrupted; run the same command again to finish"), err
+    assert not out.exists(), "its temp files and the directory it made are gone"
+    assert file_hashes(runs) == before

@@ -52,3 +52,10 @@ def test_toy_sizes_beyond_the_machines_memory_are_refused_before_allocating(tmp_
     out = tmp_path / "toy"
     refused([*TOY, *more, "--out", str(out)], capsys, "GiB is free: pick smaller sizes")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("more", [["--widths", "4,8", "--k", "9"], ["--k", "99999999"]])
+def test_toy_refuses_a_k_above_its_largest_width(tmp_path, capsys, more):
+    out = tmp_path / "toy"
+    refused([*TOY, *more, "--out", str(out)], capsys, "k must be between 1 and the largest width")
+    assert not out.exists()

@@ -18,7 +18,7 @@ from msae.activations import extract
 from msae.analysis import gallery as gallery_mod
 from msae.analysis import taxbench
 from msae.analysis.analyze import hierarchy_bench, make_gallery
-from msae.cli import format_gallery, format_hierarchy_bench
+from msae.cli import ProgressLines, format_gallery, format_hierarchy_bench
 from msae.config import ExtractConfig
 from msae.lm import DEFAULT_MODEL
 from msae.sae import SAE
@@ -70,14 +70,16 @@ def made(lm, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(taxbench, "BACKGROUND_ROWS", 200)
     mp.setattr(taxbench, "BOOTSTRAP_REPS", 200)
-    bench = hierarchy_bench(runs["matryoshka"], [runs["vanilla"]], lm=lm, cache=cache)
+    heard = []
+    bench = hierarchy_bench(runs["matryoshka"], [runs["vanilla"]], lm=lm, cache=cache,
+                            progress=lambda *report: heard.append(report))
     result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], lm=lm, cache=cache)
     mp.undo()
-    return runs, bench, result
+    return runs, bench, result, heard
 
 
 def test_benchmark_writes_every_category_for_both_saes(made):
-    runs, result, _g = made
+    runs, result, _g, _p = made
     assert result.categories >= 3 and result.occurrences > 0
     on_disk = json.loads((runs["matryoshka"] / "hierarchy_bench.json").read_text())
     assert on_disk["categories"] == result.categories
@@ -94,8 +96,32 @@ def test_benchmark_writes_every_category_for_both_saes(made):
     assert "parent AP" in report and "matryoshka - vanilla" in report
 
 
+def test_benchmark_reports_each_stage_to_its_end(made):
+    _r, result, _g, heard = made
+    stages = list(dict.fromkeys(stage for stage, _d, _t in heard))
+    assert stages[0] == "member occurrences (cache shards)" and stages[-2:] == ["matryoshka (categories)",
+                                                                               "vanilla (categories)"]
+    for stage in stages:
+        counts = [(done, total) for s, done, total in heard if s == stage]
+        assert [d for d, _t in counts] == sorted(d for d, _t in counts), f"{stage} counts up"
+        assert counts[-1][0] == counts[-1][1], f"{stage} reaches its total"
+    assert [t for s, _d, t in heard if s == "vanilla (categories)"][-1] == result.categories
+
+
+def test_progress_lines_keep_a_stages_ends_and_thin_out_the_rest(capsys):
+    now = [0.0]
+    say = ProgressLines("hierarchy-bench", every=5.0, clock=lambda: now[0])
+    for done in range(1, 101):  # a count a second
+        now[0] = float(done)
+        say("stage a", done, 100)
+    say("stage b", 1, 2)
+    # The first count, then one every five seconds, the last, and the next stage's first at once.
+    assert capsys.readouterr().err.splitlines() == [f"msae hierarchy-bench: stage a {done}/100" for done in
+                                                    [*range(1, 100, 5), 100]] + ["msae hierarchy-bench: stage b 1/2"]
+
+
 def test_gallery_cases_hold_consistent_tables(made):
-    runs, _b, result = made
+    runs, _b, result, _p = made
     assert (runs["matryoshka"] / "gallery.json").exists()
     assert result.runs == {"matryoshka": "matryoshka", "wide": "vanilla", "narrow": "vanilla-2048"}
     kinds = {c.kind for c in result.cases} | set(result.missing)
@@ -123,7 +149,7 @@ def test_gallery_cases_hold_consistent_tables(made):
 
 
 def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
-    runs, _b, result = made
+    runs, _b, result, _p = made
     monkeypatch.setenv("MSAE_RUNS", str(runs["matryoshka"].parents[1]))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.session_state["run"] = str(runs["matryoshka"])

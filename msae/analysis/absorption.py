@@ -59,7 +59,7 @@ from msae.activations import pad_batch
 from msae.analysis.stream import encode_rows
 from msae.config import LETTERS, AbsorptionConfig
 from msae.io import check_fits
-from msae.lm import DEFAULT_MODEL, LoadedLM, check_layer, load_lm, residual_after
+from msae.lm import DEFAULT_MODEL, LoadedLM, check_before_load, check_layer, load_lm, residual_after
 from msae.results import (AbsorptionMean, AbsorptionResult, AbsorptionValidity, AbsorptionVariant, LetterAbsorption,
                           SAEAbsorption, mean_or_none)
 from msae.run import Run
@@ -523,7 +523,9 @@ def measure(
             raise AbsorptionError("no run records the layer it was trained on: pass --layer")
         layer = next(iter(layers.values()))
     if lm is None:
-        lm = load_lm(next(iter(models.values()), DEFAULT_MODEL), precision=cfg.precision)
+        model = next(iter(models.values()), DEFAULT_MODEL)
+        check_before_load(model, layer)  # a layer the model lacks costs no model load
+        lm = load_lm(model, precision=cfg.precision)
     check_layer(lm, layer)
     for name, sae in saes.items():
         check_fits(sae, lm.d_model, f"{lm.name} ({name}: {run_dirs[name]})")

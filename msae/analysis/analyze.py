@@ -20,7 +20,7 @@ from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
 from msae.corpus import CorpusError
-from msae.lm import LMLoadError, LoadedLM, is_identity, load_lm, model_identity
+from msae.lm import LMLoadError, LoadedLM, check_before_load, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
                           HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
@@ -200,6 +200,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
     if cache is None:
         check_corpus(ecfg.corpus)  # a corpus that cannot be read is refused before the model loads
     if lm is None:
+        check_before_load(ecfg.model, ecfg.layer, ecfg.ctx_len)  # a --layer the model lacks costs no model load
         try:
             lm = load_lm(ecfg.model, acfg.device, precision=ecfg.precision)
         except LMLoadError as exc:
@@ -441,10 +442,11 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
 
 
 def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
-                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None) -> HierarchyBench:
+                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> HierarchyBench:
     """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
     and activation cache; tree links come from each run's feature store when it has one. Written to
-    RUN/hierarchy_bench.json."""
+    RUN/hierarchy_bench.json. `progress` hears its stages (taxbench.run_bench)."""
     from msae.analysis import taxbench
 
     run = Run(run_dir)
@@ -457,7 +459,7 @@ def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), tax
             links[r.name] = load_store(r.path).links
         except StoreError:
             links[r.name] = None
-    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links)
+    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, progress=progress)
     run.write_hierarchy_bench(result)
     return result
 
@@ -468,6 +470,8 @@ def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM 
     from msae.analysis import absorption
 
     runs = {Run(p).name: Path(p) for p in [run_dir, *others]}
+    if len(runs) < 1 + len(others):  # results are keyed by name: one run would silently stand for both
+        raise AnalysisError("two of the runs have the same name; compare runs with different folder names")
     try:
         result = absorption.measure(runs, lm=lm, layer=layer, config=config)
     except (absorption.AbsorptionError, io.SAELoadError) as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,10 @@ PER_TOKEN = 12
 """Corpus occurrences kept per member token (a seeded sample), so frequent words do not decide a category."""
 MIN_OCCURRENCES = 2
 """Tokens with fewer corpus occurrences get template sentences."""
+Progress = Callable[[str, int, int], None]
+"""(stage, done, total): called as each stage advances (a long benchmark otherwise says nothing for minutes)."""
+Count = Callable[[int, int], None]
+"""(done, total) of one stage."""
 TEMPLATES = ("They talked about the{w} for a long time.", "In the old story, the{w} came back at night.")
 """The member token goes where {w} is (its own leading space included); the first sentence is in the selection
 half, the second in the held-out half."""
@@ -121,12 +125,13 @@ def ambiguous_tokens(chosen: list[tuple[Category, set[int]]], ancestors: dict[in
     return out
 
 
-def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0) -> pd.DataFrame:
+def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0, progress: Count | None = None) -> pd.DataFrame:
     """Rows of the cache whose token is in `tokens`: at most PER_TOKEN a token (a seeded sample); columns shard,
     row (in the shard), token, context, position."""
     g = torch.Generator().manual_seed(seed)
     found = []
-    for i, shard in enumerate(read_manifest(cache)["shards"]):
+    shards = read_manifest(cache)["shards"]
+    for i, shard in enumerate(shards):
         with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
             ids = f.get_tensor("token_ids").long()
             context = f.get_tensor("context").long()
@@ -134,6 +139,8 @@ def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0) -> pd.DataFra
         hit = torch.isin(ids, tokens).nonzero().squeeze(1)
         found.append(pd.DataFrame({"shard": i, "row": hit.numpy(), "token": ids[hit].numpy(),
                                    "context": context[hit].numpy(), "position": position[hit].numpy()}))
+        if progress is not None:
+            progress(i + 1, len(shards))
     occ = (pd.concat(found, ignore_index=True) if found
            else pd.DataFrame(columns=["shard", "row", "token", "context", "position"]))
     occ["key"] = torch.rand(len(occ), generator=g).numpy()
@@ -194,7 +201,8 @@ def read_rows(cache: Path, frame: pd.DataFrame) -> Tensor:
 
 
 @torch.no_grad()
-def template_rows(lm, layer: int, tokens: list[int]) -> tuple[Tensor, Tensor, Tensor, list[list[int]], list[int]]:
+def template_rows(lm, layer: int, tokens: list[int],
+                  progress: Count | None = None) -> tuple[Tensor, Tensor, Tensor, list[list[int]], list[int]]:
     """Activations of each token in each TEMPLATE: (acts (2·T, d), token ids, selection flags, the sentences'
     token ids, the member's position in each)."""
     from msae.activations import pad_batch
@@ -218,12 +226,14 @@ def template_rows(lm, layer: int, tokens: list[int]) -> tuple[Tensor, Tensor, Te
         ids, mask = pad_batch(batch, length, pad)
         resid = residual_after(lm, ids, mask, layer).float().cpu()
         out.append(resid[torch.arange(len(batch)), torch.tensor(where[start : start + 64])])
+        if progress is not None:
+            progress(min(start + 64, len(seqs)), len(seqs))
     acts = torch.cat(out) if out else torch.zeros(0, lm.d_model)
     return acts, torch.tensor(toks, dtype=torch.long), torch.tensor(sel, dtype=torch.bool), seqs, where
 
 
 def build_pool(cache: Path, lm, layer: int, tokens: set[int], exclude: set[int], occurrences: pd.DataFrame,
-               seed: int = 0, background: int | None = None) -> Pool:
+               seed: int = 0, background: int | None = None, progress: Count | None = None) -> Pool:
     """The `occurrences` (corpus_occurrences) of `tokens`, templates for those with fewer than MIN_OCCURRENCES,
     and `background` (default BACKGROUND_ROWS) rows whose token is not in `exclude`."""
     occ = occurrences[occurrences["token"].isin(list(tokens))]
@@ -234,7 +244,7 @@ def build_pool(cache: Path, lm, layer: int, tokens: set[int], exclude: set[int],
     back = background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), n_back, seed) if n_back else None
     frame = pd.concat([occ, back], ignore_index=True) if back is not None else occ.reset_index(drop=True)
     acts = read_rows(cache, frame)
-    t_acts, t_tok, t_sel, t_ids, t_pos = template_rows(lm, layer, rare)
+    t_acts, t_tok, t_sel, t_ids, t_pos = template_rows(lm, layer, rare, progress)
     n_occ = len(occ)
     return Pool(
         acts=torch.cat([acts, t_acts]),
@@ -381,7 +391,7 @@ def _bootstrap_members(by: ByLatent, latent: int, positive: np.ndarray, half: np
 
 def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
               tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
-              seed: int = 0) -> tuple[SAEBench, np.ndarray]:
+              seed: int = 0, progress: Count | None = None) -> tuple[SAEBench, np.ndarray]:
     """One SAE's figures, and its (categories, reps) member-resampled held-out APs for paired comparisons."""
     sae.eval()
     sp = encode_rows(sae, pool.acts)
@@ -422,6 +432,8 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
             recall=float(fires[pos_held].mean()) if n_pos else 0.0,
             absorption=float((pos_held & ~fires & member_fires).sum() / n_pos) if n_pos else 0.0,
             member_latents=sum(1 for t in specific.values() if t in mine)))
+        if progress is not None:
+            progress(len(results), len(chosen))
     labels = label_latents(sp, pool.token, tax)
     groups = sae.group_of(torch.arange(sae.d_sae)).cpu()
     precision, null = link_precision(links, labels, ancestors, groups, seed)
@@ -458,21 +470,28 @@ def paired_difference(a: np.ndarray, b: np.ndarray, pa: Sequence[float], pb: Seq
 
 
 def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
-              links: dict[str, pd.DataFrame | None], seed: int = 0) -> HierarchyBench:
-    """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it)."""
+              links: dict[str, pd.DataFrame | None], seed: int = 0, progress: Progress | None = None) -> HierarchyBench:
+    """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it);
+    `progress` hears each stage: the cache's shards read, the template sentences run, each SAE's categories."""
+
+    def stage(name: str) -> Count | None:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
     t0 = time.perf_counter()
     ancestors = tax.ancestors()
     every = set().union(*(set(c.tokens) for c in tax.categories))
-    occurrences = corpus_occurrences(cache, torch.tensor(sorted(every), dtype=torch.long), seed)
+    occurrences = corpus_occurrences(cache, torch.tensor(sorted(every), dtype=torch.long), seed,
+                                     stage("member occurrences (cache shards)"))
     counts = occurrences["token"].value_counts()
     # Categories are chosen by their members that the corpus holds; templates only fill in the rest.
     chosen = choose_categories(tax, {int(t) for t, n in counts.items() if n >= MIN_OCCURRENCES})
     ambiguous = ambiguous_tokens(chosen, ancestors)
     tokens = set().union(*(m for _c, m in chosen)) - ambiguous
-    pool = build_pool(cache, lm, layer, tokens, every, occurrences, seed)
+    pool = build_pool(cache, lm, layer, tokens, every, occurrences, seed, progress=stage("template sentences"))
     out, reps = [], {}
     for name, sae in saes.items():
-        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), seed)
+        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), seed,
+                                      stage(f"{name} (categories)"))
         out.append(bench)
     differences = {}
     first = out[0]
