@@ -108,18 +108,14 @@ def estimate_extraction(cfg: ExtractConfig, lm: LoadedLM, layer: int, root: Path
     text_rows = min(text_rows, cfg.tokens)
     return ExtractionEstimate(rows=max(text_rows - cached, 0), text_rows=text_rows, cached_rows=cached,
                               rows_per_second=rate,
-                              how=f"measured here on one batch of {len(first)} contexts ({_dtype_name(lm)} on {lm.device})")
-
-
-def _dtype_name(lm: LoadedLM) -> str:
-    return str(lm.dtype).removeprefix("torch.")
+                              how=f"measured here on one batch of {len(first)} contexts ({io.dtype_name(lm.dtype)} on {lm.device})")
 
 
 def cache_for(cfg: ExtractConfig, lm: LoadedLM, layer: int, root: Path | None = None,
               corpus: CorpusInfo | None = None) -> Path:
     """The cache directory extracting `cfg` with `lm` fills: the model given decides its dtype and identity (one
     built in memory has no folder: then cfg.model's identity)."""
-    key = cache_key(cfg, layer, corpus, lm_dtype=_dtype_name(lm), model=lm.identity)
+    key = cache_key(cfg, layer, corpus, lm_dtype=io.dtype_name(lm.dtype), model=lm.identity)
     return cache_path_for(key, root, name=cfg.model)
 
 
@@ -155,7 +151,7 @@ def cache_key(cfg: ExtractConfig, layer: int, corpus: CorpusInfo | None = None, 
 
 def lm_dtype_name(cfg: ExtractConfig) -> str:
     """The dtype the LM runs in for this extraction (its precision on its device)."""
-    return str(compute_dtype(cfg.precision, resolve_device(cfg.device))).removeprefix("torch.")
+    return io.dtype_name(compute_dtype(cfg.precision, resolve_device(cfg.device)))
 
 
 def cache_root() -> Path:
@@ -349,7 +345,7 @@ def extract(
     check_sizes(lm.name, lm.model.config.to_dict(), ctx_len=cfg.ctx_len)
     cache = cache_for(cfg, lm, layer, root, corpus)
     manifest = (read_manifest(cache) if (cache / MANIFEST).exists()
-                else _new_manifest(cache_key(cfg, layer, corpus, _dtype_name(lm), lm.identity), lm.d_model, cfg.model))
+                else _new_manifest(cache_key(cfg, layer, corpus, io.dtype_name(lm.dtype), lm.identity), lm.d_model, cfg.model))
     full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
                                                 manifest["contexts_done"]])).tolist()
     if full:

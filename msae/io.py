@@ -168,7 +168,7 @@ def _saved_as_jumprelu(sae: SAE) -> bool:
     return sae.activation == "batchtopk" and unexportable_reason(sae) is None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """The dtype's name as SAELens writes it: "float32" for torch.float32."""
     return str(dtype).removeprefix("torch.")
 
@@ -211,7 +211,7 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str
         "d_sae": sae.d_sae,
         "k": sae.k,
         "matryoshka_widths": list(sae.widths),
-        "dtype": _dtype_name(dtype or sae.W_enc.dtype),
+        "dtype": dtype_name(dtype or sae.W_enc.dtype),
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",

@@ -100,7 +100,7 @@ def compute_dtype(precision: str, device: torch.device, weights: torch.dtype = t
 
 def precision_note(precision: str, device: torch.device) -> str:
     """What a precision setting means on `device`, in words, for the CLI's and the app's messages."""
-    dtype = str(compute_dtype(precision, device)).removeprefix("torch.")
+    dtype = io.dtype_name(compute_dtype(precision, device))
     if device.type == "cuda":
         why = "the GPU supports bf16" if bf16_is_fast(device) else "the GPU has no bf16"
     elif bf16_is_fast(device):
@@ -417,7 +417,10 @@ def residual_after(lm: LoadedLM, input_ids: Tensor, attention_mask: Tensor, laye
 
     handle = layers[layer].register_forward_hook(hook)
     try:
-        base_model(lm.model)(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device), use_cache=False)
+        # A batch without padding goes without a mask: attention is then plainly causal, which lets SDPA take its
+        # causal kernel instead of reading a (B, 1, T, T) mask (the same activations, to float rounding).
+        mask = None if bool(attention_mask.all()) else attention_mask.to(lm.device)
+        base_model(lm.model)(input_ids=input_ids.to(lm.device), attention_mask=mask, use_cache=False)
     except _StopForward:
         pass
     finally:

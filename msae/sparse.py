@@ -63,18 +63,21 @@ def _concat(parts: list[Entries], like: Tensor) -> Entries:
     return Entries(*(torch.cat(field) for field in zip(*parts)))
 
 
-def _positions_above(flat: Tensor, threshold: float | Tensor) -> Tensor:
-    """Indices of the values of `flat` above `threshold` (>= 0; a scalar or one value per element).
+def _positions_above(flat: Tensor, threshold: float) -> Tensor:
+    """Indices of the values of `flat` above a scalar `threshold` >= 0.
 
-    In bf16 a scalar threshold is compared on the bit patterns: for a threshold >= 0 the order of bf16 values above
-    it is the order of their bits read as int16 (negative values and -0 read as negative integers), and the integer
-    compare is about 2.5x faster than torch's bf16 one. The mask is then scanned 8 bytes at a time, since few
-    entries pass: only the words holding a set byte are opened."""
-    if flat.dtype == torch.bfloat16 and not isinstance(threshold, Tensor):
+    In bf16 the compare is on the bit patterns: for a threshold >= 0 the order of bf16 values above it is the order
+    of their bits read as int16 (negative values and -0 read as negative integers), and the integer compare is
+    about 2.5x faster than torch's bf16 one."""
+    if flat.dtype == torch.bfloat16:
         bits = torch.tensor([threshold], dtype=torch.bfloat16).view(torch.int16).item()
-        mask = flat.view(torch.int16) > bits
-    else:
-        mask = flat > threshold
+        return _set_positions(flat.view(torch.int16) > bits)
+    return _set_positions(flat > threshold)
+
+
+def _set_positions(mask: Tensor) -> Tensor:
+    """Indices of the set entries of a flat bool mask, scanned 8 bytes at a time: few entries pass a selection, so
+    only the words holding a set byte are opened."""
     if mask.numel() % 8:
         return mask.nonzero().squeeze(1)
     words = mask.view(torch.int64).nonzero().squeeze(1)
@@ -85,9 +88,10 @@ def _positions_above(flat: Tensor, threshold: float | Tensor) -> Tensor:
 def _above(pre_CF: Tensor, threshold: float | Tensor, row0: int) -> Entries:
     """Entries of one chunk whose pre-activation exceeds `threshold` (>= 0; a scalar or one per latent)."""
     flat = pre_CF.reshape(-1)
-    if isinstance(threshold, Tensor):
-        threshold = float(threshold) if threshold.numel() == 1 else threshold.expand_as(pre_CF).reshape(-1)
-    idx = _positions_above(flat, threshold)
+    if isinstance(threshold, Tensor) and threshold.numel() > 1:  # per latent: broadcast over the rows
+        idx = _set_positions((pre_CF > threshold).reshape(-1))
+    else:
+        idx = _positions_above(flat, float(threshold))
     d_sae = pre_CF.shape[1]
     return Entries(idx // d_sae + row0, idx % d_sae, flat[idx])
 

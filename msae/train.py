@@ -257,7 +257,7 @@ class Trainer:
     @property
     def compute_dtype_name(self) -> str:
         """The dtype of the SAEs' encoder matmuls, as cfg.json and the checkpoint record it."""
-        return str(self.states[0].sae.compute_dtype).removeprefix("torch.")
+        return io.dtype_name(self.states[0].sae.compute_dtype)
 
     def run_dir(self, name: str) -> Path:
         """Where SAE `name` is saved: out_dir itself when it is the only one."""
