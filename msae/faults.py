@@ -2,7 +2,7 @@
 
 A kill test that sleeps a fixed time before its kill races the process: on a fast machine the work is already
 done, on a busy one it has not started. Instead the test sets MSAE_PAUSE_AT to the name of a point (for example
-"analyze stream shard 1" or "train step 12 rank 1") and MSAE_PAUSE_MARKER to a file path. The process that reaches
+"stream shard 1" or "train step 12 rank 1") and MSAE_PAUSE_MARKER to a file path. The process that reaches
 that point writes its pid to the marker and sleeps until it is killed; the test waits for the marker, then kills.
 Without MSAE_PAUSE_AT (every user run) `pause_at` is one dictionary lookup.
 """
