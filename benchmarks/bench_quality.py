@@ -49,7 +49,7 @@ from msae.evaluate import ALIVE_RATE, fvu_by_part, reconstruction_metrics
 from msae.lm import LoadedLM, load_lm, residual_after
 from msae.run import Run
 from msae.sae import SAE
-from msae.sparse import select_batchtopk
+from msae.sparse import fold_rows, fold_weights, select_batchtopk
 
 HERE = Path(__file__).resolve().parent
 FRESH_TEXT = HERE / "data" / "fresh_prose.txt"
@@ -133,7 +133,7 @@ def theta_vs_batchtopk(sae: SAE, batches: Iterable[Tensor]) -> dict:
     for x in batches:
         x = x.to(sae.W_dec.device, sae.W_dec.dtype)
         theta_active += sae.select(x).vals.numel()
-        topk_active += select_batchtopk(x - sae.b_dec, sae.W_enc, sae.b_enc, sae.k).vals.numel()
+        topk_active += select_batchtopk(fold_rows(x, sae.b_dec), fold_weights(sae.W_enc, sae.b_enc), sae.k).vals.numel()
         rows += x.shape[0]
     l0_theta, l0_batchtopk = theta_active / rows, topk_active / rows
     ratio = l0_theta / l0_batchtopk

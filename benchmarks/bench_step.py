@@ -3,7 +3,8 @@
     python benchmarks/bench_step.py [--steps 10] [--out benchmarks/results/step.json] [--peers-python PY]
 
 Measured at d_in 576, k 32, batch 4096, widths 1024..16384 (issue 2), each in both allocator modes (glibc
-default, and glibc keeping freed memory: peers.MALLOC_KEEP_ENV), each timing in a fresh process:
+default, and glibc keeping freed memory: peers.MALLOC_KEEP_ENV), each timing in a fresh process. Our step always
+runs as `msae train` runs it, whose process keeps freed memory itself (msae.lm.keep_freed_memory) in either mode:
   (a) Matryoshka vs vanilla BatchTopK of the same width        target <= 1.2x
   (b) one Matryoshka vs five vanilla SAEs of the nested widths target >= 1.6x cheaper
   (c) our vanilla vs a plain dense PyTorch TopK step           target >= 1.8x faster
@@ -61,8 +62,10 @@ def time_ours(acts_path: str, widths: list[int], steps: int, aux: bool, precisio
     from safetensors.torch import load_file
 
     from msae.config import TrainConfig
+    from msae.lm import keep_freed_memory
     from msae.train import geometric_median, make_state, sae_step
 
+    keep_freed_memory()  # as every `msae` command does (msae.cli.main)
     acts = load_file(acts_path)["activations"]
     cfg = TrainConfig(widths=tuple(widths), k=K, batch_size=BATCH, steps=100_000, threshold_start_step=0,
                       dead_tokens=1 if aux else 10_000_000, precision=precision)

@@ -21,7 +21,7 @@ from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigErro
 from msae.corpus import CorpusError
 from msae.distributed import RankLost, World, launch
 from msae.io import SAELoadError
-from msae.lm import LMLoadError, precision_note, resolve_device
+from msae.lm import LMLoadError, keep_freed_memory, precision_note, resolve_device
 from msae.records import RecordError
 from msae.results import AbsorptionResult, InputFile, RunInfo, StoreManifest
 from msae.run import Run, RunError, locked
@@ -496,6 +496,8 @@ def close_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # run as the program, a batch job; not a test or library calling main() in its own process
+        keep_freed_memory()
     try:
         check_device(getattr(args, "device", None))
         return args.func(args)

@@ -170,18 +170,19 @@ def _in_float32(entries: Entries) -> Entries:
 
 
 @torch.no_grad()
-def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, world: World) -> Entries:
-    """This rank's entries of BatchTopK over the global batch: the k·B largest positive pre-activations of all ranks'
+def select_batchtopk(x1: Tensor, W1: Tensor, k: int, world: World) -> Entries:
+    """This rank's entries of BatchTopK over the global batch (the encoder's operands x1, W1: sparse.fold_rows,
+    sparse.fold_weights): the k·B largest positive pre-activations of all ranks'
     rows (B rows in all), exactly those one process holding the whole batch keeps.
 
     The k·B-th value t lies between the smallest and the largest of the ranks' own (k·B_rank)-th values, lo and hi.
     Values above hi are kept, the few between lo and hi are gathered to find t, and ties at t are kept in rank and
     row order until k·B entries are kept (a single process's topk breaks such ties in no stated order; activations
     tie with probability zero). Three small all-gathers; the encoder runs once unless a rank's pool stops above lo."""
-    n_rows = x_c.shape[0]
+    n_rows = x1.shape[0]
     depth = math.ceil(POOL_DEPTH * k)
     # Values compared and gathered in float32: every bf16 value is exact in it, and the row count is not in bf16.
-    pool = _in_float32(sparse.select_batchtopk(x_c, W_enc, b_enc, depth))
+    pool = _in_float32(sparse.select_batchtopk(x1, W1, depth))
     complete = pool.vals.numel() < depth * n_rows  # the pool holds every positive value of this rank
     floor = pool.vals.new_zeros(()) if complete else pool.vals.min()  # every value above it is in the pool
     info = world.gather(torch.stack([_kth_largest(pool.vals, k * n_rows), floor,
@@ -189,8 +190,8 @@ def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, world: W
     lo, hi = info[:, 0].min(), info[:, 0].max()
     n_keep = k * int(info[:, 2].sum().item())
     if not complete and floor >= lo:
-        below = lo.to(x_c.dtype)  # lo is one of the pool's values, so exact in the compute dtype
-        pool = _in_float32(sparse.select_above(x_c, W_enc, b_enc, torch.nextafter(below, below.new_tensor(-math.inf))))
+        below = lo.to(x1.dtype)  # lo is one of the pool's values, so exact in the compute dtype
+        pool = _in_float32(sparse.select_above(x1, W1, torch.nextafter(below, below.new_tensor(-math.inf))))
 
     contested = pool.vals[(pool.vals >= lo) & (pool.vals <= hi)]
     counts = world.gather(torch.tensor([int((pool.vals > hi).sum()), contested.numel()]))  # (ranks, 2)
@@ -224,7 +225,7 @@ def whole_batch(out: SAEOutput, x: Tensor, world: World) -> SAEOutput:
     share, so the ranks' gradients add up to the whole batch's. Two all-reduces of a few numbers."""
     n_rows, d_in = x.shape
     tiny = torch.finfo(x.dtype).tiny
-    residual = x - out.recons[-1]  # recons carries no gradient
+    residual = -out.errors[-1]  # x - x̂, no gradient
     sums = world.sum_(torch.cat([x.sum(dim=0), residual.sum(dim=0), x.new_tensor([n_rows])]))
     n_total = sums[-1]
     x_ss = (x - sums[:d_in] / n_total).pow(2).sum()
@@ -252,11 +253,10 @@ class DataParallelSAE(SAE):
         super().__init__(*args, **kwargs)
         self.world = world
 
-    def select(self, x: Tensor) -> Entries:
+    def select_from(self, x1: Tensor, W1: Tensor) -> Entries:
         if not (self.training and self.uses_batchtopk()):
-            return super().select(x)
-        W_enc, b_enc = self.encoder_weights()
-        entries = select_batchtopk((x - self.b_dec).detach().to(self.compute_dtype), W_enc, b_enc, self.k, self.world)
+            return super().select_from(x1, W1)
+        entries = select_batchtopk(x1, W1, self.k, self.world)
         return entries._replace(vals=entries.vals.to(self.W_dec.dtype))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:

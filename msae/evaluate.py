@@ -36,7 +36,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterator[Tensor]) -> EvalResult:
     for x in batches:
         x = x.to(sae.W_dec.device, sae.W_dec.dtype)
         out = sae(x)
-        err = (out.recons - x).pow(2).sum(dim=(1, 2)).double()  # (G,)
+        err = out.errors.pow(2).sum(dim=(1, 2)).double()  # (G,)
         sq_err = err if sq_err is None else sq_err + err
         sums = x.double().sum(0) if sums is None else sums + x.double().sum(0)
         sq_sums = x.double().pow(2).sum() if sq_sums is None else sq_sums + x.double().pow(2).sum()
@@ -79,8 +79,7 @@ def fvu_by_part(sae: SAE, source: CachedActivations, batch_size: int = 4096) -> 
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start : start + batch_size].to(sae.W_dec.device, sae.W_dec.dtype)
             p = parts[start : start + batch_size]
-            recon = sae(x).recons[-1]
-            err.index_add_(0, p, (recon - x).pow(2).sum(1).double().cpu())
+            err.index_add_(0, p, sae(x).errors[-1].pow(2).sum(1).double().cpu())
             sums.index_add_(0, p, x.double().cpu())
             sq.index_add_(0, p, x.double().pow(2).sum(1).cpu())
             rows += torch.bincount(p, minlength=n)

@@ -26,8 +26,9 @@ class SAEOutput(NamedTuple):
 
     entries: Entries
     """Active latents of every row, in coordinate form (rows, cols, vals)."""
-    recons: Tensor
-    """(G, B, d_in) reconstruction at every nested width, the last being the full SAE."""
+    errors: Tensor
+    """(G, B, d_in) reconstruction error x̂_g - x at every nested width, the last being the full SAE's (no gradient):
+    the reconstruction is x + errors[g]."""
     mse: Tensor
     """(G,) squared error summed over d_in, averaged over rows, at every width (the loss terms)."""
     fvu: Tensor
@@ -116,35 +117,41 @@ class SAE(nn.Module):
         """Project out of each decoder row's gradient its component along the (unit) row itself."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # (d_sae,), no (d_sae, d_in) product made
+        self.W_dec.grad.addcmul_(self.W_dec, parallel.unsqueeze(1), value=-1)
 
     def uses_batchtopk(self) -> bool:
         """True when selection is BatchTopK over the batch (training, or a threshold not learned yet)."""
         return self.activation == "batchtopk" and (self.training or bool((self.threshold < 0).all()))
 
-    def encoder_weights(self) -> tuple[Tensor, Tensor]:
-        """(W_enc, b_enc) in the compute dtype, without gradient. Cast on every call: a cached copy could not tell
-        when the weights change (the fused Adam step updates them without bumping their version counter), and the
-        cast costs about 5% of the matmul it feeds."""
-        return self.W_enc.detach().to(self.compute_dtype), self.b_enc.detach().to(self.compute_dtype)
+    def encoder_weights(self) -> Tensor:
+        """(d_in + 1, d_sae): W_enc with b_enc as its last row (sparse.fold_weights), in the compute dtype, without
+        gradient. Made on every call: a cached copy could not tell when the weights change (the fused Adam step
+        updates them without bumping their version counter), and the copy costs about 5% of the matmul it feeds."""
+        return sparse.fold_weights(self.W_enc, self.b_enc, self.compute_dtype)
+
+    def encoder_rows(self, x: Tensor) -> Tensor:
+        """(B, d_in + 1): x - b_dec with a column of ones (sparse.fold_rows), in the compute dtype, without gradient."""
+        return sparse.fold_rows(x, self.b_dec, self.compute_dtype)
 
     def select(self, x: Tensor) -> Entries:
         """The active latents of x (B, d_in) (no gradient), by the SAE's activation rule, in the compute dtype;
         the values come back in the weights' dtype."""
-        x_c = (x - self.b_dec).detach().to(self.compute_dtype)
-        W_enc, b_enc = self.encoder_weights()
+        return self.select_from(self.encoder_rows(x), self.encoder_weights())
+
+    def select_from(self, x1: Tensor, W1: Tensor) -> Entries:
+        """`select` on the encoder's operands already made (encoder_rows(x), encoder_weights())."""
         threshold = self.threshold.to(self.compute_dtype)
         if self.activation == "relu":
-            entries = sparse.select_above(x_c, W_enc, b_enc, 0.0)
+            entries = sparse.select_above(x1, W1, 0.0)
         elif self.activation == "jumprelu":
-            entries = sparse.select_above(x_c, W_enc, b_enc, threshold)
+            entries = sparse.select_above(x1, W1, threshold)
         elif self.activation == "topk":
-            entries = sparse.select_topk(x_c, W_enc, b_enc, self.k)
+            entries = sparse.select_topk(x1, W1, self.k)
         elif self.uses_batchtopk():
-            entries = sparse.select_batchtopk(x_c, W_enc, b_enc, self.k)
+            entries = sparse.select_batchtopk(x1, W1, self.k)
         else:
-            entries = sparse.select_above(x_c, W_enc, b_enc, threshold)
+            entries = sparse.select_above(x1, W1, threshold)
         return entries._replace(vals=entries.vals.to(self.W_dec.dtype))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -158,33 +165,32 @@ class SAE(nn.Module):
         return latents_BF[:, :width] @ self.W_dec[:width] + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
-        """Encode x (B, d_in), reconstruct it at every nested width in one cumulative pass (recons: (G, B, d_in)),
+        """Encode x (B, d_in), reconstruct it at every nested width in one cumulative pass (errors: (G, B, d_in)),
         and measure it.
 
         Gradients reach the SAE's parameters only: x is treated as data. `dead_mask` (d_sae,) turns on AuxK
         with the k_aux (default d_in // 2) largest pre-activations of the dead latents."""
         n_rows = x.shape[0]
-        entries = self.select(x)
+        x1, W1 = self.encoder_rows(x), self.encoder_weights()
+        entries = self.select_from(x1, W1)
         aux_entries = None
         if dead_mask is not None and dead_mask.any():
             dead_idx = dead_mask.nonzero().squeeze(1)
             k_aux = self.d_in // 2 if k_aux is None else k_aux
-            W_enc, b_enc = self.encoder_weights()
-            aux_entries = sparse.select_aux(
-                (x - self.b_dec).detach().to(self.compute_dtype), W_enc, b_enc, dead_idx, k_aux
-            )
+            aux_entries = sparse.select_aux(x1, W1, dead_idx, k_aux)
             aux_entries = aux_entries._replace(vals=aux_entries.vals.to(self.W_dec.dtype))
+        del x1, W1
         all_entries = entries if aux_entries is None else Entries(*(torch.cat(p) for p in zip(entries, aux_entries)))
         all_vals = sparse.encode_at(x, self.W_enc, self.b_enc, self.b_dec, all_entries)
         vals = all_vals[: entries.vals.numel()]
 
-        # One bag per (group, row): the group's part of each row's reconstruction; cumsum over groups nests them.
+        # One bag per (group, row): the group's part of each row's reconstruction; a running sum over groups nests them.
         groups = self.group_of(entries.cols)
         bag = groups * n_rows + entries.rows
         order = torch.argsort(bag, stable=True)
-        parts = sparse.decode_bags(vals[order], self.W_dec, entries.cols[order], bag[order], self.n_groups * n_rows)
-        mse, recons = sparse.nested_mse(parts.view(self.n_groups, n_rows, self.d_in), self.b_dec, x)
-        total_var = (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        mse, errors = sparse.nested_reconstruction(vals[order], self.W_dec, entries.cols[order], bag[order], self.b_dec,
+                                                   x, self.n_groups)
+        total_var = x.var(dim=0, correction=0).sum()  # squared deviation from the batch mean, per row
         fvu = mse / total_var.clamp_min(torch.finfo(x.dtype).tiny)
         l0 = x.new_tensor(entries.vals.numel() / max(n_rows, 1))
         l1 = vals.sum() / max(n_rows, 1)
@@ -193,12 +199,12 @@ class SAE(nn.Module):
         if aux_entries is not None and aux_entries.vals.numel() > 0:
             aux_vals = all_vals[entries.vals.numel() :]
             aux_recon = sparse.decode_bags(aux_vals, self.W_dec, aux_entries.cols, aux_entries.rows, n_rows)
-            residual = (x - recons[-1]).detach()
-            residual_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
-            aux_loss = (aux_recon - residual).pow(2).sum(dim=-1).mean() / residual_var.clamp_min(
+            # The residual x - x̂_G is -errors[-1]: AuxK's reconstruction of it errs by aux_recon + errors[-1].
+            residual_var = errors[-1].var(dim=0, correction=0).sum()
+            aux_loss = (aux_recon + errors[-1]).pow(2).sum(dim=-1).mean() / residual_var.clamp_min(
                 torch.finfo(x.dtype).tiny
             )
-        return SAEOutput(entries._replace(vals=vals), recons, mse, fvu, l0, l1, aux_loss)
+        return SAEOutput(entries._replace(vals=vals), errors, mse, fvu, l0, l1, aux_loss)
 
 
 def default_lr(d_sae: int) -> float:

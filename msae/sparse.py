@@ -1,7 +1,9 @@
 """Sparse kernels for the SAE step: latent selection without a dense latent matrix, and decode / encoder
 gradients that touch only the k·B active latents.
 
-Only the encoder matmul is dense. Pre-activations are produced in row chunks and reduced at once to the
+Only the encoder matmul is dense. Its operands carry b_enc folded in (`fold_rows`, `fold_weights`: a column of
+ones and a bias row), so each chunk of pre-activations is one plain matmul: adding a broadcast bias to a chunk cost
+almost as much as the matmul itself. Pre-activations are produced in row chunks and reduced at once to the
 entries that survive (BatchTopK, TopK, a threshold or ReLU), so the (B, d_sae) matrix never exists. Every
 gradient is then computed from the surviving entries alone:
 
@@ -96,10 +98,33 @@ def _above(pre_CF: Tensor, threshold: float | Tensor, row0: int) -> Entries:
     return Entries(idx // d_sae + row0, idx % d_sae, flat[idx])
 
 
-def _pre_chunks(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, chunk_rows: int):
-    """Yield (row0, pre-activations of rows row0:row0+chunk) for centred inputs x_c."""
-    for row0 in range(0, x_c.shape[0], chunk_rows):
-        yield row0, torch.addmm(b_enc, x_c[row0 : row0 + chunk_rows], W_enc)
+@torch.no_grad()
+def fold_rows(x: Tensor, b_dec: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
+    """(B, d_in + 1): the encoder's input x - b_dec (x itself when b_dec is None) with a column of ones, in `dtype`
+    (default x's), made in one pass, without gradient (an operand of the selection)."""
+    x1 = x.new_empty((x.shape[0], x.shape[1] + 1), dtype=dtype or x.dtype)
+    if b_dec is None:
+        x1[:, :-1].copy_(x)
+    else:
+        torch.sub(x, b_dec, out=x1[:, :-1])
+    x1[:, -1] = 1
+    return x1
+
+
+@torch.no_grad()
+def fold_weights(W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(d_in + 1, d_sae): W_enc with b_enc as its last row, in `dtype` (default W_enc's), so that
+    fold_rows(x, b_dec) @ fold_weights(W_enc, b_enc) = (x - b_dec) @ W_enc + b_enc. One pass, the cast included."""
+    W1 = W_enc.new_empty((W_enc.shape[0] + 1, W_enc.shape[1]), dtype=dtype or W_enc.dtype)
+    W1[:-1].copy_(W_enc)
+    W1[-1].copy_(b_enc)
+    return W1
+
+
+def _pre_chunks(x1: Tensor, W1: Tensor, chunk_rows: int):
+    """Yield (row0, pre-activations of rows row0:row0+chunk) for folded operands (fold_rows, fold_weights)."""
+    for row0 in range(0, x1.shape[0], chunk_rows):
+        yield row0, x1[row0 : row0 + chunk_rows] @ W1
 
 
 def _top_values(entries: Entries, n: int) -> Entries:
@@ -111,12 +136,12 @@ def _top_values(entries: Entries, n: int) -> Entries:
 
 
 @torch.no_grad()
-def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
-    """Exact BatchTopK: the k·B largest positive pre-activations of the whole batch."""
-    n_rows = x_c.shape[0]
+def select_batchtopk(x1: Tensor, W1: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """Exact BatchTopK: the k·B largest positive pre-activations of the whole batch (folded operands x1, W1)."""
+    n_rows = x1.shape[0]
     n_keep = k * n_rows
     first_rows = min(chunk_rows, n_rows)
-    pre0 = torch.addmm(b_enc, x_c[:first_rows], W_enc)
+    pre0 = x1[:first_rows] @ W1
     # The estimate only sets how many candidates survive, never which: a strided sample of the chunk suffices
     # (an odd stride, so the sample does not alias the power-of-two latent dimension).
     sample = pre0.reshape(-1)[::ESTIMATE_STRIDE]
@@ -127,9 +152,9 @@ def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_ro
             if 0 < n_cand < sample.numel():
                 threshold = max(0.0, sample.topk(n_cand, sorted=False).values.min().item())
         parts = [_above(pre0, threshold, 0)]
-        for row0, pre in _pre_chunks(x_c[first_rows:], W_enc, b_enc, chunk_rows):
+        for row0, pre in _pre_chunks(x1[first_rows:], W1, chunk_rows):
             parts.append(_above(pre, threshold, row0 + first_rows))
-        cand = _concat(parts, x_c)
+        cand = _concat(parts, x1)
         # Exact when at least n_keep values exceed the threshold: everything left out is <= threshold.
         if cand.vals.numel() >= n_keep or threshold == 0.0:
             return _top_values(cand, n_keep)
@@ -137,47 +162,45 @@ def select_batchtopk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_ro
 
 
 @torch.no_grad()
-def select_topk(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
-    """Per-row TopK of the positive pre-activations."""
+def select_topk(x1: Tensor, W1: Tensor, k: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """Per-row TopK of the positive pre-activations (folded operands x1, W1)."""
     parts = []
-    for row0, pre in _pre_chunks(x_c, W_enc, b_enc, chunk_rows):
+    for row0, pre in _pre_chunks(x1, W1, chunk_rows):
         vals, cols = pre.topk(k, dim=1)
         cols, order = cols.sort(dim=1)
         vals = vals.gather(1, order)
         rows = torch.arange(row0, row0 + pre.shape[0], device=pre.device).unsqueeze(1).expand_as(cols)
         keep = vals > 0
         parts.append(Entries(rows[keep], cols[keep], vals[keep]))
-    return _concat(parts, x_c)
+    return _concat(parts, x1)
 
 
 @torch.no_grad()
-def select_above(
-    x_c: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: float | Tensor, chunk_rows: int = CHUNK_ROWS
-) -> Entries:
-    """Every pre-activation above `threshold`, a scalar or a (d_sae,) vector (JumpReLU), never below 0.
+def select_above(x1: Tensor, W1: Tensor, threshold: float | Tensor, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """Every pre-activation above `threshold`, a scalar or a (d_sae,) vector (JumpReLU), never below 0 (folded
+    operands x1, W1).
 
     0 gives ReLU; BatchTopK's learned θ gives its inference rule."""
     threshold = threshold.clamp_min(0.0) if isinstance(threshold, Tensor) else max(threshold, 0.0)
-    parts = [_above(pre, threshold, row0) for row0, pre in _pre_chunks(x_c, W_enc, b_enc, chunk_rows)]
-    return _concat(parts, x_c)
+    parts = [_above(pre, threshold, row0) for row0, pre in _pre_chunks(x1, W1, chunk_rows)]
+    return _concat(parts, x1)
 
 
 @torch.no_grad()
-def select_aux(
-    x_c: Tensor, W_enc: Tensor, b_enc: Tensor, dead_idx: Tensor, k_aux: int, chunk_rows: int = CHUNK_ROWS
-) -> Entries:
-    """AuxK: per row, the k_aux largest positive pre-activations among the dead latents `dead_idx`."""
+def select_aux(x1: Tensor, W1: Tensor, dead_idx: Tensor, k_aux: int, chunk_rows: int = CHUNK_ROWS) -> Entries:
+    """AuxK: per row, the k_aux largest positive pre-activations among the dead latents `dead_idx` (folded
+    operands x1, W1)."""
     k_aux = min(k_aux, dead_idx.numel())
     if k_aux == 0:
-        return _empty_entries(x_c)
-    W_dead = W_enc[:, dead_idx]
+        return _empty_entries(x1)
+    W_dead = W1[:, dead_idx]
     parts = []
-    for row0, pre in _pre_chunks(x_c, W_dead, b_enc[dead_idx], chunk_rows):
+    for row0, pre in _pre_chunks(x1, W_dead, chunk_rows):
         vals, local = pre.topk(k_aux, dim=1)
         rows = torch.arange(row0, row0 + pre.shape[0], device=pre.device).unsqueeze(1).expand_as(local)
         keep = vals > 0
         parts.append(Entries(rows[keep], dead_idx[local[keep]], vals[keep]))
-    return _concat(parts, x_c)
+    return _concat(parts, x1)
 
 
 def _bag_offsets(sorted_keys: Tensor, n_bags: int) -> Tensor:
@@ -238,38 +261,52 @@ class _DecodeBags(torch.autograd.Function):
         return dvals, dW_dec, None, None, None
 
 
-class _NestedMSE(torch.autograd.Function):
-    """Nested reconstructions b_dec + cumsum(parts) and their squared errors, with a fused backward.
+class _NestedReconstruction(torch.autograd.Function):
+    """The squared errors of the nested reconstructions x̂_g = b_dec + Σ_{h<=g} part_h, from the active entries, in
+    one embedding_bag and a running sum over the levels made in place; with a fused backward.
 
-    The gradient of part h collects the errors of every width that contains it (g >= h): one reverse running
-    sum over the G levels instead of autograd's flip-cumsum-flip and separate pow/sum/mean passes."""
+    Entries are sorted by bag = level * B + row, so the bag sums are the levels' parts (G, B, d_in), which the
+    running sum turns into the errors e_g = x̂_g - x where they lie: neither the parts, the reconstructions nor a
+    cumsum's copy are kept beside them. The gradient of part h collects the errors of every width that contains it
+    (g >= h): one pass a level from the widest down."""
 
     @staticmethod
-    def forward(ctx, parts, b_dec, x):
-        n_levels, n_rows, _ = parts.shape
-        diff = torch.cumsum(parts, dim=0).add_(b_dec - x)  # (G, B, d_in) errors, made in place
-        # Each level's sum of squares as a batched dot product: one read of diff, no squared copy of it.
-        flat = diff.view(n_levels, 1, -1)
+    def forward(ctx, vals, W_dec, cols, bags, b_dec, x, n_levels):
+        n_rows, d_in = x.shape
+        offsets = _bag_offsets(bags, n_levels * n_rows)
+        errors = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals).view(n_levels, n_rows, d_in)
+        errors[0].add_(b_dec).sub_(x)
+        for g in range(1, n_levels):
+            errors[g].add_(errors[g - 1])
+        # Each level's sum of squares as a batched dot product: one read of the errors, no squared copy of them.
+        flat = errors.view(n_levels, 1, -1)
         mse = torch.bmm(flat, flat.transpose(1, 2)).view(n_levels) / n_rows  # (G,)
-        recons = diff + x
-        ctx.save_for_backward(diff)
-        ctx.mark_non_differentiable(recons)
-        return mse, recons
+        ctx.save_for_backward(vals, W_dec, cols, bags, offsets, errors)
+        ctx.mark_non_differentiable(errors)
+        return mse, errors
 
     @staticmethod
-    def backward(ctx, grad_mse, _grad_recons):
-        (diff,) = ctx.saved_tensors
-        n_rows = diff.shape[1]
-        grad = diff * (grad_mse * (2.0 / n_rows)).view(-1, 1, 1)
-        for h in range(grad.shape[0] - 2, -1, -1):
-            grad[h] += grad[h + 1]
-        db_dec = grad[0].sum(dim=0) if ctx.needs_input_grad[1] else None
-        return grad, db_dec, None
+    def backward(ctx, grad_mse, _grad_errors):
+        vals, W_dec, cols, bags, offsets, errors = ctx.saved_tensors
+        n_levels, n_rows, d_in = errors.shape
+        scale = (grad_mse * (2.0 / n_rows)).tolist()
+        grad = torch.empty_like(errors)  # (G, B, d_in): d loss / d part_h
+        torch.mul(errors[-1], scale[-1], out=grad[-1])
+        for h in range(n_levels - 2, -1, -1):
+            torch.add(grad[h + 1], errors[h], alpha=scale[h], out=grad[h])
+        grad_bags = grad.view(n_levels * n_rows, d_in)
+        dvals = _per_entry_dot(grad_bags, W_dec, cols, offsets, bags) if ctx.needs_input_grad[0] else None
+        dW_dec = _sum_by_latent(grad_bags, bags, cols, vals, W_dec.shape[0]) if ctx.needs_input_grad[1] else None
+        db_dec = grad[0].sum(dim=0) if ctx.needs_input_grad[4] else None
+        return dvals, dW_dec, None, None, db_dec, None, None
 
 
-def nested_mse(parts: Tensor, b_dec: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mse (G,), recons (G, B, d_in)) for the per-group decoder parts (G, B, d_in); recons carries no gradient."""
-    return _NestedMSE.apply(parts, b_dec, x)
+def nested_reconstruction(
+    vals: Tensor, W_dec: Tensor, cols: Tensor, bags: Tensor, b_dec: Tensor, x: Tensor, n_levels: int
+) -> tuple[Tensor, Tensor]:
+    """(mse (G,), errors (G, B, d_in)) of the nested reconstructions of x (B, d_in) from entries (vals, cols) in
+    bags level * B + row, sorted ascending; errors[g] = x̂_g - x carries no gradient."""
+    return _NestedReconstruction.apply(vals, W_dec, cols, bags, b_dec, x, n_levels)
 
 
 def encode_at(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, entries: Entries) -> Tensor:

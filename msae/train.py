@@ -132,18 +132,18 @@ def calibrate_threshold(sae: SAE, batches: list[Tensor], k: int, world: World = 
     running = float(sae.threshold.max())
     # In the weights' dtype whatever the compute dtype: θ is a figure of the run, and bf16 pre-activations tie in
     # bins of 2^-8 of their size, so no θ could make a bf16 count exact (bf16 inference keeps within one such bin).
-    x_parts = [x.to(sae.W_dec.device, sae.W_dec.dtype) - sae.b_dec for x in batches]
-    W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+    x_parts = [sparse.fold_rows(x.to(sae.W_dec.device, sae.W_dec.dtype), sae.b_dec) for x in batches]
+    W1 = sparse.fold_weights(sae.W_enc, sae.b_enc)
     per_batch, kept, rows = [], 0, 0
     # Every rank pads its candidates to the largest rank's count: the all-gather needs one shape (an odd batch
     # splits into parts one row apart).
-    local_rows = max((x_c.shape[0] for x_c in x_parts), default=0)
+    local_rows = max((x1.shape[0] for x1 in x_parts), default=0)
     n = 2 * k * int(world.gather(torch.tensor([local_rows], device=sae.W_dec.device)).max())
-    for x_c in x_parts:
-        vals = sparse.select_batchtopk(x_c, W_enc, b_enc, 2 * k).vals.float()
-        kept += min(k * x_c.shape[0], vals.numel())
+    for x1 in x_parts:
+        vals = sparse.select_batchtopk(x1, W1, 2 * k).vals.float()
+        kept += min(k * x1.shape[0], vals.numel())
         per_batch.append(torch.cat([vals, vals.new_full((n - vals.numel(),), -math.inf)]))  # (2kB,) padded
-        rows += x_c.shape[0]
+        rows += x1.shape[0]
     cand_NC = world.gather(torch.stack(per_batch))  # (ranks, batches, 2kB)
     kept, rows = (int(v) for v in world.sum_(torch.tensor([kept, rows], device=cand_NC.device)).tolist())
     ordered = cand_NC.flatten().sort(descending=True).values

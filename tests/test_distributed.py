@@ -130,16 +130,18 @@ def check_selection() -> None:
                              torch.full((d_sae,), -6.0, dtype=torch.float64)),
         }
         for name, (x, b_enc) in cases.items():
-            mine = select_batchtopk(x[world.part(2 * n)], W_enc, b_enc, k, world)
+            W1 = sparse.fold_weights(W_enc, b_enc)
+            mine = select_batchtopk(sparse.fold_rows(x[world.part(2 * n)], None), W1, k, world)
             rows = world.gather(torch.nn.functional.pad(mine.rows + world.part(2 * n).start, (0, 2 * n * k - mine.rows.numel()), value=-1))
             cols = world.gather(torch.nn.functional.pad(mine.cols, (0, 2 * n * k - mine.cols.numel()), value=-1))
             got = {(r, c) for r, c in zip(rows.flatten().tolist(), cols.flatten().tolist()) if r >= 0}
-            ref = sparse.select_batchtopk(x, W_enc, b_enc, k)
+            ref = sparse.select_batchtopk(sparse.fold_rows(x, None), W1, k)
             assert got == set(zip(ref.rows.tolist(), ref.cols.tolist())), name
         # Ties: both ranks hold the same rows, whose pre-activations are 3, 2, 2, 1 (k·B = 8 of 16 values: the four 3s
         # and four of the eight 2s); the ties go to rank 0, in row order.
         x = torch.tensor([[3.0, 2.0, 2.0, 1.0]] * 2, dtype=torch.float64)
-        mine = select_batchtopk(x, torch.eye(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), 2, world)
+        W1 = sparse.fold_weights(torch.eye(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+        mine = select_batchtopk(sparse.fold_rows(x, None), W1, 2, world)
         assert sorted(mine.vals.tolist()) == ([2.0] * 4 + [3.0] * 2 if world.rank == 0 else [3.0] * 2), mine
         print(f"rank {world.rank}: selection ok", flush=True)
 

@@ -55,7 +55,7 @@ def test_sparse_forward_and_grads_match_dense(activation):
     recons, mse, aux = dense_forward(sae, x, latents_mask, aux_mask)
     ((weights * mse).sum() + 0.5 * aux).backward()
 
-    torch.testing.assert_close(out.recons, recons, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(x + out.errors, recons, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(out.aux_loss, aux, atol=1e-10, rtol=1e-8)
     assert out.aux_loss.item() > 0
     for name, p in sae.named_parameters():
@@ -80,7 +80,7 @@ def test_batchtopk_is_exact_when_the_first_chunk_is_unrepresentative():
     x[256:] *= 30
     W = torch.randn(32, 200, dtype=torch.float64)
     b = torch.zeros(200, dtype=torch.float64)
-    entries = sparse.select_batchtopk(x, W, b, k=4, chunk_rows=256)
+    entries = sparse.select_batchtopk(sparse.fold_rows(x, None), sparse.fold_weights(W, b), k=4, chunk_rows=256)
     pre = (x @ W).relu()
     expect = pre.flatten().topk(4 * 600).values
     assert entries.vals.numel() == 4 * 600
