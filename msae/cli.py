@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from msae import io
 from msae.activations import CachedActivations, extract, extraction_info, first_non_finite_row, read_manifest
 from msae.analysis.analyze import AnalysisError
-from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainJob,
-                         add_config_args, check_device_name, config_from_args)
+from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainConfig,
+                         TrainJob, add_config_args, check_device_name, config_from_args)
 from msae.corpus import CorpusError
 from msae.distributed import RankLost, World, launch
 from msae.io import SAELoadError
@@ -79,7 +79,10 @@ def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Pa
         source = CachedActivations(cache, max_rows=job.extract.tokens)
         source.check_finite()
         run_info = RunInfo(extraction=extraction_info(cache, job.extract))
-    dirs = Trainer(job.train, source, out, run_info=run_info, world=world).train(resume=resume)
+    trainer = Trainer(job.train, source, out, run_info=run_info, world=world)
+    if world.main:
+        print(reads_note(trainer.cfg, source.n_rows))
+    dirs = trainer.train(resume=resume)
     if not world.main:
         return dirs
     for name, run_dir in dirs.items():
@@ -89,6 +92,16 @@ def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Pa
     if cache is not None:
         evaluate_runs(dirs, cache, job)
     return dirs
+
+
+def reads_note(cfg: TrainConfig, n_rows: int) -> str:
+    """How often the run reads its text, in words: a run over one pass sees each token once."""
+    passes = cfg.passes_over(n_rows)
+    line = f"training: {cfg.steps:,} steps of {cfg.batch_size:,} rows over {n_rows:,} training rows"
+    if passes <= 1.0:
+        return f"{line}, each read at most once"
+    return (f"{line}: each row read {passes:.1f} times (latents may learn the sample itself; more text with --tokens "
+            f"keeps them reading new tokens)")
 
 
 def evaluate_runs(dirs: dict[str, Path], cache: Path, job: TrainJob) -> None:

@@ -219,8 +219,13 @@ class TrainConfig(Config):
     also_narrow: int | None = None
     """Also train a vanilla SAE of this width on the same batches, named vanilla-WIDTH: the narrow side of the
     feature-splitting comparison (the width of a middle nested level, say)."""
-    steps: int = 1000
-    """Optimiser steps."""
+    steps: int | None = None
+    """Optimiser steps; None: as many as `passes` passes over the training rows hold (one pass unless `passes` says
+    otherwise: each token read once)."""
+    passes: float | None = None
+    """With steps None, how many times the run reads each training row (default 1). An SAE that reads its text many
+    times learns the sample itself (latents for the subjects of the few articles it holds): take more text before more
+    passes. Give steps or passes, not both."""
     batch_size: int = 4096
     """Activation rows per step."""
     lr: float | None = None
@@ -291,8 +296,11 @@ class TrainConfig(Config):
                    f"level_weights has {len(self.level_weights)} entries for {len(w)} widths")
             _check(all(v >= 0 for v in self.level_weights) and sum(self.level_weights) > 0,
                    f"level_weights must be non-negative and not all zero, got {self.level_weights}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "checkpoint_every", "log_every"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.steps is None or self.steps > 0, f"steps must be positive, got {self.steps}")
+        _check(self.passes is None or self.passes > 0, f"passes must be positive, got {self.passes}")
+        _check(self.steps is None or self.passes is None, "give steps or passes, not both")
         _check(self.dead_tokens is None or self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens}")
         _check(self.threshold_batches >= 0, f"threshold_batches must be at least 0, got {self.threshold_batches}")
         _check(self.balance is None or self.balance >= 0, f"balance must be at least 0, got {self.balance}")
@@ -308,6 +316,21 @@ class TrainConfig(Config):
         _check(self.aux_coeff >= 0 and self.l1_coeff >= 0, "aux_coeff and l1_coeff must be at least 0")
         _check(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
         check_device_name(self.device)
+
+    def for_rows(self, n_rows: int) -> "TrainConfig":
+        """This config with its steps fixed for a stream of n_rows training rows (steps None: `passes` passes, one by
+        default); as it is when steps is given."""
+        if self.steps is not None:
+            return self
+        steps = int(n_rows * (self.passes or 1.0)) // self.batch_size
+        if steps < 1:
+            raise ConfigError(f"{n_rows:,} training rows make no batch of {self.batch_size:,} in "
+                              f"{self.passes or 1:g} pass(es): extract more text (--tokens) or take a smaller --batch-size")
+        return dataclasses.replace(self, steps=steps, passes=None)  # the steps now say it all
+
+    def passes_over(self, n_rows: int) -> float:
+        """How many times the run reads each of n_rows training rows (steps fixed)."""
+        return self.steps * self.batch_size / max(n_rows, 1)
 
     @property
     def warmup(self) -> int:

@@ -24,7 +24,7 @@ from msae.config import TRAIN_SKIP, TrainJob, to_flags
 from msae.io import atomic_write_text
 from msae.records import Record
 from msae.results import TrainMetrics
-from msae.run import METRICS_FILE, Run, checkpoint_path, lock_holder
+from msae.run import METRICS_FILE, Run, checkpoint_path, checkpoint_steps, lock_holder
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -77,9 +77,9 @@ class JobStatus:
         return self.state == "running"
 
     @property
-    def steps(self) -> int:
-        """Steps the run is configured for."""
-        return self.job.train.steps
+    def steps(self) -> int | None:
+        """Steps the run trains to: as asked, or for a run of whole passes as its checkpoint fixed them (None before)."""
+        return self.job.train.steps if self.job.train.steps is not None else checkpoint_steps(self.out_dir)
 
 
 def _read_job(out_dir: Path) -> JobFile | None:

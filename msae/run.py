@@ -54,6 +54,18 @@ def checkpoint_path(out_dir: Path | str) -> Path:
     return Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+def checkpoint_steps(out_dir: Path | str) -> int | None:
+    """The steps the training in `out_dir` runs to, as its last checkpoint records them (a run of one pass knows its
+    steps only once its text is extracted); None before the first checkpoint or when it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(checkpoint_path(out_dir)), framework="pt") as f:
+            return int(json.loads(f.metadata()["msae"])["config"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+
+
 class RunInUse(RunError):
     """Another process holds the directory's lock; the message names it."""
 

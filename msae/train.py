@@ -41,6 +41,8 @@ class BatchSource(Protocol):
     """A deterministic stream of activation batches that can start at any step (for resume)."""
 
     d_in: int
+    n_rows: int
+    """Training rows in the stream (one pass reads each once)."""
 
     def batches(self, start_step: int, batch_size: int, seed: int) -> Iterator[Tensor]: ...
 
@@ -53,6 +55,7 @@ class TensorBatches:
             raise ValueError(f"activations must be 2-D (N, d_in), got shape {tuple(acts.shape)}")
         self.acts = acts
         self.d_in = acts.shape[1]
+        self.n_rows = acts.shape[0]
 
     def batches(self, start_step: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         per_epoch = self.acts.shape[0] // batch_size
@@ -243,6 +246,7 @@ class Trainer:
         if self.cfg.batch_size < 2 * self.world.size:
             raise TrainingError(f"batch_size {self.cfg.batch_size} leaves fewer than 2 rows to each of "
                                 f"{self.world.size} ranks")
+        self.cfg = self.cfg.for_rows(self.source.n_rows)
         self.device = resolve_device(self.cfg.device)
         self.dtype = getattr(torch, self.cfg.dtype)
         self.states = [
@@ -426,7 +430,7 @@ class Trainer:
                                     f"would use {self.compute_dtype_name}; pass --precision {saved_dtype} to continue "
                                     f"it as it started")
             saved = TrainConfig.from_json(meta["config"])
-            may_change = ("steps", "checkpoint_every", "log_every", "device", "precision")
+            may_change = ("steps", "passes", "checkpoint_every", "log_every", "device", "precision")
             diff = [f.name for f in dataclasses.fields(TrainConfig)
                     if f.name not in may_change and getattr(saved, f.name) != getattr(self.cfg, f.name)]
             if diff:

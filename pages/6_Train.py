@@ -34,18 +34,21 @@ def show_job(out_dir: Path) -> None:
     logged = jobs.metrics(out_dir)
     step = max((m[-1].step for m in logged.values() if m), default=0)
     icon = {"running": "⏳", "finished": "✅", "failed": "❌", "stopped": "⏹️"}[status.state]
-    st.markdown(f"{icon} **{status.state}** · step {step:,} of {status.steps:,}"
+    of = f"{status.steps:,}" if status.steps is not None else "one pass (its steps are known once the text is extracted)"
+    st.markdown(f"{icon} **{status.state}** · step {step:,} of {of}"
                 + (f" · exit status {status.exit_code}" if status.exit_code not in (None, 0) else ""))
-    st.progress(min(step / max(status.steps, 1), 1.0))
+    st.progress(min(step / max(status.steps or 0, 1), 1.0))
     c1, c2, c3 = st.columns([1, 1, 2])
     if status.running:
         if c1.button("Stop", key="job_stop"):
             jobs.stop(out_dir)
             st.rerun(scope="app")
     elif status.resumable:
-        more = c2.number_input("train to step", min_value=1, value=status.steps, step=100, key=f"job_steps_{out_dir}")
+        more = c2.number_input("train to step", min_value=1, value=status.steps or step or 1, step=100,
+                               key=f"job_steps_{out_dir}")
         if c1.button("Resume", key="job_resume", help="Continue from the last checkpoint (same settings)."):
-            job = dataclasses.replace(status.job, train=dataclasses.replace(status.job.train, steps=int(more)))
+            job = dataclasses.replace(status.job, train=dataclasses.replace(status.job.train, steps=int(more),
+                                                                            passes=None))
             try:
                 jobs.start(out_dir, job, resume=True)
             except (jobs.JobError, ConfigError) as exc:
@@ -105,7 +108,9 @@ k = c2.number_input("k (active latents per token)", min_value=1, value=train_def
 activation = c2.selectbox("activation", choices(TrainConfig, "activation"), key="train_activation")
 tokens = c3.number_input("activation rows to extract", min_value=1000, value=extract_defaults.tokens, step=10_000,
                          key="train_tokens", help="Tokens of the corpus run through the model (cached once).")
-steps = c3.number_input("steps", min_value=1, value=train_defaults.steps, step=100, key="train_steps")
+steps = c3.number_input("steps", min_value=1, value=train_defaults.steps, step=100, key="train_steps",
+                        placeholder="one pass", help="Empty: one pass over the extracted rows, each token read once. "
+                        "More steps than that read tokens again, and latents start to learn the sample itself.")
 batch = c3.number_input("batch size", min_value=1, value=train_defaults.batch_size, step=256, key="train_batch")
 device = c4.selectbox("device", ["auto", "cpu", "cuda"], key="train_device")
 precision = c4.selectbox("precision", choices(TrainConfig, "precision"), key="train_precision",
@@ -121,7 +126,8 @@ def training_job(corpus: str | None) -> TrainJob:
     """The TrainJob the form describes (ConfigError when a setting is out of range)."""
     widths = tuple(int(w) for w in widths_text.replace(" ", "").split(",") if w)
     train = TrainConfig(arch=arch, widths=widths, k=int(k), activation=activation,
-                        also_vanilla=also_vanilla and arch == "matryoshka", steps=int(steps), batch_size=int(batch),
+                        also_vanilla=also_vanilla and arch == "matryoshka",
+                        steps=None if steps is None else int(steps), batch_size=int(batch),
                         device=device, precision=precision, log_every=int(log_every),
                         checkpoint_every=int(checkpoint_every))
     if source == "activations":

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from msae import io
-from msae.cli import main as cli_main
+from msae.cli import main as cli_main, reads_note
 from msae.run import Run
 from msae.sae import SAE
-from msae.config import TrainConfig
+from msae.config import ConfigError, TrainConfig
 from msae.train import TensorBatches, Trainer, TrainingError, geometric_median, lr_at
 
 D_IN = 16
@@ -310,3 +310,24 @@ def test_resume_refuses_another_compute_dtype(tmp_path):
     with pytest.raises(TrainingError, match="trained with bfloat16 matmuls.*pass --precision bfloat16"):
         Trainer(more, TensorBatches(toy_acts()), tmp_path / "run").train(resume=True)
     assert Run(tmp_path / "run").info().compute_dtype == "bfloat16"
+
+
+def test_a_run_without_steps_reads_each_training_row_once(tmp_path):
+    """steps None: one pass over the stream (each row read once); `passes` asks for more; both at once, or too few
+    rows for one batch, are refused naming the setting. The steps fixed are what the run records and trains to."""
+    rows = toy_acts(1000)
+    trainer = Trainer(small_cfg(steps=None, widths=(8, 64)), TensorBatches(rows), tmp_path / "once")
+    assert trainer.cfg.steps == 1000 // 128
+    assert trainer.cfg.passes_over(1000) <= 1.0
+    run = trainer.train()["matryoshka"]
+    assert Run(run).metrics()[-1].step == 1000 // 128
+    assert json.loads((run / "cfg.json").read_text())["msae"]["train"]["steps"] == 1000 // 128
+    assert "each read at most once" in reads_note(trainer.cfg, 1000)
+
+    twice = Trainer(small_cfg(steps=None, passes=2.5, widths=(8, 64)), TensorBatches(rows), tmp_path / "more")
+    assert twice.cfg.steps == 2500 // 128
+    assert "read 2.4 times" in reads_note(twice.cfg, 1000)
+    with pytest.raises(ConfigError, match="give steps or passes, not both"):
+        small_cfg(steps=10, passes=2.0)
+    with pytest.raises(ConfigError, match="make no batch of 128"):
+        Trainer(small_cfg(steps=None), TensorBatches(rows[:100]), tmp_path / "few")
