@@ -3,7 +3,9 @@
 Runs saved from now on are already in SAELens 6's inference layout; this rewrites older runs (in place when the
 output directory is the run itself: only sae_weights.safetensors and cfg.json are replaced, atomically) and runs
 or SAEs from elsewhere that msae reads. Any other output directory must hold no SAE yet, unless --overwrite. The
-tensors are the ones msae loads, so encode and decode are unchanged.
+decoder rows are written unit norm with their norms folded into the encoder (msae.io.save_sae), so reconstructions
+are unchanged and an older run's latents come back rescaled: in place, a run holding a feature store is refused
+then, since its store would be on the old scale.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from msae import io
 from msae.faults import pause_at
-from msae.run import locked, refuse_other_runs
+from msae.run import STORE_DIR, RunError, locked, refuse_other_runs
 
 TARGETS = ("saelens", "dictionary_learning")
 
@@ -23,6 +27,17 @@ def _own_fields(cfg: dict) -> dict:
     version's, such as a top-level sae_lens_version that would send SAELens down its pre-6.0 path) are written
     afresh by save_sae."""
     return {key: value for key, value in cfg.items() if key.startswith("msae")}
+
+
+def _refuse_rescaling_a_store(sae, run_dir: Path) -> None:
+    """A run saved before decoder rows were unit comes back with its latents rescaled; the feature store beside it
+    would then hold activations on the old scale."""
+    eps = torch.finfo(sae.W_dec.dtype).eps
+    if bool((io.decoder_fold_factors(sae.W_dec.detach(), sae.activation, eps) != 1).any()):
+        raise RunError(
+            f"{run_dir}: its decoder rows are not unit norm, so the rewritten run's latents would be on another scale "
+            f"than its feature store ({STORE_DIR}/) holds; export into a new directory and run msae analyze there"
+        )
 
 
 def export_run(run: Path | str, target: str, out_dir: Path | str, overwrite: bool = False) -> Path:
@@ -42,6 +57,9 @@ def export_run(run: Path | str, target: str, out_dir: Path | str, overwrite: boo
         reason = io.unexportable_reason(sae)
         if reason is not None:
             raise ValueError(f"{run}: cannot export to {target}: {reason}")
+        in_place = out_dir.resolve() == run_dir.resolve()
+        if in_place and target == "saelens" and (run_dir / STORE_DIR).is_dir():
+            _refuse_rescaling_a_store(sae, run_dir)
         ours = _own_fields(cfg)
         pause_at("export locked")
         if target == "saelens":

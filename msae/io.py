@@ -216,8 +216,8 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        # SAELens's training configs default this to True, which would rescale latents by the decoder norms;
-        # ours are not unit norm once act_scale is folded in.
+        # SAELens's training configs default this to True. The saved rows are unit (the norms are folded in), except
+        # a TopK SAE from elsewhere whose rows differ: rescaling would change which latents it picks.
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "sae_lens_version": SAE_LENS_LAYOUT,
@@ -232,24 +232,57 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str
     return fields
 
 
+_RANKING_RULES = ("topk", "batchtopk")
+"""Rules that choose latents by comparing them with each other: scaling one latent alone would change the choice."""
+
+
+def decoder_fold_factors(W_dec: Tensor, activation: str, eps: float) -> Tensor:
+    """(d_sae,) what each latent is multiplied by (and its decoder row divided by) to give unit decoder rows.
+
+    ReLU and JumpReLU latents fire on their own, so each row's own norm folds exactly (its threshold scaled with
+    it). TopK and BatchTopK compare latents, so only a factor every row shares keeps their choice: the rows' mean
+    norm, which is each row's own in the SAEs msae trains (unit rows at the training scale, 1/act_scale once the
+    activation scale is folded in). Rows already unit to within 4 `eps` (the rounding of the dtype they come in
+    or go to) get 1: a run saved again stays bit for bit."""
+    norms = W_dec.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    if activation in _RANKING_RULES:
+        norms = norms.mean().expand_as(norms)
+    if bool(((norms - 1).abs() <= 4 * eps).all()):
+        return torch.ones_like(norms)
+    return norms
+
+
+def _unit_decoder_rows(t: dict[str, Tensor], activation: str, eps: float) -> None:
+    """Fold the decoder rows' norms into the encoder (SAELens's fold_W_dec_norm, threshold included), in place:
+    latent i becomes n_i times itself and its row 1/n_i times, so every reconstruction stays the same."""
+    norms = decoder_fold_factors(t["W_dec"], activation, eps)
+    t["W_enc"] = t["W_enc"] * norms
+    t["b_enc"] = t["b_enc"] * norms
+    t["W_dec"] = t["W_dec"] / norms[:, None]
+    if "threshold" in t:
+        t["threshold"] = t["threshold"] * (norms[0] if t["threshold"].dim() == 0 else norms)
+
+
 @torch.no_grad()
 def _raw_scale_weights(sae: SAE, act_scale: float, dtype: torch.dtype) -> dict[str, Tensor]:
     """The SAE's tensors for raw inputs x when it was trained on x * act_scale (SAELens's
-    fold_activation_norm_scaling_factor): the same pre-activations, and reconstructions divided by act_scale.
+    fold_activation_norm_scaling_factor), with unit decoder rows (_unit_decoder_rows): the same latents up to one
+    factor per latent, and reconstructions divided by act_scale. Computed in float64, then stored in `dtype`.
 
     The threshold is kept only where the rule uses it: JumpReLU's vector, BatchTopK's θ (filled out to one per
     latent when saved as JumpReLU, the scalar while unlearned). SAELens refuses an unexpected tensor, and without
     it our TopK and ReLU runs load there too."""
     folded = {
-        "W_enc": sae.W_enc * act_scale,
-        "b_enc": sae.b_enc,
-        "W_dec": sae.W_dec / act_scale,
-        "b_dec": sae.b_dec / act_scale,
+        "W_enc": sae.W_enc.double() * act_scale,
+        "b_enc": sae.b_enc.double(),
+        "W_dec": sae.W_dec.double() / act_scale,
+        "b_dec": sae.b_dec.double() / act_scale,
     }
+    if sae.activation in ("batchtopk", "jumprelu"):
+        folded["threshold"] = sae.threshold.double()
+    _unit_decoder_rows(folded, sae.activation, max(torch.finfo(sae.W_dec.dtype).eps, torch.finfo(dtype).eps))
     if _saved_as_jumprelu(sae):
-        folded["threshold"] = sae.threshold.expand(sae.d_sae)
-    elif sae.activation in ("batchtopk", "jumprelu"):
-        folded["threshold"] = sae.threshold
+        folded["threshold"] = folded["threshold"].expand(sae.d_sae)
     return {name: t.detach().to(device="cpu", dtype=dtype).contiguous() for name, t in folded.items()}
 
 
@@ -684,13 +717,16 @@ def _dictionary_learning_class(sae: SAE) -> str:
 def save_dictionary_learning(sae: SAE, out_dir: Path | str, msae_fields: Mapping[str, Any] | None = None) -> Path:
     """Write `sae` (raw scale) as dictionary_learning's trainSAE does: ae.pt, a torch.save'd dict of tensors
     only, holding every key its class's from_pretrained loads strictly, and config.json with a trainer section;
-    `msae_fields` (our cfg.json's "msae") go beside it. In float32, the dtype of dictionary_learning's modules.
+    `msae_fields` (our cfg.json's "msae") go beside it. In float32, the dtype of dictionary_learning's modules,
+    with unit decoder rows as save_sae writes them.
     Both files are replaced atomically; returns `out_dir`."""
     reason = unexportable_reason(sae)
     if reason is not None:
         raise ValueError(f"cannot export to dictionary_learning: {reason}")
     dict_class = _dictionary_learning_class(sae)
-    ours = {name: getattr(sae, name).detach().float().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    ours = {name: getattr(sae, name).detach().double().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    _unit_decoder_rows(ours, sae.activation, max(torch.finfo(sae.W_dec.dtype).eps, torch.finfo(torch.float32).eps))
+    ours = {name: t.float() for name, t in ours.items()}
     if dict_class == "JumpReluAutoEncoder":  # its encode does not subtract b_dec: the inverse of our fold on load
         ours["b_enc"] = ours["b_enc"] - ours["b_dec"] @ ours["W_enc"]
     state = {

@@ -7,7 +7,8 @@ JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds t
   load_saelens: [{"dir", "inputs", "out", "dtype"?}]   SAE.load_from_disk(dir, dtype=dtype or float32); writes
       encode(x), decode(encode(x)) to out
   load_dictionary_learning: [{"dir", "inputs", "out"}]   dictionary_learning.utils.load_dictionary(dir), the same
-  saebench: [{"dir"}]                        SAEBench's load_and_format_sae on the loaded SAE; reports its cfg
+  saebench: [{"dir"}]                        SAEBench's load_and_format_sae on the loaded SAE, as it takes a user's
+      SAE (no fold); reports its cfg and how far the decoder rows are from unit
   hook: [{"dir", "model_dir", "inputs", "out"}]   the residual stream SAELens hooks for the SAE at dir (its
       metadata's model_class_name and hook_name) in the model at model_dir, on token ids "ids"
   train_saelens: {"acts", "inputs", "out", "d_sae", "k", "widths", "steps", "lr"}   tiny BatchTopK and Matryoshka
@@ -58,8 +59,7 @@ def saebench(job: dict) -> dict:
     from sae_lens import SAE
 
     sae = SAE.load_from_disk(job["dir"], device="cpu", dtype="float32")
-    sae.fold_W_dec_norm()  # what SAEBench does to pretrained SAEs; our decoder rows are 1/act_scale long
-    _, sae, _ = load_and_format_sae("msae", sae, "cpu")
+    _, sae, _ = load_and_format_sae("msae", sae, "cpu")  # no fold: it checks that the decoder rows are unit
     fields = ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "architecture_str")
     return {name: getattr(sae.cfg, name) for name in fields} | {"W_dec_norm_max_error": (sae.W_dec.norm(dim=1) - 1).abs().max().item()}
 

@@ -65,7 +65,8 @@ def test_batchtopk_is_saved_as_saelens_saves_it_for_inference(tmp_path):
     run = io.save_sae(sae, tmp_path / "run", cfg={"msae": {"extraction": EXTRACTION}}, act_scale=2.0)
     tensors = load_file(str(run / io.WEIGHTS_FILE))
     assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
-    assert torch.equal(tensors["threshold"], torch.full((64,), 0.25))
+    assert torch.equal(tensors["threshold"], torch.full((64,), 0.25 / 2.0)), "θ follows the latents: 1/act_scale"
+    torch.testing.assert_close(tensors["W_dec"].norm(dim=1), torch.ones(64), rtol=0, atol=1e-6)
     cfg = io.read_cfg(run)
     assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64
     meta = cfg["metadata"]
@@ -76,7 +77,7 @@ def test_batchtopk_is_saved_as_saelens_saves_it_for_inference(tmp_path):
     assert (meta["hook_name"], meta["hook_name_transformer_lens"]) == ("model.layers.3", "blocks.3.hook_resid_post")
     assert (meta["model_class_name"], meta["context_size"], meta["prepend_bos"]) == ("AutoModelForCausalLM", 128, False)
     loaded, _ = io.load_sae(run)
-    assert (loaded.activation, loaded.widths, loaded.k, loaded.threshold.item()) == ("batchtopk", WIDTHS, K, 0.25)
+    assert (loaded.activation, loaded.widths, loaded.k, loaded.threshold.item()) == ("batchtopk", WIDTHS, K, 0.125)
 
 
 @pytest.mark.parametrize("activation, architecture", [("topk", "topk"), ("relu", "standard")])
@@ -263,13 +264,8 @@ def test_our_runs_load_in_dictionary_learning_with_the_same_encode_and_decode(pe
         sae, _ = io.load_sae(run)
         out = peers["exports"][name]
         latents, recons = outputs(sae, peers["x"])
-        if sae.activation == "relu":
-            # dictionary_learning's AutoEncoder.from_pretrained rescales to unit decoder rows (normalize_decoder=True):
-            # the same reconstructions, latents times each row's norm (1 / act_scale for our runs).
-            latents = latents * sae.W_dec.norm(dim=1)
-            theirs = load_file(str(out / "dl.safetensors"))
-            torch.testing.assert_close(theirs["latents"], latents, rtol=TOLERANCE, atol=TOLERANCE)
-            latents = theirs["latents"]
+        # dictionary_learning's AutoEncoder.from_pretrained rescales a ReLU SAE to unit decoder rows
+        # (normalize_decoder=True); ours are unit already, so its latents must come back as they are.
         diff = max_diff((latents, recons), out / "dl.safetensors")
         print(f"dictionary_learning loads our {name} ({peers['report']['load_dictionary_learning'][str(out)]['class']}): max |diff| {diff:.3g}")
         assert diff <= TOLERANCE, name
@@ -339,3 +335,27 @@ def test_saelens_hooks_the_residual_stream_that_our_hook_name_names(peers):
     diff = (ours - theirs).abs().max().item()
     print(f"SAELens's AutoModelForCausalLM hook at model.layers.3 against ours: max |diff| {diff:.3g}")
     assert diff <= TOLERANCE
+
+
+def test_the_shipped_runs_have_unit_decoder_rows_and_their_stores_the_same_scale():
+    """Re-saved with unit rows (assets/unit_decoders.py): float16's rounding leaves the rows within SAEBench's
+    float16 tolerance (1e-2), and a stored top activation is what the run's encoder gives on that context now."""
+    import pyarrow.parquet as pq
+
+    from msae.run import Run
+
+    lm = load_lm(EXTRACTION["model"], device="cpu", dtype=torch.float32)
+    for run in SHIPPED:
+        sae, _ = io.load_sae(run)
+        error = (sae.W_dec.double().norm(dim=1) - 1).abs().max().item()
+        print(f"{run.name}: decoder rows within {error:.2g} of unit ({sae.W_dec.dtype})")
+        assert sae.W_dec.dtype == torch.float16 and error < 1e-3
+        examples = pq.read_table(run / "features" / "examples.parquet").to_pandas()
+        contexts = pq.read_table(run / "features" / "contexts.parquet").to_pandas().set_index("context")
+        top = examples[(examples["kind"] == "top") & (examples["rank"] == 0)].head(4)
+        sae = Run(run).load_sae(precision="float32")
+        for example in top.itertuples():
+            ids = torch.tensor([list(contexts.loc[example.context, "tokens"])])
+            x = residual_after(lm, ids, torch.ones_like(ids), 15)[0, example.position : example.position + 1]
+            live = sae.encode(x)[0, example.latent].item()
+            assert live == pytest.approx(example.act, rel=0.05), (run.name, example.latent)

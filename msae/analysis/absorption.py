@@ -20,8 +20,8 @@ The steps, each a function:
 
 Definitions, per word x with SAE latents a (u = the letter's unit probe direction, d_i = decoder row i):
 - projection of latent i: p_i = a_i (d_i . u), its share of the reconstruction along the probe. SAEBench writes
-  a_i cos(d_i, u), the same for unit-norm decoder rows; our saved runs fold the activation scale into W_dec (rows
-  of norm 1/act_scale), so the row norm must count.
+  a_i cos(d_i, u), the same for unit-norm decoder rows (ours are saved unit; an SAE from elsewhere may not be,
+  so the row norm counts).
 - total projection P = x . u (the raw activation, as SAEBench); main projection M = sum of p_i over main latents.
 - absorbers: latents outside the main set with cos(d_i, u) >= 0.1 and p_i > 0; S = the sum of the
   `max_absorbers` (3) largest of their p_i.
