@@ -1,5 +1,5 @@
 """The peer side of tests/test_interop.py: runs inside the side environment (sae-lens, dictionary-learning,
-sae-bench), never imports msae, and does what a user of those packages would.
+sae-bench, eai-sparsify), never imports msae, and does what a user of those packages would.
 
     python interop_peer.py JOBS.json
 
@@ -15,6 +15,11 @@ JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds t
       SAEs trained by SAELens, each saved as its training checkpoint (save_model) and for inference
       (save_inference_model), with the inference SAE's outputs on x as the reference
   train_dictionary_learning: {the same}       dictionary_learning's trainers, saved as trainSAE saves (ae.pt + config.json)
+  load_sparsify: [{"dir", "inputs", "out"}]   sparsify's SparseCoder.load_from_disk(dir), the same (its top-k
+      activations scattered into dense latents)
+  train_sparsify: {"acts", "inputs", "out", "d_sae", "k", "steps", "lr"}   a tiny TopK SparseCoder trained the way
+      sparsify's trainer steps one (FVU loss, unit decoder rows, the parallel gradient removed), saved with
+      save_to_disk under out/layers.3, with its outputs on x as the reference
 and prints one JSON object of what it found (per job: class, architecture, ...).
 """
 
@@ -74,6 +79,41 @@ def hook(job: dict) -> dict:
         _, cache = model.run_with_cache(load_file(job["inputs"])["ids"], names_filter=[meta.hook_name])
     save_file({"acts": cache[meta.hook_name].float().contiguous()}, job["out"])
     return {"model_class_name": meta.model_class_name, "hook_name": meta.hook_name}
+
+
+def _sparsify_outputs(sae, x: torch.Tensor, out: Path) -> None:
+    with torch.no_grad():
+        top_acts, top_indices, _ = sae.encode(x.to(sae.dtype))
+        latents = torch.zeros(x.shape[0], sae.num_latents, dtype=top_acts.dtype).scatter_(1, top_indices, top_acts)
+        save_file({"latents": latents.contiguous(), "recons": sae.decode(top_acts, top_indices).contiguous()}, str(out))
+
+
+def load_sparsify(job: dict) -> dict:
+    from sparsify import SparseCoder
+
+    sae = SparseCoder.load_from_disk(job["dir"], device="cpu")
+    _sparsify_outputs(sae, _inputs(job), Path(job["out"]))
+    return {"class": type(sae).__name__, "num_latents": sae.num_latents, "k": sae.cfg.k, "dtype": str(sae.dtype)}
+
+
+def train_sparsify(job: dict) -> dict:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    acts = load_file(job["acts"])["x"]
+    torch.manual_seed(0)
+    sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=job["d_sae"], k=job["k"]), device="cpu")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=job["lr"])
+    for batch in _toy_batches(acts, 256, job["steps"]):
+        out = sae(batch)
+        optimizer.zero_grad()
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        sae.set_decoder_norm_to_unit_norm()
+    run = Path(job["out"]) / "layers.3"
+    sae.save_to_disk(run)
+    _sparsify_outputs(sae, _inputs(job), run / "reference.safetensors")
+    return {"fvu": out.fvu.item()}
 
 
 def _toy_batches(acts: torch.Tensor, batch: int, steps: int):
@@ -140,9 +180,11 @@ def train_dictionary_learning(job: dict) -> dict:
 def main(jobs_path: str) -> None:
     jobs = json.loads(Path(jobs_path).read_text())
     report: dict = {}
-    for name, load in (("load_saelens", load_saelens), ("load_dictionary_learning", load_dictionary_learning), ("saebench", saebench), ("hook", hook)):
+    for name, load in (("load_saelens", load_saelens), ("load_dictionary_learning", load_dictionary_learning),
+                       ("load_sparsify", load_sparsify), ("saebench", saebench), ("hook", hook)):
         report[name] = {job["dir"]: load(job) for job in jobs.get(name, [])}
-    for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning)):
+    for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning),
+                        ("train_sparsify", train_sparsify)):
         if name in jobs:
             report[name] = train(jobs[name])
     print(json.dumps(report, default=str))
