@@ -17,6 +17,10 @@ JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds t
   train_dictionary_learning: {the same}       dictionary_learning's trainers, saved as trainSAE saves (ae.pt + config.json)
   load_sparsify: [{"dir", "inputs", "out"}]   sparsify's SparseCoder.load_from_disk(dir), the same (its top-k
       activations scattered into dense latents)
+  train_saelens_runner: {"workdir", "model", "layer", "dataset", "d_sae", "widths", "k", "steps", "batch_tokens",
+      "context_size"}   a Matryoshka BatchTopK SAE trained by SAELens's own runner as its users run it, from
+      workdir: the model (a local folder) through AutoModelForCausalLM, the hook model.layers.L, a local folder of
+      jsonl text, the inference SAE saved under workdir/output; reports its cfg's model, hook and dataset
   train_sparsify: {"acts", "inputs", "out", "d_sae", "k", "steps", "lr"}   a tiny TopK SparseCoder trained the way
       sparsify's trainer steps one (FVU loss, unit decoder rows, the parallel gradient removed), saved with
       save_to_disk under out/layers.3, with its outputs on x as the reference
@@ -116,6 +120,32 @@ def train_sparsify(job: dict) -> dict:
     return {"fvu": out.fvu.item()}
 
 
+def train_saelens_runner(job: dict) -> dict:
+    import os
+
+    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
+                          MatryoshkaBatchTopKTrainingSAEConfig)
+
+    os.chdir(job["workdir"])
+    cfg = LanguageModelSAERunnerConfig(
+        sae=MatryoshkaBatchTopKTrainingSAEConfig(d_in=576, d_sae=job["d_sae"], k=job["k"],
+                                                 matryoshka_widths=job["widths"]),
+        model_name=job["model"], model_class_name="AutoModelForCausalLM", hook_name=f"model.layers.{job['layer']}",
+        dataset_path=job["dataset"], is_dataset_tokenized=False, streaming=False, context_size=job["context_size"],
+        training_tokens=job["steps"] * job["batch_tokens"], train_batch_size_tokens=job["batch_tokens"],
+        store_batch_size_prompts=8, n_batches_in_buffer=4, n_batches_for_norm_estimate=4, lr=1e-3,
+        device="cpu", dtype="float32", prepend_bos=False, exclude_special_tokens=True,
+        logger=LoggingConfig(log_to_wandb=False), output_path="output", checkpoint_path="checkpoints", seed=0,
+        verbose=False,
+    )
+    LanguageModelSAETrainingRunner(cfg).run()
+    saved = json.loads(Path("output", "cfg.json").read_text())
+    meta = saved.get("metadata", {})
+    return {"architecture": saved.get("architecture"), "model_name": meta.get("model_name"),
+            "hook_name": meta.get("hook_name"), "dataset_path": meta.get("dataset_path"),
+            "context_size": meta.get("context_size"), "files": sorted(p.name for p in Path("output").iterdir())}
+
+
 def _toy_batches(acts: torch.Tensor, batch: int, steps: int):
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -184,7 +214,7 @@ def main(jobs_path: str) -> None:
                        ("load_sparsify", load_sparsify), ("saebench", saebench), ("hook", hook)):
         report[name] = {job["dir"]: load(job) for job in jobs.get(name, [])}
     for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning),
-                        ("train_sparsify", train_sparsify)):
+                        ("train_sparsify", train_sparsify), ("train_saelens_runner", train_saelens_runner)):
         if name in jobs:
             report[name] = train(jobs[name])
     print(json.dumps(report, default=str))

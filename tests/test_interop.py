@@ -259,10 +259,10 @@ def side_python() -> Path:
     return root / "bin" / "python"
 
 
-def run_peer(python: Path, jobs: dict, work: Path) -> dict:
+def run_peer(python: Path, jobs: dict, work: Path, timeout: float = 600) -> dict:
     path = work / "jobs.json"
     path.write_text(json.dumps(jobs))
-    done = subprocess.run([str(python), str(PEER), str(path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([str(python), str(PEER), str(path)], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
