@@ -2,7 +2,7 @@
 side environment (the built-in model's folder through AutoModelForCausalLM, hook model.layers.3, a local folder of
 jsonl text, 300 steps of 64 tokens), then `msae analyze FOLDER` with no flag beyond the folder (it reads the
 model, layer, context size and dataset SAELens recorded), then the run opened on Features and Hierarchy in the real
-browser, whose server log stays clean. About 6 minutes on 2 busy cores. Skipped, saying why, where the side
+browser, whose server log stays clean. About 8 minutes on 2 busy cores. Skipped, saying why, where the side
 environment, the built-in model or the browser cannot be had."""
 
 from __future__ import annotations
