@@ -51,13 +51,15 @@ def show_summary(run: Path) -> None:
     st.subheader(f"Run {state.short_name(run)}")
     fvu = heldout.fvu if heldout is not None else info.fvu
     cols = st.columns([2.2, 0.8, 1.2, 0.6, 1.4, 0.8])  # room for a model name such as smollm2-135m
-    cols[0].metric("model", str(info.model or "—"))
+    cols[0].metric("model", tables.model_label(info.model))
     cols[1].metric("layer", str(info.layer if info.layer is not None else "—"))
     cols[2].metric("latents (d_sae)", f"{info.d_sae:,}")
     cols[3].metric("k", str(info.k))
     cols[4].metric("FVU, full width" + (" (held-out)" if heldout else ""), f"{fvu[-1]:.3f}" if fvu else "—")
-    l0 = heldout.l0 if heldout is not None else info.l0
-    cols[5].metric("L0", f"{l0:.1f}" if l0 is not None else "—")
+    l0, l0_label = heldout.l0 if heldout is not None else info.l0, "L0"
+    if l0 is None and store is not None:  # a run trained elsewhere: the L0 its analysis measured
+        l0, l0_label = store.manifest.l0_per_width[-1], "L0 (analysed)"
+    cols[5].metric(l0_label, f"{l0:.1f}" if l0 is not None else "—")
     st.dataframe(tables.summary_table(info, heldout, store.manifest if store else None), hide_index=True)
     if store is None:
         st.info(f"This run has no feature store yet, so Features, Hierarchy and Diagnostics have nothing to show: "
@@ -65,8 +67,9 @@ def show_summary(run: Path) -> None:
     if metrics:
         st.plotly_chart(figures.training_figure(metrics, info.widths))
         st.plotly_chart(figures.l0_figure(metrics))
-    else:
-        st.caption("This run has no metrics.jsonl.")
+    elif info.steps is None:
+        st.caption("No training curves: this run was trained elsewhere (msae logs the runs it trains in "
+                   "metrics.jsonl).")
 
 
 if run is not None:

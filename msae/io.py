@@ -31,6 +31,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 DL_WEIGHTS_FILE = "ae.pt"
 DL_CFG_FILE = "config.json"
+SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
+"""EleutherAI sparsify's weights; its cfg.json shares our name, with its own fields."""
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 """How torch.save archives (zip) and binary pickles begin; such a file is refused, never unpickled."""
@@ -110,6 +112,16 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 def atomic_write_text(path: Path | str, text: str) -> None:
     """Replace `path` with `text` (UTF-8), all or nothing."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_sae_files(out_dir: Path | str, weights_name: str, write_weights: Callable[[Path], None], cfg_name: str,
+                     config: Mapping[str, Any]) -> Path:
+    """`out_dir` (made if needed) with an SAE's weights file and its JSON config, both replaced atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2) + "\n"
+    _replace_files({out_dir / weights_name: write_weights, out_dir / cfg_name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
+    return out_dir
 
 
 def sha256_file(path: Path | str) -> str:
@@ -216,8 +228,8 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        # SAELens's training configs default this to True, which would rescale latents by the decoder norms;
-        # ours are not unit norm once act_scale is folded in.
+        # SAELens's training configs default this to True. The saved rows are unit (the norms are folded in), except
+        # a TopK SAE from elsewhere whose rows differ: rescaling would change which latents it picks.
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "sae_lens_version": SAE_LENS_LAYOUT,
@@ -232,24 +244,57 @@ def sae_cfg(sae: SAE, dtype: torch.dtype | None = None, msae_fields: Mapping[str
     return fields
 
 
+_RANKING_RULES = ("topk", "batchtopk")
+"""Rules that choose latents by comparing them with each other: scaling one latent alone would change the choice."""
+
+
+def decoder_fold_factors(W_dec: Tensor, activation: str, eps: float) -> Tensor:
+    """(d_sae,) what each latent is multiplied by (and its decoder row divided by) to give unit decoder rows.
+
+    ReLU and JumpReLU latents fire on their own, so each row's own norm folds exactly (its threshold scaled with
+    it). TopK and BatchTopK compare latents, so only a factor every row shares keeps their choice: the rows' mean
+    norm, which is each row's own in the SAEs msae trains (unit rows at the training scale, 1/act_scale once the
+    activation scale is folded in). Rows already unit to within 4 `eps` (the rounding of the dtype they come in
+    or go to) get 1: a run saved again stays bit for bit."""
+    norms = W_dec.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    if activation in _RANKING_RULES:
+        norms = norms.mean().expand_as(norms)
+    if bool(((norms - 1).abs() <= 4 * eps).all()):
+        return torch.ones_like(norms)
+    return norms
+
+
+def _unit_decoder_rows(t: dict[str, Tensor], activation: str, eps: float) -> None:
+    """Fold the decoder rows' norms into the encoder (SAELens's fold_W_dec_norm, threshold included), in place:
+    latent i becomes n_i times itself and its row 1/n_i times, so every reconstruction stays the same."""
+    norms = decoder_fold_factors(t["W_dec"], activation, eps)
+    t["W_enc"] = t["W_enc"] * norms
+    t["b_enc"] = t["b_enc"] * norms
+    t["W_dec"] = t["W_dec"] / norms[:, None]
+    if "threshold" in t:
+        t["threshold"] = t["threshold"] * (norms[0] if t["threshold"].dim() == 0 else norms)
+
+
 @torch.no_grad()
 def _raw_scale_weights(sae: SAE, act_scale: float, dtype: torch.dtype) -> dict[str, Tensor]:
     """The SAE's tensors for raw inputs x when it was trained on x * act_scale (SAELens's
-    fold_activation_norm_scaling_factor): the same pre-activations, and reconstructions divided by act_scale.
+    fold_activation_norm_scaling_factor), with unit decoder rows (_unit_decoder_rows): the same latents up to one
+    factor per latent, and reconstructions divided by act_scale. Computed in float64, then stored in `dtype`.
 
     The threshold is kept only where the rule uses it: JumpReLU's vector, BatchTopK's θ (filled out to one per
     latent when saved as JumpReLU, the scalar while unlearned). SAELens refuses an unexpected tensor, and without
     it our TopK and ReLU runs load there too."""
     folded = {
-        "W_enc": sae.W_enc * act_scale,
-        "b_enc": sae.b_enc,
-        "W_dec": sae.W_dec / act_scale,
-        "b_dec": sae.b_dec / act_scale,
+        "W_enc": sae.W_enc.double() * act_scale,
+        "b_enc": sae.b_enc.double(),
+        "W_dec": sae.W_dec.double() / act_scale,
+        "b_dec": sae.b_dec.double() / act_scale,
     }
+    if sae.activation in ("batchtopk", "jumprelu"):
+        folded["threshold"] = sae.threshold.double()
+    _unit_decoder_rows(folded, sae.activation, max(torch.finfo(sae.W_dec.dtype).eps, torch.finfo(dtype).eps))
     if _saved_as_jumprelu(sae):
-        folded["threshold"] = sae.threshold.expand(sae.d_sae)
-    elif sae.activation in ("batchtopk", "jumprelu"):
-        folded["threshold"] = sae.threshold
+        folded["threshold"] = folded["threshold"].expand(sae.d_sae)
     return {name: t.detach().to(device="cpu", dtype=dtype).contiguous() for name, t in folded.items()}
 
 
@@ -273,17 +318,8 @@ def save_sae(
     clashes = sorted(key for key, value in (cfg or {}).items() if key in fields and fields[key] != value)
     if clashes:
         raise ValueError(f"cfg contradicts the SAE on {', '.join(clashes)}")
-    text = json.dumps({**fields, **(cfg or {})}, indent=2) + "\n"
     tensors = _raw_scale_weights(sae, act_scale, dtype)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _replace_files(
-        {
-            run_dir / WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
-            run_dir / CFG_FILE: lambda tmp: tmp.write_text(text, encoding="utf-8"),
-        }
-    )
-    return run_dir
+    return _write_sae_files(run_dir, WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)), CFG_FILE, {**fields, **(cfg or {})})
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -684,13 +720,16 @@ def _dictionary_learning_class(sae: SAE) -> str:
 def save_dictionary_learning(sae: SAE, out_dir: Path | str, msae_fields: Mapping[str, Any] | None = None) -> Path:
     """Write `sae` (raw scale) as dictionary_learning's trainSAE does: ae.pt, a torch.save'd dict of tensors
     only, holding every key its class's from_pretrained loads strictly, and config.json with a trainer section;
-    `msae_fields` (our cfg.json's "msae") go beside it. In float32, the dtype of dictionary_learning's modules.
+    `msae_fields` (our cfg.json's "msae") go beside it. In float32, the dtype of dictionary_learning's modules,
+    with unit decoder rows as save_sae writes them.
     Both files are replaced atomically; returns `out_dir`."""
     reason = unexportable_reason(sae)
     if reason is not None:
         raise ValueError(f"cannot export to dictionary_learning: {reason}")
     dict_class = _dictionary_learning_class(sae)
-    ours = {name: getattr(sae, name).detach().float().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    ours = {name: getattr(sae, name).detach().double().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    _unit_decoder_rows(ours, sae.activation, max(torch.finfo(sae.W_dec.dtype).eps, torch.finfo(torch.float32).eps))
+    ours = {name: t.float() for name, t in ours.items()}
     if dict_class == "JumpReluAutoEncoder":  # its encode does not subtract b_dec: the inverse of our fold on load
         ours["b_enc"] = ours["b_enc"] - ours["b_dec"] @ ours["W_enc"]
     state = {
@@ -711,16 +750,90 @@ def save_dictionary_learning(sae: SAE, out_dir: Path | str, msae_fields: Mapping
         trainer["lm_name"] = lm["model_name"]
         trainer["layer"] = msae_fields["extraction"]["layer"]
     config = {"trainer": trainer, **({"msae": dict(msae_fields)} if msae_fields else {})}
-    text = json.dumps(config, indent=2) + "\n"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_files(
-        {
-            out_dir / DL_WEIGHTS_FILE: lambda tmp: torch.save(state, tmp),
-            out_dir / DL_CFG_FILE: lambda tmp: tmp.write_text(text, encoding="utf-8"),
-        }
-    )
-    return out_dir
+    return _write_sae_files(out_dir, DL_WEIGHTS_FILE, lambda tmp: torch.save(state, tmp), DL_CFG_FILE, config)
+
+
+# --------------------------------------------------------------------------------------------------- sparsify
+
+
+_SPARSIFY_TENSORS = {
+    "W_enc": _Stored("encoder.weight", ("d_sae", "d_in"), transposed=True),
+    "b_enc": _Stored("encoder.bias", ("d_sae",)),
+    "W_dec": _Stored("W_dec", ("d_sae", "d_in")),
+    "b_dec": _Stored("b_dec", ("d_in",)),
+}
+"""Where sparsify's SparseCoder keeps each tensor (its state dict as save_model writes it)."""
+
+
+def _sparsify_plan(cfg: Mapping[str, Any], cfg_path: Path) -> _Plan:
+    """What a sparsify cfg.json (SparseCoderConfig's fields plus d_in) promises: a TopK SAE whose encode is
+    relu(W_enc (x - b_dec) + b_enc), the top k of each row. Its other kinds compute something else and are refused."""
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise SAELoadError(f"{cfg_path}: sparsify activation {activation!r} is not supported (only topk)")
+    for flag, what in (("transcode", "a transcoder (it predicts another module's output)"),
+                       ("skip_connection", "a skip connection (W_skip)")):
+        if cfg.get(flag):
+            raise SAELoadError(f"{cfg_path}: {what} is not supported")
+    d_in = _positive_int(cfg.get("d_in"), "d_in", cfg_path)
+    if cfg.get("num_latents"):
+        d_sae, d_sae_key = _positive_int(cfg["num_latents"], "num_latents", cfg_path), "num_latents"
+    else:
+        d_sae = d_in * _positive_int(cfg.get("expansion_factor"), "expansion_factor (num_latents is 0)", cfg_path)
+        d_sae_key = "d_in × expansion_factor"
+    widths = cfg.get("matryoshka_widths")  # ours, where msae exported a nested TopK SAE; sparsify ignores it
+    widths = [d_sae] if widths is None else _checked_widths(widths, d_sae, "matryoshka_widths", cfg_path, d_sae_key)
+    k = _checked_k(cfg.get("k"), "topk", d_sae, cfg_path)
+    return _Plan(cfg_path, d_in, d_sae, widths, "topk", k, dict(_SPARSIFY_TENSORS), {"d_in": "d_in", "d_sae": d_sae_key})
+
+
+def _load_sparsify(weights_path: Path, device: torch.device | str, dtype: torch.dtype | None) -> tuple[SAE, dict]:
+    """An SAE from sparsify's sae.safetensors + cfg.json (one hookpoint's folder of a sparsify run)."""
+    cfg_path = weights_path.parent / CFG_FILE
+    config = _read_json(cfg_path)
+    plan = _sparsify_plan(config, cfg_path)
+    sae = _build_sae(plan, _checked_tensors(_read_safetensors(weights_path), plan, weights_path), device, dtype)
+    ours = config.get("msae") if isinstance(config.get("msae"), dict) else None
+    return sae, {**sae_cfg(sae, msae_fields=ours), **({"msae": ours} if ours else {}), "sparsify": config}
+
+
+def sparsify_refusal(sae: SAE) -> str | None:
+    """Why sparsify cannot compute what `sae` computes, or None: its SparseCoder has a per-row TopK only."""
+    if sae.activation != "topk":
+        return f"sparsify's SparseCoder computes a per-row TopK only, and this SAE is {_architecture_name(sae)}"
+    return None
+
+
+@torch.no_grad()
+def save_sparsify(sae: SAE, out_dir: Path | str, msae_fields: Mapping[str, Any] | None = None) -> Path:
+    """Write a TopK `sae` as sparsify's SparseCoder.save_to_disk does (sae.safetensors + cfg.json with its
+    SparseCoderConfig fields and d_in), unit decoder rows as save_sae writes them, in the SAE's dtype; our nested
+    widths and `msae_fields` go beside sparsify's fields in cfg.json (its loader drops fields it does not know).
+    Both files are replaced atomically; returns `out_dir`."""
+    reason = sparsify_refusal(sae)
+    if reason is not None:
+        raise ValueError(f"cannot export to sparsify: {reason}")
+    dtype = sae.W_enc.dtype
+    ours = {name: getattr(sae, name).detach().double().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    _unit_decoder_rows(ours, sae.activation, torch.finfo(dtype).eps)
+    state = {
+        stored.name: (ours[name].T if stored.transposed else ours[name]).to(dtype).contiguous()
+        for name, stored in _SPARSIFY_TENSORS.items()
+    }
+    config = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.d_sae // sae.d_in),  # unused: num_latents sets the width
+        "normalize_decoder": True,
+        "num_latents": sae.d_sae,
+        "k": sae.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+        "matryoshka_widths": list(sae.widths),
+        **({"msae": dict(msae_fields)} if msae_fields else {}),
+    }
+    return _write_sae_files(out_dir, SPARSIFY_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)), CFG_FILE, config)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -730,18 +843,26 @@ def load_sae(path: Path | str, device: torch.device | str = "cpu", dtype: torch.
     """An SAE in eval mode, and its config, from a run directory or a weights file.
 
     Reads our runs and SAELens's (sae_weights.safetensors + cfg.json; standard, topk, batchtopk, jumprelu,
-    matryoshka_batchtopk) and dictionary_learning's (ae.pt + config.json). The config is cfg.json as stored; for
-    dictionary_learning, SAELens-style fields plus its config.json under "dictionary_learning". `dtype` defaults
-    to the stored one."""
+    matryoshka_batchtopk), dictionary_learning's (ae.pt + config.json) and sparsify's TopK SAEs (sae.safetensors +
+    cfg.json, one hookpoint's folder). The config is cfg.json as stored; for dictionary_learning and sparsify,
+    SAELens-style fields plus their own config under "dictionary_learning" or "sparsify". `dtype` defaults to the
+    stored one."""
     path = Path(path)
     if path.is_dir():
+        if (path / SPARSIFY_WEIGHTS_FILE).exists() and not (path / WEIGHTS_FILE).exists():
+            return _load_sparsify(path / SPARSIFY_WEIGHTS_FILE, device, dtype)
         if (path / WEIGHTS_FILE).exists() or (path / CFG_FILE).exists():
             return _load_sae_lens(path / WEIGHTS_FILE, device, dtype)
         if (path / DL_WEIGHTS_FILE).exists():
             return _load_dictionary_learning(path / DL_WEIGHTS_FILE, device, dtype)
-        raise SAELoadError(f"{path}: holds neither {WEIGHTS_FILE} + {CFG_FILE} nor {DL_WEIGHTS_FILE} + {DL_CFG_FILE}")
+        raise SAELoadError(
+            f"{path}: holds neither {WEIGHTS_FILE} + {CFG_FILE}, {DL_WEIGHTS_FILE} + {DL_CFG_FILE} "
+            f"nor {SPARSIFY_WEIGHTS_FILE} + {CFG_FILE}"
+        )
     if not path.exists():
         raise SAELoadError(f"{path}: no such file or directory")
+    if path.name == SPARSIFY_WEIGHTS_FILE:
+        return _load_sparsify(path, device, dtype)
     if path.suffix == ".safetensors":
         return _load_sae_lens(path, device, dtype)
     if path.suffix == ".pt":

@@ -285,6 +285,17 @@ def folder_identity(folder: Path) -> str:
     return identity
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two names of models (built-in name, hub id, local folder) name one model: the same name, the same
+    built-in model, or one identity (config and weights) where both can be known here; False where they cannot."""
+    if a == b or (builtin_of(a) is not None and builtin_of(a) == builtin_of(b)):
+        return True
+    try:
+        return model_identity(a) == model_identity(b)
+    except LMLoadError:
+        return False
+
+
 def model_identity(name: str) -> str:
     """What model `name` names (`folder_identity` of the folder it loads from), without loading it; LMLoadError
     when it cannot be known here (a hub id not downloaded, a path that is not a model)."""

@@ -145,13 +145,14 @@ def locked(out_dir: Path | str) -> Iterator[Path]:
 
 
 def sae_files_in(directory: Path | str) -> list[Path]:
-    """The weights of every SAE msae reads (our / SAELens's layout or dictionary_learning's) and every training
-    checkpoint at or under `directory`, sorted."""
+    """The weights of every SAE msae reads (our / SAELens's layout, dictionary_learning's or sparsify's) and every
+    training checkpoint at or under `directory`, sorted."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = {p / WEIGHTS_FILE for p in find_runs(directory)}
     found.update(p for p in directory.rglob(io.DL_WEIGHTS_FILE) if (p.parent / io.DL_CFG_FILE).is_file())
+    found.update(p for p in directory.rglob(io.SPARSIFY_WEIGHTS_FILE) if (p.parent / io.CFG_FILE).is_file())
     found.update(directory.rglob(f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"))
     return sorted(found)
 

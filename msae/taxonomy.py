@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from msae.lm import same_model
 from msae.records import Record, RecordError
 
 DATA_NOUN = Path("/usr/share/wordnet/data.noun")
@@ -235,7 +236,7 @@ def is_taxonomy_file(path: Path) -> bool:
 
 def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxonomy:
     """A taxonomy JSON (`msae taxonomy` writes one); with `model`, refused unless built for that model's
-    tokenizer (token ids mean nothing in another vocabulary)."""
+    tokenizer (token ids mean nothing in another vocabulary), whichever name it goes by (msae.lm.same_model)."""
     path = Path(path)
     if path.is_dir():
         raise TaxonomyError(f"{path}: a directory, not a taxonomy JSON (msae taxonomy --model MODEL --out FILE makes one)")
@@ -245,7 +246,7 @@ def load_taxonomy(path: Path | str = SHIPPED, model: str | None = None) -> Taxon
         tax = Taxonomy.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, RecordError) as exc:
         raise TaxonomyError(f"{path}: not a taxonomy JSON ({exc})") from None
-    if model is not None and tax.tokenizer != model:
+    if model is not None and not same_model(tax.tokenizer, model):
         raise TaxonomyError(f"{path} holds token ids of {tax.tokenizer!r}'s vocabulary, not {model!r}'s; make one "
                             f"with `msae taxonomy --model {model} --out FILE` and pass it with --taxonomy FILE")
     return tax

@@ -103,7 +103,8 @@ if points:
                "wider prefixes use more latents per token and reconstruct better. A vanilla SAE is a single point: "
                "Matryoshka pays a little FVU at full width for usable smaller dictionaries.")
 else:
-    st.info("No metrics for this run (no eval.json or metrics.jsonl).")
+    st.caption("FVU against L0 needs FVU per width: msae measures it for the runs it trains (eval.json, "
+               "metrics.jsonl), and this run has neither.")
 
 st.header("Toy model with known features")
 st.caption("Synthetic activations built from a known hierarchy (parents, mutually exclusive children): absorption "

@@ -1,5 +1,5 @@
 """The peer side of tests/test_interop.py: runs inside the side environment (sae-lens, dictionary-learning,
-sae-bench), never imports msae, and does what a user of those packages would.
+sae-bench, eai-sparsify), never imports msae, and does what a user of those packages would.
 
     python interop_peer.py JOBS.json
 
@@ -7,13 +7,23 @@ JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds t
   load_saelens: [{"dir", "inputs", "out", "dtype"?}]   SAE.load_from_disk(dir, dtype=dtype or float32); writes
       encode(x), decode(encode(x)) to out
   load_dictionary_learning: [{"dir", "inputs", "out"}]   dictionary_learning.utils.load_dictionary(dir), the same
-  saebench: [{"dir"}]                        SAEBench's load_and_format_sae on the loaded SAE; reports its cfg
+  saebench: [{"dir"}]                        SAEBench's load_and_format_sae on the loaded SAE, as it takes a user's
+      SAE (no fold); reports its cfg and how far the decoder rows are from unit
   hook: [{"dir", "model_dir", "inputs", "out"}]   the residual stream SAELens hooks for the SAE at dir (its
       metadata's model_class_name and hook_name) in the model at model_dir, on token ids "ids"
   train_saelens: {"acts", "inputs", "out", "d_sae", "k", "widths", "steps", "lr"}   tiny BatchTopK and Matryoshka
       SAEs trained by SAELens, each saved as its training checkpoint (save_model) and for inference
       (save_inference_model), with the inference SAE's outputs on x as the reference
   train_dictionary_learning: {the same}       dictionary_learning's trainers, saved as trainSAE saves (ae.pt + config.json)
+  load_sparsify: [{"dir", "inputs", "out"}]   sparsify's SparseCoder.load_from_disk(dir), the same (its top-k
+      activations scattered into dense latents)
+  train_saelens_runner: {"workdir", "model", "layer", "dataset", "d_sae", "widths", "k", "steps", "batch_tokens",
+      "context_size"}   a Matryoshka BatchTopK SAE trained by SAELens's own runner as its users run it, from
+      workdir: the model (a local folder) through AutoModelForCausalLM, the hook model.layers.L, a local folder of
+      jsonl text, the inference SAE saved under workdir/output; reports its cfg's model, hook and dataset
+  train_sparsify: {"acts", "inputs", "out", "d_sae", "k", "steps", "lr"}   a tiny TopK SparseCoder trained the way
+      sparsify's trainer steps one (FVU loss, unit decoder rows, the parallel gradient removed), saved with
+      save_to_disk under out/layers.3, with its outputs on x as the reference
 and prints one JSON object of what it found (per job: class, architecture, ...).
 """
 
@@ -58,8 +68,7 @@ def saebench(job: dict) -> dict:
     from sae_lens import SAE
 
     sae = SAE.load_from_disk(job["dir"], device="cpu", dtype="float32")
-    sae.fold_W_dec_norm()  # what SAEBench does to pretrained SAEs; our decoder rows are 1/act_scale long
-    _, sae, _ = load_and_format_sae("msae", sae, "cpu")
+    _, sae, _ = load_and_format_sae("msae", sae, "cpu")  # no fold: it checks that the decoder rows are unit
     fields = ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "architecture_str")
     return {name: getattr(sae.cfg, name) for name in fields} | {"W_dec_norm_max_error": (sae.W_dec.norm(dim=1) - 1).abs().max().item()}
 
@@ -74,6 +83,67 @@ def hook(job: dict) -> dict:
         _, cache = model.run_with_cache(load_file(job["inputs"])["ids"], names_filter=[meta.hook_name])
     save_file({"acts": cache[meta.hook_name].float().contiguous()}, job["out"])
     return {"model_class_name": meta.model_class_name, "hook_name": meta.hook_name}
+
+
+def _sparsify_outputs(sae, x: torch.Tensor, out: Path) -> None:
+    with torch.no_grad():
+        top_acts, top_indices, _ = sae.encode(x.to(sae.dtype))
+        latents = torch.zeros(x.shape[0], sae.num_latents, dtype=top_acts.dtype).scatter_(1, top_indices, top_acts)
+        save_file({"latents": latents.contiguous(), "recons": sae.decode(top_acts, top_indices).contiguous()}, str(out))
+
+
+def load_sparsify(job: dict) -> dict:
+    from sparsify import SparseCoder
+
+    sae = SparseCoder.load_from_disk(job["dir"], device="cpu")
+    _sparsify_outputs(sae, _inputs(job), Path(job["out"]))
+    return {"class": type(sae).__name__, "num_latents": sae.num_latents, "k": sae.cfg.k, "dtype": str(sae.dtype)}
+
+
+def train_sparsify(job: dict) -> dict:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    acts = load_file(job["acts"])["x"]
+    torch.manual_seed(0)
+    sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=job["d_sae"], k=job["k"]), device="cpu")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=job["lr"])
+    for batch in _toy_batches(acts, 256, job["steps"]):
+        out = sae(batch)
+        optimizer.zero_grad()
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        sae.set_decoder_norm_to_unit_norm()
+    run = Path(job["out"]) / "layers.3"
+    sae.save_to_disk(run)
+    _sparsify_outputs(sae, _inputs(job), run / "reference.safetensors")
+    return {"fvu": out.fvu.item()}
+
+
+def train_saelens_runner(job: dict) -> dict:
+    import os
+
+    from sae_lens import (LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig,
+                          MatryoshkaBatchTopKTrainingSAEConfig)
+
+    os.chdir(job["workdir"])
+    cfg = LanguageModelSAERunnerConfig(
+        sae=MatryoshkaBatchTopKTrainingSAEConfig(d_in=576, d_sae=job["d_sae"], k=job["k"],
+                                                 matryoshka_widths=job["widths"]),
+        model_name=job["model"], model_class_name="AutoModelForCausalLM", hook_name=f"model.layers.{job['layer']}",
+        dataset_path=job["dataset"], is_dataset_tokenized=False, streaming=False, context_size=job["context_size"],
+        training_tokens=job["steps"] * job["batch_tokens"], train_batch_size_tokens=job["batch_tokens"],
+        store_batch_size_prompts=8, n_batches_in_buffer=4, n_batches_for_norm_estimate=4, lr=1e-3,
+        device="cpu", dtype="float32", prepend_bos=False, exclude_special_tokens=True,
+        logger=LoggingConfig(log_to_wandb=False), output_path="output", checkpoint_path="checkpoints", seed=0,
+        verbose=False,
+    )
+    LanguageModelSAETrainingRunner(cfg).run()
+    saved = json.loads(Path("output", "cfg.json").read_text())
+    meta = saved.get("metadata", {})
+    return {"architecture": saved.get("architecture"), "model_name": meta.get("model_name"),
+            "hook_name": meta.get("hook_name"), "dataset_path": meta.get("dataset_path"),
+            "context_size": meta.get("context_size"), "files": sorted(p.name for p in Path("output").iterdir())}
 
 
 def _toy_batches(acts: torch.Tensor, batch: int, steps: int):
@@ -140,9 +210,11 @@ def train_dictionary_learning(job: dict) -> dict:
 def main(jobs_path: str) -> None:
     jobs = json.loads(Path(jobs_path).read_text())
     report: dict = {}
-    for name, load in (("load_saelens", load_saelens), ("load_dictionary_learning", load_dictionary_learning), ("saebench", saebench), ("hook", hook)):
+    for name, load in (("load_saelens", load_saelens), ("load_dictionary_learning", load_dictionary_learning),
+                       ("load_sparsify", load_sparsify), ("saebench", saebench), ("hook", hook)):
         report[name] = {job["dir"]: load(job) for job in jobs.get(name, [])}
-    for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning)):
+    for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning),
+                        ("train_sparsify", train_sparsify), ("train_saelens_runner", train_saelens_runner)):
         if name in jobs:
             report[name] = train(jobs[name])
     print(json.dumps(report, default=str))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from msae.run import LOCK_FILE, Run
 from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
@@ -54,6 +54,17 @@ def test_export_in_place_keeps_the_run_and_its_permissions(runs, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert file_hashes(run / "features") == store
     assert not (run / LOCK_FILE).exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_in_place_refuses_to_rescale_a_run_beside_its_store(runs, capsys):
+    """A run saved before decoder rows were unit (rows 173.5 long, as the shipped runs were): rewritten in place its
+    latents would be 173.5 times those its feature store holds."""
+    run = runs / "vanilla"
+    tensors = load_file(str(run / "sae_weights.safetensors"))
+    tensors["W_dec"], tensors["W_enc"] = tensors["W_dec"] * 173.5, tensors["W_enc"] / 173.5
+    save_file(tensors, str(run / "sae_weights.safetensors"))
+    refused_unchanged(["export", str(run), "--to", "saelens", str(run)], capsys,
+                      "feature store (features/)", runs)
 
 
 def test_export_to_a_path_it_cannot_write_is_one_line(runs, tmp_path, capsys):

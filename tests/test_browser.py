@@ -1,6 +1,7 @@
 """The explorer in a real browser: the app started with `make app`'s command on a free port, Debian's chromium
 driven by playwright. Every page is opened and screenshotted, a prompt holding markup is read on the Prompts page
-(its tokens highlighted, the markup shown as text), and a feature is opened from the Hierarchy page.
+(its tokens highlighted, the markup shown as text), and a feature is opened from the Hierarchy page. Every step
+also reads the server's log and fails on a traceback, an exception or a warning there.
 
 Screenshots (full page), the server's log and, on a failure, a screenshot of the failing state go to
 test-artifacts/browser/. `make test` installs chromium where it can (apt, as root); without /usr/bin/chromium or
@@ -159,11 +160,28 @@ def page(browser, server, request):
     context.close()
 
 
+LOG_PROBLEM = re.compile(r"Traceback \(most recent call last\)|\b[A-Z]\w*(?:Error|Exception|Warning|Invalid)\b|"
+                         r"\b(?:WARNING|ERROR|CRITICAL)\b")
+"""A line of the server's log that says something went wrong: a traceback, an exception or warning class named
+(ArrowInvalid among them), or a log record at warning level or above."""
+
+
+def server_log_problems(server) -> list[str]:
+    """The lines of the server's log so far that report a problem."""
+    server._out.flush()
+    lines = server.log.read_text(errors="replace").splitlines()
+    return [line for line in lines if LOG_PROBLEM.search(line)]
+
+
 @contextlib.contextmanager
 def step(page, server, name: str):
-    """Run one step; on a failure, save a screenshot of the page as it is and add the server's log to the error."""
+    """Run one step; on a failure, save a screenshot of the page as it is and add the server's log to the error.
+    A step also fails when the server has logged a traceback, an exception or a warning by its end: Streamlit
+    shows some failures (a table Arrow cannot convert) only there."""
     try:
         yield
+        problems = server_log_problems(server)
+        assert not problems, f"the server logged {len(problems)} problem lines, the first: {problems[:5]}"
     except Exception as exc:
         shot = ARTIFACTS / f"FAILED-{name}.png"
         with contextlib.suppress(Exception):

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msae import export, io
+from msae.run import RunError
 from msae.lm import BUILTIN, LMLoadError, builtin_model_dir, cache_dir, load_lm, residual_after
 from msae.sae import SAE
 from msae.train import TensorBatches, TrainConfig, Trainer
@@ -35,6 +36,10 @@ TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
 PEERS = ("sae-lens==6.54.12", "dictionary-learning==0.1.0")
 NO_DEPS = ("sae-bench==0.6.0",)
 """SAEBench's own dependencies would replace torch with a CUDA build; its SAE loading needs only SAELens."""
+EXTRAS = ("eai-sparsify==1.3.3", "natsort==8.4.0", "schedulefree==1.4.1")
+"""EleutherAI's sparsify, without its dependencies (an unpinned torch among them): SAELens brought the rest, it
+needs only natsort and schedulefree beside them. Added over a built environment under a stamp of their own, so a
+new extra does not rebuild the rest."""
 TOLERANCE = 1e-5
 K = 4
 SHIPPED = [REPO / "assets" / "default" / name for name in ("matryoshka", "vanilla")]
@@ -65,7 +70,8 @@ def test_batchtopk_is_saved_as_saelens_saves_it_for_inference(tmp_path):
     run = io.save_sae(sae, tmp_path / "run", cfg={"msae": {"extraction": EXTRACTION}}, act_scale=2.0)
     tensors = load_file(str(run / io.WEIGHTS_FILE))
     assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
-    assert torch.equal(tensors["threshold"], torch.full((64,), 0.25))
+    assert torch.equal(tensors["threshold"], torch.full((64,), 0.25 / 2.0)), "θ follows the latents: 1/act_scale"
+    torch.testing.assert_close(tensors["W_dec"].norm(dim=1), torch.ones(64), rtol=0, atol=1e-6)
     cfg = io.read_cfg(run)
     assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 64
     meta = cfg["metadata"]
@@ -76,7 +82,7 @@ def test_batchtopk_is_saved_as_saelens_saves_it_for_inference(tmp_path):
     assert (meta["hook_name"], meta["hook_name_transformer_lens"]) == ("model.layers.3", "blocks.3.hook_resid_post")
     assert (meta["model_class_name"], meta["context_size"], meta["prepend_bos"]) == ("AutoModelForCausalLM", 128, False)
     loaded, _ = io.load_sae(run)
-    assert (loaded.activation, loaded.widths, loaded.k, loaded.threshold.item()) == ("batchtopk", WIDTHS, K, 0.25)
+    assert (loaded.activation, loaded.widths, loaded.k, loaded.threshold.item()) == ("batchtopk", WIDTHS, K, 0.125)
 
 
 @pytest.mark.parametrize("activation, architecture", [("topk", "topk"), ("relu", "standard")])
@@ -158,6 +164,59 @@ def test_dictionary_learning_export_reads_back_the_same(tmp_path, widths, activa
         torch.testing.assert_close(theirs, ours, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("widths", [WIDTHS, [64]])
+def test_sparsify_export_reads_back_the_same(tmp_path, widths):
+    sae = random_sae(widths, "topk")
+    run = io.save_sae(sae, tmp_path / "run", cfg={"msae": {"extraction": EXTRACTION}}, act_scale=2.0)
+    out = export.export_run(run, "sparsify", tmp_path / "sparsify")
+    tensors = load_file(str(out / io.SPARSIFY_WEIGHTS_FILE))
+    assert sorted(tensors) == ["W_dec", "b_dec", "encoder.bias", "encoder.weight"]
+    assert tensors["encoder.weight"].shape == (64, D_IN)
+    torch.testing.assert_close(tensors["W_dec"].norm(dim=1), torch.ones(64), rtol=0, atol=1e-6)
+    cfg = json.loads((out / io.CFG_FILE).read_text())
+    assert (cfg["activation"], cfg["num_latents"], cfg["k"], cfg["d_in"]) == ("topk", 64, K, D_IN)
+    assert not (cfg["transcode"] or cfg["skip_connection"] or cfg["multi_topk"])
+    loaded, loaded_cfg = io.load_sae(out)
+    assert (loaded.activation, loaded.widths, loaded.k) == ("topk", widths, K)
+    assert loaded_cfg["msae"]["extraction"] == EXTRACTION and loaded_cfg["sparsify"]["num_latents"] == 64
+    original, _ = io.load_sae(run)
+    x = toy_acts(64)
+    for ours, theirs in zip(outputs(original, x), outputs(loaded, x)):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "relu", "jumprelu"])
+def test_sparsify_export_refuses_what_a_per_row_topk_cannot_compute(tmp_path, activation):
+    run = io.save_sae(random_sae([64], activation), tmp_path / "run")
+    with pytest.raises(ValueError, match="per-row TopK only"):
+        export.export_run(run, "sparsify", tmp_path / "sparsify")
+    assert not (tmp_path / "sparsify" / io.SPARSIFY_WEIGHTS_FILE).exists()
+
+
+def test_sparsify_export_into_the_run_itself_is_refused(tmp_path):
+    run = io.save_sae(random_sae([64], "topk"), tmp_path / "run")
+    before = (run / io.CFG_FILE).read_text()
+    with pytest.raises(RunError, match="would replace the run's own"):
+        export.export_run(run, "sparsify", run)
+    assert (run / io.CFG_FILE).read_text() == before and not (run / io.SPARSIFY_WEIGHTS_FILE).exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"activation": "groupmax"}, "sparsify activation 'groupmax' is not supported"),
+    ({"transcode": True}, "a transcoder"),
+    ({"skip_connection": True}, "a skip connection"),
+    ({"num_latents": 0, "expansion_factor": 2, "matryoshka_widths": None},
+     r"encoder.weight has shape \(64, 16\), expected \(32, 16\) from cfg.json d_in × expansion_factor=32"),
+    ({"k": 65}, "k=65 exceeds d_sae=64"),
+])
+def test_sparsify_configs_msae_cannot_compute_are_refused(tmp_path, change, message):
+    out = export.export_run(io.save_sae(random_sae([64], "topk"), tmp_path / "run"), "sparsify", tmp_path / "sparsify")
+    cfg = json.loads((out / io.CFG_FILE).read_text())
+    (out / io.CFG_FILE).write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(io.SAELoadError, match=message):
+        io.load_sae(out)
+
+
 # ------------------------------------------------------------------------------------------- the side environment
 
 
@@ -193,13 +252,17 @@ def side_python() -> Path:
             # PyPI's torchvision (pulled in by dictionary_learning) cannot load beside torch+cpu; nothing here uses it.
             subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision"], check=True)
             stamp.write_text(pins)
+        extras_stamp, extras = root / "msae-extras.txt", "\n".join(EXTRAS) + "\n"
+        if not (extras_stamp.exists() and extras_stamp.read_text() == extras):
+            _pip(root / "bin" / "python", "--no-deps", *EXTRAS)
+            extras_stamp.write_text(extras)
     return root / "bin" / "python"
 
 
-def run_peer(python: Path, jobs: dict, work: Path) -> dict:
+def run_peer(python: Path, jobs: dict, work: Path, timeout: float = 600) -> dict:
     path = work / "jobs.json"
     path.write_text(json.dumps(jobs))
-    done = subprocess.run([str(python), str(PEER), str(path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([str(python), str(PEER), str(path)], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -225,6 +288,8 @@ def peers(side_python, tmp_path_factory) -> dict:
     save_file({"x": toy_acts(4096)}, str(work / "acts.safetensors"))
     runs = train_runs(work / "ours")
     exports = {name: export.export_run(run, "dictionary_learning", work / "dl" / name) for name, run in runs.items()}
+    sparsify = {name: export.export_run(run, "sparsify", work / "sparsify-exports" / name)
+                for name, run in runs.items() if name.startswith("topk/")}
     io.save_sae(random_sae(), work / "with_model", cfg={"msae": {"extraction": EXTRACTION}})
     try:
         model_dir = builtin_model_dir(EXTRACTION["model"])
@@ -237,12 +302,15 @@ def peers(side_python, tmp_path_factory) -> dict:
     jobs = {
         "load_saelens": [{"dir": str(run), "inputs": inputs, "out": str(run / "saelens.safetensors")} for run in runs.values()],
         "load_dictionary_learning": [{"dir": str(d), "inputs": inputs, "out": str(d / "dl.safetensors")} for d in exports.values()],
+        "load_sparsify": [{"dir": str(d), "inputs": inputs, "out": str(d / "sparsify.safetensors")} for d in sparsify.values()],
         "saebench": [{"dir": str(work / "with_model")}],
         "hook": hook,
         "train_saelens": {**training, "out": str(work / "saelens")},
         "train_dictionary_learning": {**training, "out": str(work / "dictionary_learning")},
+        "train_sparsify": {**training, "out": str(work / "sparsify")},
     }
-    return {"report": run_peer(side_python, jobs, work), "runs": runs, "exports": exports, "x": x, "work": work}
+    return {"report": run_peer(side_python, jobs, work), "runs": runs, "exports": exports, "sparsify": sparsify, "x": x,
+            "work": work}
 
 
 def test_our_runs_load_in_saelens_with_the_same_encode_and_decode(peers):
@@ -263,13 +331,8 @@ def test_our_runs_load_in_dictionary_learning_with_the_same_encode_and_decode(pe
         sae, _ = io.load_sae(run)
         out = peers["exports"][name]
         latents, recons = outputs(sae, peers["x"])
-        if sae.activation == "relu":
-            # dictionary_learning's AutoEncoder.from_pretrained rescales to unit decoder rows (normalize_decoder=True):
-            # the same reconstructions, latents times each row's norm (1 / act_scale for our runs).
-            latents = latents * sae.W_dec.norm(dim=1)
-            theirs = load_file(str(out / "dl.safetensors"))
-            torch.testing.assert_close(theirs["latents"], latents, rtol=TOLERANCE, atol=TOLERANCE)
-            latents = theirs["latents"]
+        # dictionary_learning's AutoEncoder.from_pretrained rescales a ReLU SAE to unit decoder rows
+        # (normalize_decoder=True); ours are unit already, so its latents must come back as they are.
         diff = max_diff((latents, recons), out / "dl.safetensors")
         print(f"dictionary_learning loads our {name} ({peers['report']['load_dictionary_learning'][str(out)]['class']}): max |diff| {diff:.3g}")
         assert diff <= TOLERANCE, name
@@ -297,6 +360,33 @@ def test_saes_trained_by_dictionary_learning_load_in_msae(peers, arch, widths):
     diff = max_diff(outputs(sae, peers["x"]), run / "reference.safetensors")
     print(f"msae loads dictionary_learning's {arch}: max |diff| {diff:.3g}")
     assert diff <= TOLERANCE
+
+
+def test_our_topk_runs_load_in_sparsify_with_the_same_encode_and_decode(peers):
+    assert len(peers["sparsify"]) == 2, "the Matryoshka and the vanilla TopK run"
+    for name, out in peers["sparsify"].items():
+        sae, _ = io.load_sae(peers["runs"][name])
+        found = peers["report"]["load_sparsify"][str(out)]
+        assert (found["class"], found["num_latents"], found["k"]) == ("SparseCoder", sae.d_sae, sae.k)
+        ours = outputs(sae, peers["x"])
+        assert (ours[0] > 0).any(), f"{name}: no latent fires, the comparison would prove nothing"
+        diff = max_diff(ours, out / "sparsify.safetensors")
+        print(f"sparsify loads our {name}: max |diff| {diff:.3g}")
+        assert diff <= TOLERANCE, name
+
+
+def test_saes_trained_by_sparsify_load_in_msae_and_go_on_as_a_run(peers, tmp_path):
+    folder = peers["work"] / "sparsify" / "layers.3"
+    sae, cfg = io.load_sae(folder)
+    assert (sae.activation, sae.widths, sae.k, cfg["sparsify"]["d_in"]) == ("topk", [64], K, D_IN)
+    reference = folder / "reference.safetensors"
+    assert (load_file(str(reference))["latents"] > 0).any()
+    diff = max_diff(outputs(sae, peers["x"]), reference)
+    print(f"msae loads sparsify's TopK SAE: max |diff| {diff:.3g}")
+    assert diff <= TOLERANCE
+    run = export.export_run(folder, "saelens", tmp_path / "run")  # a run msae analyses and SAELens loads
+    again, _ = io.load_sae(run)
+    assert max_diff(outputs(again, peers["x"]), reference) <= TOLERANCE
 
 
 def test_saebench_reads_the_model_and_layer_of_our_run(peers):
@@ -339,3 +429,27 @@ def test_saelens_hooks_the_residual_stream_that_our_hook_name_names(peers):
     diff = (ours - theirs).abs().max().item()
     print(f"SAELens's AutoModelForCausalLM hook at model.layers.3 against ours: max |diff| {diff:.3g}")
     assert diff <= TOLERANCE
+
+
+def test_the_shipped_runs_have_unit_decoder_rows_and_their_stores_the_same_scale():
+    """Re-saved with unit rows (assets/unit_decoders.py): float16's rounding leaves the rows within SAEBench's
+    float16 tolerance (1e-2), and a stored top activation is what the run's encoder gives on that context now."""
+    import pyarrow.parquet as pq
+
+    from msae.run import Run
+
+    lm = load_lm(EXTRACTION["model"], device="cpu", dtype=torch.float32)
+    for run in SHIPPED:
+        sae, _ = io.load_sae(run)
+        error = (sae.W_dec.double().norm(dim=1) - 1).abs().max().item()
+        print(f"{run.name}: decoder rows within {error:.2g} of unit ({sae.W_dec.dtype})")
+        assert sae.W_dec.dtype == torch.float16 and error < 1e-3
+        examples = pq.read_table(run / "features" / "examples.parquet").to_pandas()
+        contexts = pq.read_table(run / "features" / "contexts.parquet").to_pandas().set_index("context")
+        top = examples[(examples["kind"] == "top") & (examples["rank"] == 0)].head(4)
+        sae = Run(run).load_sae(precision="float32")
+        for example in top.itertuples():
+            ids = torch.tensor([list(contexts.loc[example.context, "tokens"])])
+            x = residual_after(lm, ids, torch.ones_like(ids), 15)[0, example.position : example.position + 1]
+            live = sae.encode(x)[0, example.latent].item()
+            assert live == pytest.approx(example.act, rel=0.05), (run.name, example.latent)

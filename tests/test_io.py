@@ -19,12 +19,14 @@ WIDTHS = [8, 24, 64]
 
 
 def random_sae(widths=WIDTHS, activation="batchtopk", k=4, seed=0, dtype=torch.float32) -> SAE:
-    """An SAE with every tensor random (biases included) and a learned-looking threshold, in eval mode."""
+    """An SAE with every tensor random (biases included), unit decoder rows as msae trains them, and a
+    learned-looking threshold, in eval mode."""
     sae = SAE(D_IN, widths, k=k, activation=activation, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+        sae.normalize_decoder()
         if activation == "jumprelu":
             sae.threshold = torch.rand(sae.d_sae, generator=g, dtype=torch.float64).to(dtype) * 0.5
         else:
@@ -105,6 +107,8 @@ def test_load_accepts_the_weights_file_and_a_dtype(tmp_path):
 
 
 def test_act_scale_is_folded_into_the_saved_weights(tmp_path):
+    """Trained on x * scale with unit rows: the saved SAE reads raw x, its rows stay unit, so its latents are the
+    trained ones divided by scale (b_enc and θ with them) and its reconstructions the trained ones divided by scale."""
     sae = random_sae()
     before = {name: t.clone() for name, t in sae.state_dict().items()}
     scale = 3.7
@@ -113,9 +117,58 @@ def test_act_scale_is_folded_into_the_saved_weights(tmp_path):
     x = inputs()
     latents_scaled = sae.encode(x * scale)
     assert (latents_scaled > 0).any() and not torch.equal(latents_scaled, sae.encode(x))
-    torch.testing.assert_close(loaded.encode(x), latents_scaled)
+    torch.testing.assert_close(loaded.encode(x), latents_scaled / scale)
     torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(latents_scaled) / scale)
-    assert torch.equal(loaded.b_enc, sae.b_enc) and torch.equal(loaded.threshold, sae.threshold)
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec)
+    torch.testing.assert_close(loaded.b_enc, sae.b_enc / scale)
+    torch.testing.assert_close(loaded.threshold, sae.threshold / scale)
+
+
+def _rows_of_norms(sae: SAE, norms: torch.Tensor) -> SAE:
+    with torch.no_grad():
+        sae.W_dec.mul_(norms.to(sae.W_dec.dtype)[:, None])
+    return sae
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_rows_of_any_norm_are_saved_unit_with_each_norm_folded_into_its_latent(tmp_path, activation):
+    """In float64, so that "the same to float rounding" is tight: latent i comes back n_i times itself (its
+    threshold too) and every reconstruction is the same."""
+    norms = torch.linspace(0.05, 40.0, D_SAE, dtype=torch.float64)
+    sae = _rows_of_norms(random_sae([64], activation, dtype=torch.float64), norms)
+    loaded, _ = io.load_sae(io.save_sae(sae, tmp_path / "run", act_scale=2.5))
+    torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(D_SAE, dtype=torch.float64), rtol=0, atol=1e-12)
+    x = inputs().double()
+    theirs = sae.encode(x * 2.5)
+    assert (theirs > 0).sum() > x.shape[0], "too few latents fire for the comparison to say anything"
+    torch.testing.assert_close(loaded.encode(x), theirs * norms / 2.5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(theirs) / 2.5)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_a_ranking_rule_folds_the_norm_its_rows_share_and_keeps_its_choice(tmp_path, activation):
+    """TopK and BatchTopK compare latents: one common factor keeps which latents win. Rows of one norm (what msae
+    trains) are saved unit; rows of different norms keep their ratios, so the choice is still the same."""
+    x = inputs().double()
+    for norms, unit in ((torch.full((D_SAE,), 7.0, dtype=torch.float64), True),
+                        (torch.linspace(0.5, 2.0, D_SAE, dtype=torch.float64), False)):
+        sae = _rows_of_norms(random_sae([64], activation, dtype=torch.float64), norms)
+        loaded, _ = io.load_sae(io.save_sae(sae, tmp_path / f"run-{unit}"))
+        saved_norms = loaded.W_dec.norm(dim=1)
+        torch.testing.assert_close(saved_norms, norms / norms.mean())
+        assert bool(((saved_norms - 1).abs() < 1e-12).all()) == unit
+        theirs, ours = sae.encode(x), loaded.encode(x)
+        assert torch.equal(theirs > 0, ours > 0) and (ours > 0).any()
+        torch.testing.assert_close(ours, theirs * norms.mean())
+        torch.testing.assert_close(loaded.decode(ours), sae.decode(theirs))
+
+
+def test_saving_a_loaded_run_again_changes_no_bit(tmp_path):
+    sae = _rows_of_norms(random_sae(), torch.full((D_SAE,), 0.01))
+    first = io.save_sae(sae, tmp_path / "first", act_scale=3.0)
+    again = io.save_sae(io.load_sae(first)[0], tmp_path / "again")
+    for name, tensor in load_file(str(first / io.WEIGHTS_FILE)).items():
+        assert torch.equal(load_file(str(again / io.WEIGHTS_FILE))[name], tensor), name
 
 
 def test_cfg_fields_that_contradict_the_sae_are_refused(tmp_path):

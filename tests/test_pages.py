@@ -168,6 +168,37 @@ def test_home_summarises_the_chosen_run(env):
     assert "msae analyze" in at.info[0].value  # no feature store: says how to make one
 
 
+@pytest.fixture(scope="module")
+def foreign(pair, lm, tmp_path_factory) -> Path:
+    """An SAE folder as SAELens's runner writes it (only SAELens's fields in cfg.json: the hub id, the hook, the
+    context size; no metrics.jsonl, no eval.json), analysed by msae over the pair's text."""
+    from test_saelens_dataset import saelens_run
+
+    run = saelens_run(tmp_path_factory.mktemp("elsewhere"), "NeelNanda/pile-10k", context_size=128)
+    root = pair["matryoshka"].parents[2]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MSAE_ACTIVATION_CACHE", str(root / "cache"))
+    analyze(run, acfg=AnalyzeConfig(corpus=str(root / "text.txt"), absorption=False), lm=lm)
+    mp.undo()
+    return run
+
+
+def test_a_run_trained_elsewhere_shows_its_store_figures_and_no_alarm(env, foreign, monkeypatch):
+    monkeypatch.setenv("MSAE_RUNS", f"{env['matryoshka'].parents[1]}:{foreign.parents[2]}")
+    at = ok(open_page(None, foreign))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["model"] == "smollm2-135m", "the hub id SAELens recorded is the built-in model"
+    assert metrics["L0 (analysed)"] == f"{load_store(foreign).manifest.l0_per_width[-1]:.1f}"
+    assert not at.warning and not at.error and not at.info
+    assert any("trained elsewhere" in c.value for c in at.caption)
+    table = at.dataframe[0].value.set_index("run")
+    assert table["steps"].dtype == "Int64" and pd.isna(table.loc[str(foreign), "steps"])
+    assert table.loc[str(env["matryoshka"]), "steps"] == 5000
+    for page in ("pages/1_Features.py", "pages/2_Hierarchy.py", "pages/3_Diagnostics.py"):
+        at = ok(open_page(page, foreign))
+        assert not at.warning and not at.error, (page, [m.value for m in (*at.warning, *at.error)])
+
+
 def test_home_adds_an_uploaded_sae_and_refuses_bad_ones(env, tmp_path, monkeypatch):
     weights, cfg = small_sae_files(tmp_path)
     at = ok(upload(open_page(None, env["matryoshka"]), ("w.safetensors", weights), ("c.json", cfg)))

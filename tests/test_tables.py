@@ -39,3 +39,13 @@ def test_published_ranges_are_a_text_table():
     arrow = pa.Table.from_pandas(tables.published_hierarchy_figures())
     assert all(text(f.type) for f in arrow.schema)
     assert "0.65–0.80" in arrow.column("published").to_pylist()
+
+
+def test_a_model_is_named_as_a_reader_knows_it_not_by_a_machine_path(tmp_path):
+    folder = tmp_path / "models" / "my-llama"
+    folder.mkdir(parents=True)
+    assert tables.model_label(str(folder)) == "my-llama"
+    assert tables.model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m"
+    assert tables.model_label("smollm2-135m") == "smollm2-135m"
+    assert tables.model_label("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    assert tables.model_label(None) == "—"

@@ -71,3 +71,20 @@ def test_the_shipped_taxonomy_is_large_and_consistent(tokenizer):
     months = min((c for c in tax.categories if january in members[c.offset]), key=lambda c: c.size)
     assert months.name == "Gregorian calendar month"
     assert {tokenizer.decode([t]) for t in members[months.offset]} >= {" January", " March", " June", " December"}
+
+
+def test_the_taxonomy_answers_to_every_name_of_its_model_and_no_other(tmp_path):
+    """Built for smollm2-135m: a run recording the hub id (as SAELens users do) or the model's folder reads the same
+    vocabulary; another model's vocabulary is refused."""
+    from msae.lm import BUILTIN, builtin_model_dir
+    from msae.taxonomy import load_taxonomy
+
+    for name in ("smollm2-135m", BUILTIN["smollm2-135m"].hub_id, str(builtin_model_dir("smollm2-135m"))):
+        assert load_taxonomy(SHIPPED, name).tokenizer == "smollm2-135m", name
+    other = tmp_path / "not-smollm2"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "model.safetensors").write_bytes(b"other weights")
+    for name in ("gpt2", str(other)):
+        with pytest.raises(TaxonomyError, match="vocabulary, not"):
+            load_taxonomy(SHIPPED, name)

@@ -106,7 +106,10 @@ def test_a_stopped_run_leaves_a_usable_sae_at_its_last_checkpoint_with_calibrate
         assert info.threshold.l0_theta == pytest.approx(info.threshold.l0_batchtopk, rel=0.02)
         assert info.threshold.theta != info.threshold.running_theta
         sae = Run(tmp_path / "run" / name).load_sae()
-        assert torch.isfinite(sae.W_dec).all() and sae.threshold.max().item() == pytest.approx(info.threshold.theta, rel=1e-6)
+        assert torch.isfinite(sae.W_dec).all()
+        # θ is on the training's scale; the saved SAE reads raw rows with unit decoder rows: θ / act_scale.
+        assert sae.threshold.max().item() == pytest.approx(info.threshold.theta / info.act_scale, rel=1e-6)
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), rtol=0, atol=1e-6)
 
     # Snapshots leave training alone: the same run with no checkpoint on the way ends with the same weights.
     a = Trainer(small_cfg(), TensorBatches(acts), tmp_path / "every10")

@@ -20,8 +20,8 @@ The steps, each a function:
 
 Definitions, per word x with SAE latents a (u = the letter's unit probe direction, d_i = decoder row i):
 - projection of latent i: p_i = a_i (d_i . u), its share of the reconstruction along the probe. SAEBench writes
-  a_i cos(d_i, u), the same for unit-norm decoder rows; our saved runs fold the activation scale into W_dec (rows
-  of norm 1/act_scale), so the row norm must count.
+  a_i cos(d_i, u), the same for unit-norm decoder rows (ours are saved unit; an SAE from elsewhere may not be,
+  so the row norm counts).
 - total projection P = x . u (the raw activation, as SAEBench); main projection M = sum of p_i over main latents.
 - absorbers: latents outside the main set with cos(d_i, u) >= 0.1 and p_i > 0; S = the sum of the
   `max_absorbers` (3) largest of their p_i.
@@ -59,7 +59,7 @@ from msae.activations import pad_batch
 from msae.analysis.stream import encode_rows
 from msae.config import LETTERS, AbsorptionConfig
 from msae.io import check_fits
-from msae.lm import DEFAULT_MODEL, LoadedLM, check_before_load, check_layer, load_lm, residual_after
+from msae.lm import DEFAULT_MODEL, LoadedLM, check_before_load, check_layer, load_lm, residual_after, same_model
 from msae.results import (AbsorptionMean, AbsorptionResult, AbsorptionValidity, AbsorptionVariant, LetterAbsorption,
                           SAEAbsorption, mean_or_none)
 from msae.run import Run
@@ -510,7 +510,7 @@ def measure(
     saes = {name: run.load_sae(precision=cfg.precision) for name, run in runs.items()}
     sources = {name: run.source() for name, run in runs.items()}
     models = {name: source[0] for name, source in sources.items() if source[0] is not None}
-    if len(set(models.values())) > 1:
+    if any(not same_model(model, next(iter(models.values()))) for model in models.values()):
         raise AbsorptionError(f"the runs read different models {models}: measure them separately")
     layers = {name: source[1] for name, source in sources.items() if source[1] is not None}
     if layer is not None and any(v != layer for v in layers.values()):

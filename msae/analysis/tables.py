@@ -8,12 +8,14 @@ act."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
 from msae.analysis.tree import ancestry
 from msae.config import LinkConfig
+from msae.lm import builtin_of
 from msae.results import (AbsorptionResult, EvalResult, HierarchyBench, HierarchyFigures, Interval, LinkValidation,
                           StoreManifest)
 from msae.run import Run, RunSummary
@@ -252,12 +254,28 @@ def relatives_table(links: pd.DataFrame | None, latents: pd.DataFrame, side: str
 # ------------------------------------------------------------------------------------------------ runs
 
 
+def model_label(model: str | None) -> str:
+    """A model as a reader knows it: the built-in model by its name (also when recorded by its hub id), a local
+    folder by its own name rather than the machine's path to it, a hub id as it is."""
+    if not isinstance(model, str) or not model:  # none recorded (NaN in a table's column)
+        return "—"
+    builtin = builtin_of(model)
+    if builtin is not None:
+        return builtin
+    if model.startswith(("/", "~", ".")) or Path(model).expanduser().is_dir():
+        return Path(model).expanduser().name or model
+    return model
+
+
 def runs_table(summaries: Sequence[RunSummary], labels: Sequence[str]) -> pd.DataFrame:
-    """One row per run, for the home page (`Run.summary` rows under their short names)."""
+    """One row per run, for the home page (`Run.summary` rows under their short names); counts stay whole numbers
+    where a run trained elsewhere has none."""
     table = pd.DataFrame([dataclasses.asdict(s) for s in summaries])
     if table.empty:
         return table
     table.insert(0, "name", list(labels))
+    table["model"] = table["model"].map(model_label)
+    table = table.astype({column: "Int64" for column in ("d_in", "d_sae", "k", "layer", "steps", "tokens")})
     for column, fmt in (("widths", str), ("fvu", "{:.3f}".format)):
         table[column] = table[column].map(
             lambda values: ", ".join(fmt(v) for v in values) if isinstance(values, (list, tuple)) else "")
@@ -277,12 +295,12 @@ def summary_table(info: RunSummary, heldout: EvalResult | None, manifest: StoreM
 
     rows = [
         ("architecture", info.architecture),
-        ("model", info.model or "—"),
+        ("model", model_label(info.model)),
         ("layer", _fmt(info.layer, "")),
         ("d_in", info.d_in),
         ("widths", ", ".join(str(w) for w in widths)),
         ("k", info.k),
-        ("training steps", info.steps),
+        ("training steps", _fmt(info.steps, ",")),
         ("training tokens", f"{info.tokens:,}" if info.tokens else "—"),
         ("FVU per width (last training step)", per_width(info.fvu)),
         ("L0 (last training step)", _fmt(info.l0, ".1f")),
