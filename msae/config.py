@@ -445,6 +445,12 @@ class LinkConfig(Config):
     child without saying anything about it."""
     min_child_fires: int = 20
     """coverage: children firing on fewer tokens get no parent (their coverage is a handful of tokens)."""
+    max_parent_density: float = 1.0
+    """coverage: the parent fires on at most this share of all tokens. A parent firing on a fifth of all tokens
+    (a word-piece or part-of-speech hub) covers many unrelated children; 1.0: no bound."""
+    min_reverse: float = 0.0
+    """coverage: P(c | p), the share of the parent's tokens on which the child fires, at least this: a child that
+    is a sliver of a far broader parent is rarely an instance of it (HSAE reports P(c | p) 0.33-0.46)."""
     probe_top: int = 0
     """coverage: when above 0, also require p and c among the probe_top decoder rows closest to c's detection
     direction (an LDA direction from the analysis pass, a cheap stand-in for Tree SAE's logistic probe; they use
@@ -468,6 +474,10 @@ class LinkConfig(Config):
         _check(0 <= self.min_coverage <= 1, f"min_coverage must be in [0, 1], got {self.min_coverage}")
         _check(0 <= self.max_reverse <= 1, f"max_reverse must be in [0, 1], got {self.max_reverse}")
         _check(self.min_lift >= 0, f"min_lift must be at least 0, got {self.min_lift}")
+        _check(0 < self.max_parent_density <= 1,
+               f"max_parent_density must be in (0, 1], got {self.max_parent_density}")
+        _check(0 <= self.min_reverse <= self.max_reverse,
+               f"min_reverse must be in [0, max_reverse], got {self.min_reverse}")
         _check(self.min_child_fires >= 1, f"min_child_fires must be at least 1, got {self.min_child_fires}")
         _check(self.probe_top >= 0, f"probe_top must be at least 0, got {self.probe_top}")
         _check(self.min_cofires >= 1, f"min_cofires must be at least 1, got {self.min_cofires}")
