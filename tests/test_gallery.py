@@ -177,3 +177,22 @@ def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
     at.switch_page("pages/7_Gallery.py")
     at.run()
     assert not at.exception and any("msae gallery" in i.value for i in at.info)
+
+
+def test_a_dense_narrow_latent_is_never_a_clean_splitting_case():
+    """The case once shown as clean: a narrow latent on 24% of tokens whose wide counterpart fires on 92% of them,
+    with many rare pieces inside it. Dense, or kept whole, is rejected; the same case made specific and split passes."""
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=192, union=0.95, kept_whole=0.92)
+    assert not clean and "24.0% of tokens" in why and "keeps it whole" in why
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=5, union=0.9, kept_whole=0.3)
+    assert not clean and "fires on 24.0%" in why
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.4)
+    assert clean, why
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.85)
+    assert not clean and "keeps it whole" in why
+
+
+def test_dense_member_latents_are_dropped_from_absorption_cases():
+    density = torch.tensor([0.017, 0.002, 0.0004, 0.3])
+    kept = gallery_mod.specific_members([(0, 101), (1, 102), (2, 103), (3, 104)], density)
+    assert kept == [(1, 102), (2, 103)]

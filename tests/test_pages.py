@@ -18,7 +18,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest, app_test
 
 from explorer import loaders, state
-from explorer.figures import TOY_ROWS, node_id, plot_text
+from explorer.figures import TOY_ROWS, latent_of_node, node_id, plot_text
 from explorer.html import escape_token, tokens_html
 from msae import io, jobs
 from msae.activations import extract
@@ -27,7 +27,7 @@ from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, TrainConfig, to_flags
 from msae.analysis.inference import text_latents
-from msae.analysis.tree import hierarchy_nodes, largest_trees, subtree
+from msae.analysis.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
 from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
 from msae.run import Run, find_runs
@@ -304,8 +304,15 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     assert tree["type"] == "icicle"
     every = hierarchy_nodes(store.latents, store.links, store.manifest.link_config.score_threshold,
                             threshold=store.manifest.link_config.score_threshold)
+    concept, hubs = split_hubs(every)
+    freq = store.latents.set_index("latent")["freq"]
+    assert (every["root"].map(freq) > HUB_DENSITY).any(), "the fixture has hubs to keep out of the default view"
     limit = at.number_input(key="tree_max").value
-    want = largest_trees(every, limit)  # whole trees, the largest first, while they fit
+    want = largest_trees(concept, limit)  # concept trees only, whole, the largest first, while they fit
+    assert (want["root"].map(freq) <= HUB_DENSITY).all()
+    table = at.dataframe[0].value
+    assert sorted(table["root"]) == sorted(want.loc[want["parent"] < 0, "latent"])
+    assert "Coherence" in " ".join(c.value for c in at.caption)
     assert len(want) <= max(limit, every.groupby("root").size().max())
     assert sorted(tree["ids"]) == sorted(node_id(l) for l in want["latent"])
     parents = dict(zip(tree["ids"], tree["parents"]))
@@ -327,6 +334,10 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     assert all(score >= 1.0 for *_rest, score in strong["customdata"] if score >= 0)
     at.radio(key="tree_kind").set_value("sunburst").run()
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
+    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
+    at.radio(key="tree_band").set_value(at.radio(key="tree_band").options[1]).run()
+    hub_view = figures(ok(at))[0]["data"][0]
+    assert {latent_of_node(i) for i in hub_view["ids"]} <= set(hubs["latent"])
 
     # Select a node: its subtree is drawn as nodes and links, and it opens in the Features page.
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))

@@ -223,21 +223,26 @@ def rule_tree(fig: dict[str, Tensor], cfg: LinkConfig) -> tuple[Tensor, Tensor]:
     return parent[first], child[first]
 
 
-def lift_null_parents(fig: dict[str, Tensor], cfg: LinkConfig, parent: Tensor, child: Tensor, d_sae: int,
-                      seed: int = 0) -> Tensor:
-    """For each tree link, a random candidate parent of the same child, not its tree parent, that also passes the
-    lift bound and min_cofires on the link rows (it co-fires with the child more than chance would); -1 where the
-    child has none. A harder null than a parent of the same frequency, which the lift bound alone beats."""
-    tree_parent = torch.full((d_sae,), -1, dtype=torch.long)
-    tree_parent[child] = parent
-    ok = ((fig["lift"] >= cfg.min_lift) & (fig["cofires"] >= cfg.min_cofires)
-          & (fig["parent"] != tree_parent[fig["child"]]))
+def lift_passing_candidates(fig: dict[str, Tensor], cfg: LinkConfig, d_sae: int, seed: int = 0) -> Tensor:
+    """(d_sae, 2) for every child, two of its candidate parents drawn at random among those that pass the lift bound
+    and min_cofires on the link rows (they co-fire with the child more than chance would); -1 where there are
+    fewer. Two, so that one is left when the other is the child's tree parent."""
+    ok = (fig["lift"] >= cfg.min_lift) & (fig["cofires"] >= cfg.min_cofires)
     cand_p, cand_c = fig["parent"][ok], fig["child"][ok]
     priority = torch.rand(cand_p.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    first = hierarchy.rank_within(cand_c, priority) == 0
-    pick = torch.full((d_sae,), -1, dtype=torch.long)
-    pick[cand_c[first]] = cand_p[first]
-    return pick[child]
+    rank = hierarchy.rank_within(cand_c, priority)
+    out = torch.full((d_sae, 2), -1, dtype=torch.long)
+    top = rank < 2
+    out[cand_c[top], rank[top]] = cand_p[top]
+    return out
+
+
+def lift_null_parents(candidates: Tensor, parent: Tensor, child: Tensor) -> Tensor:
+    """For each tree link, a random candidate parent of the child (lift_passing_candidates) that is not its tree
+    parent; -1 where the child has none. A harder null than a parent of the same frequency, which the lift bound
+    alone beats."""
+    first, second = candidates[child, 0], candidates[child, 1]
+    return torch.where(first == parent, second, first)
 
 
 def measure_on(counts: CofireCounts, held: Totals, parent: Tensor, child: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,12 +256,13 @@ def measure_on(counts: CofireCounts, held: Totals, parent: Tensor, child: Tensor
 
 
 def measure_tree(counts: CofireCounts, link: Totals, held: Totals, fig: dict[str, Tensor], cfg: LinkConfig,
-                 name: str, live_children: int, parts: dict[str, Totals] | None = None,
-                 seed: int = 0) -> CriterionValidation:
+                 name: str, live_children: int, parts: dict[str, Totals] | None = None, seed: int = 0,
+                 lift_candidates: Tensor | None = None) -> CriterionValidation:
     """Links `cfg`'s rule makes from the candidate figures `fig` of the `link` rows, their tree measured on the
     `held` rows: P(p | c) with parent-clustered intervals, beside a random parent of the same frequency and a
     random other candidate parent that passes the lift bound; per child group and per part (`parts`: each
-    part's held-out rows)."""
+    part's held-out rows). `lift_candidates`: lift_passing_candidates of `fig` under cfg's lift bound, when the
+    caller has them already."""
     parent, child = rule_tree(fig, cfg)
     n_links = int(hierarchy.coverage_rule(fig, cfg).sum())
     n_tree = int(parent.numel())
@@ -264,8 +270,9 @@ def measure_tree(counts: CofireCounts, link: Totals, held: Totals, fig: dict[str
     measured = n_c >= MIN_HELD_FIRES
     parent, child, value = parent[measured], child[measured], value[measured]
     null, _ = measure_on(counts, held, matched_null_parents(parent, child, link.latent, counts.group, seed), child)
-    lift_null, _ = measure_on(counts, held, lift_null_parents(fig, cfg, parent, child, counts.group.numel(), seed),
-                              child)
+    if lift_candidates is None:
+        lift_candidates = lift_passing_candidates(fig, cfg, counts.group.numel(), seed)
+    lift_null, _ = measure_on(counts, held, lift_null_parents(lift_candidates, parent, child), child)
     groups = counts.group[child]
     per_group = [float(value[groups == g].mean()) if (groups == g).any() else None
                  for g in range(int(counts.group.max()) + 1)]
@@ -342,9 +349,13 @@ def leave_each_part_out(counts: CofireCounts, names: list[str], rules: dict[str,
         left_out = torch.arange(n_groups) // 2 == i
         link, held = counts.over(~left_out), counts.over(left_out)
         fig = candidate_figures(counts, link, loosest)
+        lift_candidates = {}
         for name, rule in rules.items():
+            key = (rule.min_lift, rule.min_cofires)
+            if key not in lift_candidates:
+                lift_candidates[key] = lift_passing_candidates(fig, rule, counts.group.numel(), seed)
             out[name].append(measure_tree(counts, link, held, fig, rule, f"without {part}, measured on {part}",
-                                          live, seed=seed))
+                                          live, seed=seed, lift_candidates=lift_candidates[key]))
     return out
 
 
