@@ -166,7 +166,10 @@ class CofireCounts:
 
     def over(self, groups: Tensor) -> Totals:
         """The counts summed over the row groups where the (G,) bool mask is set."""
-        return Totals(self.pair[groups].sum(0), self.latent[groups].sum(0), int(self.rows[groups].sum()))
+        pair = torch.zeros(self.pair.shape[1:], dtype=torch.long)
+        for g in groups.nonzero().squeeze(1).tolist():  # one group at a time: no copy of the selected tables
+            pair += self.pair[g]
+        return Totals(pair, self.latent[groups].sum(0), int(self.rows[groups].sum()))
 
 
 COUNTS_BUDGET_BYTES = 4 << 30
