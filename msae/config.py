@@ -434,15 +434,18 @@ class LinkConfig(Config):
     criterion: typing.Literal["coverage", "cosine"] = "coverage"
     """Which rule makes a candidate a link (see above)."""
     min_coverage: float = 0.7
-    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. Chosen on
-    held-out data (`msae analyze`'s link validation, links made on even contexts and measured on odd ones): on the
-    shipped Matryoshka run 0.7 is the lowest bound of the grid whose tree links keep a mean held-out P(p | c) of at
-    least 0.7 (0.778, against 0.682 at 0.6), with a frequency-matched random parent under half of it (0.117)."""
+    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. With min_lift
+    and the two specificity bounds below, chosen from benchmarks/bench_links.py's curve (links made without each
+    corpus part, measured on it) by the rule stated there: no rule of the grid met the target on every part, and
+    this one has the best worst-part held-out P(p | c) (0.585, wikipedia) of those keeping >= 1,000 tree links
+    (assets/README.md)."""
     max_reverse: float = 0.9
     """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
-    min_lift: float = 2.0
+    min_lift: float = 10.0
     """coverage: P(p | c) / P(p) at least this: a latent that fires on a large share of all tokens covers any
-    child without saying anything about it."""
+    child without saying anything about it. 10 also keeps out parents firing on more than a tenth of all tokens
+    (lift <= 1 / P(p)); at 2, 48% of the tree's latents hung under roots firing on more than 5% of tokens, at 10,
+    14% (bench_links.py)."""
     min_child_fires: int = 20
     """coverage: children firing on fewer tokens get no parent (their coverage is a handful of tokens)."""
     max_parent_density: float = 1.0

@@ -8,6 +8,7 @@ from msae.analysis import tables, tree
 from msae.config import LinkConfig
 
 FREQ_STEPS = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+LIFT_STEPS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 REVERSE_STEPS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 DENSITY_STEPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SUBTREE_LIMIT = 200
@@ -49,11 +50,16 @@ with st.container(border=True):
                                   format_func=lambda f: f"{f:.0%}" if f < 1 else "any",
                                   help="Drops links under parents that fire on more than this share of all tokens "
                                        "(same default as above).")
+    min_lift = c1.select_slider("lift at least", LIFT_STEPS, key="tree_lift",
+                                value=max(rule.min_lift, link_cfg.min_lift),
+                                help="P(parent | child) / P(parent): drops links a dense parent makes by its frequency "
+                                     "alone (same default as below).")
     kind = c4.radio("view", figures.TREE_KINDS, horizontal=True, key="tree_kind")
     max_nodes = c4.number_input("at most nodes", 50, 20_000, 400, step=100, key="tree_max",
                                 help="The largest trees are drawn first, whole, while they fit.")
 
-nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold, min_reverse, max_parent)
+nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold, min_reverse, max_parent,
+                             min_lift)
 if nodes.empty:
     st.info("No links at these settings: lower the link strength or the frequency, or add groups.")
     st.stop()

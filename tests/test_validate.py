@@ -110,7 +110,7 @@ def test_heldout_validation_separates_true_links_from_both_nulls():
     parts = (torch.arange(n) // 1000) % 2
     link_rows, split = validate.link_split(doc, torch.arange(n) // 8)
     assert split.startswith("documents")
-    result = validate.validate_links(sp, widths, LinkConfig(), link_rows, split, parts, ["a", "b"])
+    result = validate.validate_links(sp, widths, LinkConfig(min_lift=2.0), link_rows, split, parts, ["a", "b"])
     assert result.link_rows + result.measured_rows == n
     by = {c.criterion: c for c in result.criteria}
     assert list(by) == [f"coverage, P(p|c) >= {t:g}" for t in validate.COVERAGE_GRID]

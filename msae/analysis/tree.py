@@ -16,13 +16,14 @@ with many unrelated children): shown in a band of its own, not by default."""
 
 def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float, groups: Iterable[int] | None = None,
                     min_freq: float = 0.0, threshold: float | None = None, min_reverse: float = 0.0,
-                    max_parent_freq: float = 1.0) -> pd.DataFrame:
+                    max_parent_freq: float = 1.0, min_lift: float = 0.0) -> pd.DataFrame:
     """The forest of the Hierarchy page: latents of `groups` that fire on at least `min_freq` of tokens, each
     child under one parent among them with a score >= `min_score`: its tree parent when that is there, else its
     best-scoring candidate. From `threshold` (the criterion's, LinkConfig.score_threshold) up only links count;
-    below it the store's unlinked candidates join. `min_reverse` and `max_parent_freq` keep only links whose child
-    fires on at least that share of the parent's tokens (P(c | p)) and whose parent fires on at most that share of
-    all tokens (LinkConfig's min_reverse and max_parent_density, applied to a store made with looser ones); a child
+    below it the store's unlinked candidates join. `min_reverse`, `max_parent_freq` and `min_lift` keep only links
+    whose child fires on at least that share of the parent's tokens (P(c | p)), whose parent fires on at most that
+    share of all tokens, and whose lift reaches it (LinkConfig's min_reverse, max_parent_density and min_lift,
+    applied to a store made with looser ones); a child
     whose tree parent they drop goes under its best remaining one. Latents in no such link are left out. Columns: NODE_COLUMNS
     (parent -1: a root). Parents always sit in earlier groups than their children, so the result is a forest."""
     keep = latents[latents["count"] > 0]
@@ -33,6 +34,8 @@ def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float
     cand = links[(links["score"] >= min_score) & links["parent"].isin(ids) & links["child"].isin(ids)]
     if min_reverse > 0:
         cand = cand[cand["reverse_coverage"] >= min_reverse]
+    if min_lift > 0:
+        cand = cand[cand["lift"] >= min_lift]
     if max_parent_freq < 1:
         cand = cand[cand["parent"].map(latents.set_index("latent")["freq"]) <= max_parent_freq]
     if threshold is not None and min_score >= threshold:
