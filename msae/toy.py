@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from msae import io
-from msae.config import ToyConfig, TrainConfig, add_config_args, config_from_args
+from msae.config import LinkConfig, ToyConfig, TrainConfig, add_config_args, config_from_args
 from msae.results import RunInfo, ToyMetrics, ToyResult, TreeRecovery, mean_or_none
 from msae.run import Run, locked, refuse_other_runs
 from msae.sae import SAE
@@ -255,7 +255,6 @@ def toy_tree_recovery(toy: ToyHierarchy, sae: SAE, acts: Tensor,
     from msae.analysis import hierarchy
     from msae.analysis.features import histogram_edges, latent_stats
     from msae.analysis.stream import encode_rows
-    from msae.config import LinkConfig
 
     sae.eval()
     sp = encode_rows(sae, acts)

@@ -13,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from explorer import loaders
-from msae import io
+from msae import io, toy
 from msae.activations import extract
 from msae.analysis import gallery as gallery_mod
 from msae.analysis import taxbench
@@ -21,6 +21,7 @@ from msae.analysis.analyze import hierarchy_bench, make_gallery
 from msae.cli import ProgressLines, format_gallery, format_hierarchy_bench
 from msae.config import ExtractConfig
 from msae.lm import DEFAULT_MODEL
+from msae.results import ToyResult
 from msae.sae import SAE
 from msae.taxonomy import load_taxonomy
 
@@ -157,7 +158,16 @@ def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     headers = [h.value for h in at.header]
-    assert headers == ["Absorption", "Splitting"]
+    assert headers == ["Reference: toy hierarchies, where absorption is exact", "Absorption", "Splitting"]
+    # The reference panel: every toy preset's shipped result, parent by parent, exactly as assets/toy holds it.
+    toy_frames = {d.value["toy"].iat[0]: d.value for d in at.dataframe if "toy" in d.value.columns}
+    assert set(toy_frames) == {p for p in toy.PRESETS if (REPO / "assets" / "toy" / f"{p}.json").exists()} != set()
+    for preset, frame in toy_frames.items():
+        shipped = ToyResult.loads((REPO / "assets" / "toy" / f"{preset}.json").read_text())
+        assert frame["vanilla: parent silent beside a child"].tolist() == pytest.approx(
+            shipped.vanilla.per_parent["absorption"])
+        assert frame["Matryoshka: parent silent beside a child"].tolist() == pytest.approx(
+            shipped.matryoshka.per_parent["absorption"])
     charts = at.get("plotly_chart")
     assert len(charts) == len(result.cases)
     spec = json.loads(charts[-1].proto.spec)
