@@ -58,6 +58,14 @@ with st.container(border=True):
     max_nodes = c4.number_input("at most nodes", 50, 20_000, 400, step=100, key="tree_max",
                                 help="The largest trees are drawn first, whole, while they fit.")
 
+stricter = [f"{name} {value:g}" for name, value, tighter in (
+    ("lift ≥", min_lift, min_lift > link_cfg.min_lift),
+    ("P(child | parent) ≥", min_reverse, min_reverse > link_cfg.min_reverse),
+    ("parent density ≤", max_parent, max_parent < link_cfg.max_parent_density)) if tighter]
+if stricter:
+    st.caption("This view keeps only this store's links with " + ", ".join(stricter) + " (stricter than the rule "
+               "above, which the store was made with; the library's rule is chosen on held-out corpus parts: "
+               "assets/README.md).")
 nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold, min_reverse, max_parent,
                              min_lift)
 if nodes.empty:

@@ -370,9 +370,10 @@ def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | No
     left = (f" Made without one corpus part and measured on it: {min(parts):.2f}–{max(parts):.2f} over the "
             f"{len(parts)} parts." if parts else "")
     where = "documents" if validation.split.startswith("documents") else "contexts"
+    over = "parents" if row.lift_null_coverage else "links"  # stores made before parent-clustered intervals
     return (f"Checked on held-out {where}: where a child fires, its tree parent fires on "
             f"{interval_text(row.heldout_coverage)} of the tokens ({row.measured_links:,} links; interval over "
-            f"parents){null}{lift}.{left}")
+            f"{over}){null}{lift}.{left}")
 
 
 def link_validation_table(validation: LinkValidation) -> pd.DataFrame:
