@@ -11,7 +11,8 @@ import pandas as pd
 import streamlit as st
 
 from explorer.state import APP_DIR, against_runs, short_name
-from msae import toy
+from msae import taxonomy, toy
+from msae.analysis import coherence
 from msae.analysis.inference import TextLatents, text_latents
 from msae.analysis.matching import match
 from msae.analysis.store import MANIFEST_FILE, FeatureStore, StoreError, load_store
@@ -221,3 +222,24 @@ def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | 
 def gallery_of(run: Path, compared: Sequence[Path]) -> Gallery | None:
     """The gallery mined for `run`, or for a compared run whose gallery includes it."""
     return _measured_with(run, compared, Run.gallery, lambda g: set(g.runs.values()))
+
+
+@st.cache_resource(show_spinner="Reading WordNet's categories…", max_entries=2)
+def _token_categories(model: str) -> dict[int, frozenset[int]] | None:
+    try:
+        return coherence.token_categories(taxonomy.load_taxonomy(taxonomy.SHIPPED, model))
+    except taxonomy.TaxonomyError:
+        return None
+
+
+@st.cache_data(show_spinner="Measuring the trees' coherence against random trees…", max_entries=32)
+def tree_coherence(model: str, trees: tuple[tuple[int, ...], ...], _latents: pd.DataFrame,
+                   run_dir: str) -> coherence.Coherence | None:
+    """The WordNet coherence of `trees` (msae.analysis.coherence) for the store of `run_dir`; None when the shipped
+    taxonomy is not for `model`'s vocabulary."""
+    cats = _token_categories(model)
+    if cats is None:
+        return None
+    live = _latents[_latents["count"] > 0]
+    top = {int(l): [int(t) for t in ids] for l, ids in zip(_latents["latent"], _latents["top_token_ids"])}
+    return coherence.forest_coherence([list(t) for t in trees], top, cats, live["latent"].tolist())

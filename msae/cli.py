@@ -244,11 +244,13 @@ def format_hierarchy_figures(fig, validation) -> str:
     lines = [f"  hierarchy ({fig.criterion} tree links: {fig.tree_links}): P(p|c) {f(fig.p_parent_given_child)}, "
              f"P(c|p) {f(fig.p_child_given_parent)}, Hamming {f(fig.hamming)}, sibling IoU {f(fig.sibling_iou)}; "
              f"Tree SAE score {f(fig.treesae_score)} ({fig.treesae_pairs} pairs)"]
-    for c in validation.criteria if validation is not None else []:
-        held, null = c.heldout_coverage, c.null_coverage
+    rows = (validation.criteria + validation.left_out) if validation is not None else []
+    for c in rows:
+        held, null, lift = c.heldout_coverage, c.null_coverage, c.lift_null_coverage
         lines.append(f"  held-out P(p|c), {c.criterion}: {f(held and held.mean)} "
                      f"[{f(held and held.low)}, {f(held and held.high)}] over {c.measured_links} tree links; "
-                     f"frequency-matched random parent {f(null and null.mean)}")
+                     f"frequency-matched random parent {f(null and null.mean)}; lift-passing candidate "
+                     f"{f(lift and lift.mean)}")
     return "\n".join(lines)
 
 

@@ -457,17 +457,26 @@ class LinkConfig(Config):
     criterion: typing.Literal["coverage", "cosine"] = "coverage"
     """Which rule makes a candidate a link (see above)."""
     min_coverage: float = 0.7
-    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. Chosen on
-    held-out data (`msae analyze`'s link validation, links made on even contexts and measured on odd ones): on the
-    shipped Matryoshka run 0.7 is the lowest bound of the grid whose tree links keep a mean held-out P(p | c) of at
-    least 0.7 (0.778, against 0.682 at 0.6), with a frequency-matched random parent under half of it (0.117)."""
+    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. With min_lift
+    and the two specificity bounds below, chosen from benchmarks/bench_links.py's curve (links made without each
+    corpus part, measured on it) by the rule stated there: no rule of the grid met the target on every part, and
+    this one has the best worst-part held-out P(p | c) (0.585, wikipedia) of those keeping >= 1,000 tree links
+    (assets/README.md)."""
     max_reverse: float = 0.9
     """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
-    min_lift: float = 2.0
+    min_lift: float = 10.0
     """coverage: P(p | c) / P(p) at least this: a latent that fires on a large share of all tokens covers any
-    child without saying anything about it."""
+    child without saying anything about it. 10 also keeps out parents firing on more than a tenth of all tokens
+    (lift <= 1 / P(p)); at 2, 48% of the tree's latents hung under roots firing on more than 5% of tokens, at 10,
+    14% (bench_links.py)."""
     min_child_fires: int = 20
     """coverage: children firing on fewer tokens get no parent (their coverage is a handful of tokens)."""
+    max_parent_density: float = 1.0
+    """coverage: the parent fires on at most this share of all tokens. A parent firing on a fifth of all tokens
+    (a word-piece or part-of-speech hub) covers many unrelated children; 1.0: no bound."""
+    min_reverse: float = 0.0
+    """coverage: P(c | p), the share of the parent's tokens on which the child fires, at least this: a child that
+    is a sliver of a far broader parent is rarely an instance of it (HSAE reports P(c | p) 0.33-0.46)."""
     probe_top: int = 0
     """coverage: when above 0, also require p and c among the probe_top decoder rows closest to c's detection
     direction (an LDA direction from the analysis pass, a cheap stand-in for Tree SAE's logistic probe; they use
@@ -491,6 +500,10 @@ class LinkConfig(Config):
         _check(0 <= self.min_coverage <= 1, f"min_coverage must be in [0, 1], got {self.min_coverage}")
         _check(0 <= self.max_reverse <= 1, f"max_reverse must be in [0, 1], got {self.max_reverse}")
         _check(self.min_lift >= 0, f"min_lift must be at least 0, got {self.min_lift}")
+        _check(0 < self.max_parent_density <= 1,
+               f"max_parent_density must be in (0, 1], got {self.max_parent_density}")
+        _check(0 <= self.min_reverse <= self.max_reverse,
+               f"min_reverse must be in [0, max_reverse], got {self.min_reverse}")
         _check(self.min_child_fires >= 1, f"min_child_fires must be at least 1, got {self.min_child_fires}")
         _check(self.probe_top >= 0, f"probe_top must be at least 0, got {self.probe_top}")
         _check(self.min_cofires >= 1, f"min_cofires must be at least 1, got {self.min_cofires}")

@@ -412,6 +412,11 @@ class CriterionValidation(Record):
     null_coverage: Interval | None
     """The same with each parent replaced by a random latent of an earlier group firing about as often (within
     the 10 nearest in frequency on the link rows)."""
+    lift_null_coverage: Interval | None = None
+    """The harder null: each parent replaced by a random other candidate parent of the child that also passes the
+    lift bound and min_cofires on the link rows (over the links whose child has one)."""
+    lift_null_share: float | None = None
+    """Share of the measured links whose child has such a candidate."""
     heldout_coverage_per_group: list[float | None] = field(default_factory=list)
     """Mean held-out P(p | c) by the child's group (index = group; None where no link was measured)."""
     heldout_coverage_per_part: dict[str, float] = field(default_factory=dict)
@@ -420,13 +425,17 @@ class CriterionValidation(Record):
 
 @dataclass
 class LinkValidation(Record):
-    """Both criteria made on one part of the analysed rows and measured on the other."""
+    """The coverage rule made on one part of the analysed rows and measured on the other (intervals resample
+    parents), and made without each corpus part and measured on it."""
 
     split: str
     """How the rows were split."""
     link_rows: int
     measured_rows: int
     criteria: list[CriterionValidation]
+    left_out: list[CriterionValidation] = field(default_factory=list)
+    """The configured rule made on every corpus part but one and measured on that one, one entry a part (empty
+    when the rows come from one part)."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from msae import io
-from msae.config import ToyConfig, TrainConfig, add_config_args, config_from_args
+from msae.config import LinkConfig, ToyConfig, TrainConfig, add_config_args, config_from_args
 from msae.results import RunInfo, ToyMetrics, ToyResult, TreeRecovery, mean_or_none
 from msae.run import Run, locked, refuse_other_runs
 from msae.sae import SAE
@@ -239,20 +239,29 @@ def tree_recovery(toy: ToyHierarchy, W_dec: Tensor, links, criterion: str, min_c
                         best_f1=2 * best_recall / (1 + best_recall) if best_recall else 0.0, min_cos=min_cos)
 
 
+TOY_MIN_LIFT = 2.0
+"""The lift bound toy hierarchies are linked with. A toy parent is present on 15-25% of samples, so its lift is at
+most 1 / P(p) = 4-6.7: the real-text default (LinkConfig.min_lift, chosen against word-piece hubs) would link none."""
+
+
+def toy_link_config(criterion: str) -> LinkConfig:
+    """The link settings toy trees are recovered with: the defaults, with the lift bound a dense toy parent can pass."""
+    return LinkConfig(criterion=criterion, min_lift=TOY_MIN_LIFT)
+
+
 def toy_tree_recovery(toy: ToyHierarchy, sae: SAE, acts: Tensor,
                       criteria: Sequence[str] = ("coverage", "cosine")) -> list[TreeRecovery]:
     """A Matryoshka SAE's links on `acts` under each criterion (default thresholds), against the true tree."""
     from msae.analysis import hierarchy
     from msae.analysis.features import histogram_edges, latent_stats
     from msae.analysis.stream import encode_rows
-    from msae.config import LinkConfig
 
     sae.eval()
     sp = encode_rows(sae, acts)
     stats = latent_stats(sp, histogram_edges(sp.vals, 8))
     out = []
     for criterion in criteria:
-        links = hierarchy.nested_links(sp, list(sae.widths), stats, sae.W_dec, LinkConfig(criterion=criterion))
+        links = hierarchy.nested_links(sp, list(sae.widths), stats, sae.W_dec, toy_link_config(criterion))
         out.append(tree_recovery(toy, sae.W_dec, links, criterion))
     return out
 

@@ -5,8 +5,12 @@ import streamlit as st
 
 from explorer import figures, loaders, state
 from msae.analysis import tables, tree
+from msae.config import LinkConfig
 
 FREQ_STEPS = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+LIFT_STEPS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+REVERSE_STEPS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DENSITY_STEPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SUBTREE_LIMIT = 200
 
 run = state.setup("Hierarchy")
@@ -35,19 +39,62 @@ with st.container(border=True):
     max_score = max(1.0, float(links["score"].max()))
     min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=threshold, step=0.05,
                           key="tree_score", help="Below the link threshold you see the store's best candidates too.")
+    rule = LinkConfig()
+    min_reverse = c2.select_slider("P(child | parent) at least", REVERSE_STEPS, key="tree_reverse",
+                                   value=max(rule.min_reverse, link_cfg.min_reverse),
+                                   help="Drops links whose child is a sliver of a far broader parent. The default is "
+                                        "the library's current rule (chosen on held-out parts: README) where it is "
+                                        "stricter than the rule this store was made with.")
+    max_parent = c3.select_slider("parent fires on at most", DENSITY_STEPS, key="tree_parent_freq",
+                                  value=min(rule.max_parent_density, link_cfg.max_parent_density),
+                                  format_func=lambda f: f"{f:.0%}" if f < 1 else "any",
+                                  help="Drops links under parents that fire on more than this share of all tokens "
+                                       "(same default as above).")
+    min_lift = c1.select_slider("lift at least", LIFT_STEPS, key="tree_lift",
+                                value=max(rule.min_lift, link_cfg.min_lift),
+                                help="P(parent | child) / P(parent): drops links a dense parent makes by its frequency "
+                                     "alone (same default as below).")
     kind = c4.radio("view", figures.TREE_KINDS, horizontal=True, key="tree_kind")
     max_nodes = c4.number_input("at most nodes", 50, 20_000, 400, step=100, key="tree_max",
                                 help="The largest trees are drawn first, whole, while they fit.")
 
-nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold)
+stricter = [f"{name} {value:g}" for name, value, tighter in (
+    ("lift ≥", min_lift, min_lift > link_cfg.min_lift),
+    ("P(child | parent) ≥", min_reverse, min_reverse > link_cfg.min_reverse),
+    ("parent density ≤", max_parent, max_parent < link_cfg.max_parent_density)) if tighter]
+if stricter:
+    st.caption("This view keeps only this store's links with " + ", ".join(stricter) + " (stricter than the rule "
+               "above, which the store was made with; the library's rule is chosen on held-out corpus parts: "
+               "assets/README.md).")
+nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold, min_reverse, max_parent,
+                             min_lift)
 if nodes.empty:
     st.info("No links at these settings: lower the link strength or the frequency, or add groups.")
     st.stop()
-shown = tree.largest_trees(nodes, int(max_nodes))
+concept, hubs = tree.split_hubs(nodes)
+BANDS = {f"concept trees (root fires on ≤ {tree.HUB_DENSITY:.0%} of tokens)": concept,
+         f"hubs (root fires on > {tree.HUB_DENSITY:.0%}: word pieces, parts of speech)": hubs}
+band = st.radio("trees", list(BANDS), horizontal=True, key="tree_band",
+                format_func=lambda b: f"{b} · {int((BANDS[b]['parent'] < 0).sum()):,} trees, {len(BANDS[b]):,} latents")
+in_band = BANDS[band]
+if in_band.empty:
+    st.info("No tree in this band at these settings.")
+    st.stop()
+shown = tree.largest_trees(in_band, int(max_nodes))
 n_roots = int((shown["parent"] < 0).sum())
-st.caption(f"{len(shown):,} latents in {n_roots:,} trees" + (f" (the largest trees of {len(nodes):,} latents)"
-                                                               if len(shown) < len(nodes) else "")
-           + ". Click a node to select it (and zoom into it); colours are groups.")
+st.caption(f"{len(shown):,} latents in {n_roots:,} trees" + (f" (the largest trees of {len(in_band):,} latents)"
+                                                               if len(shown) < len(in_band) else "")
+           + ". Trees are ordered by size (latents below the root), largest first, then by the rarer root. Click a "
+             "node to select it (and zoom into it); colours are groups.")
+with st.expander(f"The trees in view ({n_roots:,}): size, how much of the root its children cover, coherence",
+                 expanded=True):
+    st.dataframe(tree.trees_table(shown, latents), hide_index=True,
+                 column_config={"fires on": st.column_config.NumberColumn(format="percent"),
+                                "children cover": st.column_config.NumberColumn(format="percent")})
+    members = tuple(tuple(t) for t in tree.tree_members(shown))
+    coh = loaders.tree_coherence(store.manifest.model, members, latents, str(run))
+    st.caption(tables.coherence_text(coh) if coh else "Coherence needs the shipped WordNet taxonomy of this model's "
+                                                       "vocabulary.")
 
 
 def _pick_from(key: str, field: str) -> None:

@@ -43,10 +43,13 @@ else:
 st.header("Hierarchy: do the links hold?")
 if manifest is not None and manifest.link_validation is not None:
     st.dataframe(tables.link_validation_table(manifest.link_validation), hide_index=True)
-    st.caption(f"Reading: links made on half the analysed contexts ({manifest.link_validation.split}); on the other "
+    st.caption(f"Reading: links made on half the analysed rows ({manifest.link_validation.split}); on the other "
                "half, how often the parent fires where its tree child fires, beside a parent picked at random among "
-               "latents of earlier groups that fire about as often (95% bootstrap intervals over links). The "
-               "coverage rule is the default; the cosine rule is the earlier baseline.")
+               "latents of earlier groups that fire about as often, and beside another candidate parent of the child "
+               "that passes the lift bound (the harder null). Rows \"without P, measured on P\" make the configured "
+               "rule on every corpus part but P and measure it on P. 95% bootstrap intervals resample parents (the "
+               "links of one parent together); stores made before this measured alternate contexts and resampled "
+               "links.")
 figs = {}
 if manifest is not None and manifest.hierarchy_figures is not None:
     figs[Run(run).name] = manifest.hierarchy_figures

@@ -1,14 +1,32 @@
-"""Gallery: one absorption case and one splitting case mined from the taxonomy benchmark and the links (`msae
-gallery`), each with its member × latent heatmap, decoder cosines, example contexts and a one-line reading."""
+"""Gallery: the toy hierarchies' exact absorption as a reference, then one absorption case and one splitting case
+mined from the taxonomy benchmark and the links (`msae gallery`), each with its member × latent heatmap, decoder
+cosines, example contexts and a reading that says what the panel shows (and plainly when no case is clean)."""
 
 import streamlit as st
 
 from explorer import figures, html, loaders, state
+from msae import toy
 
 run = state.setup("Gallery")
 st.title("Gallery")
 if run is None:
     st.stop()
+st.header("Reference: toy hierarchies, where absorption is exact")
+st.caption("Synthetic activations with known features (assets/toy/, trained as the README shows: `msae toy "
+           "--preset NAME`). A parent feature is present with one of its children; absorption is the share of those "
+           "inputs where the parent's latent stays silent. No probe and no threshold: the features are known.")
+for preset in toy.PRESETS:
+    result = loaders.shipped_toy(preset)
+    if result is None:
+        st.info(f"No shipped toy result for {preset} (assets/toy/{preset}.json).")
+        continue
+    v, m = result.vanilla.per_parent["absorption"], result.matryoshka.per_parent["absorption"]
+    rows = [{"toy": preset, "parent": i, "vanilla: parent silent beside a child": v[i],
+             "Matryoshka: parent silent beside a child": m[i]} for i in range(len(v))]
+    st.dataframe(rows, hide_index=True, key=f"gallery_toy_{preset}")
+st.caption("Reading: each row is one true parent feature; a value near 0 means the SAE's latent for it fires "
+           "whenever it is present, children or not; a larger value is absorption, measured exactly.")
+
 store = loaders.store_of(run, quiet=True)
 compared = state.against_runs(run, store.manifest if store else None)
 gallery = loaders.gallery_of(run, list(compared.values()))
@@ -28,7 +46,7 @@ for kind in ("absorption", "splitting"):
     if case.clean:
         st.success(f"A clean case: {case.why}.")
     else:
-        st.warning(f"The shipped SAEs hold no clean {kind} case; this is the closest one: {case.why}.")
+        st.warning(f"No clean {kind} case in these SAEs; the closest candidate is shown, and it is {case.why}.")
     st.markdown(f"**Reading:** {case.reading}")
     st.plotly_chart(figures.gallery_heatmap(case), key=f"gallery_{kind}")
     c1, c2 = st.columns([3, 2])

@@ -16,7 +16,7 @@ from msae import io, toy
 from msae.run import Run
 from msae.activations import extract
 from msae.config import AnalyzeConfig, ExtractConfig
-from msae.analysis import hierarchy, search
+from msae.analysis import hierarchy, search, validate
 from msae.analysis.analyze import AnalysisError, analyze
 from msae.analysis.store import StoreError, load_store
 from msae.analysis.coact import coactivation
@@ -103,7 +103,7 @@ def test_toy_tree_puts_every_true_child_under_its_true_parent(toy_pair, criterio
     latent_of = result.matryoshka.per_feature["latent"]
     sp = encode_rows(sae, acts)
     stats = latent_stats(sp, histogram_edges(sp.vals, 16))
-    links = hierarchy.nested_links(sp, sae.widths, stats, sae.W_dec, hierarchy.LinkConfig(criterion=criterion))
+    links = hierarchy.nested_links(sp, sae.widths, stats, sae.W_dec, toy.toy_link_config(criterion))
     tree = links[links["tree"]].set_index("child")["parent"]
     assert h.children
     for child in h.children:
@@ -240,9 +240,11 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     cov = lat["coverage"].dropna()
     assert ((cov >= 0) & (cov <= 1)).all()
     assert set(manifest.against) == {"vanilla"} and "matching" in store.against["vanilla"].tables
-    # Both link rules validated on held-out contexts, and the literature's figures with the Tree SAE score.
+    # The coverage rule validated on held-out documents at every bound of the grid, and the literature's figures
+    # with the Tree SAE score.
     names = [c.criterion for c in manifest.link_validation.criteria]
-    assert names[-1] == "cosine" and len(names) == 6
+    assert names == [f"coverage, P(p|c) >= {t:g}" for t in validate.COVERAGE_GRID]
+    assert manifest.link_validation.split.startswith("documents")
     assert manifest.link_validation.link_rows + manifest.link_validation.measured_rows == manifest.rows
     fig = manifest.hierarchy_figures
     assert fig.criterion == "coverage" and fig.tree_links == int(links["tree"].sum())

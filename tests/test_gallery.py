@@ -13,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from explorer import loaders
-from msae import io
+from msae import io, toy
 from msae.activations import extract
 from msae.analysis import gallery as gallery_mod
 from msae.analysis import taxbench
@@ -21,6 +21,7 @@ from msae.analysis.analyze import hierarchy_bench, make_gallery
 from msae.cli import ProgressLines, format_gallery, format_hierarchy_bench
 from msae.config import ExtractConfig
 from msae.lm import DEFAULT_MODEL
+from msae.results import ToyResult
 from msae.sae import SAE
 from msae.taxonomy import load_taxonomy
 
@@ -157,7 +158,16 @@ def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     headers = [h.value for h in at.header]
-    assert headers == ["Absorption", "Splitting"]
+    assert headers == ["Reference: toy hierarchies, where absorption is exact", "Absorption", "Splitting"]
+    # The reference panel: every toy preset's shipped result, parent by parent, exactly as assets/toy holds it.
+    toy_frames = {d.value["toy"].iat[0]: d.value for d in at.dataframe if "toy" in d.value.columns}
+    assert set(toy_frames) == {p for p in toy.PRESETS if (REPO / "assets" / "toy" / f"{p}.json").exists()} != set()
+    for preset, frame in toy_frames.items():
+        shipped = ToyResult.loads((REPO / "assets" / "toy" / f"{preset}.json").read_text())
+        assert frame["vanilla: parent silent beside a child"].tolist() == pytest.approx(
+            shipped.vanilla.per_parent["absorption"])
+        assert frame["Matryoshka: parent silent beside a child"].tolist() == pytest.approx(
+            shipped.matryoshka.per_parent["absorption"])
     charts = at.get("plotly_chart")
     assert len(charts) == len(result.cases)
     spec = json.loads(charts[-1].proto.spec)
@@ -177,3 +187,22 @@ def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
     at.switch_page("pages/7_Gallery.py")
     at.run()
     assert not at.exception and any("msae gallery" in i.value for i in at.info)
+
+
+def test_a_dense_narrow_latent_is_never_a_clean_splitting_case():
+    """The case once shown as clean: a narrow latent on 24% of tokens whose wide counterpart fires on 92% of them,
+    with many rare pieces inside it. Dense, or kept whole, is rejected; the same case made specific and split passes."""
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=192, union=0.95, kept_whole=0.92)
+    assert not clean and "24.0% of tokens" in why and "keeps it whole" in why
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=5, union=0.9, kept_whole=0.3)
+    assert not clean and "fires on 24.0%" in why
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.4)
+    assert clean, why
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.85)
+    assert not clean and "keeps it whole" in why
+
+
+def test_dense_member_latents_are_dropped_from_absorption_cases():
+    density = torch.tensor([0.017, 0.002, 0.0004, 0.3])
+    kept = gallery_mod.specific_members([(0, 101), (1, 102), (2, 103), (3, 104)], density)
+    assert kept == [(1, 102), (2, 103)]

@@ -18,16 +18,16 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest, app_test
 
 from explorer import loaders, state
-from explorer.figures import TOY_ROWS, node_id, plot_text
+from explorer.figures import TOY_ROWS, latent_of_node, node_id, plot_text
 from explorer.html import escape_token, tokens_html
 from msae import io, jobs
 from msae.activations import extract
 from msae.analysis import tables
 from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
-from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, TrainConfig, to_flags
+from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig, TrainConfig, to_flags
 from msae.analysis.inference import text_latents
-from msae.analysis.tree import hierarchy_nodes, largest_trees, subtree
+from msae.analysis.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
 from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
 from msae.run import Run, find_runs
@@ -68,7 +68,9 @@ def pair(lm, tmp_path_factory):
                     lm=lm, root=root / "cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("MSAE_ACTIVATION_CACHE", str(cache.parent))
-    acfg = AnalyzeConfig(corpus=str(text), absorption=False)
+    # 10k tokens of a few repeated texts: parents fire densely, so the links are made at lift 2 (the default, 10,
+    # was chosen on the 1.5M-token corpus and leaves this text with hardly any).
+    acfg = AnalyzeConfig(corpus=str(text), absorption=False, links=LinkConfig(min_lift=2.0))
     analyze(runs["matryoshka"], against=[runs["vanilla"]], acfg=acfg, lm=lm)
     analyze(runs["vanilla"], acfg=acfg, lm=lm)
     mp.undo()
@@ -328,15 +330,36 @@ def test_features_opens_from_a_link_and_a_run_without_store_warns(env):
 # ---- Hierarchy --------------------------------------------------------------------------------------------------
 
 
+HUB_BAND = f"hubs (root fires on > {HUB_DENSITY:.0%}: word pieces, parts of speech)"
+
+
 def test_hierarchy_tree_filters_and_opens_a_feature(env):
     store = load_store(env["matryoshka"])
+    cfg, rule = store.manifest.link_config, LinkConfig()
+    # By default the page applies the library's lift bound where it is stricter than the store's.
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
+    assert at.select_slider(key="tree_lift").value == max(rule.min_lift, cfg.min_lift)
+    every = hierarchy_nodes(store.latents, store.links, cfg.score_threshold, threshold=cfg.score_threshold,
+                            min_reverse=max(rule.min_reverse, cfg.min_reverse),
+                            max_parent_freq=min(rule.max_parent_density, cfg.max_parent_density),
+                            min_lift=cfg.min_lift)
+    concept, hubs = split_hubs(every)
+    freq = store.latents.set_index("latent")["freq"]
+    assert (concept["root"].map(freq) <= HUB_DENSITY).all() and (hubs["root"].map(freq) > HUB_DENSITY).all()
+    # The page opens on the concept band; this small fixture's text may hold no concept tree, and then the checks
+    # below run on the hub band.
+    state = {"tree_lift": cfg.min_lift, **({} if len(concept) else {"tree_band": HUB_BAND})}
+    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
+    if concept.empty:
+        assert "No tree in this band" in at.info[0].value
+        at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], **state))
     tree = figures(at)[0]["data"][0]
     assert tree["type"] == "icicle"
-    every = hierarchy_nodes(store.latents, store.links, store.manifest.link_config.score_threshold,
-                            threshold=store.manifest.link_config.score_threshold)
     limit = at.number_input(key="tree_max").value
-    want = largest_trees(every, limit)  # whole trees, the largest first, while they fit
+    want = largest_trees(concept if len(concept) else hubs, limit)  # one band's trees, whole, largest first
+    table = at.dataframe[0].value
+    assert sorted(table["root"]) == sorted(want.loc[want["parent"] < 0, "latent"])
+    assert "Coherence" in " ".join(c.value for c in at.caption)
     assert len(want) <= max(limit, every.groupby("root").size().max())
     assert sorted(tree["ids"]) == sorted(node_id(l) for l in want["latent"])
     parents = dict(zip(tree["ids"], tree["parents"]))
@@ -358,9 +381,18 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     assert all(score >= 1.0 for *_rest, score in strong["customdata"] if score >= 0)
     at.radio(key="tree_kind").set_value("sunburst").run()
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
+    if len(concept) and len(hubs):
+        at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
+        at.radio(key="tree_band").set_value(HUB_BAND).run()
+        hub_view = figures(ok(at))[0]["data"][0]
+        assert {latent_of_node(i) for i in hub_view["ids"]} <= set(hubs["latent"])
+    # The library's lift bound keeps fewer links than the store's rule.
+    strict = hierarchy_nodes(store.latents, store.links, cfg.score_threshold, threshold=cfg.score_threshold,
+                             min_lift=rule.min_lift)
+    assert len(strict) < len(every)
 
     # Select a node: its subtree is drawn as nodes and links, and it opens in the Features page.
-    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
+    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], **state))
     inner = want[(want["parent"] >= 0) & (want["descendants"] > 0)]
     node = int(inner["latent"].iat[0])
     at.selectbox(key="tree_pick").select(node).run()

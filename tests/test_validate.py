@@ -83,33 +83,83 @@ def test_lda_direction_finds_the_direction_a_latent_fires_on():
     assert torch.nn.functional.cosine_similarity(w[1].double(), -expected, dim=0) > 0.95
 
 
-def test_heldout_validation_separates_true_links_from_the_frequency_matched_null():
-    """Three parents, each with two exclusive children (a 2-level Matryoshka layout: parents in group 0); the
-    held-out P(p | c) of the tree links is near 1 and the null's near the parents' base rate."""
-    g = torch.Generator().manual_seed(2)
-    n, widths = 20_000, [3, 9]
-    dense = torch.zeros(n, 9)
+def three_parent_layout(n: int, seed: int) -> torch.Tensor:
+    """Widths [4, 10]: parents 0..2 and a decoy 3 in group 0, two exclusive children per parent in group 1
+    (latents 4..9); the decoy fires on 40% of parent 0's rows; a few stray firings everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.zeros(n, 10)
     parent_on = torch.rand(n, 3, generator=g) < 0.25
     dense[:, :3] = parent_on.float()
     which = torch.randint(3, (n, 3), generator=g)  # 0/1: that child, 2: none
     for p in range(3):
         for c in range(2):
-            dense[:, 3 + 2 * p + c] = (parent_on[:, p] & (which[:, p] == c)).float() * 0.5
-    noise = (torch.rand(n, 9, generator=g) < 0.01) & (dense == 0)
+            dense[:, 4 + 2 * p + c] = (parent_on[:, p] & (which[:, p] == c)).float() * 0.5
+    dense[:, 3] = (parent_on[:, 0] & (torch.rand(n, generator=g) < 0.4)).float() * 0.7
+    noise = (torch.rand(n, 10, generator=g) < 0.01) & (dense == 0)
     dense[noise] = 0.3  # stray firings: coverage below 1, lift finite
-    sp = sparse_of(dense)
-    context = torch.arange(n) // 8
-    parts = torch.arange(n) % 2
-    result = validate.validate_links(sp, widths, torch.randn(9, 5, generator=g), LinkConfig(),
-                                     validate.context_split(context), parts, ["a", "b"])
+    return dense
+
+
+def test_heldout_validation_separates_true_links_from_both_nulls():
+    """Parents 0..2 with two exclusive children each (latents 4..9); latent 3 (also group 0) fires on 40% of
+    parent 0's rows, so it passes the lift bound for parent 0's children without covering them: the harder null
+    sits near 0.4 for those children, well under the tree links' P(p | c) near 1."""
+    n, widths = 20_000, [4, 10]
+    sp = sparse_of(three_parent_layout(n, 2))
+    doc = torch.arange(n) // 50
+    parts = (torch.arange(n) // 1000) % 2
+    link_rows, split = validate.link_split(doc, torch.arange(n) // 8)
+    assert split.startswith("documents")
+    result = validate.validate_links(sp, widths, LinkConfig(min_lift=2.0), link_rows, split, parts, ["a", "b"])
     assert result.link_rows + result.measured_rows == n
     by = {c.criterion: c for c in result.criteria}
-    assert list(by) == [f"coverage, P(p|c) >= {t:g}" for t in validate.COVERAGE_GRID] + ["cosine"]
-    cov = by["coverage, P(p|c) >= 0.6"]
+    assert list(by) == [f"coverage, P(p|c) >= {t:g}" for t in validate.COVERAGE_GRID]
+    cov = by["coverage, P(p|c) >= 0.7"]
     assert cov.tree_links == 6 and cov.measured_links == 6 and cov.share_with_parent == 1.0
     assert cov.heldout_coverage.mean > 0.9 and cov.null_coverage.mean < 0.4
     assert cov.heldout_coverage.low > cov.null_coverage.high
+    assert cov.heldout_coverage.n == 3, "the interval resamples the three parents"
+    assert cov.lift_null_share == pytest.approx(2 / 6), "only parent 0's children have a decoy that passes the lift"
+    assert 0.3 < cov.lift_null_coverage.mean < 0.5
     assert set(cov.heldout_coverage_per_part) == {"a", "b"} and cov.heldout_coverage_per_group[0] is None
+    assert [m.criterion for m in result.left_out] == ["without a, measured on a", "without b, measured on b"]
+    for m in result.left_out:
+        assert m.tree_links == 6 and m.heldout_coverage.mean > 0.9
+
+
+def test_cofire_counts_match_dense_counts_per_row_group():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(700, 12, generator=g) * (torch.rand(700, 12, generator=g) < 0.3)
+    sp = sparse_of(dense)
+    widths = [3, 7, 12]
+    group = torch.randint(4, (700,), generator=g)
+    counts = validate.cofire_counts(sp, group, 4, widths, chunk_rows=64)
+    on = (dense > 0).int()
+    for k in range(4):
+        rows = on[group == k]
+        assert torch.equal(counts.pair[k], (rows[:, :7].T @ rows[:, 3:]).int())
+        assert torch.equal(counts.latent[k], rows.sum(0).long())
+    assert counts.rows.tolist() == torch.bincount(group, minlength=4).tolist()
+
+
+def test_document_halves_keep_every_document_on_one_side():
+    doc = torch.randint(100, (5000,), generator=torch.Generator().manual_seed(4))
+    half = validate.document_halves(doc)
+    for d in torch.unique(doc).tolist():
+        assert half[doc == d].unique().numel() == 1
+    assert torch.unique(doc[half]).numel() == 50
+
+
+def test_cluster_bootstrap_resamples_parents_not_links():
+    """Ten parents with twenty links each, every link of a parent scoring the same (0 or 1): the links are not
+    200 independent draws, and the interval must be as wide as one over ten."""
+    values = torch.tensor([float(p % 2) for p in range(10) for _ in range(20)])
+    parents = torch.tensor([p for p in range(10) for _ in range(20)])
+    clustered = validate.cluster_bootstrap_mean(values, parents, reps=4000)
+    naive = validate.bootstrap_mean(values, reps=4000)
+    assert clustered.mean == naive.mean == 0.5 and clustered.n == 10
+    assert clustered.high - clustered.low > 3 * (naive.high - naive.low)
+    assert clustered.high - clustered.low == pytest.approx(2 * 1.96 * 0.5 / 10 ** 0.5, abs=0.12)
 
 
 def test_null_parents_come_from_earlier_groups_with_a_similar_frequency():
@@ -145,7 +195,7 @@ def test_probe_ranks_count_the_rows_nearer_the_direction():
     assert rank_c.tolist() == [0, 0] and rank_p.tolist() == [1, 2]
 
 
-def test_coverage_tree_at_the_configured_bound_is_the_tables_tree():
+def test_the_tree_from_counts_is_the_links_tables_tree():
     g = torch.Generator().manual_seed(5)
     dense = torch.rand(3000, 40, generator=g) * (torch.rand(3000, 40, generator=g) < 0.15)
     # Latent j >= 8 fires with its parent j % 8 most of the time (and sometimes alone): coverage near 0.5 to 1.
@@ -156,12 +206,34 @@ def test_coverage_tree_at_the_configured_bound_is_the_tables_tree():
     from msae.analysis.features import histogram_edges, latent_stats
 
     stats = latent_stats(sp, histogram_edges(sp.vals, 4))
-    for bound in (0.5, 0.7):
-        cfg = LinkConfig(min_coverage=bound, min_lift=1.0, min_child_fires=5, min_cofires=3)
+    counts = validate.cofire_counts(sp, torch.zeros(3000, dtype=torch.long), 1, [8, 40])
+    for cfg in (LinkConfig(min_coverage=0.5, min_lift=1.0, min_child_fires=5, min_cofires=3),
+                LinkConfig(min_coverage=0.7, min_lift=1.0, min_child_fires=5, min_cofires=3),
+                LinkConfig(min_coverage=0.5, min_lift=1.0, min_child_fires=5, min_cofires=3, min_reverse=0.12,
+                           max_parent_density=0.15)):
         links = hierarchy.nested_links(sp, [8, 40], stats, torch.randn(40, 6, generator=g), cfg)
-        loose = hierarchy.nested_links(sp, [8, 40], stats, torch.randn(40, 6, generator=g),
-                                       LinkConfig(min_coverage=0.4, min_lift=1.0, min_child_fires=5, min_cofires=3))
         want = links[links["tree"]].sort_values("child")[["parent", "child"]].reset_index(drop=True)
-        got = validate.coverage_tree(loose, bound).sort_values("child")[["parent", "child"]].reset_index(drop=True)
+        parent, child = validate.rule_tree(validate.candidate_figures(counts, counts.over(torch.tensor([True])), 3), cfg)
+        got = pd.DataFrame({"parent": parent.numpy(), "child": child.numpy()}).sort_values("child")
         assert len(want) > 0
-        pd.testing.assert_frame_equal(got, want)
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+
+
+def test_parent_density_and_reverse_bounds_refuse_a_hub():
+    """Latent 0 fires on half of all rows and on every row of children 2 and 3; latent 1 fires on a tenth, on all
+    of child 2's rows. The density bound leaves 2 under 1 and 3 without a parent; the P(c | p) floor does too."""
+    n = 4000
+    dense = torch.zeros(n, 4)
+    dense[: n // 2, 0] = 1.0
+    dense[:400, 1] = 1.0
+    dense[:200, 2] = 1.0
+    dense[1000:1040, 3] = 1.0
+    dense[3000:3010, 1:3] = 0.0
+    sp = sparse_of(dense)
+    counts = validate.cofire_counts(sp, torch.zeros(n, dtype=torch.long), 1, [2, 4])
+    fig = validate.candidate_figures(counts, counts.over(torch.tensor([True])), 1)
+    loose = LinkConfig(min_lift=1.5, min_child_fires=5, min_cofires=5)
+    assert set(zip(*(t.tolist() for t in validate.rule_tree(fig, loose)))) == {(1, 2), (0, 3)}
+    for strict in (LinkConfig.from_json({**loose.to_json(), "max_parent_density": 0.2}),
+                   LinkConfig.from_json({**loose.to_json(), "min_reverse": 0.1})):
+        assert set(zip(*(t.tolist() for t in validate.rule_tree(fig, strict)))) == {(1, 2)}

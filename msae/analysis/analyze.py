@@ -273,9 +273,9 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         }
         timings["hierarchy"] = time.perf_counter() - t
         t = time.perf_counter()
-        manifest.link_validation = validate.validate_links(
-            sp, sae.widths, sae.W_dec, acfg.links, validate.context_split(result.row_context), result.row_part,
-            cache_manifest.get("parts"))
+        link_rows, split = validate.link_split(result.row_doc(), result.row_context)
+        manifest.link_validation = validate.validate_links(sp, sae.widths, acfg.links, link_rows, split,
+                                                           result.row_part, cache_manifest.get("parts"))
         timings["link validation"] = time.perf_counter() - t
     t = time.perf_counter()
     manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions,
@@ -369,9 +369,8 @@ def analyze_activations(run_dir: Path | str, acts: torch.Tensor, source: InputFi
         links = validation = None
         if sae.n_groups > 1:
             links = hierarchy.nested_links(sp, list(sae.widths), stats, sae.W_dec, cfg, directions=directions)
-            validation = validate.validate_links(sp, list(sae.widths), sae.W_dec, cfg,
-                                                 torch.arange(sp.n_rows) % 2 == 0)
-            validation.split = "rows: even ones make the links, odd ones measure them"
+            validation = validate.validate_links(sp, list(sae.widths), cfg, torch.arange(sp.n_rows) % 2 == 0,
+                                                 "rows: even ones make the links, odd ones measure them")
         figures = validate.hierarchy_figures(sp, links, sae.W_dec, cfg.criterion, directions)
         report = ActivationsAnalysis(
             activations=source, rows=sp.n_rows, d_sae=sae.d_sae, widths=list(sae.widths), link_config=cfg,

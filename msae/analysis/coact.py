@@ -41,14 +41,20 @@ DENSE_BUDGET_BYTES = 2 << 30
 """Accumulate into a dense (parents × children) table when it fits in this; otherwise sparsely, by sorting."""
 
 
-def _pairs_in_chunk(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: Tensor, n: int):
-    """Every (parent entry, child entry) on the same row of a chunk of `n` rows (entries sorted by row)."""
+def entry_pairs(pr: Tensor, cr: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(parent entry, child entry) indices of every pair of entries on the same row of a chunk of `n` rows
+    (`pr`, `cr`: the rows of the parent and child entries, sorted)."""
     c_count = torch.bincount(cr, minlength=n)
     c_start = c_count.cumsum(0) - c_count
     m = c_count[pr]  # children on the row of each parent entry
     rep = torch.repeat_interleave(torch.arange(pr.numel()), m)
     within = torch.arange(rep.numel()) - torch.repeat_interleave(m.cumsum(0) - m, m)
-    child = c_start[pr[rep]] + within
+    return rep, c_start[pr[rep]] + within
+
+
+def _pairs_in_chunk(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: Tensor, n: int):
+    """Every (parent entry, child entry) on the same row of a chunk of `n` rows (entries sorted by row)."""
+    rep, child = entry_pairs(pr, cr, n)
     a_p, a_c = pv[rep], cv[child]
     return pc[rep], cc[child], torch.stack([a_p * a_c, a_p * a_p, torch.ones_like(a_p), a_c], dim=1)
 

@@ -8,9 +8,13 @@ contexts and a one-line reading. `msae gallery` writes RUN/gallery.json; the Gal
   CLEAN_ABSORPTION of them: a real parent that loses some members.
 - Splitting: a latent of the narrow vanilla SAE that the wide vanilla SAE represents by several latents (coverage
   links from narrow to wide over the same rows), beside the Matryoshka latent nearest it (decoder cosine) with its
-  tree children. Clean when at least two wide latents each fire inside the narrow one (P(narrow | wide) >=
-  CLEAN_COVERAGE) and together cover CLEAN_UNION of its firings.
-When no case meets its bar, the closest one is shown with what it lacks."""
+  tree children. Clean when the narrow latent is specific (fires on at most SPECIFIC_DENSITY of the tokens), no
+  wide latent keeps it whole (fires on KEPT_WHOLE of its tokens), and at least two wide latents each fire inside
+  it (P(narrow | wide) >= CLEAN_COVERAGE) and together cover CLEAN_UNION of its firings.
+- Member latents of an absorption case must be specific too (SPECIFIC_DENSITY): a dense latent that happens to fire
+  on a member is not that member's latent.
+When no case meets its bar, the closest one is shown, and its reading says plainly that it is not a clean case and
+what it lacks."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from torch import Tensor
 from msae.activations import read_manifest
 from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
-from msae.analysis.stream import encode_rows
+from msae.analysis.stream import Sparse, encode_rows
 from msae.config import LinkConfig
 from msae.results import Gallery, GalleryCase, GalleryExample, HierarchyBench
 from msae.sae import SAE
@@ -35,12 +39,44 @@ CLEAN_ABSORPTION = 0.2
 CLEAN_RECALL = 0.3
 CLEAN_COVERAGE = 0.8
 CLEAN_UNION = 0.7
+SPECIFIC_DENSITY = 0.01
+"""A latent firing on more than this share of the sampled tokens is not specific: a dense latent holds rare token
+latents by its frequency alone (the splitting case once shown as clean fired on 24% of tokens, and a member latent of
+the absorption case on 1.7%). Split latents and member latents must be specific."""
+KEPT_WHOLE = 0.8
+"""A wide latent that fires on at least this share of the narrow latent's tokens keeps it whole: the wide SAE has
+not split it, whatever pieces sit inside it."""
 SAMPLE_ROWS = 200_000
 """Cache rows the splitting case is mined from."""
 MAX_ROWS = 10
 MAX_CHILDREN = 4
 WINDOW = 8
 N_EXAMPLES = 3
+
+
+def splitting_verdict(density: float, n_strong: int, union: float, kept_whole: float) -> tuple[bool, str]:
+    """Whether a narrow latent is a clean splitting case, and why (or what it lacks), in words: `density` its
+    share of tokens, `n_strong` wide latents firing inside it, `union` the share of its firings they cover,
+    `kept_whole` the largest share of its firings one wide latent fires on."""
+    lacks = []
+    if density > SPECIFIC_DENSITY:
+        lacks.append(f"it fires on {density:.1%} of tokens (a specific latent: at most {SPECIFIC_DENSITY:.0%})")
+    if kept_whole >= KEPT_WHOLE:
+        lacks.append(f"one wide latent fires on {kept_whole:.0%} of its tokens and so keeps it whole (at most "
+                     f"{KEPT_WHOLE:.0%} allowed)")
+    if n_strong < 2 or union < CLEAN_UNION:
+        lacks.append(f"{n_strong} pieces with P(narrow | piece) >= {CLEAN_COVERAGE} cover {union:.0%} of its firings "
+                     f"(needs 2 covering >= {CLEAN_UNION:.0%})")
+    if lacks:
+        return False, "not a clean case: " + "; ".join(lacks)
+    return True, (f"fires on {density:.2%} of tokens; {n_strong} wide latents each fire inside it (P(narrow | piece) "
+                  f">= {CLEAN_COVERAGE}) and together cover {union:.0%} of its firings; no wide latent fires on more "
+                  f"than {kept_whole:.0%} of them")
+
+
+def specific_members(members: list[tuple[int, int]], density: Tensor) -> list[tuple[int, int]]:
+    """The (latent, member token) pairs whose latent fires on at most SPECIFIC_DENSITY of the tokens."""
+    return [(l, t) for l, t in members if float(density[l]) <= SPECIFIC_DENSITY]
 
 
 def _decode(tokenizer, ids) -> list[str]:
@@ -64,8 +100,10 @@ def _column_acts(by: taxbench.ByLatent, latents: list[int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax) -> GalleryCase | None:
-    """The benchmark's most absorbed category (a clean one when there is one), with both SAEs' latents."""
+def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax,
+                    density: dict[str, Tensor]) -> GalleryCase | None:
+    """The benchmark's most absorbed category (a clean one when there is one), with both SAEs' latents; member
+    latents only where specific (`density`: each SAE's latents' share of the sampled tokens, by run name)."""
     candidates = []
     for b in bench.saes:
         for c in b.categories:
@@ -94,7 +132,7 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
         acts_p = by.scores(parent)
         # Member latents: the ones that fire on their own member most often where the parent is silent (the
         # absorbed occurrences), then by how often the parent is silent on their member.
-        own = [(l, t) for l, t in specific.items() if t in members]
+        own = specific_members([(l, t) for l, t in specific.items() if t in members], density[n])
         own_acts = _column_acts(by, [l for l, _t in own])
         silent_share = {t: float((acts_p[token == t] == 0).mean()) for t in set(token.tolist())}
         took = {l: int(((acts_p == 0) & (own_acts[:, i] > 0) & (token == t)).sum()) for i, (l, t) in enumerate(own)}
@@ -130,16 +168,21 @@ def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm
     for i in list(absorbed_rows)[:N_EXAMPLES]:
         ids, center = taxbench.pool_window(cache, pool, int(i), WINDOW)
         examples.append(GalleryExample(tokens=_decode(lm.tokenizer, ids), center=center, acts=acts[i].tolist()))
+    clean = clean and bool(top)
     why = (f"the parent latent fires on {cat.recall:.0%} of the members' held-out occurrences and is silent, with a "
-           f"member latent firing instead, on {cat.absorption:.0%}" if clean else
-           f"closest case: absorption {cat.absorption:.0%}, parent recall {cat.recall:.0%} (a clean case needs "
-           f">= {CLEAN_ABSORPTION:.0%} and >= {CLEAN_RECALL:.0%})")
-    reading = (f"'{cat.category}': {name}'s parent latent (first column) is dark on the top {len(top)} rows, "
-               f"where a latent for that one member fires instead, and lit on the members below; the other SAE's "
-               f"columns show whether it keeps the parent there." if top else
-               f"'{cat.category}': on these occurrences no member latent of {name} fires where its parent latent "
-               f"(first column) is silent, so the heatmap shows no absorption; the benchmark found it on other "
-               f"occurrences.")
+           f"specific member latent firing instead, on {cat.absorption:.0%}" if clean else
+           f"not a clean case: absorption {cat.absorption:.0%}, parent recall {cat.recall:.0%} (a clean case needs "
+           f">= {CLEAN_ABSORPTION:.0%} and >= {CLEAN_RECALL:.0%}, and a member latent firing on at most "
+           f"{SPECIFIC_DENSITY:.0%} of tokens where the parent is silent)")
+    reading = (f"'{cat.category}': rows are members, columns latents, colour the mean activation. {name}'s parent "
+               f"latent (first column) is dark on the top {len(top)} rows, where a specific latent for that one "
+               f"member fires instead, and lit on the members below; the other SAE's columns show whether it keeps "
+               f"the parent there." if clean else
+               f"No clean absorption case. '{cat.category}', the closest: rows are members, columns latents, colour "
+               f"the mean activation; " + (f"{name}'s parent latent (first column) is dark on the top {len(top)} "
+                                           f"rows, but the case misses the bar above." if top else
+                                           f"no specific member latent of {name} fires where its parent latent "
+                                           f"(first column) is silent, so the heatmap shows no absorption."))
     return GalleryCase(kind="absorption", clean=clean, why=why, reading=reading,
                        rows=[lm.tokenizer.decode([t]) for t in shown], columns=columns, column_runs=runs,
                        column_latents=latents, heatmap=_mean_by_token(acts, token, shown), decoder_cos=_cos(W),
@@ -172,12 +215,12 @@ def read_sample(cache: Path, n_rows: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, n_rows: int = SAMPLE_ROWS) -> GalleryCase | None:
-    """The narrow latent the wide SAE splits into the most linked pieces, beside the Matryoshka latent nearest it
-    and its tree children."""
+def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str, Tensor], sp: dict[str, Sparse],
+                   lm) -> GalleryCase | None:
+    """The specific narrow latent the wide SAE splits into the most linked pieces without keeping it whole (else the
+    closest candidate, said not to be clean), beside the Matryoshka latent nearest it and its tree children; over
+    the cache rows of `sample` and each role's sparse codes of them."""
     narrow, wide, mat = saes[roles["narrow"]].eval(), saes[roles["wide"]].eval(), saes[roles["matryoshka"]].eval()
-    sample = read_sample(cache, n_rows)
-    sp = {r: encode_rows(s, sample["acts"]) for r, s in (("narrow", narrow), ("wide", wide), ("matryoshka", mat))}
     stats = {r: latent_stats(x, histogram_edges(x.vals, 8)) for r, x in sp.items()}
     cfg = LinkConfig()
     links = hierarchy.cross_links(sp["narrow"], sp["wide"], stats["narrow"], stats["wide"], narrow.W_dec, wide.W_dec, cfg)
@@ -187,12 +230,15 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm,
     cover = hierarchy.coverage(sp["narrow"], sp["wide"], links)
     kids = linked.groupby("parent")
     strong = kids.apply(lambda g: int((g["coverage"] >= CLEAN_COVERAGE).sum()), include_groups=False)
-    union = pd.Series(cover.numpy()).reindex(strong.index)
-    clean_ids = strong[(strong >= 2) & (union >= CLEAN_UNION)].index
-    pick_from = clean_ids if len(clean_ids) else strong.index
-    score = strong[pick_from] + union[pick_from].fillna(0)
-    n_latent = int(score.idxmax())
-    clean = n_latent in set(clean_ids)
+    union = pd.Series(cover.numpy()).reindex(strong.index).fillna(0.0)
+    density = stats["narrow"]["count"].double() / max(sp["narrow"].n_rows, 1)
+    whole = links.groupby("parent")["reverse_coverage"].max().reindex(strong.index).fillna(0.0)
+    verdicts = {int(n): splitting_verdict(float(density[int(n)]), int(strong[n]), float(union[n]), float(whole[n]))
+                for n in strong.index}
+    clean_ids = [n for n, (ok, _why) in verdicts.items() if ok]
+    pick_from = clean_ids if clean_ids else [n for n in verdicts if float(density[n]) <= SPECIFIC_DENSITY] or list(verdicts)
+    n_latent = max(pick_from, key=lambda n: (float(strong[n]) + float(union[n]), -n))
+    clean, why = verdicts[n_latent]
     children = linked[linked["parent"] == n_latent].sort_values("coverage", ascending=False)["child"].tolist()[:MAX_CHILDREN]
     # The Matryoshka latent nearest the narrow one, outside the last group, and its tree children.
     Wm = mat.W_dec.detach().float().cpu()
@@ -227,13 +273,11 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm,
             break
     names = {r: roles[r] for r in roles}
     W = [saes[names[r]].W_dec[l].detach().float().cpu() for r, l, _role in cols]
-    n_strong = int(strong[n_latent])
-    why = (f"{n_strong} {names['wide']} latents each fire inside it (P(narrow | piece) >= {CLEAN_COVERAGE}) and "
-           f"together cover {float(union[n_latent]):.0%} of its firings" if clean else
-           f"closest case: {n_strong} strong pieces covering {float(union[n_latent]):.0%} (a clean case needs 2 "
-           f"pieces with P >= {CLEAN_COVERAGE} covering >= {CLEAN_UNION:.0%})")
-    reading = (f"{names['narrow']} #{n_latent} (first column) fires on all these tokens; {names['wide']} splits it "
-               f"into pieces that each take some of them, while the Matryoshka keeps one latent with children below it.")
+    panel = (f"Rows are the tokens {names['narrow']} #{n_latent} (first column) fires on most, columns latents, colour "
+             f"the mean activation on that token: then {names['wide']}'s latents linked under it (pieces), the "
+             f"{names['matryoshka']} latent nearest it by decoder and that latent's tree children.")
+    reading = (panel + f" {names['wide']} splits it into pieces that each take some of these tokens." if clean else
+               f"No clean splitting case on these rows; the closest candidate is shown. " + panel)
     return GalleryCase(kind="splitting", clean=clean, why=why, reading=reading,
                        rows=_decode(lm.tokenizer, shown),
                        columns=[f"{names[r]} #{l} ({role})" for r, l, role in cols],
@@ -243,14 +287,19 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm,
 
 def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: int, tax,
           bench: HierarchyBench | None) -> Gallery:
-    """Both cases for the runs in `roles` (matryoshka, wide and, for splitting, narrow: role -> run name)."""
+    """Both cases for the runs in `roles` (matryoshka, wide and, for splitting, narrow: role -> run name), from the
+    first SAMPLE_ROWS rows of the cache (where latent densities are measured too)."""
     t0 = time.perf_counter()
     cases, missing = [], {}
+    sample = read_sample(cache, SAMPLE_ROWS)
+    codes = {name: encode_rows(sae.eval(), sample["acts"]) for name, sae in saes.items()}
+    density = {name: torch.bincount(x.cols.long(), minlength=x.d_sae).double() / max(x.n_rows, 1)
+               for name, x in codes.items()}
     if bench is None:
         missing["absorption"] = "no taxonomy benchmark for this run: run msae hierarchy-bench first"
     else:
         case = absorption_case(bench, {n: saes[n] for n in saes if n in {b.name for b in bench.saes}}, cache, lm,
-                               layer, tax)
+                               layer, tax, density)
         if case is None:
             missing["absorption"] = "no category with a member absorbed in either SAE"
         else:
@@ -258,7 +307,7 @@ def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: i
     if "narrow" not in roles:
         missing["splitting"] = "needs a narrow vanilla SAE (--narrow) beside the wide one"
     else:
-        case = splitting_case(saes, roles, cache, lm)
+        case = splitting_case(saes, roles, sample, {role: codes[name] for role, name in roles.items()}, lm)
         if case is None:
             missing["splitting"] = "the wide SAE has no latent linked under a narrow one on the sampled rows"
         else:

@@ -1,8 +1,9 @@
 """Parent–child links between latents: across the nested groups of one Matryoshka SAE, or from a narrow SAE to
 a wider one (feature splitting). DESIGN.md §3 and LinkConfig give the two criteria:
 
-    coverage (default): P(p | c) = n_pc / n_c >= min_coverage, P(c | p) <= max_reverse, n_p > n_c,
-                        lift P(p | c) / P(p) >= min_lift, n_pc >= min_cofires, n_c >= min_child_fires
+    coverage (default): P(p | c) = n_pc / n_c >= min_coverage, min_reverse <= P(c | p) <= max_reverse,
+                        n_p > n_c, P(p) <= max_parent_density, lift P(p | c) / P(p) >= min_lift,
+                        n_pc >= min_cofires, n_c >= min_child_fires
                         [and both among the decoder rows nearest c's detection direction, with probe_top]
     cosine (baseline):  cos(acts_p, acts_c over the rows where c fires) × max(c) / max(p) >= threshold
 
@@ -64,6 +65,7 @@ def pair_figures(pairs: Pairs, parent_stats: dict[str, Tensor], child_stats: dic
         "weighted_coverage": pairs.child_sum / child_total.clamp_min(1e-30),
         "reverse_coverage": pairs.count.double() / n_p.clamp_min(1),
         "lift": coverage * n_rows / n_p.clamp_min(1),
+        "parent_density": n_p.double() / max(n_rows, 1),
         "cofires": pairs.count, "child_fires": n_c, "parent_fires": n_p,
     }
 
@@ -72,7 +74,13 @@ def is_link(fig: dict[str, Tensor], cfg: LinkConfig, criterion: str | None = Non
     """The pairs that `criterion` (default: cfg's) links, without the probe condition (links_table adds it)."""
     if (criterion or cfg.criterion) == "cosine":
         return (fig["cosine_score"] >= cfg.threshold) & (fig["cofires"] >= cfg.min_cofires)
+    return coverage_rule(fig, cfg)
+
+
+def coverage_rule(fig: dict[str, Tensor], cfg: LinkConfig) -> Tensor:
+    """The coverage criterion on pairs' figures (keys of pair_figures; counts may come from any rows)."""
     return ((fig["coverage"] >= cfg.min_coverage) & (fig["reverse_coverage"] <= cfg.max_reverse)
+            & (fig["reverse_coverage"] >= cfg.min_reverse) & (fig["parent_density"] <= cfg.max_parent_density)
             & (fig["parent_fires"] > fig["child_fires"]) & (fig["lift"] >= cfg.min_lift)
             & (fig["cofires"] >= cfg.min_cofires) & (fig["child_fires"] >= cfg.min_child_fires))
 

@@ -163,6 +163,16 @@ class StreamResult:
     class_sums: ClassSums | None = None
     """The first SAE's per-latent sums for detection directions, when asked for."""
 
+    def row_doc(self) -> Tensor | None:
+        """(n_rows,) int64 the document of every row; None when the cache does not record documents."""
+        if self.row_context is None or not self.context_doc:
+            return None
+        known = torch.tensor(list(self.context_doc.keys()), dtype=torch.long)
+        by_context = torch.full((max(int(self.row_context.max()), int(known.max())) + 1,), -1, dtype=torch.long)
+        by_context[known] = torch.tensor(list(self.context_doc.values()), dtype=torch.long)
+        docs = by_context[self.row_context]
+        return None if bool((docs < 0).any()) else docs
+
 
 def _rank_within_latent(cols: Tensor, keys: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
     """Order entries by latent, largest key first within a latent; returns (order, rank within its latent)."""

@@ -229,8 +229,11 @@ def link_rule_text(cfg: LinkConfig) -> str:
                 f"fires × max(child) / max(parent) ≥ {cfg.threshold}; each child sits under its best-scoring link.")
     probe = (f", and both among the {cfg.probe_top} decoder rows nearest the child's detection direction"
              if cfg.probe_top else "")
+    reverse = (f"between {cfg.min_reverse:.0%} and {cfg.max_reverse:.0%}" if cfg.min_reverse > 0
+               else f"≤ {cfg.max_reverse:.0%}")
+    dense = (f", the parent on ≤ {cfg.max_parent_density:.0%} of all tokens" if cfg.max_parent_density < 1 else "")
     return (f"A link: the parent fires on ≥ {cfg.min_coverage:.0%} of the child's tokens (score = P(parent | child)), "
-            f"the child on ≤ {cfg.max_reverse:.0%} of the parent's, the parent more often than the child and ≥ "
+            f"the child on {reverse} of the parent's{dense}, the parent more often than the child and ≥ "
             f"{cfg.min_lift:g}× as often as at random, on ≥ {cfg.min_cofires} shared tokens{probe}; each child sits "
             f"under its most specific such parent.")
 
@@ -360,6 +363,16 @@ def interval_text(x: Interval | None) -> str:
     return "" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
 
 
+def coherence_text(coh) -> str:
+    """What the coherence figure of some trees (msae.analysis.coherence.Coherence) says, in words."""
+    above = coh.trees.low > coh.null.high
+    return (f"Coherence, a check the link rule does not use: {interval_text(coh.trees)} of the pairs of latents within "
+            f"a tree have top tokens in one WordNet noun category of ≤ {coh.related_category_max} words "
+            f"(interval over the {coh.trees.n} trees); random trees of the same sizes: {interval_text(coh.null)} "
+            f"({coh.null.n} draws). " + ("The trees are more coherent than random ones." if above else
+                                         "The trees are not clearly more coherent than random ones."))
+
+
 def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | None:
     """One sentence on how the configured rule's tree links held on held-out contexts (None when not measured)."""
     if validation is None:
@@ -369,18 +382,28 @@ def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | No
     if row is None or row.heldout_coverage is None:
         return None
     null = f"; a random parent of the same frequency: {row.null_coverage.mean:.2f}" if row.null_coverage else ""
-    return (f"Checked on held-out contexts: where a child fires, its tree parent fires on "
-            f"{interval_text(row.heldout_coverage)} of the tokens ({row.measured_links:,} links){null}.")
+    lift = (f"; another candidate parent that passes the lift bound: {row.lift_null_coverage.mean:.2f}"
+            if row.lift_null_coverage else "")
+    parts = [c.heldout_coverage.mean for c in validation.left_out if c.heldout_coverage]
+    left = (f" Made without one corpus part and measured on it: {min(parts):.2f}–{max(parts):.2f} over the "
+            f"{len(parts)} parts." if parts else "")
+    where = "documents" if validation.split.startswith("documents") else "contexts"
+    over = "parents" if row.lift_null_coverage else "links"  # stores made before parent-clustered intervals
+    return (f"Checked on held-out {where}: where a child fires, its tree parent fires on "
+            f"{interval_text(row.heldout_coverage)} of the tokens ({row.measured_links:,} links; interval over "
+            f"{over}){null}{lift}.{left}")
 
 
 def link_validation_table(validation: LinkValidation) -> pd.DataFrame:
-    """Both link criteria, made on one half of the rows and measured on the other: one row per criterion."""
+    """The rule at each P(p | c) bound, made on one half of the rows and measured on the other, then the configured
+    rule made without each corpus part and measured on it: one row each (intervals resample parents)."""
     rows = []
-    for c in validation.criteria:
+    for c in validation.criteria + validation.left_out:
         rows.append({"criterion": c.criterion, "links": c.links, "tree links": c.tree_links,
                      "share of latents with a parent": c.share_with_parent,
                      "held-out P(parent | child)": interval_text(c.heldout_coverage),
                      "random parent, same frequency": interval_text(c.null_coverage),
+                     "random candidate passing the lift bound": interval_text(c.lift_null_coverage),
                      "links measured": c.measured_links,
                      **{f"held-out P(p|c) on {part}": v for part, v in c.heldout_coverage_per_part.items()}})
     return pd.DataFrame(rows)

@@ -9,14 +9,22 @@ from typing import Iterable
 import pandas as pd
 
 NODE_COLUMNS = ["latent", "parent", "score", "label", "group", "width", "freq", "depth", "root", "descendants"]
+HUB_DENSITY = 0.05
+"""A tree whose root fires on more than this share of all tokens is a hub (a word-piece or part-of-speech latent
+with many unrelated children): shown in a band of its own, not by default."""
 
 
 def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float, groups: Iterable[int] | None = None,
-                    min_freq: float = 0.0, threshold: float | None = None) -> pd.DataFrame:
+                    min_freq: float = 0.0, threshold: float | None = None, min_reverse: float = 0.0,
+                    max_parent_freq: float = 1.0, min_lift: float = 0.0) -> pd.DataFrame:
     """The forest of the Hierarchy page: latents of `groups` that fire on at least `min_freq` of tokens, each
     child under one parent among them with a score >= `min_score`: its tree parent when that is there, else its
     best-scoring candidate. From `threshold` (the criterion's, LinkConfig.score_threshold) up only links count;
-    below it the store's unlinked candidates join. Latents in no such link are left out. Columns: NODE_COLUMNS
+    below it the store's unlinked candidates join. `min_reverse`, `max_parent_freq` and `min_lift` keep only links
+    whose child fires on at least that share of the parent's tokens (P(c | p)), whose parent fires on at most that
+    share of all tokens, and whose lift reaches it (LinkConfig's min_reverse, max_parent_density and min_lift,
+    applied to a store made with looser ones); a child
+    whose tree parent they drop goes under its best remaining one. Latents in no such link are left out. Columns: NODE_COLUMNS
     (parent -1: a root). Parents always sit in earlier groups than their children, so the result is a forest."""
     keep = latents[latents["count"] > 0]
     if groups is not None:
@@ -24,6 +32,12 @@ def hierarchy_nodes(latents: pd.DataFrame, links: pd.DataFrame, min_score: float
     keep = keep[keep["freq"] >= min_freq]
     ids = set(keep["latent"].tolist())
     cand = links[(links["score"] >= min_score) & links["parent"].isin(ids) & links["child"].isin(ids)]
+    if min_reverse > 0:
+        cand = cand[cand["reverse_coverage"] >= min_reverse]
+    if min_lift > 0:
+        cand = cand[cand["lift"] >= min_lift]
+    if max_parent_freq < 1:
+        cand = cand[cand["parent"].map(latents.set_index("latent")["freq"]) <= max_parent_freq]
     if threshold is not None and min_score >= threshold:
         cand = cand[cand["linked"]]
     best = (cand.sort_values(["tree", "score", "parent"], ascending=[False, False, True])
@@ -94,3 +108,30 @@ def ancestry(latents: pd.DataFrame, latent: int) -> list[int]:
     while parent_of[chain[-1]] >= 0 and len(chain) <= len(parent_of):
         chain.append(int(parent_of[chain[-1]]))
     return chain[::-1]
+
+
+def split_hubs(nodes: pd.DataFrame, hub_density: float = HUB_DENSITY) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(concept trees, hub trees): the nodes of trees whose root fires on at most / more than `hub_density`."""
+    root_freq = nodes.set_index("latent")["freq"]
+    hub = nodes["root"].map(root_freq) > hub_density
+    return nodes[~hub], nodes[hub]
+
+
+def trees_table(nodes: pd.DataFrame, latents: pd.DataFrame) -> pd.DataFrame:
+    """One row per tree, largest first (then the rarer root): its root, how often the root fires, its children and
+    all nodes below it, and the share of the root's firings its linked children cover (store column coverage)."""
+    roots = nodes[nodes["parent"] < 0]
+    kids = nodes.groupby("parent").size()
+    table = pd.DataFrame({
+        "root": roots["latent"].to_numpy(), "label": roots["label"].to_numpy(), "fires on": roots["freq"].to_numpy(),
+        "children": roots["latent"].map(kids).fillna(0).astype(int).to_numpy(),
+        "below": roots["descendants"].to_numpy(),
+        "children cover": roots["latent"].map(latents.set_index("latent")["coverage"]).to_numpy()
+        if "coverage" in latents else None})
+    return table.sort_values(["below", "fires on"], ascending=[False, True], ignore_index=True)
+
+
+def tree_members(nodes: pd.DataFrame) -> list[list[int]]:
+    """Every tree's latents, root first."""
+    return [[root] + sorted(set(group["latent"].tolist()) - {root})
+            for root, group in nodes.groupby("root", sort=True)]

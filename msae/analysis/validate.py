@@ -3,17 +3,21 @@ hierarchy figures of the literature (HSAE's P(p|c), P(c|p) and Hamming distance,
 hierarchy score), all from sparse entries.
 
 A link says "when the child fires, the parent fires". Measured on the rows it was made on, that is partly true by
-construction; on held-out contexts, against a parent of the same frequency picked at random, it is evidence. The
-split is by context (even contexts make the links, odd ones measure them), so no context is on both sides."""
+construction; on text it was not made on, against a parent that co-fires with the child more than chance (and one
+of the same frequency), it is evidence. The rows are split by document (a random half of the documents makes the
+links, the other half measures them), and the rule is also made without each corpus part and measured on it. The
+intervals resample parents, not links: the links of one parent stand or fall together."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from msae.analysis import hierarchy
-from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation
+from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, entry_pairs
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import Sparse
 from msae.config import LinkConfig
@@ -94,91 +98,268 @@ def matched_null_parents(parent: Tensor, child: Tensor, count: Tensor, group: Te
     return out
 
 
-def _stats(sp: Sparse) -> dict[str, Tensor]:
-    return latent_stats(sp, histogram_edges(sp.vals, 4) if sp.vals.numel() else torch.tensor([0.0, 1.0]))
+def cluster_bootstrap_mean(values: Tensor, clusters: Tensor, reps: int = 1000, seed: int = 0) -> Interval | None:
+    """The mean of `values` with a 95% interval that resamples whole clusters (all the links of one parent
+    together), not single values: links that share a parent are not independent draws (None when empty)."""
+    values = values.double().flatten()
+    if values.numel() == 0:
+        return None
+    ids, inverse = torch.unique(clusters, return_inverse=True)
+    sums = torch.zeros(ids.numel(), dtype=torch.float64).index_add_(0, inverse, values)
+    sizes = torch.bincount(inverse, minlength=ids.numel()).double()
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(ids.numel(), (reps, ids.numel()), generator=g)
+    means = sums[pick].sum(1) / sizes[pick].sum(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Interval(mean=float(values.mean()), low=low, high=high, n=int(ids.numel()))
+
+
+def document_halves(row_doc: Tensor, seed: int = 0) -> Tensor:
+    """(n_rows,) True on the rows whose document falls in a seeded random half of the documents (they make the
+    links), False on the rest (they measure them): no document is on both sides."""
+    docs, inverse = torch.unique(row_doc, return_inverse=True)
+    in_half = torch.randperm(docs.numel(), generator=torch.Generator().manual_seed(seed)) < (docs.numel() + 1) // 2
+    return in_half[inverse]
+
+
+def link_split(row_doc: Tensor | None, row_context: Tensor, seed: int = 0) -> tuple[Tensor, str]:
+    """The rows that make links (True) and those that measure them, and how they were chosen, in words: by
+    document where the cache records documents, else by context."""
+    if row_doc is not None:
+        return document_halves(row_doc, seed), "documents: a random half makes the links, the other half measures them"
+    return context_split(row_context), ("contexts: even ones make the links, odd ones measure them (the cache does "
+                                        "not record documents)")
 
 
 def context_split(row_context: Tensor) -> Tensor:
-    """(n_rows,) True on the rows that make links (even contexts), False on those that measure them (odd)."""
+    """(n_rows,) True on the rows that make links (even contexts), False on those that measure them (odd): the
+    split of caches that do not record documents (contexts of one document then sit on both sides)."""
     return row_context % 2 == 0
+
+
+@dataclass
+class Totals:
+    """Counts summed over some row groups."""
+
+    pair: Tensor
+    """(n_parents, n_children) rows on which both fire."""
+    latent: Tensor
+    """(d_sae,) rows on which each latent fires."""
+    rows: int
+
+
+@dataclass
+class CofireCounts:
+    """How often every (parent, child) pair of a nested SAE fires together, per group of rows, so that links made
+    on any union of groups can be measured on any other without another pass. Parents are the latents before the
+    last group, children those after the first."""
+
+    pair: Tensor
+    """(G, n_parents, n_children) int32: rows of group g on which both fire (child index minus child_from)."""
+    latent: Tensor
+    """(G, d_sae) int64: rows of group g on which each latent fires."""
+    rows: Tensor
+    """(G,) int64 rows per group."""
+    child_from: int
+    group: Tensor
+    """(d_sae,) the nested group of every latent."""
+
+    def over(self, groups: Tensor) -> Totals:
+        """The counts summed over the row groups where the (G,) bool mask is set."""
+        pair = torch.zeros(self.pair.shape[1:], dtype=torch.long)
+        for g in groups.nonzero().squeeze(1).tolist():  # one group at a time: no copy of the selected tables
+            pair += self.pair[g]
+        return Totals(pair, self.latent[groups].sum(0), int(self.rows[groups].sum()))
+
+
+COUNTS_BUDGET_BYTES = 4 << 30
+"""The largest table of per-group pair counts validation builds (8,192 latents in four groups, 14 row groups:
+1.1 GB)."""
+
+
+def cofire_counts(sp: Sparse, row_group: Tensor, n_groups: int, widths: list[int], chunk_rows: int = 8192) -> CofireCounts:
+    """Per-group co-firing counts of every (earlier-group parent, later-group child) pair over the rows of `sp`
+    (row_group: (n_rows,) the group of every row, in [0, n_groups))."""
+    n_par, child_from = widths[-2], widths[0]
+    n_child = sp.d_sae - child_from
+    if n_groups * n_par * n_child * 4 > COUNTS_BUDGET_BYTES:
+        raise ValueError(f"per-group pair counts of {n_par:,} x {n_child:,} latents in {n_groups} row groups exceed "
+                         f"{COUNTS_BUDGET_BYTES >> 30} GB")
+    table = torch.zeros(n_groups * n_par * n_child, dtype=torch.int32)
+    latent = torch.zeros(n_groups, sp.d_sae, dtype=torch.long)
+    for start in range(0, sp.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, sp.n_rows)
+        rows, cols, _ = sp.slice_rows(start, stop)
+        row_g = row_group[start:stop]
+        latent.view(-1).index_add_(0, row_g[rows] * sp.d_sae + cols, torch.ones_like(cols))
+        is_par, is_child = cols < n_par, cols >= child_from
+        pr, pc, cr, cc = rows[is_par], cols[is_par], rows[is_child], cols[is_child] - child_from
+        rep, kid = entry_pairs(pr, cr, stop - start)
+        key = (row_g[pr[rep]] * n_par + pc[rep]) * n_child + cc[kid]
+        table.index_add_(0, key, torch.ones(key.numel(), dtype=torch.int32))
+    return CofireCounts(table.view(n_groups, n_par, n_child), latent,
+                        torch.bincount(row_group, minlength=n_groups), child_from, hierarchy.group_index(widths))
+
+
+def candidate_figures(counts: CofireCounts, link: Totals, min_cofires: int) -> dict[str, Tensor]:
+    """pair_figures' counts-only figures of every earlier-group parent and later-group child that fire together on
+    at least `min_cofires` of the link rows."""
+    parent, child = (link.pair >= min_cofires).nonzero().unbind(1)
+    child = child + counts.child_from
+    keep = counts.group[parent] < counts.group[child]
+    parent, child = parent[keep], child[keep]
+    n_pc = link.pair[parent, child - counts.child_from].long()
+    n_c, n_p = link.latent[child], link.latent[parent]
+    coverage = n_pc.double() / n_c.clamp_min(1)
+    return {"parent": parent, "child": child, "cofires": n_pc, "child_fires": n_c, "parent_fires": n_p,
+            "coverage": coverage, "reverse_coverage": n_pc.double() / n_p.clamp_min(1),
+            "lift": coverage * link.rows / n_p.clamp_min(1), "parent_density": n_p.double() / max(link.rows, 1)}
+
+
+def rule_tree(fig: dict[str, Tensor], cfg: LinkConfig) -> tuple[Tensor, Tensor]:
+    """(parent, child) of the tree the coverage rule makes from candidate figures: each linked child under its most
+    specific linked parent (fewest firings, then higher coverage, then lower id), as links_table chooses it."""
+    linked = hierarchy.coverage_rule(fig, cfg).nonzero().squeeze(1)
+    parent, child = fig["parent"][linked], fig["child"][linked]
+    key = -fig["parent_fires"][linked].double() + 0.5 * fig["coverage"][linked] - 1e-9 * parent.double()
+    first = hierarchy.rank_within(child, key) == 0
+    return parent[first], child[first]
+
+
+def lift_passing_candidates(fig: dict[str, Tensor], cfg: LinkConfig, d_sae: int, seed: int = 0) -> Tensor:
+    """(d_sae, 2) for every child, two of its candidate parents drawn at random among those that pass the lift bound
+    and min_cofires on the link rows (they co-fire with the child more than chance would); -1 where there are
+    fewer. Two, so that one is left when the other is the child's tree parent."""
+    ok = (fig["lift"] >= cfg.min_lift) & (fig["cofires"] >= cfg.min_cofires)
+    cand_p, cand_c = fig["parent"][ok], fig["child"][ok]
+    priority = torch.rand(cand_p.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    rank = hierarchy.rank_within(cand_c, priority)
+    out = torch.full((d_sae, 2), -1, dtype=torch.long)
+    top = rank < 2
+    out[cand_c[top], rank[top]] = cand_p[top]
+    return out
+
+
+def lift_null_parents(candidates: Tensor, parent: Tensor, child: Tensor) -> Tensor:
+    """For each tree link, a random candidate parent of the child (lift_passing_candidates) that is not its tree
+    parent; -1 where the child has none. A harder null than a parent of the same frequency, which the lift bound
+    alone beats."""
+    first, second = candidates[child, 0], candidates[child, 1]
+    return torch.where(first == parent, second, first)
+
+
+def measure_on(counts: CofireCounts, held: Totals, parent: Tensor, child: Tensor) -> tuple[Tensor, Tensor]:
+    """(P(p | c) on the `held` rows, child firings there) of every (parent, child) pair; a parent of -1 gives NaN."""
+    n_c = held.latent[child]
+    ok = parent >= 0
+    both = torch.zeros(parent.numel(), dtype=torch.float64)
+    both[ok] = held.pair[parent[ok], child[ok] - counts.child_from].double()
+    out = both / n_c.clamp_min(1)
+    return torch.where(ok, out, torch.full_like(out, float("nan"))), n_c
+
+
+def measure_tree(counts: CofireCounts, link: Totals, held: Totals, fig: dict[str, Tensor], cfg: LinkConfig,
+                 name: str, live_children: int, parts: dict[str, Totals] | None = None, seed: int = 0,
+                 lift_candidates: Tensor | None = None) -> CriterionValidation:
+    """Links `cfg`'s rule makes from the candidate figures `fig` of the `link` rows, their tree measured on the
+    `held` rows: P(p | c) with parent-clustered intervals, beside a random parent of the same frequency and a
+    random other candidate parent that passes the lift bound; per child group and per part (`parts`: each
+    part's held-out rows). `lift_candidates`: lift_passing_candidates of `fig` under cfg's lift bound, when the
+    caller has them already."""
+    parent, child = rule_tree(fig, cfg)
+    n_links = int(hierarchy.coverage_rule(fig, cfg).sum())
+    n_tree = int(parent.numel())
+    value, n_c = measure_on(counts, held, parent, child)
+    measured = n_c >= MIN_HELD_FIRES
+    parent, child, value = parent[measured], child[measured], value[measured]
+    null, _ = measure_on(counts, held, matched_null_parents(parent, child, link.latent, counts.group, seed), child)
+    if lift_candidates is None:
+        lift_candidates = lift_passing_candidates(fig, cfg, counts.group.numel(), seed)
+    lift_null, _ = measure_on(counts, held, lift_null_parents(lift_candidates, parent, child), child)
+    groups = counts.group[child]
+    per_group = [float(value[groups == g].mean()) if (groups == g).any() else None
+                 for g in range(int(counts.group.max()) + 1)]
+    per_part = {}
+    for part, totals in (parts or {}).items():
+        p_value, p_n = measure_on(counts, totals, parent, child)
+        ok = p_n >= MIN_HELD_FIRES
+        if ok.any():
+            per_part[part] = float(p_value[ok].mean())
+    has_null, has_lift = ~null.isnan(), ~lift_null.isnan()
+    return CriterionValidation(
+        criterion=name, links=n_links, tree_links=n_tree,
+        share_with_parent=n_tree / live_children if live_children else None,
+        measured_links=int(measured.sum()), heldout_coverage=cluster_bootstrap_mean(value, parent, seed=seed),
+        null_coverage=cluster_bootstrap_mean(null[has_null], parent[has_null], seed=seed),
+        lift_null_coverage=cluster_bootstrap_mean(lift_null[has_lift], parent[has_lift], seed=seed),
+        lift_null_share=float(has_lift.double().mean()) if has_lift.numel() else None,
+        heldout_coverage_per_group=per_group, heldout_coverage_per_part=per_part)
+
+
+def _stats(sp: Sparse) -> dict[str, Tensor]:
+    return latent_stats(sp, histogram_edges(sp.vals, 4) if sp.vals.numel() else torch.tensor([0.0, 1.0]))
 
 
 COVERAGE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 """The coverage rule's P(p | c) thresholds validated side by side (the rest of its settings from the config)."""
 
 
-def coverage_tree(links: pd.DataFrame, min_coverage: float) -> pd.DataFrame:
-    """The tree of a links table's coverage links at a stricter P(p | c) bound: each child under its most specific
-    linked parent (fewest firings, then higher coverage, then lower id), as links_table chooses it."""
-    linked = links[links["linked_coverage"] & (links["coverage"] >= min_coverage)]
-    order = linked.sort_values(["child", "parent_fires", "coverage", "parent"], ascending=[True, True, False, True])
-    return order.drop_duplicates("child")
+def row_groups(link_rows: Tensor, row_part: Tensor | None) -> tuple[Tensor, int]:
+    """(row group, number of groups): two groups a part, its link rows (2·part) and its measuring rows (2·part + 1)."""
+    part = row_part.long() if row_part is not None else torch.zeros(link_rows.numel(), dtype=torch.long)
+    n_parts = int(part.max()) + 1 if part.numel() else 1
+    return part * 2 + (~link_rows).long(), 2 * n_parts
 
 
-def validate_links(sp: Sparse, widths: list[int], W_dec: Tensor, cfg: LinkConfig, link_rows: Tensor,
+def live_children(counts: CofireCounts) -> int:
+    """Live latents that can have a parent (those after the first group)."""
+    return int(((counts.latent.sum(0) > 0) & (counts.group > 0)).sum())
+
+
+def validate_links(sp: Sparse, widths: list[int], cfg: LinkConfig, link_rows: Tensor, split: str,
                    row_part: Tensor | None = None, part_names: list[str] | None = None,
                    grid: tuple[float, ...] = COVERAGE_GRID, seed: int = 0) -> LinkValidation:
-    """Links made on the rows where `link_rows` is set and measured on the others: the coverage rule at every
-    P(p | c) bound of `grid` and the cosine rule (cfg's settings otherwise). Per rule, held-out P(p | c) of the
-    tree links with its frequency-matched null, per child group and per corpus part (`row_part` indexes
-    `part_names`)."""
-    sp_a, sp_b = sp.subset(link_rows), sp.subset(~link_rows)
-    stats_a, stats_b = _stats(sp_a), _stats(sp_b)
-    group = hierarchy.group_index(widths)
-    live_children = int(((stats_a["count"] > 0) & (group > 0)).sum())
-    part_b = row_part[~link_rows] if row_part is not None else None
-    loose = LinkConfig.from_json({**cfg.to_json(), "criterion": "coverage", "min_coverage": min(grid)})
-    coverage_links = hierarchy.nested_links(sp_a, widths, stats_a, W_dec, loose)
-    trees = {f"coverage, P(p|c) >= {t:g}": (coverage_tree(coverage_links, t),
-                                            int((coverage_links["linked_coverage"]
-                                                 & (coverage_links["coverage"] >= t)).sum()))
-             for t in grid}
-    cosine_cfg = LinkConfig.from_json({**cfg.to_json(), "criterion": "cosine"})
-    cosine_links = hierarchy.nested_links(sp_a, widths, stats_a, W_dec, cosine_cfg)
-    trees["cosine"] = (cosine_links[cosine_links["tree"]], int(cosine_links["linked"].sum()))
-    out = []
-    for name, (tree, n_links) in trees.items():
-        out.append(_measure_tree(name, tree, n_links, sp_b, stats_a, stats_b, group, live_children, part_b,
-                                 part_names, len(widths), seed))
-    return LinkValidation(split="contexts: even ones make the links, odd ones measure them",
-                          link_rows=sp_a.n_rows, measured_rows=sp_b.n_rows, criteria=out)
+    """The coverage rule (cfg's, and at every P(p | c) bound of `grid`), made on the rows where `link_rows` is set
+    and measured on the others (`split` says how they were chosen), per corpus part (`row_part` indexes
+    `part_names`); and, where the rows come from two parts or more, the configured rule made without each part
+    and measured on it."""
+    groups, n_groups = row_groups(link_rows, row_part)
+    counts = cofire_counts(sp, groups, n_groups, widths)
+    live = live_children(counts)
+    n_parts = n_groups // 2
+    names = [part_names[i] if part_names and i < len(part_names) else str(i) for i in range(n_parts)]
+    link_groups = torch.arange(n_groups) % 2 == 0
+    link, held = counts.over(link_groups), counts.over(~link_groups)
+    parts = {names[i]: counts.over(torch.arange(n_groups) == 2 * i + 1) for i in range(n_parts)} if n_parts > 1 else None
+    rules = {f"coverage, P(p|c) >= {t:g}": LinkConfig.from_json({**cfg.to_json(), "min_coverage": t}) for t in grid}
+    rules.setdefault(f"coverage, P(p|c) >= {cfg.min_coverage:g}", cfg)
+    fig = candidate_figures(counts, link, cfg.min_cofires)
+    criteria = [measure_tree(counts, link, held, fig, rule, name, live, parts, seed) for name, rule in rules.items()]
+    return LinkValidation(split=split, link_rows=link.rows, measured_rows=held.rows, criteria=criteria,
+                          left_out=leave_each_part_out(counts, names, {"configured": cfg}, seed)["configured"]
+                          if n_parts > 1 else [])
 
 
-def _measure_tree(name: str, tree: pd.DataFrame, n_links: int, sp_b: Sparse, stats_a: dict, stats_b: dict,
-                  group: Tensor, live_children: int, part_b: Tensor | None, part_names: list[str] | None,
-                  n_groups: int, seed: int) -> CriterionValidation:
-    """Held-out P(p | c) of one rule's tree links (children firing >= MIN_HELD_FIRES times there), its null, per
-    group and per part."""
-    parent = torch.tensor(tree["parent"].to_numpy(), dtype=torch.long)
-    child = torch.tensor(tree["child"].to_numpy(), dtype=torch.long)
-    n_c = stats_b["count"][child]
-    measured = n_c >= MIN_HELD_FIRES
-    parent, child, n_c = parent[measured], child[measured], n_c[measured]
-    held = pair_cofires(sp_b, parent, child).double() / n_c.clamp_min(1)
-    null_parent = matched_null_parents(parent, child, stats_a["count"], group, seed)
-    has_null = null_parent >= 0
-    null = pair_cofires(sp_b, null_parent[has_null], child[has_null]).double() / n_c[has_null].clamp_min(1)
-    per_group = []
-    for g in range(n_groups):
-        sel = group[child] == g
-        per_group.append(float(held[sel].mean()) if sel.any() else None)
-    per_part = {}
-    if part_b is not None and part_names:
-        for i, part in enumerate(part_names):
-            rows = part_b == i
-            if int(rows.sum()) == 0:
-                continue
-            sub = sp_b.subset(rows)
-            n_sub = torch.bincount(sub.cols.long(), minlength=sub.d_sae)[child]
-            ok = n_sub >= MIN_HELD_FIRES
-            if ok.any():
-                per_part[part] = float((pair_cofires(sub, parent[ok], child[ok]).double() / n_sub[ok]).mean())
-    return CriterionValidation(
-        criterion=name, links=n_links, tree_links=len(tree),
-        share_with_parent=len(tree) / live_children if live_children else None,
-        measured_links=int(measured.sum()), heldout_coverage=bootstrap_mean(held, seed=seed),
-        null_coverage=bootstrap_mean(null, seed=seed), heldout_coverage_per_group=per_group,
-        heldout_coverage_per_part=per_part)
+def leave_each_part_out(counts: CofireCounts, names: list[str], rules: dict[str, LinkConfig],
+                        seed: int = 0) -> dict[str, list[CriterionValidation]]:
+    """Every rule of `rules` made on all the parts but one and measured on that one, for every part (the counts'
+    row groups are two a part, as row_groups makes them); one list a rule, one entry a part."""
+    n_groups = counts.rows.numel()
+    live = live_children(counts)
+    out: dict[str, list[CriterionValidation]] = {name: [] for name in rules}
+    loosest = min(rule.min_cofires for rule in rules.values())
+    for i, part in enumerate(names):
+        left_out = torch.arange(n_groups) // 2 == i
+        link, held = counts.over(~left_out), counts.over(left_out)
+        fig = candidate_figures(counts, link, loosest)
+        lift_candidates = {}
+        for name, rule in rules.items():
+            key = (rule.min_lift, rule.min_cofires)
+            if key not in lift_candidates:
+                lift_candidates[key] = lift_passing_candidates(fig, rule, counts.group.numel(), seed)
+            out[name].append(measure_tree(counts, link, held, fig, rule, f"without {part}, measured on {part}",
+                                          live, seed=seed, lift_candidates=lift_candidates[key]))
+    return out
 
 
 def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
