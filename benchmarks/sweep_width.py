@@ -59,6 +59,7 @@ import sweep_levels  # noqa: E402  (the layouts, resumable training, means acros
 from msae import io  # noqa: E402
 from msae.activations import CachedActivations, extract, extraction_info, read_manifest  # noqa: E402
 from msae.analysis import absorption, taxbench  # noqa: E402
+from msae.analysis.tables import WIDTH_SWEEP_DIFFERENCES  # noqa: E402  (the paired differences' names)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
 from msae.config import AbsorptionConfig, ExtractConfig, TrainConfig  # noqa: E402
 from msae.lm import LoadedLM, load_lm  # noqa: E402
@@ -72,9 +73,6 @@ TOKENS = 10_000_000
 LAYOUT = sweep_levels.CONFIGS["m4-1/32-b0.25"]
 """The shipped layout (assets/make_default.sh), scaled to each width."""
 ARCHS = ("matryoshka", "vanilla")
-PAIRED = ("parent_ap", "taxonomy_absorption", "member_latents", "first_letter_absorption",
-          "first_letter_full_absorption")
-"""The paired differences Matryoshka − vanilla the JSON holds (paired_differences)."""
 
 
 @dataclasses.dataclass
@@ -158,6 +156,7 @@ def measure_pair(dirs: dict[str, Path], shared: Shared) -> dict:
     """Every figure of both SAEs of a pair and their paired differences; the pair's files get the taxonomy
     benchmark and the absorption result."""
     started = time.perf_counter()
+    # Both SAEs trained together: the training time is the pair's (its entry's train_s), not each SAE's.
     out = {arch: {"quality": sweep_levels.headline(
         {**bench_quality.measure(dirs[arch], shared.cache, shared.fresh, shared.held_in), "train_s": None})}
         for arch in ARCHS}
@@ -254,7 +253,8 @@ def pair_line(width: int, seed: int, entry: dict) -> str:
                      f"dead {a['quality']['dead_fraction']:.3f}  parent AP {_iv(a['taxonomy']['average_precision'])}  "
                      f"taxonomy absorption {_iv(a['taxonomy']['absorption'])}  first-letter "
                      f"{_iv(a['first_letter']['absorption_fraction'])}")
-    lines.append("  M − V      " + "  ".join(f"{name} {_iv(entry['difference'][name])}" for name in PAIRED))
+    lines.append("  M − V      " + "  ".join(f"{label} {_iv(entry['difference'][key])}"
+                                             for key, label in WIDTH_SWEEP_DIFFERENCES.items()))
     return f"width {width} seed {seed}\n" + "\n".join(lines)
 
 

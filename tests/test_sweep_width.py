@@ -13,7 +13,7 @@ import pytest
 
 from explorer import figures
 from msae.analysis import taxbench
-from msae.analysis.tables import width_sweep_differences
+from msae.analysis.tables import WIDTH_SWEEP_DIFFERENCES, width_sweep_differences
 from msae.config import AbsorptionConfig, ExtractConfig
 from msae.run import Run, checkpoint_path
 from msae.taxonomy import load_taxonomy
@@ -105,8 +105,8 @@ def test_every_pair_holds_every_figure_with_intervals_around_their_points(swept)
             letters = a["first_letter"]["letters"]
             assert a["first_letter"]["absorption_fraction"]["n"] == len(letters) >= 1
             assert a["first_letter"]["absorption_fraction"]["mean"] == pytest.approx(sum(letters.values()) / len(letters))
-        for name in sweep_width.PAIRED:
-            x = entry["difference"][name]
+        assert entry["difference"].keys() == WIDTH_SWEEP_DIFFERENCES.keys()
+        for name, x in entry["difference"].items():
             assert x["low"] <= x["mean"] <= x["high"], (name, x)
         m, v = (entry[arch]["taxonomy"]["categories"] for arch in sweep_width.ARCHS)
         assert entry["difference"]["taxonomy_absorption"]["mean"] == pytest.approx(
