@@ -53,7 +53,7 @@ from msae.config import ExtractConfig, TrainConfig  # noqa: E402
 from msae.lm import load_lm  # noqa: E402
 from msae.results import RunInfo  # noqa: E402
 from msae.run import Run, checkpoint_path, locked  # noqa: E402
-from msae.train import Trainer  # noqa: E402
+from msae.train import BatchSource, Trainer, sae_dirs  # noqa: E402
 
 LAYER, TOKENS = 15, 1_500_000
 """The built-in cache the sweep trains on by default (`msae extract --layer 15 --tokens 1500000`)."""
@@ -129,20 +129,21 @@ def builtin_extraction(cache: Path) -> ExtractConfig:
                          outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"])
 
 
-def train_run(cfg: TrainConfig, cache: Path, run_info: RunInfo, run_dir: Path) -> dict:
-    """Train (or resume, or leave as it is) the run in `run_dir`; returns how: trained_now, resumed, train_s
-    (this process's wall time when it trained, else the run's own logged training time)."""
-    run = Run(run_dir)
-    if (run_dir / "cfg.json").exists():
-        info = run.info()
-        if info.train != cfg:
+def train_run(cfg: TrainConfig, source: BatchSource, run_info: RunInfo, run_dir: Path) -> dict:
+    """Train (or resume, or leave as it is) the run in `run_dir` on `source`; `cfg` has its steps fixed
+    (TrainConfig.for_rows). Finished means every SAE of the run saved at the last step. Returns how: trained_now,
+    resumed, train_s (this process's wall time when it trained, else the run's own logged training time)."""
+    saved = [Run(d) for d in sae_dirs(cfg, run_dir).values()]
+    if any(run.exists for run in saved):
+        infos = [run.info() for run in saved if run.exists]
+        if any(info.train != cfg for info in infos):
             sys.exit(f"{run_dir} holds a run trained with other settings: use another --runs")
-        if info.steps_done == cfg.steps:
-            return {"trained_now": False, "resumed": False, "train_s": run.metrics()[-1].elapsed_s}
+        if len(infos) == len(saved) and all(info.steps_done == cfg.steps for info in infos):
+            return {"trained_now": False, "resumed": False, "train_s": saved[0].metrics()[-1].elapsed_s}
     resume = checkpoint_path(run_dir).exists()
     started = time.perf_counter()
     with locked(run_dir):
-        Trainer(cfg, CachedActivations(cache), run_dir, run_info=run_info).train(resume=resume)
+        Trainer(cfg, source, run_dir, run_info=run_info).train(resume=resume)
     return {"trained_now": True, "resumed": resume, "train_s": round(time.perf_counter() - started, 1)}
 
 
@@ -241,7 +242,7 @@ def main() -> None:
                          level_weights=list(cfg.level_weights_for(len(cfg.widths))))
             run_dir = args.runs / f"{config.dir_name}-s{seed}"
             print(f"{config.name} seed {seed}: {run_dir}", flush=True)
-            how = train_run(cfg, cache, run_info, run_dir)
+            how = train_run(cfg, CachedActivations(cache), run_info, run_dir)
             result = {**bench_quality.measure(run_dir, cache, fresh, held_in), **how}
             kept = entry["runs"].get(str(seed), {}).get("hierarchy")
             if kept is not None and not how["trained_now"]:

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from msae.analysis.tables import token_label
 from msae.analysis.tree import children_of
@@ -252,4 +253,35 @@ def toy_figure(result: ToyResult) -> go.Figure:
         fig.add_bar(x=list(TOY_ROWS), y=[getattr(getattr(result, name), k) for k in TOY_ROWS], name=name)
     fig.update_layout(barmode="group", height=360, margin=dict(t=30, b=40), yaxis_title="value",
                       title="toy hierarchy with known features")
+    return fig
+
+
+WIDTH_SWEEP_PANELS = {
+    ("taxonomy", "absorption"): "taxonomy absorption (WordNet categories)",
+    ("first_letter", "absorption_fraction"): "first-letter absorption fraction",
+}
+"""The figures of benchmarks/sweep_width.py's JSON that `width_sweep_figure` draws (where each SAE's entry keeps
+them), and their titles."""
+ARCH_COLOURS = {"matryoshka": GROUP_COLOURS[0], "vanilla": GROUP_COLOURS[1]}
+
+
+def width_sweep_figure(sweep: Mapping) -> go.Figure:
+    """Absorption against dictionary width for both architectures, one panel per measure: every (width, seed) a
+    point with its 95% interval (`sweep`: one settings' entry of benchmarks/results/sweep_width.json)."""
+    fig = make_subplots(rows=1, cols=len(WIDTH_SWEEP_PANELS), subplot_titles=list(WIDTH_SWEEP_PANELS.values()))
+    pairs = [(int(width), int(seed), entry) for width, seeds in sweep["runs"].items() for seed, entry in seeds.items()]
+    pairs.sort(key=lambda p: (p[0], p[1]))
+    for col, (part, field) in enumerate(WIDTH_SWEEP_PANELS, start=1):
+        for arch, colour in ARCH_COLOURS.items():
+            points = [(w, s, e[arch][part][field]) for w, s, e in pairs if e[arch][part][field] is not None]
+            fig.add_scatter(
+                x=[w for w, _s, _p in points], y=[p["mean"] for _w, _s, p in points], customdata=[s for _w, s, _p in points],
+                error_y=dict(type="data", symmetric=False, array=[p["high"] - p["mean"] for _w, _s, p in points],
+                             arrayminus=[p["mean"] - p["low"] for _w, _s, p in points]),
+                mode="markers", name=arch, legendgroup=arch, showlegend=col == 1, marker=dict(color=colour, size=9),
+                row=1, col=col,
+                hovertemplate=f"{arch}<br>width %{{x:,}} seed %{{customdata}}<br>%{{y:.3f}}<extra></extra>")
+        fig.update_xaxes(type="log", title_text="latents", row=1, col=col)
+        fig.update_yaxes(title_text="absorption (lower is better)", rangemode="tozero", row=1, col=col)
+    fig.update_layout(height=400, margin=dict(t=50, b=40), title="absorption against dictionary width (95% intervals)")
     return fig

@@ -4,6 +4,7 @@ shows why on the page and returns None."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -184,6 +185,22 @@ def shipped_toy(preset: str) -> ToyResult | None:
     try:
         return ToyResult.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+
+
+WIDTH_SWEEP = APP_DIR / "benchmarks" / "results" / "sweep_width.json"
+"""benchmarks/sweep_width.py's results, where the script writes them by default."""
+
+
+def width_sweep() -> dict | None:
+    """The width sweep's results (one entry per settings), or None when it has not been run; None after a warning
+    when the file cannot be read."""
+    if not WIDTH_SWEEP.exists():
+        return None
+    try:
+        return json.loads(WIDTH_SWEEP.read_text())
+    except (OSError, ValueError) as exc:
+        st.warning(f"{WIDTH_SWEEP} cannot be read: {exc}")
         return None
 
 

@@ -220,6 +220,12 @@ def _check_finite(x: Tensor, step: int) -> None:
         )
 
 
+def sae_dirs(cfg: TrainConfig, out_dir: Path | str) -> dict[str, Path]:
+    """Where each SAE of a run is saved, by name: out_dir itself when the run trains one, else a folder per SAE."""
+    specs = cfg.sae_specs()
+    return {name: Path(out_dir) if len(specs) == 1 else Path(out_dir) / name for name, _widths in specs}
+
+
 def check_new_run(out_dir: Path) -> None:
     """A training without --resume starts only where no run is: neither its own checkpoint nor another SAE."""
     if checkpoint_path(out_dir).exists():
@@ -264,8 +270,8 @@ class Trainer:
         return io.dtype_name(self.states[0].sae.compute_dtype)
 
     def run_dir(self, name: str) -> Path:
-        """Where SAE `name` is saved: out_dir itself when it is the only one."""
-        return self.out_dir if len(self.states) == 1 else self.out_dir / name
+        """Where SAE `name` is saved (`sae_dirs`)."""
+        return sae_dirs(self.cfg, self.out_dir)[name]
 
     @property
     def checkpoint_path(self) -> Path:

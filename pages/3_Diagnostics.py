@@ -109,6 +109,29 @@ else:
     st.caption("FVU against L0 needs FVU per width: msae measures it for the runs it trains (eval.json, "
                "metrics.jsonl), and this run has neither.")
 
+st.header("Width sweep: absorption against dictionary width")
+sweeps = loaders.width_sweep()
+if sweeps:
+    key = st.selectbox("sweep settings", list(sweeps), key="width_sweep") if len(sweeps) > 1 else next(iter(sweeps))
+    st.plotly_chart(figures.width_sweep_figure(sweeps[key]))
+    st.dataframe(tables.width_sweep_differences(sweeps[key]), hide_index=True)
+    st.caption(f"Reading: a Matryoshka SAE and a vanilla SAE of each width trained on the same batches ({key}); "
+               "taxonomy absorption is the share of a WordNet category's member occurrences where its parent latent "
+               "is silent and a latent for the member's own token fires, first-letter absorption the share of a "
+               "letter probe's signal moved out of the letter's main latents; lower is better. Each point has its "
+               "95% interval (bootstrap over categories or letters); the table gives the paired differences "
+               "Matryoshka − vanilla over the same categories and letters, where an interval that excludes 0 is a "
+               "difference.")
+    runs = sweeps[key]["runs"]
+    widest = max(runs, key=int)
+    validity = runs[widest][min(runs[widest], key=int)]["first_letter"]["validity"]
+    if not validity["valid"]:
+        st.warning(f"First-letter absorption at {int(widest):,} latents: {validity['note']}", icon="⚠️")
+else:
+    st.info("The width sweep has not been run: `python benchmarks/sweep_width.py` trains a Matryoshka and a vanilla "
+            "SAE at 4,096 to 32,768 latents on 10M tokens of the large corpus and measures their absorption "
+            "(about 3 hours on 2 CPU cores, an estimate); its results then appear here.")
+
 st.header("Toy model with known features")
 st.caption("Synthetic activations built from a known hierarchy (parents, mutually exclusive children): absorption "
            "is measured exactly, with no probe. A vanilla and a Matryoshka SAE train on the same batches.")

@@ -473,6 +473,44 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
     assert "parent absorption" in at.code[0].value
 
 
+def interval(mean: float, half: float) -> dict:
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": 30}
+
+
+def width_sweep(widths=(4096, 16384)) -> dict:
+    """A hand-made entry of benchmarks/sweep_width.py's JSON, with what the Diagnostics page reads of it."""
+    runs = {}
+    for i, width in enumerate(widths):
+        entry = {arch: {"taxonomy": {"absorption": interval(0.01 * (i + 1) * (j + 1), 0.005)},
+                        "first_letter": {"absorption_fraction": interval(0.1 * (j + 1), 0.05)}}
+                 for j, arch in enumerate(("matryoshka", "vanilla"))}
+        entry["difference"] = {key: interval(-0.01 * (i + 1), 0.004) for key in tables.WIDTH_SWEEP_DIFFERENCES}
+        entry["first_letter"] = {"validity": {"valid": False, "note": "Not a valid measurement here: tiny model."}}
+        runs[str(width)] = {"0": entry}
+    return {"runs": runs}
+
+
+def test_diagnostics_shows_the_width_sweep_or_how_to_run_it(env, tmp_path, monkeypatch):
+    run = env["matryoshka"]
+    monkeypatch.setattr(loaders, "WIDTH_SWEEP", tmp_path / "sweep_width.json")
+    at = ok(open_page("pages/3_Diagnostics.py", run))
+    assert any("has not been run" in i.value and "python benchmarks/sweep_width.py" in i.value for i in at.info)
+    before = len(figures(at))
+
+    (tmp_path / "sweep_width.json").write_text(json.dumps({"tiny settings": width_sweep()}))
+    at = ok(open_page("pages/3_Diagnostics.py", run))
+    shown = figures(at)
+    assert len(shown) == before + 1
+    sweep = next(f for f in shown if f["layout"]["title"]["text"].startswith("absorption against dictionary width"))
+    assert [t["name"] for t in sweep["data"]] == ["matryoshka", "vanilla"] * 2
+    assert sweep["data"][1]["x"] == [4096, 16384] and sweep["data"][1]["y"] == pytest.approx([0.02, 0.04])
+    assert sweep["data"][3]["error_y"]["array"] == pytest.approx([0.05, 0.05])
+    table = next(d.value for d in at.dataframe if "taxonomy absorption M − V" in d.value.columns)
+    assert list(table["width"]) == [4096, 16384]
+    assert list(table["taxonomy absorption M − V"]) == ["-0.010 [-0.014, -0.006]", "-0.020 [-0.024, -0.016]"]
+    assert any("16,384 latents: Not a valid measurement" in w.value for w in at.warning)
+
+
 # ---- Compare ----------------------------------------------------------------------------------------------------
 
 

@@ -491,17 +491,56 @@ def validity(lm: LoadedLM, d_in: int, results: Mapping[str, SAEAbsorption]) -> A
 # ------------------------------------------------------------------------------------------------- whole runs
 
 
+class ProbedWords(NamedTuple):
+    """The words, their activations and the letter probes that every SAE of a measurement is read against."""
+
+    words: LetterWords
+    acts: Tensor
+    """(N, d_model) float32 word activations (word_activations)."""
+    probes: LetterProbes
+    seconds: dict[str, float]
+    """Time of each step (activations, probes)."""
+
+
+def probe_words(lm: LoadedLM, layer: int, config: AbsorptionConfig | None = None,
+                progress: Progress | None = None) -> ProbedWords:
+    """The single-token words of `config`, their activations at `layer` and the letter probes fit on them;
+    AbsorptionError when no probe is good enough to measure with."""
+    cfg = config or AbsorptionConfig()
+    say = progress or (lambda _msg: None)
+    seconds = {}
+    start = time.perf_counter()
+    words = letter_words(lm.tokenizer, cfg.letters, cfg.min_chars, cfg.per_letter, cfg.seed)
+    say(f"{len(words.words)} single-token words")
+    acts = word_activations(lm, layer, words.token_ids, cfg.batch, cfg.icl_examples, cfg.seed, progress)
+    seconds["activations"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    probes = train_letter_probes(acts, words.labels, cfg.test_fraction, cfg.seed, cfg.probe_l2, cfg.probe_steps)
+    seconds["probes"] = time.perf_counter() - start
+    if not (probes.f1 > cfg.min_probe_f1).any():
+        raise AbsorptionError(
+            f"no letter probe reaches F1 > {cfg.min_probe_f1} on {lm.name} layer {layer} "
+            f"(best {probes.f1.max().item():.2f}); try another layer or more words"
+        )
+    n_usable = int((probes.f1 > cfg.min_probe_f1).sum())
+    say(f"letter probes: {n_usable}/{len(probes.letters)} with F1 > {cfg.min_probe_f1}")
+    return ProbedWords(words, acts, probes, seconds)
+
+
 def measure(
     run_dirs: Mapping[str, Path | str],
     lm: LoadedLM | None = None,
     config: AbsorptionConfig | None = None,
     layer: int | None = None,
     progress: Progress | None = None,
+    probed: ProbedWords | None = None,
 ) -> AbsorptionResult:
     """Absorption of several SAEs (name -> run dir) from one set of word activations and letter probes.
 
     The layer is `layer`, else the one the runs record (they must agree); the model is `lm`, else the one the
-    first run records (default: the built-in model)."""
+    first run records (default: the built-in model). `probed` (probe_words of that model, layer and config) saves
+    making the words' activations and probes again when several calls share them."""
     cfg = config or AbsorptionConfig()
     if not run_dirs:
         raise AbsorptionError("no SAE to measure")
@@ -530,31 +569,16 @@ def measure(
     for name, sae in saes.items():
         check_fits(sae, lm.d_model, f"{lm.name} ({name}: {run_dirs[name]})")
 
-    seconds = {}
-    start = time.perf_counter()
-    words = letter_words(lm.tokenizer, cfg.letters, cfg.min_chars, cfg.per_letter, cfg.seed)
-    say(f"{len(words.words)} single-token words")
-    acts = word_activations(lm, layer, words.token_ids, cfg.batch, cfg.icl_examples, cfg.seed, progress)
-    seconds["activations"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    probes = train_letter_probes(acts, words.labels, cfg.test_fraction, cfg.seed, cfg.probe_l2, cfg.probe_steps)
-    seconds["probes"] = time.perf_counter() - start
-    if not (probes.f1 > cfg.min_probe_f1).any():
-        raise AbsorptionError(
-            f"no letter probe reaches F1 > {cfg.min_probe_f1} on {lm.name} layer {layer} "
-            f"(best {probes.f1.max().item():.2f}); try another layer or more words"
-        )
-    n_usable = int((probes.f1 > cfg.min_probe_f1).sum())
-    say(f"letter probes: {n_usable}/{len(probes.letters)} with F1 > {cfg.min_probe_f1}")
-
+    probed = probed or probe_words(lm, layer, cfg, progress)
+    seconds = dict(probed.seconds)
     results = {}
     for name, sae in saes.items():
         start = time.perf_counter()
-        results[name] = absorption(sae, acts, words.labels, probes, cfg)
+        results[name] = absorption(sae, probed.acts, probed.words.labels, probed.probes, cfg)
         seconds[name] = time.perf_counter() - start
         say(f"{name}: mean absorption fraction {results[name].mean.absorption_fraction:.3f}")
     return AbsorptionResult(
-        model=lm.name, layer=layer, config=cfg, n_words=len(words.words), n_test_words=int(probes.is_test.sum()),
-        probe_f1={LETTERS[l]: f for l, f in zip(probes.letters.tolist(), probes.f1.tolist())}, saes=results,
-        seconds=seconds, validity=validity(lm, acts.shape[1], results))
+        model=lm.name, layer=layer, config=cfg, n_words=len(probed.words.words),
+        n_test_words=int(probed.probes.is_test.sum()),
+        probe_f1={LETTERS[l]: f for l, f in zip(probed.probes.letters.tolist(), probed.probes.f1.tolist())},
+        saes=results, seconds=seconds, validity=validity(lm, probed.acts.shape[1], results))

@@ -373,6 +373,29 @@ def coherence_text(coh) -> str:
                                          "The trees are not clearly more coherent than random ones."))
 
 
+WIDTH_SWEEP_DIFFERENCES = {
+    "parent_ap": "parent AP",
+    "taxonomy_absorption": "taxonomy absorption",
+    "member_latents": "member latents",
+    "first_letter_absorption": "first-letter absorption",
+    "first_letter_full_absorption": "first-letter full absorption",
+}
+"""The paired differences of benchmarks/sweep_width.py's JSON, and their column names."""
+
+
+def width_sweep_differences(sweep: Mapping) -> pd.DataFrame:
+    """One row per (width, seed) of a width sweep (one settings' entry of benchmarks/results/sweep_width.json):
+    each paired difference Matryoshka − vanilla with its 95% interval."""
+    rows = []
+    for width, seeds in sorted(sweep["runs"].items(), key=lambda item: int(item[0])):
+        for seed, entry in sorted(seeds.items(), key=lambda item: int(item[0])):
+            diff = entry["difference"]
+            rows.append({"width": int(width), "seed": int(seed),
+                         **{f"{name} M − V": interval_text(Interval.from_json(diff[key]) if diff[key] else None)
+                            for key, name in WIDTH_SWEEP_DIFFERENCES.items()}})
+    return pd.DataFrame(rows)
+
+
 def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | None:
     """One sentence on how the configured rule's tree links held on held-out contexts (None when not measured)."""
     if validation is None:

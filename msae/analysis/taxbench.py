@@ -469,29 +469,52 @@ def paired_difference(a: np.ndarray, b: np.ndarray, pa: Sequence[float], pb: Seq
     return _two_level(a - b, [x - y for x, y in zip(pa, pb)], np.random.default_rng(seed + 7))
 
 
-def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
-              links: dict[str, pd.DataFrame | None], seed: int = 0, progress: Progress | None = None) -> HierarchyBench:
-    """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it);
-    `progress` hears each stage: the cache's shards read, the template sentences run, each SAE's categories."""
+@dataclass
+class Prepared:
+    """What every SAE of a benchmark is measured on (`prepare`)."""
 
-    def stage(name: str) -> Count | None:
-        return None if progress is None else (lambda done, total: progress(name, done, total))
+    chosen: list[tuple[Category, set[int]]]
+    """The categories and their full member sets."""
+    ambiguous: set[int]
+    """Tokens left out (ambiguous_tokens)."""
+    ancestors: dict[int, set[int]]
+    pool: Pool
 
-    t0 = time.perf_counter()
+
+def _stage(progress: Progress | None, name: str) -> Count | None:
+    return None if progress is None else (lambda done, total: progress(name, done, total))
+
+
+def prepare(cache: Path, lm, layer: int, tax: Taxonomy, seed: int = 0, progress: Progress | None = None) -> Prepared:
+    """The categories the cache's text can measure and the pool of their members' occurrences (the slow part: a
+    pass over the cache's shards and the template sentences through the model), shared by every SAE measured."""
     ancestors = tax.ancestors()
     every = set().union(*(set(c.tokens) for c in tax.categories))
     occurrences = corpus_occurrences(cache, torch.tensor(sorted(every), dtype=torch.long), seed,
-                                     stage("member occurrences (cache shards)"))
+                                     _stage(progress, "member occurrences (cache shards)"))
     counts = occurrences["token"].value_counts()
     # Categories are chosen by their members that the corpus holds; templates only fill in the rest.
     chosen = choose_categories(tax, {int(t) for t, n in counts.items() if n >= MIN_OCCURRENCES})
     ambiguous = ambiguous_tokens(chosen, ancestors)
     tokens = set().union(*(m for _c, m in chosen)) - ambiguous
-    pool = build_pool(cache, lm, layer, tokens, every, occurrences, seed, progress=stage("template sentences"))
+    pool = build_pool(cache, lm, layer, tokens, every, occurrences, seed, progress=_stage(progress, "template sentences"))
+    return Prepared(chosen, ambiguous, ancestors, pool)
+
+
+def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
+              links: dict[str, pd.DataFrame | None], seed: int = 0, progress: Progress | None = None,
+              prepared: Prepared | None = None) -> HierarchyBench:
+    """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it);
+    `progress` hears each stage: the cache's shards read, the template sentences run, each SAE's categories.
+    `prepared` (`prepare` of the same cache, model, layer, taxonomy and seed) saves building the pool again when
+    several calls share it; `seconds` then counts the SAEs' part only."""
+    t0 = time.perf_counter()
+    prepared = prepared or prepare(cache, lm, layer, tax, seed, progress)
+    chosen, ambiguous, pool = prepared.chosen, prepared.ambiguous, prepared.pool
     out, reps = [], {}
     for name, sae in saes.items():
-        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), seed,
-                                      stage(f"{name} (categories)"))
+        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, prepared.ancestors, links.get(name),
+                                      seed, _stage(progress, f"{name} (categories)"))
         out.append(bench)
     differences = {}
     first = out[0]

@@ -1,0 +1,186 @@
+"""benchmarks/sweep_width.py end to end at tiny sizes: the real SmolLM2 (layer 15) over about a thousand tokens of
+sentences about WordNet fruits, birds and insects, pairs at 64 and 128 latents; one pair stopped midway and resumed,
+a second invocation that keeps what is done, every figure with its interval, and the figure and table of the
+Diagnostics page."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from explorer import figures
+from msae.analysis import taxbench
+from msae.analysis.tables import WIDTH_SWEEP_DIFFERENCES, width_sweep_differences
+from msae.config import AbsorptionConfig, ExtractConfig
+from msae.run import Run, checkpoint_path
+from msae.taxonomy import load_taxonomy
+from msae.train import Trainer, sae_dirs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sweep_levels  # noqa: E402
+import sweep_width  # noqa: E402
+
+CATEGORIES = (13134947, 1503061, 2159955)  # fruit, bird, insect: the taxonomy benchmark needs members in the text
+TEMPLATES = ("We found{w} behind the barn this morning.", "Nobody in the village had seen{w} before.",
+             "The children drew{w} on the wall of the school.", "The old book had a chapter on{w} and its habits.")
+WIDTHS, SEEDS, K, BATCH = [64, 128], [0], 4, 32
+SLICE = AbsorptionConfig(letters="abst", per_letter=40)
+STOP_AFTER = 15
+"""Batches the stopped pair trains on before its stream fails (its last checkpoint is at step 10)."""
+
+
+class Stopped(Exception):
+    """The stream failed (a stand-in for a kill after a checkpoint)."""
+
+
+class StopsAfter:
+    """The sweep's stream that fails after `n` batches: a training stopped midway, after a checkpoint."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+        self.d_in, self.n_rows = source.d_in, source.n_rows
+
+    def batches(self, start_step, batch_size, seed):
+        for i, batch in enumerate(self.source.batches(start_step, batch_size, seed)):
+            if i == self.n:
+                raise Stopped(f"after {self.n} batches")
+            yield batch
+
+
+@pytest.fixture(scope="module")
+def swept(lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_width")
+    members = load_taxonomy(model="smollm2-135m").members()
+    words = [lm.tokenizer.decode([t]) for c in CATEGORIES for t in sorted(members[c])[:10]]
+    (root / "text.txt").write_text("\n\n".join(t.format(w=w) for t in TEMPLATES for w in words))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sweep_levels, "CHECKPOINT_EVERY", 10)
+    mp.setattr(taxbench, "BACKGROUND_ROWS", 200)
+    mp.setattr(taxbench, "BOOTSTRAP_REPS", 200)
+    ecfg = ExtractConfig(corpus=str(root / "text.txt"), layer=15, tokens=20_000, lm_batch=16, shard_rows=300)
+    shared = sweep_width.shared_inputs(ecfg, 20_000, SLICE, lm=lm, held_in=2, batch_size=BATCH, root=root / "cache")
+    out, runs = root / "sweep_width.json", root / "runs"
+
+    def sweep(**kw):
+        return sweep_width.run_sweep(kw.pop("widths", WIDTHS), SEEDS, K, BATCH, 20_000, shared, runs, out, "tiny", **kw)
+
+    first = sweep_width.train_config(WIDTHS[0], K, BATCH, SEEDS[0]).for_rows(shared.source.n_rows)
+    stopped = runs / f"w{WIDTHS[0]}-s{SEEDS[0]}"
+    with pytest.raises(Stopped):
+        Trainer(first, StopsAfter(shared.source, STOP_AFTER), stopped, run_info=shared.run_info).train()
+    stopped_at = {name: Run(d).info().steps_done for name, d in sae_dirs(first, stopped).items()}
+    result = sweep()
+    yield {"sweep": result, "out": out, "runs": runs, "shared": shared, "first": first, "stopped_at": stopped_at,
+           "again": sweep}
+    mp.undo()
+
+
+def test_every_pair_holds_every_figure_with_intervals_around_their_points(swept):
+    sweep = swept["sweep"]
+    assert json.loads(swept["out"].read_text())["tiny"] == sweep
+    assert sorted(sweep["runs"], key=int) == [str(w) for w in WIDTHS]
+    settings = sweep["settings"]
+    assert sweep["runs"]["64"]["0"]["widths"]["matryoshka"] == [2, 6, 20, 64], "the shipped layout at 64 latents"
+    assert settings["steps"] == settings["training_rows"] // BATCH and settings["passes"] <= 1, "one pass"
+    for width in WIDTHS:
+        entry = sweep["runs"][str(width)]["0"]
+        assert entry["widths"] == {"matryoshka": list(sweep_width.LAYOUT.widths(width)), "vanilla": [width]}
+        for arch in sweep_width.ARCHS:
+            a = entry[arch]
+            run = Run(Path(entry["run"]) / arch)
+            assert run.info().steps_done == entry["steps"] == settings["steps"]
+            assert len(a["quality"]["heldout_fvu"]) == len(entry["widths"][arch])
+            assert 0 < a["quality"]["heldout_fvu"][-1] < 1.5 and 0 < a["quality"]["l0"]
+            assert 0 <= a["quality"]["dead_fraction"] <= 1
+            intervals = [a["taxonomy"]["average_precision"], a["taxonomy"]["absorption"], a["taxonomy"]["member_latents"],
+                         a["first_letter"]["absorption_fraction"], a["first_letter"]["full_absorption_rate"]]
+            for x in intervals:
+                assert x["low"] <= x["mean"] <= x["high"], x
+            assert a["taxonomy"]["absorption"]["n"] == len(a["taxonomy"]["categories"]) == entry["taxonomy"]["categories"] >= 3
+            assert a["taxonomy"]["member_latents"]["mean"] == pytest.approx(
+                sum(c["member_latents"] for c in a["taxonomy"]["categories"]) / entry["taxonomy"]["categories"])
+            letters = a["first_letter"]["letters"]
+            assert a["first_letter"]["absorption_fraction"]["n"] == len(letters) >= 1
+            assert a["first_letter"]["absorption_fraction"]["mean"] == pytest.approx(sum(letters.values()) / len(letters))
+        assert entry["difference"].keys() == WIDTH_SWEEP_DIFFERENCES.keys()
+        for name, x in entry["difference"].items():
+            assert x["low"] <= x["mean"] <= x["high"], (name, x)
+        m, v = (entry[arch]["taxonomy"]["categories"] for arch in sweep_width.ARCHS)
+        assert entry["difference"]["taxonomy_absorption"]["mean"] == pytest.approx(
+            sum(a["absorption"] - b["absorption"] for a, b in zip(m, v)) / len(m))
+        assert [c["category"] for c in m] == [c["category"] for c in v], "paired over the same categories"
+        ml, vl = (entry[arch]["first_letter"]["letters"] for arch in sweep_width.ARCHS)
+        assert ml.keys() == vl.keys()
+        assert entry["difference"]["first_letter_absorption"]["mean"] == pytest.approx(
+            sum(ml[x] - vl[x] for x in ml) / len(ml))
+        validity = entry["first_letter"]["validity"]
+        assert validity["valid"] is False and "SAEBench" in validity["note"]
+        # The pair's own files hold the same results as `msae hierarchy-bench` and `msae absorption` write them.
+        matryoshka = Run(Path(entry["run"]) / "matryoshka")
+        assert matryoshka.hierarchy_bench().saes[1].absorption.mean == entry["vanilla"]["taxonomy"]["absorption"]["mean"]
+        assert set(matryoshka.absorption().saes) == {"matryoshka", "vanilla"}
+    spread = sweep["by_width"][str(WIDTHS[1])]
+    assert spread["seeds"] == ["0"]
+    assert spread["vanilla"]["mean"]["taxonomy_absorption"] == sweep["runs"][str(WIDTHS[1])]["0"]["vanilla"]["taxonomy"]["absorption"]["mean"]
+    assert spread["vanilla"]["std"]["taxonomy_absorption"] == 0.0
+
+
+def test_a_pair_stopped_midway_resumes_from_its_checkpoint(swept):
+    first, stopped_at = swept["first"], swept["stopped_at"]
+    assert set(stopped_at.values()) == {10}, "the stop left the snapshot of step 10"
+    entry = swept["sweep"]["runs"][str(WIDTHS[0])]["0"]
+    assert entry["trained_now"] and entry["resumed"]
+    other = swept["sweep"]["runs"][str(WIDTHS[1])]["0"]
+    assert other["trained_now"] and not other["resumed"]
+    for d in sae_dirs(first, Path(entry["run"])).values():
+        steps = [m.step for m in Run(d).metrics()]
+        assert steps == sorted(set(steps)) and steps[-1] == first.steps, "one metrics line per logged step"
+    assert checkpoint_path(Path(entry["run"])).exists()
+
+
+def test_a_second_invocation_keeps_finished_and_measured_pairs(swept, capsys):
+    before = swept["out"].read_text()
+    weights = {d: (d / "sae_weights.safetensors").stat().st_mtime_ns for d in swept["runs"].glob("*/*") if d.is_dir()
+               and (d / "sae_weights.safetensors").exists()}
+    assert len(weights) == 2 * len(WIDTHS)
+    swept["again"]()
+    assert capsys.readouterr().out.count("trained and measured before: kept") == len(WIDTHS)
+    assert swept["out"].read_text() == before
+    assert all((d / "sae_weights.safetensors").stat().st_mtime_ns == t for d, t in weights.items())
+
+
+def test_measuring_again_gives_the_same_figures_without_training(swept):
+    before = swept["sweep"]["runs"][str(WIDTHS[0])]["0"]
+    again = swept["again"](widths=WIDTHS[:1], measure_again=True)["runs"][str(WIDTHS[0])]["0"]
+    assert not again["trained_now"] and not again["resumed"]
+    for arch in sweep_width.ARCHS:
+        assert again[arch]["taxonomy"] == before[arch]["taxonomy"]
+        assert again[arch]["first_letter"] == before[arch]["first_letter"]
+        assert again[arch]["quality"]["heldout_fvu"] == pytest.approx(before[arch]["quality"]["heldout_fvu"])
+    assert again["difference"] == before["difference"]
+
+
+def test_a_width_trained_with_other_settings_is_refused(swept):
+    shared = swept["shared"]
+    with pytest.raises(SystemExit, match="other settings"):
+        sweep_width.run_sweep(WIDTHS[:1], SEEDS, K + 1, BATCH, 20_000, shared, swept["runs"], swept["out"], "tiny")
+
+
+def test_the_figure_draws_both_architectures_with_their_intervals(swept):
+    sweep = swept["sweep"]
+    fig = figures.width_sweep_figure(sweep).to_plotly_json()
+    traces = fig["data"]
+    assert [t["name"] for t in traces] == ["matryoshka", "vanilla"] * 2
+    for trace, (part, field) in zip(traces, [p for p in figures.WIDTH_SWEEP_PANELS for _ in range(2)]):
+        assert list(trace["x"]) == WIDTHS
+        shown = [sweep["runs"][str(w)]["0"][trace["name"]][part][field] for w in WIDTHS]
+        assert list(trace["y"]) == pytest.approx([x["mean"] for x in shown])
+        assert list(trace["error_y"]["array"]) == pytest.approx([x["high"] - x["mean"] for x in shown])
+        assert list(trace["error_y"]["arrayminus"]) == pytest.approx([x["mean"] - x["low"] for x in shown])
+    table = width_sweep_differences(sweep)
+    assert list(table["width"]) == WIDTHS
+    d = sweep["runs"][str(WIDTHS[0])]["0"]["difference"]["taxonomy_absorption"]
+    assert table["taxonomy absorption M − V"][0] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
