@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from msae import io
 from msae.run import LOCK_FILE, Run
 from msae.sae import SAE
-from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged,
-                            run_cli, wait_paused)
+from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
+                     wait_paused)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

@@ -324,7 +324,9 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     at.slider(key="tree_score").set_value(1.0).run()
     strong = figures(ok(at))[0]["data"][0]
     assert 0 < len(strong["ids"]) < len(tree["ids"])
-    assert all(score >= 1.0 for *_rest, score in strong["customdata"] if score >= 0)
+    assert any(strong["parents"]), "some links score 1.0 or more"
+    for parent, (*_rest, score) in zip(strong["parents"], strong["customdata"]):
+        assert score >= 1.0 if parent else score == -1, "each drawn link scores at least the slider's 1.0; roots none"
     at.radio(key="tree_kind").set_value("sunburst").run()
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
 

@@ -139,7 +139,7 @@ def test_matryoshka_absorbs_less_than_vanilla_on_nabeshima():
     assert result.matryoshka.parent_fires_alone > 0.88
 
 
-def test_cli_toy_json_end_to_end(tmp_path, capsys):
+def test_msae_toy_json_reports_both_saes_and_writes_their_runs(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["toy", "--preset", "chanin", "--steps", "30", "--seed", "1", "--json", "--out", str(out)]
     assert cli_main(argv) == 0

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from msae.run import LOCK_FILE, Run
-from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
-                             wait_paused)
+from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
+                     wait_paused)
 
 @pytest.fixture
 def runs(tmp_path) -> Path:

@@ -1,8 +1,10 @@
-"""`python -m msae.jobs`, the background training's supervisor, run by hand: every mistake is one line naming it,
-exit status 2, no traceback, and nothing written."""
+"""msae.jobs, a training in the background: a job is a typed spec whose command rebuilds it, and the supervisor
+(`python -m msae.jobs`) run by hand refuses every mistake with one line naming it, exit status 2, no traceback, and
+nothing written. (Starting, stopping and resuming a job from the Train page: test_pages.py.)"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_bad_input import file_hashes
+from helpers import file_hashes
+from msae import jobs
+from msae.config import TRAIN_SKIP, TrainConfig, TrainJob, add_config_args, config_from_args
 
 
 def _jobs(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -37,3 +41,16 @@ def test_the_supervisor_refuses_what_it_cannot_run(tmp_path, argv, job, message)
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("msae.jobs: error: ") and message in done.stderr, done.stderr
     assert file_hashes(tmp_path) == before
+
+
+def test_a_job_is_a_typed_spec_whose_command_rebuilds_it(tmp_path):
+    job = TrainJob(train=TrainConfig(widths=(32, 128), k=8, steps=5, device="cpu"), activations="acts.safetensors")
+    command = jobs.command(tmp_path / "out", job, resume=True)
+    assert command[1:4] == ["-m", "msae.cli", "train"] and command[-1] == "--resume"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true")
+    add_config_args(parser, TrainJob, skip=TRAIN_SKIP)
+    assert config_from_args(TrainJob, parser.parse_args(command[4:]), skip=TRAIN_SKIP) == job
+    record = jobs.JobFile(job=job, pid=123, command=command)
+    assert jobs.JobFile.loads(record.dumps()) == record
