@@ -10,6 +10,7 @@ from explorer import figures, loaders, state
 from msae.analysis import tables
 from msae.io import SAELoadError, check_fits
 from msae.lm import DEFAULT_MODEL
+from msae.results import EvalResult
 from msae.run import Run, RunError, RunSummary, source_of
 from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
 
@@ -42,7 +43,7 @@ def show_summary(run: Path) -> None:
         st.error(f"{state.short_name(run)}: its cfg.json cannot be read ({exc})")
         return
     try:
-        heldout = Run(run).eval()
+        heldout = Run(run).result(EvalResult)
     except RunError as exc:
         st.warning(f"Held-out figures not shown: {exc}")
         heldout = None

@@ -245,10 +245,10 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
 def fresh_rows_for(lm: LoadedLM, cache: Path, layer: int, text: Path = FRESH_TEXT) -> TextRows:
     """The fresh text's rows at `layer` (the cache's), filtered with the cache's median norm and outlier factor."""
     manifest = read_manifest(cache)
-    key = manifest["key"]
+    key = manifest.key
     if key["layer"] != layer:
         raise ValueError(f"{cache} holds layer {key['layer']}, the run reads layer {layer}")
-    return text_rows(lm, text, layer, manifest["median_norm"], key["outlier_factor"])
+    return text_rows(lm, text, layer, manifest.median_norm, key["outlier_factor"])
 
 
 def _fmt(values: Iterable[float], digits: int = 3) -> str:

@@ -112,8 +112,8 @@ def default_cache() -> Path:
     cfg = ExtractConfig(layer=LAYER, tokens=TOKENS)
     cache = cache_path_for(cache_key(cfg, LAYER), name=cfg.model)
     manifest = read_manifest(cache)
-    if manifest["rows"] < TOKENS and not manifest["exhausted"]:
-        sys.exit(f"{cache} holds {manifest['rows']:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
+    if manifest.rows < TOKENS and not manifest.exhausted:
+        sys.exit(f"{cache} holds {manifest.rows:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
                  f"--tokens {TOKENS}` finish first")
     return cache
 
@@ -121,11 +121,11 @@ def default_cache() -> Path:
 def builtin_extraction(cache: Path) -> ExtractConfig:
     """The extraction settings of a cache of the built-in corpus (what each run's cfg.json records)."""
     manifest = read_manifest(cache)
-    key = manifest["key"]
+    key = manifest.key
     if not key["corpus"].startswith("builtin:"):
         sys.exit(f"{cache} is not a cache of the built-in corpus")
     # Caches keyed by what the model is keep its name beside the key; older ones keyed it by name.
-    return ExtractConfig(model=manifest.get("model_name", key["model"]), layer=key["layer"], ctx_len=key["ctx_len"],
+    return ExtractConfig(model=manifest.model_name or key["model"], layer=key["layer"], ctx_len=key["ctx_len"],
                          outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"])
 
 
@@ -228,7 +228,7 @@ def main() -> None:
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     sweep = out.setdefault(key, {"configs": {}})
     sweep["settings"] = {"width": args.width, "k": args.k, "steps": args.steps, "batch_size": args.batch_size,
-                         "cache": str(cache), "cache_rows": read_manifest(cache)["rows"], "runs": str(args.runs),
+                         "cache": str(cache), "cache_rows": read_manifest(cache).rows, "runs": str(args.runs),
                          "checkpoint_every": CHECKPOINT_EVERY, "fresh_text": str(bench_quality.FRESH_TEXT.name),
                          "fresh_rows": fresh.rows.shape[0], "held_in_rows": sum(b.shape[0] for b in held_in)}
     sweep["machine"] = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),

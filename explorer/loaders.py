@@ -5,7 +5,7 @@ shows why on the page and returns None."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -16,9 +16,10 @@ from msae.analysis.inference import TextLatents, text_latents
 from msae.analysis.matching import match
 from msae.analysis.store import MANIFEST_FILE, FeatureStore, StoreError, load_store
 from msae.config import ToyConfig
-from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits
+from msae.io import SAELoadError, check_fits
 from msae.lm import BUILTIN, LMLoadError, LoadedLM, cache_dir, load_lm
-from msae.results import AbsorptionResult, Gallery, HierarchyBench, ToyResult
+from msae.records import Record
+from msae.results import ToyResult
 from msae.run import Run, RunError
 from msae.sae import SAE
 
@@ -62,7 +63,7 @@ def _sae(run_dir: str, _stamp_value: float) -> SAE:
 
 
 def _sae_stamp(run: Path) -> float:
-    return _stamp(run / WEIGHTS_FILE) + _stamp(run / CFG_FILE)
+    return sum(_stamp(path) for path in Run(run).sae_files)
 
 
 def sae_of(run: Path) -> SAE | None:
@@ -186,38 +187,15 @@ def shipped_toy(preset: str) -> ToyResult | None:
         return None
 
 
-def absorption_of(run: Path, compared: Sequence[Path]) -> AbsorptionResult | None:
-    """The absorption result that measured `run` (its own, or one from a run it was compared with or that lies
-    beside it); None after a warning when the file is unreadable."""
+R = TypeVar("R", bound=Record)
+
+
+def result_of(run: Path, kind: type[R], compared: Sequence[Path]) -> R | None:
+    """The result of `kind` (AbsorptionResult, HierarchyBench, Gallery) that measured `run`: its own, or one of a run
+    it was compared with or that lies beside it (msae.run.Run.result_covering); None after a warning when its own
+    file is unreadable."""
     try:
-        return Run(run).absorption_measured([Run(p) for p in compared])
+        return Run(run).result_covering(kind, [Run(p) for p in compared])
     except RunError as exc:
-        st.warning(f"Absorption could not be read: {exc}")
+        st.warning(f"{kind.__name__} could not be read: {exc}")
         return None
-
-
-R = TypeVar("R")
-
-
-def _measured_with(run: Path, compared: Sequence[Path], read: Callable[[Run], R | None],
-                   names: Callable[[R], set[str]]) -> R | None:
-    """A result file of `run` (`read` from its run directory), else one of a compared run whose result names it
-    (`names`); unreadable files are passed over."""
-    for candidate in [run, *compared]:
-        try:
-            result = read(Run(candidate))
-        except (OSError, ValueError, RunError):
-            continue
-        if result is not None and (candidate == run or Run(run).name in names(result)):
-            return result
-    return None
-
-
-def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | None:
-    """The taxonomy benchmark that measured `run`: its own, else one of a compared run that includes it."""
-    return _measured_with(run, compared, Run.hierarchy_bench, lambda b: {x.name for x in b.saes})
-
-
-def gallery_of(run: Path, compared: Sequence[Path]) -> Gallery | None:
-    """The gallery mined for `run`, or for a compared run whose gallery includes it."""
-    return _measured_with(run, compared, Run.gallery, lambda g: set(g.runs.values()))

@@ -126,8 +126,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         cache = extract(cfg, world=world)
     if world.main:
         m = read_manifest(cache)
-        print(f"{cache}: {m['rows']:,} rows from {m['contexts_done']:,} contexts"
-              + (" (the corpus ran out)" if m["exhausted"] else ""))
+        print(f"{cache}: {m.rows:,} rows from {m.contexts_done:,} contexts"
+              + (" (the corpus ran out)" if m.exhausted else ""))
     return 0
 
 
@@ -200,7 +200,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg,
                        overwrite=args.overwrite, say=print)
     print(format_analysis(manifest))
-    absorption = Run(args.run_dir).absorption()
+    absorption = Run(args.run_dir).result(AbsorptionResult)
     if acfg.absorption and absorption is not None:
         print(format_absorption(absorption))
     return 0

@@ -6,6 +6,7 @@ import streamlit as st
 from explorer import figures, loaders, state
 from msae import toy
 from msae.analysis import tables
+from msae.results import AbsorptionResult, HierarchyBench
 from msae.run import Run
 
 run = state.setup("Diagnostics")
@@ -17,7 +18,7 @@ manifest = store.manifest if store else None
 compared = state.against_runs(run, manifest)
 
 st.header("Absorption")
-absorption = loaders.absorption_of(run, list(compared.values()))
+absorption = loaders.result_of(run, AbsorptionResult, list(compared.values()))
 if absorption is None:
     st.info(f"Absorption has not been measured for this run: `msae analyze {run} --against OTHER_RUN` measures it "
             f"(it is on by default) for both runs on the same first-letter probes.")
@@ -62,7 +63,7 @@ if figs:
                "how often two children of one parent fire together; Tree SAE's score: the share of frequent latents' "
                "children for which parent and child are both among the five decoder rows nearest the child's "
                "detection direction. The second table: the ranges papers publish, on larger models.")
-bench = loaders.hierarchy_bench_of(run, list(compared.values()))
+bench = loaders.result_of(run, HierarchyBench, list(compared.values()))
 if bench is not None:
     st.subheader("Taxonomy benchmark (WordNet categories)")
     st.dataframe(tables.taxonomy_table(bench), hide_index=True)

@@ -4,6 +4,7 @@ gallery`), each with its member × latent heatmap, decoder cosines, example cont
 import streamlit as st
 
 from explorer import figures, html, loaders, state
+from msae.results import Gallery
 
 run = state.setup("Gallery")
 st.title("Gallery")
@@ -11,7 +12,7 @@ if run is None:
     st.stop()
 store = loaders.store_of(run, quiet=True)
 compared = state.against_runs(run, store.manifest if store else None)
-gallery = loaders.gallery_of(run, list(compared.values()))
+gallery = loaders.result_of(run, Gallery, list(compared.values()))
 if gallery is None:
     st.info(f"No gallery for this run yet. `msae hierarchy-bench {run} --against WIDE_RUN` and then "
             f"`msae gallery {run} --against WIDE_RUN --narrow NARROW_RUN` mine one absorption and one splitting case.")

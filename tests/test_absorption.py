@@ -11,6 +11,7 @@ import torch
 from msae.analysis import absorption as ab
 from msae.io import SAELoadError, save_sae
 from msae.lm import residual_after
+from msae.results import AbsorptionResult
 from msae.run import Run
 from msae.sae import SAE
 
@@ -225,5 +226,5 @@ def test_shipped_saes_measure_within_bounds(measured, tmp_path):
     assert measured.validity is not None and not measured.validity.valid
     groups = {g for row in measured.saes["matryoshka"].letters for g in row.main_groups}
     assert groups <= {0, 1, 2, 3}
-    path = Run(tmp_path).write_absorption(measured)
-    assert path.name == "absorption.json" and Run(tmp_path).absorption() == measured
+    path = Run(tmp_path).write_result(measured)
+    assert path.name == "absorption.json" and Run(tmp_path).result(AbsorptionResult) == measured

@@ -30,7 +30,7 @@ from msae.analysis.inference import text_latents
 from msae.analysis.tree import hierarchy_nodes, largest_trees, subtree
 from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
-from msae.run import Run, find_runs
+from msae.run import JOB_FILE, JOB_LOG_FILE, Run, find_runs
 from msae.sae import SAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,7 +373,7 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
     assert "has not been measured" in at.info[0].value
 
     result = absorption_result(("matryoshka", "vanilla"))
-    Run(run).write_absorption(result)
+    Run(run).write_result(result)
     try:
         at = ok(open_page("pages/3_Diagnostics.py", run))
         absorption, splitting, fvu_l0 = figures(at)[:3]
@@ -577,7 +577,7 @@ def test_train_stops_and_resumes(env, acts_file):
     status = wait(out, lambda s: not s.running)
     assert status.state == "finished", jobs.log_tail(out)
     assert max(m[-1].step for m in jobs.metrics(out).values()) == done + 10
-    assert "--resume" in json.loads((out / jobs.JOB_FILE).read_text())["command"]
+    assert "--resume" in json.loads((out / JOB_FILE).read_text())["command"]
 
 
 # ---- tables, trees, HTML and jobs without the app ----------------------------------------------------------------
@@ -611,7 +611,7 @@ def test_hierarchy_nodes_build_a_forest_within_the_filters(pair):
 
 
 def test_log_tail_keeps_the_last_progress_redraw(tmp_path):
-    (tmp_path / jobs.LOG_FILE).write_text("start\n 10%|#  \r 50%|##  \r 90%|### \nend\n")
+    (tmp_path / JOB_LOG_FILE).write_text("start\n 10%|#  \r 50%|##  \r 90%|### \nend\n")
     assert jobs.log_tail(tmp_path) == "start\n 90%|### \nend"
     assert to_flags(TrainConfig(widths=(8, 32), also_vanilla=True, lr=None, k=4)) == [
         "--widths", "8,32", "--k", "4", "--also-vanilla"]

@@ -65,14 +65,14 @@ def test_a_run_reads_and_writes_every_file_through_records(tmp_path):
     assert [m.step for m in run.metrics()] == [1, 2, 3]
     run.trim_metrics(2)
     assert [m.step for m in run.metrics()] == [1, 2]
-    assert run.eval() is None
+    assert run.result(EvalResult) is None
     result = EvalResult(rows=10, widths=[4, 16], fvu=[0.5, 0.3], explained_variance=[0.5, 0.7], l0=2.0,
                         dead_fraction=0.1)
-    run.write_eval(result)
-    assert run.eval() == result
+    run.write_result(result)
+    assert run.result(EvalResult) == result
     (run.path / "eval.json").write_text("[1, 2]")
     with pytest.raises(RunError, match="eval.json: cannot be read"):
-        run.eval()
+        run.result(EvalResult)
     assert find_runs(tmp_path) == [run.path]
     summary = run.summary()
     assert summary.widths == [4, 16] and summary.steps == 3 and summary.fvu == [0.9, 0.8]
@@ -96,11 +96,11 @@ def test_absorption_is_found_where_it_was_measured(tmp_path):
     pair = tmp_path / "pair"
     for name in ("matryoshka", "vanilla"):
         Run(pair / name).save_sae(SAE(8, [16], k=2), RunInfo(name=name))
-    Run(pair / "matryoshka").write_absorption(shipped)
-    assert Run(pair / "vanilla").absorption() is None
-    assert Run(pair / "vanilla").absorption_measured() == shipped, "the pair's result is kept beside it"
+    Run(pair / "matryoshka").write_result(shipped)
+    assert Run(pair / "vanilla").result(AbsorptionResult) is None
+    assert Run(pair / "vanilla").result_covering(AbsorptionResult) == shipped, "the pair's result is kept beside it"
     Run(tmp_path / "alone").save_sae(SAE(8, [16], k=2), RunInfo())
-    assert Run(tmp_path / "alone").absorption_measured() is None
+    assert Run(tmp_path / "alone").result_covering(AbsorptionResult) is None
 
 
 def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
@@ -113,7 +113,7 @@ def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
         packages = [s.package for s in info.extraction.corpus.sources]
         # The prose and code parts; WordNet's four parts follow where the machine that trained them had wordnet-base.
         assert packages[:3] == ["gensim", "gensim", "pydoc_data"] and set(packages[3:]) <= {"wordnet-base"}
-        assert run.eval().fvu and run.metrics()
+        assert run.result(EvalResult).fvu and run.metrics()
         StoreManifest.from_json(json.loads((run.store_dir / "manifest.json").read_text()))
         for path in run.path.rglob("*.json*"):
             text = path.read_text()

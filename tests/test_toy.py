@@ -10,6 +10,7 @@ import torch
 from msae import toy
 from msae.cli import main as cli_main
 from msae.results import ToyResult
+from msae.run import TOY_EVAL_ACTIVATIONS
 from msae.sae import SAE
 
 N = 200_000
@@ -208,7 +209,7 @@ def test_cli_analyze_activations_writes_the_links_table(tmp_path, capsys):
     out = tmp_path / "runs"
     assert cli_main(["toy", "--preset", "nabeshima", "--steps", "300", "--out", str(out), "--json"]) == 0
     capsys.readouterr()
-    acts_file = out / toy.EVAL_ACTIVATIONS
+    acts_file = out / TOY_EVAL_ACTIVATIONS
     assert cli_main(["analyze", str(out / "matryoshka"), "--activations", str(acts_file)]) == 0
     printed = capsys.readouterr().out
     assert "links" in printed and "held-out P(p|c), coverage" in printed

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import read_manifest
+from msae.activations import iter_shards
 from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import encode_rows
@@ -150,22 +149,16 @@ def read_sample(cache: Path, n_rows: int) -> dict[str, Tensor]:
     """The first `n_rows` rows of the cache with their tokens and context windows' positions."""
     out = {"acts": [], "token": [], "context": [], "position": []}
     contexts = {}
-    total = 0
-    for shard in read_manifest(cache)["shards"]:
-        if total >= n_rows:
-            break
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            take = min(shard["rows"], n_rows - total)
-            out["acts"].append(f.get_slice("activations")[:take].float())
-            out["token"].append(f.get_slice("token_ids")[:take].long())
-            context = f.get_slice("context")[:take].long()
-            out["context"].append(context)
-            out["position"].append(f.get_slice("position")[:take].long())
-            start = int(f.get_tensor("context_start")[0])
-            ctx = f.get_tensor("context_tokens")
-            for c in torch.unique(context).tolist():
-                contexts[c] = ctx[c - start]
-        total += take
+    names = ["activations", "token_ids", "context", "position", "context_start", "context_tokens"]
+    for _i, _shard, t in iter_shards(cache, names, max_rows=n_rows):
+        out["acts"].append(t["activations"].float())
+        out["token"].append(t["token_ids"].long())
+        context = t["context"].long()
+        out["context"].append(context)
+        out["position"].append(t["position"].long())
+        start = int(t["context_start"][0])
+        for c in torch.unique(context).tolist():
+            contexts[c] = t["context_tokens"][c - start]
     sample = {k: torch.cat(v) for k, v in out.items()}
     sample["contexts"] = contexts
     return sample

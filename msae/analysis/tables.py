@@ -308,7 +308,7 @@ def l0_fvu_point(run: Run, manifest: StoreManifest | None = None) -> dict | None
     """FVU (held-out if measured, else the last training step) and L0 per width of one run (name, widths, fvu,
     l0); the nested widths' L0 comes from its feature store `manifest`, else every width gets the overall L0.
     None when the run has no figures."""
-    heldout, metrics = run.eval(), run.metrics()
+    heldout, metrics = run.result(EvalResult), run.metrics()
     training = metrics[-1] if metrics else None
     fvu = heldout.fvu if heldout is not None else training.fvu if training is not None else None
     if not fvu:

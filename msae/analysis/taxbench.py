@@ -28,10 +28,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import read_manifest
+from msae.activations import context_tokens_at, iter_shards, read_manifest, read_rows, read_shard
 from msae.analysis.stream import Sparse, encode_rows
 from msae.analysis.validate import bootstrap_mean
 from msae.results import CategoryResult, HierarchyBench, Interval, SAEBench
@@ -42,6 +41,8 @@ PER_TOKEN = 12
 """Corpus occurrences kept per member token (a seeded sample), so frequent words do not decide a category."""
 MIN_OCCURRENCES = 2
 """Tokens with fewer corpus occurrences get template sentences."""
+PLACE_TENSORS = ("token_ids", "context", "position")
+"""What finding rows by token needs of a shard: each row's token and its place in the corpus."""
 Progress = Callable[[str, int, int], None]
 """(stage, done, total): called as each stage advances (a long benchmark otherwise says nothing for minutes)."""
 Count = Callable[[int, int], None]
@@ -130,17 +131,14 @@ def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0, progress: Cou
     row (in the shard), token, context, position."""
     g = torch.Generator().manual_seed(seed)
     found = []
-    shards = read_manifest(cache)["shards"]
-    for i, shard in enumerate(shards):
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            ids = f.get_tensor("token_ids").long()
-            context = f.get_tensor("context").long()
-            position = f.get_tensor("position").long()
+    n_shards = len(read_manifest(cache).shards)
+    for i, _shard, t in iter_shards(cache, PLACE_TENSORS):
+        ids, context, position = t["token_ids"].long(), t["context"].long(), t["position"].long()
         hit = torch.isin(ids, tokens).nonzero().squeeze(1)
         found.append(pd.DataFrame({"shard": i, "row": hit.numpy(), "token": ids[hit].numpy(),
                                    "context": context[hit].numpy(), "position": position[hit].numpy()}))
         if progress is not None:
-            progress(i + 1, len(shards))
+            progress(i + 1, n_shards)
     occ = (pd.concat(found, ignore_index=True) if found
            else pd.DataFrame(columns=["shard", "row", "token", "context", "position"]))
     occ["key"] = torch.rand(len(occ), generator=g).numpy()
@@ -151,19 +149,17 @@ def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0, progress: Cou
 def background_rows(cache: Path, exclude: Tensor, n: int, seed: int = 0) -> pd.DataFrame:
     """`n` random rows of the cache whose token is not in `exclude`."""
     g = torch.Generator().manual_seed(seed + 1)
-    shards = read_manifest(cache)["shards"]
-    total = sum(s["rows"] for s in shards)
+    shards = read_manifest(cache).shards
+    total = sum(s.rows for s in shards)
     picks = torch.randperm(total, generator=g)[: 2 * n].sort().values
-    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    starts = np.cumsum([0] + [s.rows for s in shards])
     out = []
     for i, shard in enumerate(shards):
         local = picks[(picks >= starts[i]) & (picks < starts[i + 1])] - int(starts[i])
         if local.numel() == 0:
             continue
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            ids = f.get_tensor("token_ids").long()[local]
-            context = f.get_tensor("context").long()[local]
-            position = f.get_tensor("position").long()[local]
+        t = read_shard(cache, shard, PLACE_TENSORS, local)
+        ids, context, position = t["token_ids"].long(), t["context"].long(), t["position"].long()
         keep = ~torch.isin(ids, exclude)
         out.append(pd.DataFrame({"shard": i, "row": local[keep].numpy(), "token": ids[keep].numpy(),
                                  "context": context[keep].numpy(), "position": position[keep].numpy()}))
@@ -178,26 +174,18 @@ def pool_window(cache: Path, pool: Pool, index: int, window: int) -> tuple[list[
         ids, pos = pool.template_ids[index - n_corpus], pool.template_pos[index - n_corpus]
     else:
         o = pool.origin.iloc[index]
-        shard = read_manifest(cache)["shards"][int(o["shard"])]
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            start = int(f.get_tensor("context_start")[0])
-            row = f.get_tensor("context_tokens")[int(o["context"]) - start]
+        row = context_tokens_at(cache, int(o["shard"]), int(o["context"]))
         ids, pos = [t for t in row.tolist() if t >= 0], int(o["position"])
     lo = max(0, pos - window)
     return ids[lo : pos + window + 1], pos - lo
 
 
-def read_rows(cache: Path, frame: pd.DataFrame) -> Tensor:
+def frame_activations(cache: Path, frame: pd.DataFrame) -> Tensor:
     """The activations (float32) of the frame's (shard, row) pairs, in the frame's order."""
-    shards = read_manifest(cache)["shards"]
-    out = None
-    for i, group in frame.groupby("shard"):
-        with safe_open(str(Path(cache) / shards[int(i)]["file"]), framework="pt") as f:
-            acts = f.get_tensor("activations")[torch.tensor(group["row"].to_numpy())].float()
-        if out is None:
-            out = torch.zeros(len(frame), acts.shape[1])
-        out[torch.tensor(frame.index.get_indexer(group.index))] = acts
-    return out if out is not None else torch.zeros(0, 0)
+    if frame.empty:
+        return torch.zeros(0, 0)
+    return read_rows(cache, torch.tensor(frame["shard"].to_numpy(dtype="int64")),
+                      torch.tensor(frame["row"].to_numpy(dtype="int64"))).float()
 
 
 @torch.no_grad()
@@ -243,7 +231,7 @@ def build_pool(cache: Path, lm, layer: int, tokens: set[int], exclude: set[int],
     n_back = BACKGROUND_ROWS if background is None else background
     back = background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), n_back, seed) if n_back else None
     frame = pd.concat([occ, back], ignore_index=True) if back is not None else occ.reset_index(drop=True)
-    acts = read_rows(cache, frame)
+    acts = frame_activations(cache, frame)
     t_acts, t_tok, t_sel, t_ids, t_pos = template_rows(lm, layer, rare, progress)
     n_occ = len(occ)
     return Pool(
