@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from msae import corpus as corpus_mod
@@ -401,6 +401,36 @@ def first_shards(shards: list[Shard], max_rows: int | None) -> list[Shard]:
         kept.append(shard)
         total += shard.rows
     return kept
+
+
+class ActivationsFileError(ValueError):
+    """A user's activations file that cannot be trained or analysed on; the message names the file and the problem."""
+
+
+def read_activations_file(path: Path) -> Tensor:
+    """The `activations` tensor (N, d_in) of a user's safetensors file (`--activations`), checked: finite, with
+    rows and columns; float16 and bfloat16 are read as float32."""
+    if not path.exists():
+        raise ActivationsFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ActivationsFileError(f"{path}: a directory, not a safetensors file")
+    io.refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "activations" not in f.keys():
+                raise ActivationsFileError(f"{path}: no tensor named 'activations' (found: {', '.join(f.keys()) or 'none'})")
+            acts = f.get_tensor("activations")
+    except SafetensorError as exc:
+        raise ActivationsFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise ActivationsFileError(f"{path}: 'activations' must be a 2-D float tensor (N, d_in), got "
+                                   f"{tuple(acts.shape)} {acts.dtype}")
+    if acts.shape[0] == 0 or acts.shape[1] == 0:
+        raise ActivationsFileError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
+    bad = first_non_finite_row(acts)
+    if bad is not None:
+        raise ActivationsFileError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run again")
+    return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
 
 def _pending_batches(contexts: Iterator, size: int, done: int) -> Iterator[tuple[int, list]]:

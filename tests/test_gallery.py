@@ -18,7 +18,8 @@ from msae.activations import extract
 from msae.analysis import gallery as gallery_mod
 from msae.analysis import taxbench
 from msae.analysis.analyze import hierarchy_bench, make_gallery
-from msae.cli import ProgressLines, format_gallery, format_hierarchy_bench
+from msae.cli import ProgressLines
+from msae.reports import format_gallery, format_hierarchy_bench
 from msae.config import ExtractConfig
 from msae.lm import DEFAULT_MODEL
 from msae.sae import SAE
