@@ -14,8 +14,9 @@ import torch
 from msae import io, reports
 from msae.activations import extract, read_activations_file, read_manifest
 from msae.analysis.analyze import AnalysisError
-from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainJob,
-                         add_config_args, check_device_name, config_from_args)
+from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, CorpusInfoConfig, ExtractConfig,
+                         GalleryConfig, TaxonomyBenchConfig, TaxonomyConfig, TrainJob, add_config_args,
+                         check_device_name, config_from_args)
 from msae.corpus import CorpusError
 from msae.distributed import RankLost, launch
 from msae.io import SAELoadError
@@ -68,15 +69,14 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     from msae import taxonomy
     from msae.lm import load_lm
 
-    if args.min_tokens < 1:
-        raise CLIError(f"--min-tokens must be at least 1, got {args.min_tokens}")
+    cfg = config_from_args(TaxonomyConfig, args)
     check_output_file(Path(args.out), taxonomy.is_taxonomy_file)
-    built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(args.data_noun)), load_lm(args.model, "cpu").tokenizer,
-                                    args.model, args.min_tokens, source=f"WordNet 3.0 {Path(args.data_noun).name}")
+    built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(cfg.data_noun)), load_lm(cfg.model, "cpu").tokenizer,
+                                    cfg.model, cfg.min_tokens, source=f"WordNet 3.0 {Path(cfg.data_noun).name}")
     if not built.categories:  # the benchmarks would refuse it later, after their model load and extraction
-        raise CLIError(f"no category of {args.data_noun} has {args.min_tokens:,} single-token words: lower --min-tokens")
+        raise CLIError(f"no category of {cfg.data_noun} has {cfg.min_tokens:,} single-token words: lower --min-tokens")
     taxonomy.write_taxonomy(built, Path(args.out))
-    print(f"{args.out}: {len(built.categories):,} categories with >= {args.min_tokens} single-token words")
+    print(f"{args.out}: {len(built.categories):,} categories with >= {cfg.min_tokens} single-token words")
     return 0
 
 
@@ -84,7 +84,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from msae.corpus import CORPORA, corpus_info, missing_note
     from msae.lm import load_lm
 
-    tokenizer = load_lm(args.model, "cpu").tokenizer if args.info else None
+    cfg = config_from_args(CorpusInfoConfig, args)
+    tokenizer = load_lm(cfg.model, "cpu").tokenizer if cfg.info else None
     rows = corpus_info(tokenizer)
     for row in rows:
         counts = f"  {row['documents']:,} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
@@ -93,7 +94,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     for corpus in CORPORA:
         if tokenizer is not None:
             total = sum(r.get("tokens", 0) for r in rows if corpus in r["corpora"])
-            print(f"total {corpus}: {total:,} distinct tokens ({args.model} tokenizer)")
+            print(f"total {corpus}: {total:,} distinct tokens ({cfg.model} tokenizer)")
         if missing_note(corpus):
             print(f"note: {missing_note(corpus)}")
     return 0
@@ -172,10 +173,11 @@ class ProgressLines:
 def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import hierarchy_bench
 
+    config = config_from_args(TaxonomyBenchConfig, args)
     check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
-        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
-                                 device=args.device, progress=ProgressLines("hierarchy-bench"))
+        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], config,
+                                 progress=ProgressLines("hierarchy-bench"))
     print(reports.format_hierarchy_bench(result))
     return 0
 
@@ -183,11 +185,12 @@ def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
 def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
+    config = config_from_args(GalleryConfig, args)
     check_against(args.run_dir, [args.against])
     check_against(args.run_dir, [args.narrow] if args.narrow else [], "--narrow")
     with locked_run(args.run_dir):
         result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
-                              args.taxonomy, device=args.device)
+                              config)
     print(reports.format_gallery(result))
     return 0
 
@@ -226,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract_parser.set_defaults(func=cmd_extract)
 
     corpus = sub.add_parser("corpus", help="the named corpora's parts: provenance, licence (and token counts with --info)")
-    corpus.add_argument("--info", action="store_true", help="count documents and tokens with the model's tokenizer")
-    corpus.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens")
+    add_config_args(corpus, CorpusInfoConfig)
     corpus.set_defaults(func=cmd_corpus)
 
     analyze_parser = sub.add_parser("analyze", help="feature store, hierarchy, splitting, matching and absorption of a run")
@@ -256,23 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("run_dir", help="run directory; hierarchy_bench.json is written here")
     bench_parser.add_argument("--against", action="append", default=[], help="another run on the same activations "
                               "(repeatable); differences are taken run minus each")
-    bench_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
-    bench_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
+    add_config_args(bench_parser, TaxonomyBenchConfig)
     bench_parser.set_defaults(func=cmd_hierarchy_bench)
 
     gallery_parser = sub.add_parser("gallery", help="one absorption and one splitting case, with heatmaps and contexts")
     gallery_parser.add_argument("run_dir", help="a Matryoshka run; gallery.json is written here")
     gallery_parser.add_argument("--against", required=True, help="its vanilla twin of the same width")
     gallery_parser.add_argument("--narrow", default=None, help="a narrower vanilla SAE (for the splitting case)")
-    gallery_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
-    gallery_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
+    add_config_args(gallery_parser, GalleryConfig)
     gallery_parser.set_defaults(func=cmd_gallery)
 
     tax = sub.add_parser("taxonomy", help="WordNet's noun hierarchy as token sets of a model's vocabulary")
-    tax.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")
-    tax.add_argument("--data-noun", default="/usr/share/wordnet/data.noun", help="WordNet's data.noun (wordnet-base)")
-    tax.add_argument("--min-tokens", type=int, default=5, help="smallest category kept (default: 5)")
     tax.add_argument("--out", required=True, help="the JSON to write")
+    add_config_args(tax, TaxonomyConfig)
     tax.set_defaults(func=cmd_taxonomy)
 
     export_parser = sub.add_parser("export", help="write a run in SAELens's or dictionary_learning's layout")

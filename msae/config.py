@@ -613,6 +613,98 @@ class ToyConfig(Config):
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
 
 
+@dataclasses.dataclass
+class TaxonomyBenchConfig(Config):
+    """The taxonomy benchmark (`msae hierarchy-bench`): where it runs, its ground truth, and every size and threshold
+    it uses; saved in its result (HierarchyBench.config)."""
+
+    taxonomy: str | None = None
+    """A taxonomy JSON (`msae taxonomy`; default: the shipped SmolLM2 one)."""
+    device: str = "cpu"
+    """Device for the LM and the SAEs."""
+    seed: int = 0
+    """Seeds the occurrence and background samples and the bootstraps."""
+    categories: int = 60
+    """Categories chosen, largest coverage first."""
+    category_size: tuple[int, int] = (8, 150)
+    """Categories with this many member tokens in the vocabulary (narrow enough to be one concept, broad enough to
+    have several members)."""
+    min_members: int = 6
+    """Members with occurrences a category needs."""
+    max_overlap: float = 0.5
+    """A category sharing more than this (Jaccard) with one already chosen is skipped: no near-duplicates."""
+    per_token: int = 12
+    """Corpus occurrences kept per member token (a seeded sample), so frequent words do not decide a category."""
+    min_occurrences: int = 2
+    """Tokens with fewer corpus occurrences get template sentences."""
+    background_rows: int = 8000
+    """Random corpus rows whose token is in no chosen category, beside the members'."""
+    label_f1: float = 0.5
+    """A latent is labelled with its best category when that category's F1 reaches this."""
+    label_max_size: int = 500
+    """Labels come from categories of at most this many tokens: a latent that fires on most nouns would otherwise be
+    labelled 'entity' or 'object', and every link under it would count as right by ancestry."""
+    member_specific: float = 0.5
+    """A latent is specific to a token when at least this share of its firings in the pool are on that token..."""
+    member_min_fires: int = 3
+    """... and it fires at least this often in the pool."""
+    bootstrap_reps: int = 1000
+    """Bootstrap replicates of each interval."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_device_name(self.device)
+        _check(self.categories >= 1, f"categories must be at least 1, got {self.categories}")
+        _check(1 <= self.category_size[0] <= self.category_size[1],
+               f"category_size must be two sizes, the smaller first, got {self.category_size}")
+        for name in ("min_members", "per_token", "min_occurrences", "label_max_size", "member_min_fires",
+                     "bootstrap_reps"):
+            _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        _check(self.background_rows >= 0, f"background_rows must be at least 0, got {self.background_rows}")
+        for name in ("max_overlap", "label_f1", "member_specific"):
+            _check(0 <= getattr(self, name) <= 1, f"{name} must be between 0 and 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class GalleryConfig(Config):
+    """`msae gallery`: where it runs and its ground truth (the case-mining thresholds are msae.analysis.gallery's)."""
+
+    taxonomy: str | None = None
+    """A taxonomy JSON (`msae taxonomy`; default: the shipped SmolLM2 one)."""
+    device: str = "cpu"
+    """Device for the LM and the SAEs."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_device_name(self.device)
+
+
+@dataclasses.dataclass
+class TaxonomyConfig(Config):
+    """`msae taxonomy`: WordNet's noun hierarchy as token sets of a model's vocabulary."""
+
+    model: str = DEFAULT_MODEL
+    """Whose tokenizer."""
+    data_noun: str = "/usr/share/wordnet/data.noun"
+    """WordNet's data.noun (Debian's wordnet-base)."""
+    min_tokens: int = 5
+    """Smallest category kept, in single-token words."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.min_tokens >= 1, f"{flag('min_tokens')} must be at least 1, got {self.min_tokens}")
+
+
+@dataclasses.dataclass
+class CorpusInfoConfig(Config):
+    """`msae corpus`: the named corpora's parts."""
+
+    info: bool = False
+    """Count documents and tokens with the model's tokenizer."""
+    model: str = DEFAULT_MODEL
+    """Whose tokenizer counts the tokens."""
+
+
 TRAIN_SKIP = ("extract.device", "extract.precision")
 """TrainJob paths left out of `msae train`'s flags: it has one --device and one --precision, for the LM and the SAEs."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TrainConfig
+from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TaxonomyBenchConfig, TrainConfig
 from msae.records import Record
 
 
@@ -554,6 +554,8 @@ class HierarchyBench(Record):
     differences: dict[str, Interval] = field(default_factory=dict)
     """Paired over categories: "A - B average precision" for the SAEs compared."""
     seconds: float | None = None
+    config: TaxonomyBenchConfig | None = None
+    """Every size and threshold it used (None in results written before they were recorded)."""
 
 
 @dataclass

@@ -18,7 +18,8 @@ from msae.analysis import features, hierarchy, matching, validate
 from msae.analysis.store import (STORE_FORMAT, Against, FeatureStore, StoreError, load_store, store_kind,
                                  write_links_only, write_store)
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
-from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
+from msae.config import (AbsorptionConfig, AnalyzeConfig, ExtractConfig, GalleryConfig, LinkConfig,
+                         TaxonomyBenchConfig)
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, check_before_load, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
@@ -417,15 +418,15 @@ def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | 
 
 
 def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | None = None,
-                 taxonomy: Path | str | None = None, lm: LoadedLM | None = None, device: str = "cpu",
-                 cache: Path | None = None) -> Gallery:
+                 config: GalleryConfig | None = None, lm: LoadedLM | None = None, cache: Path | None = None) -> Gallery:
     """The gallery (msae.analysis.gallery) of a Matryoshka run with its wide vanilla twin and, for splitting, a
     narrow vanilla SAE; the absorption case comes from the run's hierarchy_bench.json. Written to RUN/gallery.json."""
     from msae.analysis import gallery
 
+    config = config or GalleryConfig()
     run = Run(run_dir)
     runs = [run, Run(wide)] + ([Run(narrow)] if narrow is not None else [])
-    saes = _load_named(runs, device)
+    saes = _load_named(runs, config.device)
     if saes[run.name].n_groups < 2:
         raise AnalysisError(f"{run.path} is not a Matryoshka SAE: the gallery sets one against its vanilla twins")
     roles = {"matryoshka": run.name, "wide": Run(wide).name}
@@ -434,31 +435,32 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
         if saes[roles["narrow"]].d_sae >= saes[run.name].d_sae:
             raise AnalysisError(f"--narrow {narrow} has {saes[roles['narrow']].d_sae} latents, not fewer than "
                                 f"{run.path}'s {saes[run.name].d_sae}: splitting needs a narrower SAE")
-    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
     result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(HierarchyBench))
     run.write_result(result)
     return result
 
 
-def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
-                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None,
+def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), config: TaxonomyBenchConfig | None = None,
+                    lm: LoadedLM | None = None, cache: Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> HierarchyBench:
     """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
     and activation cache; tree links come from each run's feature store when it has one. Written to
     RUN/hierarchy_bench.json. `progress` hears its stages (taxbench.run_bench)."""
     from msae.analysis import taxbench
 
+    config = config or TaxonomyBenchConfig()
     run = Run(run_dir)
     runs = [run] + [Run(p) for p in against]
-    saes = _load_named(runs, device)
-    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    saes = _load_named(runs, config.device)
+    ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
     links = {}
     for r in runs:
         try:
             links[r.name] = load_store(r.path).links
         except StoreError:
             links[r.name] = None
-    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, progress=progress)
+    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, config, progress=progress)
     run.write_result(result)
     return result
 
