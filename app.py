@@ -11,7 +11,7 @@ from msae.analysis import tables
 from msae.io import SAELoadError, check_fits
 from msae.lm import DEFAULT_MODEL
 from msae.results import EvalResult
-from msae.run import Run, RunError, RunSummary, source_of
+from msae.run import Run, RunError, RunSummary, cfg_source
 from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
 
 run = state.setup("Home")
@@ -89,7 +89,7 @@ def add_uploaded_sae() -> None:
             st.error(str(exc))
     if cfg is None:
         return
-    model_cfg, layer_cfg = source_of(cfg)
+    model_cfg, layer_cfg = cfg_source(cfg)
     c1, c2, c3 = st.columns(3)
     # Keyed by the cfg.json upload, so a new cfg.json brings its own model and layer as defaults.
     name = c1.text_input("name", key=f"upload_name_{cfg_file.file_id}", placeholder="my-sae",

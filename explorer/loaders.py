@@ -96,7 +96,7 @@ def lm_of(name: str) -> LoadedLM | None:
         return None
 
 
-def source_of(run: Path) -> tuple[str | None, int | None]:
+def run_source(run: Path) -> tuple[str | None, int | None]:
     """The model and layer a run reads (None, None after an error when its cfg.json cannot be read)."""
     try:
         return Run(run).source()
@@ -107,7 +107,7 @@ def source_of(run: Path) -> tuple[str | None, int | None]:
 
 def lm_for(run: Path, sae: SAE) -> tuple[LoadedLM, int] | None:
     """The model and layer a run reads, checked to fit its SAE; None after an error saying why not."""
-    model, layer = source_of(run)
+    model, layer = run_source(run)
     if model is None or layer is None:
         st.error(f"{short_name(run)} does not record the model and layer it was trained on (cfg.json: "
                  f"msae.extraction.model / layer, or SAELens's model_name / hook_name); upload it again on Home "
@@ -141,7 +141,7 @@ def read_text(runs: Sequence[Path], text: str) -> TextLatents | None:
         return None
     lm, layer = found
     for other, sae in zip(runs[1:], loaded[1:]):
-        model_o, layer_o = source_of(other)
+        model_o, layer_o = run_source(other)
         if sae.d_in != lm.d_model or (layer_o is not None and layer_o != layer):
             st.error(f"{short_name(other)} reads {model_o} layer {layer_o} (d_in {sae.d_in}), not "
                      f"{lm.name} layer {layer} as {short_name(runs[0])} does: they cannot read the same text.")
@@ -191,7 +191,7 @@ R = TypeVar("R", bound=Record)
 
 
 def result_of(run: Path, kind: type[R], compared: Sequence[Path]) -> R | None:
-    """The result of `kind` (AbsorptionResult, HierarchyBench, Gallery) that measured `run`: its own, or one of a run
+    """The result of `kind` (AbsorptionResult, TaxonomyBench, Gallery) that measured `run`: its own, or one of a run
     it was compared with or that lies beside it (msae.run.Run.result_covering); None after a warning when its own
     file is unreadable."""
     try:

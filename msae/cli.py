@@ -170,15 +170,15 @@ class ProgressLines:
             self.stage, self.last = stage, now
 
 
-def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
-    from msae.analysis.analyze import hierarchy_bench
+def cmd_taxonomy_bench(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import taxonomy_bench
 
     config = config_from_args(TaxonomyBenchConfig, args)
     check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
-        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], config,
-                                 progress=ProgressLines("hierarchy-bench"))
-    print(reports.format_hierarchy_bench(result))
+        result = taxonomy_bench(Path(args.run_dir), [Path(p) for p in args.against], config,
+                                 progress=ProgressLines(args.command))
+    print(reports.format_taxonomy_bench(result))
     return 0
 
 
@@ -186,11 +186,10 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
     config = config_from_args(GalleryConfig, args)
-    check_against(args.run_dir, [args.against])
+    check_against(args.run_dir, [args.wide], "--wide")
     check_against(args.run_dir, [args.narrow] if args.narrow else [], "--narrow")
     with locked_run(args.run_dir):
-        result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
-                              config)
+        result = make_gallery(Path(args.run_dir), Path(args.wide), Path(args.narrow) if args.narrow else None, config)
     print(reports.format_gallery(result))
     return 0
 
@@ -253,17 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(absorption_parser, AbsorptionConfig)
     absorption_parser.set_defaults(func=cmd_absorption)
 
-    bench_parser = sub.add_parser("hierarchy-bench", help="WordNet categories as ground truth: parent recall, absorption, "
-                                                          "splitting and link precision per SAE")
-    bench_parser.add_argument("run_dir", help="run directory; hierarchy_bench.json is written here")
+    # hierarchy-bench: the command's first name, kept for scripts that use it.
+    bench_parser = sub.add_parser("taxonomy-bench", aliases=["hierarchy-bench"],
+                                  help="the taxonomy benchmark: WordNet categories as ground truth for parent recall, "
+                                       "absorption, splitting and link precision per SAE")
+    bench_parser.add_argument("run_dir", help="run directory; its hierarchy_bench.json is written here")
     bench_parser.add_argument("--against", action="append", default=[], help="another run on the same activations "
                               "(repeatable); differences are taken run minus each")
     add_config_args(bench_parser, TaxonomyBenchConfig)
-    bench_parser.set_defaults(func=cmd_hierarchy_bench)
+    bench_parser.set_defaults(func=cmd_taxonomy_bench)
 
     gallery_parser = sub.add_parser("gallery", help="one absorption and one splitting case, with heatmaps and contexts")
     gallery_parser.add_argument("run_dir", help="a Matryoshka run; gallery.json is written here")
-    gallery_parser.add_argument("--against", required=True, help="its vanilla twin of the same width")
+    # --against: this flag's first name, kept for scripts; elsewhere --against names runs to compare with.
+    gallery_parser.add_argument("--wide", "--against", dest="wide", required=True,
+                                help="the run's vanilla twin of the same width")
     gallery_parser.add_argument("--narrow", default=None, help="a narrower vanilla SAE (for the splitting case)")
     add_config_args(gallery_parser, GalleryConfig)
     gallery_parser.set_defaults(func=cmd_gallery)

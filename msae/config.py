@@ -423,7 +423,7 @@ class StoreConfig(Config):
 class LinkConfig(Config):
     """Which parent–child candidates become links and which are kept for display.
 
-    Two criteria (DESIGN.md §3). "coverage" (the default): parent p is linked to child c when p fires on most of
+    Two criteria. "coverage" (the default): parent p is linked to child c when p fires on most of
     c's tokens, P(p | c) >= min_coverage, one way only (P(c | p) <= max_reverse and p fires more often than c),
     more than a dense latent would by chance (lift P(p | c) / P(p) >= min_lift), on enough tokens (min_cofires,
     min_child_fires), and, with probe_top, both among the decoder rows nearest the direction that detects c
@@ -434,10 +434,11 @@ class LinkConfig(Config):
     criterion: typing.Literal["coverage", "cosine"] = "coverage"
     """Which rule makes a candidate a link (see above)."""
     min_coverage: float = 0.7
-    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this. Chosen on
-    held-out data (`msae analyze`'s link validation, links made on even contexts and measured on odd ones): on the
-    shipped Matryoshka run 0.7 is the lowest bound of the grid whose tree links keep a mean held-out P(p | c) of at
-    least 0.7 (0.778, against 0.682 at 0.6), with a frequency-matched random parent under half of it (0.117)."""
+    """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this."""
+    # Why 0.7: chosen on held-out data (`msae analyze`'s link validation: links made on even contexts, measured on
+    # odd ones). On the shipped Matryoshka run it is the lowest bound of the grid whose tree links keep a mean
+    # held-out P(p | c) of at least 0.7 (0.778, against 0.682 at 0.6), with a frequency-matched random parent under
+    # half of it (0.117). A comment, not the field's docstring: the docstring is --min-coverage's help.
     max_reverse: float = 0.9
     """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
     min_lift: float = 2.0
@@ -615,8 +616,8 @@ class ToyConfig(Config):
 
 @dataclasses.dataclass
 class TaxonomyBenchConfig(Config):
-    """The taxonomy benchmark (`msae hierarchy-bench`): where it runs, its ground truth, and every size and threshold
-    it uses; saved in its result (HierarchyBench.config)."""
+    """The taxonomy benchmark (`msae taxonomy-bench`): where it runs, its ground truth, and every size and threshold
+    it uses; saved in its result (TaxonomyBench.config)."""
 
     taxonomy: str | None = None
     """A taxonomy JSON (`msae taxonomy`; default: the shipped SmolLM2 one)."""

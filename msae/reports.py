@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from msae.activations import CacheManifest
-from msae.results import (AbsorptionResult, EvalResult, Gallery, HierarchyBench, HierarchyFigures, LinkValidation,
+from msae.results import (AbsorptionResult, EvalResult, Gallery, TaxonomyBench, HierarchyFigures, LinkValidation,
                           StoreManifest, TrainMetrics)
 
 
@@ -89,7 +89,7 @@ def format_absorption(result: AbsorptionResult) -> str:
     return "\n".join(lines)
 
 
-def format_hierarchy_bench(result: HierarchyBench) -> str:
+def format_taxonomy_bench(result: TaxonomyBench) -> str:
     """The benchmark's headline table, for the terminal."""
 
     def iv(x) -> str:

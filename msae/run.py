@@ -6,7 +6,7 @@ writes each file atomically (a temp file beside it, flushed, then renamed), so a
     RUN/metrics.jsonl             TrainMetrics, one line every log_every steps
     RUN/eval.json                 EvalResult: held-out FVU per width, L0, CE loss recovered
     RUN/absorption.json           AbsorptionResult: first-letter absorption of this run (and runs beside it)
-    RUN/hierarchy_bench.json      HierarchyBench: the taxonomy benchmark of this run (and runs beside it)
+    RUN/hierarchy_bench.json      TaxonomyBench: the taxonomy benchmark of this run (and runs beside it)
     RUN/gallery.json              Gallery: the cases mined for this run and the one it was compared with
     RUN/features/                 the feature store (msae.analysis.store names its own files)
     RUN/.msae.lock                held by the process writing the directory
@@ -34,13 +34,14 @@ from msae import io
 from msae.io import CFG_FILE, WEIGHTS_FILE
 from msae.lm import compute_dtype
 from msae.records import Record, RecordError
-from msae.results import AbsorptionResult, EvalResult, Gallery, HierarchyBench, RunInfo, TrainMetrics
+from msae.results import AbsorptionResult, EvalResult, Gallery, TaxonomyBench, RunInfo, TrainMetrics
 from msae.sae import SAE
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 ABSORPTION_FILE = "absorption.json"
-HIERARCHY_BENCH_FILE = "hierarchy_bench.json"
+TAXONOMY_BENCH_FILE = "hierarchy_bench.json"
+"""The taxonomy benchmark's result, under the name it had when the command was hierarchy-bench (runs keep it)."""
 GALLERY_FILE = "gallery.json"
 STORE_DIR = "features"
 CHECKPOINT_DIR = "checkpoint"
@@ -67,7 +68,7 @@ class ResultFile:
 RESULT_FILES: dict[type, ResultFile] = {
     EvalResult: ResultFile(EVAL_FILE, lambda _result: set()),
     AbsorptionResult: ResultFile(ABSORPTION_FILE, lambda result: set(result.saes)),
-    HierarchyBench: ResultFile(HIERARCHY_BENCH_FILE, lambda result: {sae.name for sae in result.saes}),
+    TaxonomyBench: ResultFile(TAXONOMY_BENCH_FILE, lambda result: {sae.name for sae in result.saes}),
     Gallery: ResultFile(GALLERY_FILE, lambda result: set(result.runs.values())),
 }
 
@@ -187,7 +188,7 @@ def refuse_other_runs(out_dir: Path | str, overwrite_flag: str | None = None) ->
 _HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
 
 
-def source_of(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
+def cfg_source(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     """The model and layer an SAE's cfg.json says it reads: ours record them under msae.extraction; SAELens's
     under model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post), at the top level or (6.x)
     under metadata."""
@@ -241,8 +242,8 @@ class Run:
             raise RunError(f"{self.path / CFG_FILE}: {exc}") from None
 
     def source(self) -> tuple[str | None, int | None]:
-        """The model and layer the SAE reads (`source_of` its cfg.json)."""
-        return source_of(self.cfg())
+        """The model and layer the SAE reads (`cfg_source` its cfg.json)."""
+        return cfg_source(self.cfg())
 
     def set_source(self, model: str | None, layer: int | None) -> None:
         """Record the model and layer the SAE reads (an upload's), keeping every other field."""
@@ -303,7 +304,7 @@ class Run:
     # ------------------------------------------------------------------------------------------- results
 
     def result(self, kind: type[R]) -> R | None:
-        """The run's result of `kind` (a key of RESULT_FILES: EvalResult, AbsorptionResult, HierarchyBench,
+        """The run's result of `kind` (a key of RESULT_FILES: EvalResult, AbsorptionResult, TaxonomyBench,
         Gallery); None when it has none."""
         path = self.path / RESULT_FILES[kind].name
         if not path.exists():
@@ -351,7 +352,7 @@ class Run:
         cfg = self.cfg()
         info = self.info(cfg)
         metrics = self.metrics()
-        model, layer = source_of(cfg)
+        model, layer = cfg_source(cfg)
         widths = io.sae_lens_field(cfg, "matryoshka_widths") or [cfg.get("d_sae")]
         return RunSummary(
             run=str(self.path), architecture=io.training_architecture(cfg), d_in=cfg.get("d_in"), d_sae=cfg.get("d_sae"),

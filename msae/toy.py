@@ -4,7 +4,7 @@ A `ToyHierarchy` is a forest of features: a root fires with its own probability,
 fires (with a probability given the parent), and the children of one parent may be mutually exclusive. An input
 is the sum of magnitude x direction over the features present. Because every direction and every presence is
 known, absorption needs no probe: the parent's latent should fire whenever the parent is present, and
-absorption is the fraction of parent-with-child inputs where it does not (DESIGN.md §3).
+absorption is the fraction of parent-with-child inputs where it does not.
 
 `compare` trains a vanilla and a Matryoshka SAE on the same batches and evaluates both; `msae toy` prints it.
 """

@@ -6,7 +6,7 @@ import streamlit as st
 from explorer import figures, loaders, state
 from msae import toy
 from msae.analysis import tables
-from msae.results import AbsorptionResult, HierarchyBench
+from msae.results import AbsorptionResult, TaxonomyBench
 from msae.run import Run
 
 run = state.setup("Diagnostics")
@@ -63,7 +63,7 @@ if figs:
                "how often two children of one parent fire together; Tree SAE's score: the share of frequent latents' "
                "children for which parent and child are both among the five decoder rows nearest the child's "
                "detection direction. The second table: the ranges papers publish, on larger models.")
-bench = loaders.result_of(run, HierarchyBench, list(compared.values()))
+bench = loaders.result_of(run, TaxonomyBench, list(compared.values()))
 if bench is not None:
     st.subheader("Taxonomy benchmark (WordNet categories)")
     st.dataframe(tables.taxonomy_table(bench), hide_index=True)
@@ -77,10 +77,10 @@ if bench is not None:
                "are labelled by a category count; DAG: every linked parent, not only the tree's). 95% intervals "
                "resample categories and members.")
     with st.expander("per category"):
-        sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="bench_sae")
+        sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="measure_sae")
         st.dataframe(tables.taxonomy_categories_table(bench, sae_name), hide_index=True)
 elif not figs:
-    st.info(f"Not measured yet: `msae analyze {run}` validates the links, `msae hierarchy-bench {run} --against "
+    st.info(f"Not measured yet: `msae analyze {run}` validates the links, `msae taxonomy-bench {run} --against "
             f"OTHER_RUN` runs the taxonomy benchmark.")
 
 st.header("Feature splitting")

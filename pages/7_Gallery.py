@@ -14,8 +14,8 @@ store = loaders.store_of(run, quiet=True)
 compared = state.against_runs(run, store.manifest if store else None)
 gallery = loaders.result_of(run, Gallery, list(compared.values()))
 if gallery is None:
-    st.info(f"No gallery for this run yet. `msae hierarchy-bench {run} --against WIDE_RUN` and then "
-            f"`msae gallery {run} --against WIDE_RUN --narrow NARROW_RUN` mine one absorption and one splitting case.")
+    st.info(f"No gallery for this run yet. `msae taxonomy-bench {run} --against WIDE_RUN` and then "
+            f"`msae gallery {run} --wide WIDE_RUN --narrow NARROW_RUN` mine one absorption and one splitting case.")
     st.stop()
 
 st.caption(f"{gallery.model}, layer {gallery.layer}; runs: " +

@@ -94,7 +94,7 @@ def test_benchmarks_name_what_to_fix_without_flags_they_do_not_have(runs, tmp_pa
         assert "--model" not in line and "add them to its cfg.json" in line
     bad = tmp_path / "taxonomy.json"
     bad.write_text("{not json")
-    refused_unchanged(["hierarchy-bench", str(runs / "vanilla"), "--taxonomy", str(bad)], capsys,
+    refused_unchanged(["taxonomy-bench", str(runs / "vanilla"), "--taxonomy", str(bad)], capsys,
                       f"{bad}: not a taxonomy JSON", runs)
 
 

@@ -15,9 +15,9 @@ from streamlit.testing.v1 import AppTest
 from explorer import loaders
 from msae import io
 from msae.activations import extract
-from msae.analysis.analyze import hierarchy_bench, make_gallery
+from msae.analysis.analyze import taxonomy_bench, make_gallery
 from msae.cli import ProgressLines
-from msae.reports import format_gallery, format_hierarchy_bench
+from msae.reports import format_gallery, format_taxonomy_bench
 from msae.config import ExtractConfig, TaxonomyBenchConfig
 from msae.lm import DEFAULT_MODEL
 from msae.sae import SAE
@@ -68,7 +68,7 @@ def made(lm, tmp_path_factory):
                     root=root / "cache")
     heard = []
     small = TaxonomyBenchConfig(background_rows=200, bootstrap_reps=200)
-    bench = hierarchy_bench(runs["matryoshka"], [runs["vanilla"]], small, lm=lm, cache=cache,
+    bench = taxonomy_bench(runs["matryoshka"], [runs["vanilla"]], small, lm=lm, cache=cache,
                             progress=lambda *report: heard.append(report))
     result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], lm=lm, cache=cache)
     return runs, bench, result, heard
@@ -88,7 +88,7 @@ def test_benchmark_writes_every_category_for_both_saes(made):
     assert len(m.average_precision_per_width) == 4
     assert m.average_precision_per_width[-1] == pytest.approx(m.average_precision.mean)
     assert "matryoshka - vanilla average precision" in result.differences
-    report = format_hierarchy_bench(result)
+    report = format_taxonomy_bench(result)
     assert "parent AP" in report and "matryoshka - vanilla" in report
 
 

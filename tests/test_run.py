@@ -121,7 +121,7 @@ def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
 
 
 def test_shipped_assets_stay_within_90_mb():
-    """Issue 11's budget for the shipped runs with their stores, the toys and the taxonomy (git holds them)."""
+    """The budget for the shipped runs with their stores, the toys and the taxonomy (git holds them)."""
     total = sum(path.stat().st_size for path in ASSETS.rglob("*") if path.is_file())
     assert total <= 90e6, f"assets/ holds {total / 1e6:.1f} MB"
 

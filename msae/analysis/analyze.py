@@ -23,7 +23,7 @@ from msae.config import (AbsorptionConfig, AnalyzeConfig, ExtractConfig, Gallery
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, check_before_load, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
-                          HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
+                          TaxonomyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -436,14 +436,14 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
             raise AnalysisError(f"--narrow {narrow} has {saes[roles['narrow']].d_sae} latents, not fewer than "
                                 f"{run.path}'s {saes[run.name].d_sae}: splitting needs a narrower SAE")
     ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
-    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(HierarchyBench))
+    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(TaxonomyBench))
     run.write_result(result)
     return result
 
 
-def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), config: TaxonomyBenchConfig | None = None,
-                    lm: LoadedLM | None = None, cache: Path | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> HierarchyBench:
+def taxonomy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), config: TaxonomyBenchConfig | None = None,
+                   lm: LoadedLM | None = None, cache: Path | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> TaxonomyBench:
     """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
     and activation cache; tree links come from each run's feature store when it has one. Written to
     RUN/hierarchy_bench.json. `progress` hears its stages (taxbench.run_bench)."""

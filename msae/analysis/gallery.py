@@ -27,7 +27,7 @@ from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import encode_rows
 from msae.config import LinkConfig
-from msae.results import Gallery, GalleryCase, GalleryExample, HierarchyBench
+from msae.results import Gallery, GalleryCase, GalleryExample, TaxonomyBench
 from msae.sae import SAE
 
 CLEAN_ABSORPTION = 0.2
@@ -63,7 +63,7 @@ def _column_acts(by: taxbench.ByLatent, latents: list[int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax) -> GalleryCase | None:
+def absorption_case(bench: TaxonomyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax) -> GalleryCase | None:
     """The benchmark's most absorbed category (a clean one when there is one), with both SAEs' latents."""
     candidates = []
     for b in bench.saes:
@@ -235,12 +235,12 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm,
 
 
 def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: int, tax,
-          bench: HierarchyBench | None) -> Gallery:
+          bench: TaxonomyBench | None) -> Gallery:
     """Both cases for the runs in `roles` (matryoshka, wide and, for splitting, narrow: role -> run name)."""
     t0 = time.perf_counter()
     cases, missing = [], {}
     if bench is None:
-        missing["absorption"] = "no taxonomy benchmark for this run: run msae hierarchy-bench first"
+        missing["absorption"] = "no taxonomy benchmark for this run: run msae taxonomy-bench first"
     else:
         case = absorption_case(bench, {n: saes[n] for n in saes if n in {b.name for b in bench.saes}}, cache, lm,
                                layer, tax)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from msae.analysis.tree import ancestry
 from msae.config import LinkConfig
-from msae.results import (AbsorptionResult, EvalResult, HierarchyBench, HierarchyFigures, Interval, LinkValidation,
+from msae.results import (AbsorptionResult, EvalResult, TaxonomyBench, HierarchyFigures, Interval, LinkValidation,
                           StoreManifest)
 from msae.run import Run, RunSummary
 
@@ -396,7 +396,7 @@ def published_hierarchy_figures() -> pd.DataFrame:
     ])
 
 
-def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
+def taxonomy_table(bench: TaxonomyBench) -> pd.DataFrame:
     """The taxonomy benchmark, one row per SAE, intervals as 'mean [low, high]'."""
     rows = []
     for b in bench.saes:
@@ -413,7 +413,7 @@ def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def taxonomy_categories_table(bench: HierarchyBench, sae: str) -> pd.DataFrame:
+def taxonomy_categories_table(bench: TaxonomyBench, sae: str) -> pd.DataFrame:
     """One SAE's per-category results."""
     b = next(x for x in bench.saes if x.name == sae)
     return pd.DataFrame([c.to_json() for c in b.categories])

@@ -35,7 +35,7 @@ from msae.activations import context_tokens_at, iter_shards, read_manifest, read
 from msae.analysis.stream import Sparse, encode_rows
 from msae.analysis.validate import bootstrap_mean
 from msae.config import TaxonomyBenchConfig
-from msae.results import CategoryResult, HierarchyBench, Interval, SAEBench
+from msae.results import CategoryResult, TaxonomyBench, Interval, TaxonomyBenchSAE
 from msae.sae import SAE
 from msae.taxonomy import Category, Taxonomy
 
@@ -362,9 +362,9 @@ def _bootstrap_members(by: ByLatent, latent: int, positive: np.ndarray, half: np
     return average_precision(v, rel, n_pos, weight)
 
 
-def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
+def measure_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
               tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
-              cfg: TaxonomyBenchConfig = DEFAULTS, progress: Count | None = None) -> tuple[SAEBench, np.ndarray]:
+              cfg: TaxonomyBenchConfig = DEFAULTS, progress: Count | None = None) -> tuple[TaxonomyBenchSAE, np.ndarray]:
     """One SAE's figures, and its (categories, reps) member-resampled held-out APs for paired comparisons."""
     seed = cfg.seed
     sae.eval()
@@ -413,7 +413,7 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
     precision, null = link_precision(links, labels, ancestors, groups, seed)
     dag_precision, dag_null = link_precision(links, labels, ancestors, groups, seed, which="linked")
     reps = np.stack(reps_ap) if reps_ap else np.zeros((0, cfg.bootstrap_reps))
-    bench = SAEBench(
+    bench = TaxonomyBenchSAE(
         name=name, d_sae=sae.d_sae, average_precision=_two_level(reps, [r.average_precision for r in results], rng),
         average_precision_per_width=[float(np.mean(v)) if v else None for v in per_width],
         absorption=bootstrap_mean(torch.tensor([r.absorption for r in results]), seed=seed),
@@ -445,7 +445,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, pa: Sequence[float], pb: Seq
 
 def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
               links: dict[str, pd.DataFrame | None], cfg: TaxonomyBenchConfig = DEFAULTS,
-              progress: Progress | None = None) -> HierarchyBench:
+              progress: Progress | None = None) -> TaxonomyBench:
     """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it);
     `progress` hears each stage: the cache's shards read, the template sentences run, each SAE's categories."""
 
@@ -465,7 +465,7 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
     pool = build_pool(cache, lm, layer, tokens, every, occurrences, progress=stage("template sentences"), cfg=cfg)
     out, reps = [], {}
     for name, sae in saes.items():
-        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), cfg,
+        bench, reps[name] = measure_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), cfg,
                                       stage(f"{name} (categories)"))
         out.append(bench)
     differences = {}
@@ -474,7 +474,7 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
         differences[f"{first.name} - {other.name} average precision"] = paired_difference(
             reps[first.name], reps[other.name], [r.average_precision for r in first.categories],
             [r.average_precision for r in other.categories], cfg.seed)
-    return HierarchyBench(
+    return TaxonomyBench(
         model=lm.name, layer=layer, taxonomy=f"{tax.source} ({tax.tokenizer})", categories=len(chosen),
         occurrences=int((~pool.background).sum()), from_templates=pool.from_template,
         background_rows=int(pool.background.sum()), ambiguous_tokens=len(ambiguous),
