@@ -1,18 +1,15 @@
 """msae explorer, home page: the runs found on disk, the chosen run's summary and training curves, and adding an
 SAE by upload (sae_weights.safetensors + cfg.json, SAELens layout)."""
 
-import shutil
 from pathlib import Path
 
 import streamlit as st
 
-from explorer import figures, loaders, state
-from msae.analysis import tables
-from msae.io import SAELoadError, check_fits
+from explorer import figures, loaders, state, tables
 from msae.lm import DEFAULT_MODEL
 from msae.results import EvalResult
 from msae.run import Run, RunError, RunSummary, cfg_source
-from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
+from msae.uploads import UploadError, add_sae_upload, max_upload_mb, read_cfg_json, safe_name
 
 run = state.setup("Home")
 st.title("msae: Matryoshka SAE explorer")
@@ -105,24 +102,10 @@ def add_uploaded_sae() -> None:
         st.error("Not added: give the run a name.")
         return
     try:
-        dest = state.upload_dir() / safe_name(name)
-        save_sae_upload(weights.getvalue(), cfg_file.getvalue(), dest, model=model.strip() or None, layer=int(layer))
+        dest = add_sae_upload(weights.getvalue(), cfg_file.getvalue(), state.upload_dir() / safe_name(name),
+                              model.strip(), int(layer), loaders.lm_of)
     except UploadError as exc:
         st.error(f"Not added: {exc}")
-        return
-    lm = loaders.lm_of(model.strip())
-    problem = None
-    if lm is None:
-        problem = f"its model {model!r} cannot be loaded here"
-    else:
-        try:
-            check_fits(Run(dest).load_sae(), lm.d_model, f"{model} layer {int(layer)}", layer=int(layer),
-                       n_layers=lm.n_layers)
-        except SAELoadError as exc:
-            problem = str(exc)
-    if problem:
-        shutil.rmtree(dest, ignore_errors=True)
-        st.error(f"Not added: the SAE does not fit: {problem}")
         return
     state.select_run(dest)
     st.session_state["flash"] = f"Added {state.short_name(dest)}; it is now the chosen run."

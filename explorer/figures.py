@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from msae.analysis.tables import token_label
+from explorer.tables import token_label
 from msae.analysis.tree import children_of
 from msae.results import AbsorptionResult, GalleryCase, StoreManifest, ToyResult, TrainMetrics
 

@@ -180,6 +180,14 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def widths_from_text(text: str) -> tuple[int, ...]:
+    """Widths as a person types them ("128, 512,2048"); ConfigError naming the entry that is not a whole number."""
+    parts = [part for part in text.replace(" ", "").split(",") if part]
+    for part in parts:
+        _check(part.lstrip("-").isdigit(), f"widths must be whole numbers separated by commas, got {part!r}")
+    return tuple(int(part) for part in parts)
+
+
 def check_widths(widths: typing.Sequence[int], k: int | None) -> None:
     """Nested widths positive and strictly increasing, and (for the top-k rules) k between 1 and the last width.
     The one check of both, for the training settings and the SAE module alike."""

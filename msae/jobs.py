@@ -142,6 +142,16 @@ def command(out_dir: Path, job: TrainJob, resume: bool) -> list[str]:
             *(["--resume"] if resume else [])]
 
 
+def check_new(out_dir: Path, job: TrainJob) -> None:
+    """Refuse (JobError), before anything is written, a new training whose directory holds something already or
+    whose activations file is not a file."""
+    out_dir = Path(out_dir)
+    if status(out_dir) is not None or (out_dir.exists() and any(out_dir.iterdir())):
+        raise JobError(f"{out_dir} exists already; pick another name (or resume it above).")
+    if job.activations is not None and not Path(job.activations).is_file():
+        raise JobError(f"{job.activations or '(no path)'} is not a file.")
+
+
 def start(out_dir: Path, job: TrainJob, resume: bool = False) -> JobStatus:
     """Start (or, with `resume`, continue from its checkpoint) a training in the background."""
     out_dir = Path(out_dir)

@@ -3,9 +3,8 @@ L0, and the toy model with known features; each plot with one line on how to rea
 
 import streamlit as st
 
-from explorer import figures, loaders, state
+from explorer import figures, loaders, state, tables
 from msae import toy
-from msae.analysis import tables
 from msae.results import AbsorptionResult, TaxonomyBench
 from msae.run import Run
 
@@ -37,9 +36,10 @@ else:
     st.dataframe(tables.absorption_table(absorption), hide_index=True)
     if any(r.variants for r in absorption.saes.values()):
         st.caption("The variant columns change one thing each and are labelled as such: the absorber cosine scaled to "
-                   "this model's width (4.8 standard deviations of a random cosine, as SAEBench's 0.1 is on Gemma-2-2B), "
-                   "and absorbers limited to latents that fire on at most 10% of the words (dense latents that fire on "
-                   "every letter are not absorbing one). The first columns are SAEBench's definition.")
+                   f"this model's width ({absorption.config.cos_sigmas} standard deviations of a random cosine, as "
+                   f"SAEBench's 0.1 is on Gemma-2-2B), and absorbers limited to latents that fire on at most "
+                   f"{absorption.config.sparse_absorber_share:.0%} of the words (dense latents that fire on every letter "
+                   f"are not absorbing one). The first columns are SAEBench's definition.")
 
 st.header("Hierarchy: do the links hold?")
 if manifest is not None and manifest.link_validation is not None:

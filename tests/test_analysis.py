@@ -16,7 +16,8 @@ from msae import io, toy
 from msae.run import Run
 from msae.activations import MANIFEST, SHARD_TENSORS, extract, iter_shards
 from msae.config import AnalyzeConfig, ExtractConfig
-from msae.analysis import hierarchy, search
+from explorer import search
+from msae.analysis import hierarchy
 from msae.analysis.analyze import AnalysisError, analyze
 from msae.analysis.store import StoreError, load_store
 from msae.analysis.coact import coactivation

@@ -17,12 +17,11 @@ from safetensors.torch import save_file
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest, app_test
 
-from explorer import loaders, state
+from explorer import loaders, state, tables
 from explorer.figures import TOY_ROWS, node_id, plot_text
 from explorer.html import escape_token, tokens_html
 from msae import io, jobs
 from msae.activations import extract
-from msae.analysis import tables
 from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, TrainConfig, to_flags
