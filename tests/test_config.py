@@ -10,7 +10,7 @@ import pytest
 
 from msae.cli import main as cli_main
 from msae.config import (TRAIN_SKIP, AnalyzeConfig, ConfigError, Config, ExtractConfig, TrainConfig, TrainJob,
-                         add_config_args, config_from_args, to_flags)
+                         add_config_args, config_from_args, to_flags, widths_from_text)
 
 
 def test_config_validation_names_the_setting():
@@ -91,3 +91,9 @@ def test_bad_train_flags_stop_with_one_line_and_exit_2(flags, message, tmp_path,
     else:
         assert "invalid choice: 'int8'" in err
     assert not (tmp_path / "run").exists(), "nothing is written for a refused command"
+
+
+def test_widths_as_typed_are_read_and_a_word_among_them_is_named():
+    assert widths_from_text(" 128, 512,2048,") == (128, 512, 2048)
+    with pytest.raises(ConfigError, match="widths must be whole numbers separated by commas, got 'abc'"):
+        widths_from_text("128,abc")

@@ -54,3 +54,17 @@ def test_a_job_is_a_typed_spec_whose_command_rebuilds_it(tmp_path):
     assert config_from_args(TrainJob, parser.parse_args(command[4:]), skip=TRAIN_SKIP) == job
     record = jobs.JobFile(job=job, pid=123, command=command)
     assert jobs.JobFile.loads(record.dumps()) == record
+
+
+def test_a_new_training_is_refused_where_its_directory_holds_something_or_its_activations_are_not_a_file(tmp_path):
+    job = TrainJob(train=TrainConfig(widths=(32, 128), k=8, steps=5, device="cpu"),
+                   activations=str(tmp_path / "acts.safetensors"))
+    with pytest.raises(jobs.JobError, match="acts.safetensors is not a file"):
+        jobs.check_new(tmp_path / "new", job)
+    (tmp_path / "acts.safetensors").write_bytes(b"")
+    jobs.check_new(tmp_path / "new", job)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(jobs.JobError, match="used exists already"):
+        jobs.check_new(tmp_path / "used", job)
+    assert not (tmp_path / "new").exists(), "checking writes nothing"
