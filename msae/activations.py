@@ -418,7 +418,8 @@ def read_activations_file(path: Path) -> Tensor:
     try:
         with safe_open(str(path), framework="pt") as f:
             if "activations" not in f.keys():
-                raise ActivationsFileError(f"{path}: no tensor named 'activations' (found: {', '.join(f.keys()) or 'none'})")
+                found = ", ".join(f.keys()) or "none"
+                raise ActivationsFileError(f"{path}: no tensor named 'activations' (found: {found})")
             acts = f.get_tensor("activations")
     except SafetensorError as exc:
         raise ActivationsFileError(f"{path}: not a readable safetensors file ({exc})") from None
@@ -429,7 +430,8 @@ def read_activations_file(path: Path) -> Tensor:
         raise ActivationsFileError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
     bad = first_non_finite_row(acts)
     if bad is not None:
-        raise ActivationsFileError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run again")
+        raise ActivationsFileError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run "
+                                   f"again")
     return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
 
@@ -573,7 +575,8 @@ class CachedActivations:
     def __init__(self, cache: Path, buffer_rows: int = 1 << 19, max_rows: int | None = None, heldout: bool = False):
         self.cache = Path(cache)
         self.manifest = read_manifest(self.cache)
-        self.shards = first_shards(self.manifest.heldout_shards() if heldout else self.manifest.train_shards(), max_rows)
+        chosen = self.manifest.heldout_shards() if heldout else self.manifest.train_shards()
+        self.shards = first_shards(chosen, max_rows)
         if not self.shards:
             which = "held-out" if heldout else "training"
             raise ValueError(f"{self.cache}: the activation cache holds no {which} shards")

@@ -18,7 +18,8 @@ def training_line(name: str, run_dir: Path, last: TrainMetrics) -> str:
 
 def extraction_line(cache: Path, m: CacheManifest) -> str:
     """What an extraction left in the cache."""
-    return f"{cache}: {m.rows:,} rows from {m.contexts_done:,} contexts" + (" (the corpus ran out)" if m.exhausted else "")
+    ran_out = " (the corpus ran out)" if m.exhausted else ""
+    return f"{cache}: {m.rows:,} rows from {m.contexts_done:,} contexts{ran_out}"
 
 
 def heldout_lines(name: str, r: EvalResult) -> str:
@@ -28,7 +29,8 @@ def heldout_lines(name: str, r: EvalResult) -> str:
             f"CE loss recovered {r.ce_loss_recovered:.3f} (clean {r.ce_clean:.3f}, SAE {r.ce_sae:.3f}, "
             f"zero {r.ce_zero:.3f})")
     if r.parts:
-        text += "\n    held-out fvu by corpus part: " + ", ".join(f"{p.part} {p.fvu:.3f} ({p.rows:,} rows)" for p in r.parts)
+        parts = ", ".join(f"{p.part} {p.fvu:.3f} ({p.rows:,} rows)" for p in r.parts)
+        text += f"\n    held-out fvu by corpus part: {parts}"
     return text
 
 

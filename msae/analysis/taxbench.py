@@ -10,7 +10,7 @@ random corpus rows the negatives. Per SAE:
 - absorption: the share of held-out member occurrences where that latent is silent and a latent specific to the
   member's token fires instead;
 - splitting: latents specific to one member token (at least half of their firings on it), per category;
-- labels: each latent's best category by F1 over the whole pool (labelled at F1 >= TaxonomyBenchConfig.label_f1), and the precision of
+- labels: each latent's best category by F1 over the whole pool (labelled at F1 >= label_f1), and the precision of
   the SAE's tree links against WordNet ancestry (the parent's category is the child's or an ancestor of it),
   beside a null that replaces each parent with a random labelled latent of the same group.
 
@@ -363,8 +363,9 @@ def _bootstrap_members(by: ByLatent, latent: int, positive: np.ndarray, half: np
 
 
 def measure_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
-              tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
-              cfg: TaxonomyBenchConfig = DEFAULTS, progress: Count | None = None) -> tuple[TaxonomyBenchSAE, np.ndarray]:
+                tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
+                cfg: TaxonomyBenchConfig = DEFAULTS,
+                progress: Count | None = None) -> tuple[TaxonomyBenchSAE, np.ndarray]:
     """One SAE's figures, and its (categories, reps) member-resampled held-out APs for paired comparisons."""
     seed = cfg.seed
     sae.eval()
@@ -466,7 +467,7 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
     out, reps = [], {}
     for name, sae in saes.items():
         bench, reps[name] = measure_sae(name, sae, pool, chosen, ambiguous, tax, ancestors, links.get(name), cfg,
-                                      stage(f"{name} (categories)"))
+                                        stage(f"{name} (categories)"))
         out.append(bench)
     differences = {}
     first = out[0]
