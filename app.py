@@ -1,17 +1,15 @@
 """msae explorer, home page: the runs found on disk, the chosen run's summary and training curves, and adding an
 SAE by upload (sae_weights.safetensors + cfg.json, SAELens layout)."""
 
-import shutil
 from pathlib import Path
 
 import streamlit as st
 
-from explorer import figures, loaders, state
-from msae.analysis import tables
-from msae.io import SAELoadError, check_fits
+from explorer import figures, loaders, state, tables
 from msae.lm import DEFAULT_MODEL
-from msae.run import Run, RunError, RunSummary, source_of
-from msae.uploads import UploadError, max_upload_mb, read_cfg_json, safe_name, save_sae_upload
+from msae.results import EvalResult
+from msae.run import Run, RunError, RunSummary, cfg_source
+from msae.uploads import UploadError, add_sae_upload, max_upload_mb, read_cfg_json, safe_name
 
 run = state.setup("Home")
 st.title("msae: Matryoshka SAE explorer")
@@ -42,7 +40,7 @@ def show_summary(run: Path) -> None:
         st.error(f"{state.short_name(run)}: its cfg.json cannot be read ({exc})")
         return
     try:
-        heldout = Run(run).eval()
+        heldout = Run(run).result(EvalResult)
     except RunError as exc:
         st.warning(f"Held-out figures not shown: {exc}")
         heldout = None
@@ -91,7 +89,7 @@ def add_uploaded_sae() -> None:
             st.error(str(exc))
     if cfg is None:
         return
-    model_cfg, layer_cfg = source_of(cfg)
+    model_cfg, layer_cfg = cfg_source(cfg)
     c1, c2, c3 = st.columns(3)
     # Keyed by the cfg.json upload, so a new cfg.json brings its own model and layer as defaults.
     name = c1.text_input("name", key=f"upload_name_{cfg_file.file_id}", placeholder="my-sae",
@@ -107,24 +105,10 @@ def add_uploaded_sae() -> None:
         st.error("Not added: give the run a name.")
         return
     try:
-        dest = state.upload_dir() / safe_name(name)
-        save_sae_upload(weights.getvalue(), cfg_file.getvalue(), dest, model=model.strip() or None, layer=int(layer))
+        dest = add_sae_upload(weights.getvalue(), cfg_file.getvalue(), state.upload_dir() / safe_name(name),
+                              model.strip(), int(layer), loaders.lm_of)
     except UploadError as exc:
         st.error(f"Not added: {exc}")
-        return
-    lm = loaders.lm_of(model.strip())
-    problem = None
-    if lm is None:
-        problem = f"its model {model!r} cannot be loaded here"
-    else:
-        try:
-            check_fits(Run(dest).load_sae(), lm.d_model, f"{model} layer {int(layer)}", layer=int(layer),
-                       n_layers=lm.n_layers)
-        except SAELoadError as exc:
-            problem = str(exc)
-    if problem:
-        shutil.rmtree(dest, ignore_errors=True)
-        st.error(f"Not added: the SAE does not fit: {problem}")
         return
     state.select_run(dest)
     st.session_state["flash"] = f"Added {state.short_name(dest)}; it is now the chosen run."

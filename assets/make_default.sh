@@ -68,8 +68,8 @@ EOF
 analyze_m() { "$MSAE" analyze "$M" --against "$V"; }
 analyze_v() { "$MSAE" analyze "$V" --against "$N" --no-absorption; }
 analyze_n() { "$MSAE" analyze "$N" --no-absorption; }
-bench() { "$MSAE" hierarchy-bench "$M" --against "$V" --against "$N"; }
-gallery() { "$MSAE" gallery "$M" --against "$V" --narrow "$N"; }
+bench() { "$MSAE" taxonomy-bench "$M" --against "$V" --against "$N"; }
+gallery() { "$MSAE" gallery "$M" --wide "$V" --narrow "$N"; }
 quality() { .venv/bin/python benchmarks/bench_quality.py "$M" "$V" "$N"; }
 
 FINISH_STEPS=(copy evaluate analyze_m analyze_v analyze_n bench gallery quality)

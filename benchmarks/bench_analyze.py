@@ -18,6 +18,7 @@ key naming the run, so several runs share one file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -43,34 +44,34 @@ def grown_cache(cache: Path, rows: int, out: Path) -> tuple[Path, int]:
 
     manifest = read_manifest(cache)
     out.mkdir(parents=True)
-    for shard in manifest["shards"]:
-        (out / shard["file"]).symlink_to(cache / shard["file"])
-    shards, total = list(manifest["shards"]), manifest["rows"]
-    n_contexts = sum(s["contexts"] for s in shards)
-    for i, shard in enumerate(manifest["shards"] * 8):
+    for shard in manifest.shards:
+        (out / shard.file).symlink_to(cache / shard.file)
+    shards, total = list(manifest.shards), manifest.rows
+    n_contexts = sum(s.contexts for s in shards)
+    for i, shard in enumerate(manifest.shards * 8):
         if total >= rows:
             break
-        tensors = load_file(str(cache / shard["file"]))
+        tensors = load_file(str(cache / shard.file))  # the whole shard, re-indexed and written again
         shift = n_contexts - int(tensors["context_start"][0])
         tensors["context_start"] = tensors["context_start"] + shift
         tensors["context"] = tensors["context"] + shift
         name = f"repeat_{i:05d}.safetensors"
         save_file(tensors, str(out / name))
-        shards.append({**shard, "file": name})
-        total += shard["rows"]
-        n_contexts += shard["contexts"]
-    (out / MANIFEST).write_text(json.dumps({**manifest, "shards": shards, "rows": total}, indent=1))
+        shards.append(dataclasses.replace(shard, file=name))
+        total += shard.rows
+        n_contexts += shard.contexts
+    (out / MANIFEST).write_text(dataclasses.replace(manifest, shards=shards, rows=total).dumps())
     return out, total
 
 
 def sae_copy(run_dir: Path, to: Path) -> Path:
     """A directory holding the run's SAE (weights and cfg.json) and nothing else, named like the run."""
-    from msae.io import CFG_FILE, WEIGHTS_FILE
+    from msae.run import Run
 
     to = to / run_dir.name
     to.mkdir(parents=True)
-    for name in (WEIGHTS_FILE, CFG_FILE):
-        shutil.copy2(run_dir / name, to / name)
+    for path in Run(run_dir).sae_files:
+        shutil.copy2(path, to / path.name)
     return to
 
 

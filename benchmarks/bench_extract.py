@@ -62,7 +62,7 @@ def msae_extract(lm, precision: str, n_tokens: int) -> dict:
         start = time.perf_counter()
         cache = extract(cfg, lm=lm, root=Path(root) / "timed")
         seconds = time.perf_counter() - start
-        rows = read_manifest(cache)["rows"]
+        rows = read_manifest(cache).rows
     return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
 
 

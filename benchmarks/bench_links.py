@@ -115,7 +115,7 @@ def main() -> None:
     row_doc = result.row_doc()
     if row_doc is None or result.row_part is None:
         raise SystemExit(f"{cache}: the cache records no documents or parts; extract it again")
-    names = list(manifest["parts"])
+    names = list(manifest.parts)
     groups, n_groups = validate.row_groups(validate.document_halves(row_doc), result.row_part)
     counts = validate.cofire_counts(sp, groups, n_groups, widths)
     t_counts = time.perf_counter() - t0
@@ -130,7 +130,7 @@ def main() -> None:
     curve = [rule_row(cfg, pooled_fig, counts, names, left_out[key], sp.n_rows) for key, cfg in rules.items()]
     chosen = choose(curve)
     report = {
-        "run": args.run_dir, "cache": cache.name, "rows": sp.n_rows, "cache_rows": manifest["rows"],
+        "run": args.run_dir, "cache": cache.name, "rows": sp.n_rows, "cache_rows": manifest.rows,
         "rows_per_part": {names[i]: int(counts.rows[2 * i : 2 * i + 2].sum()) for i in range(len(names))},
         "documents": int(torch.unique(row_doc).numel()),
         "split": "leave one part out: links made on every other part (all their rows), measured on the part",

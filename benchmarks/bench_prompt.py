@@ -1,4 +1,4 @@
-"""How long a prompt's features take once the app is warm (issue 5: a 128-token prompt in under 1 s on the CPU);
+"""How long a prompt's features take once the app is warm (the target: a 128-token prompt in under 1 s on the CPU);
 writes a JSON.
 
     python benchmarks/bench_prompt.py [--runs assets/default/matryoshka,assets/default/vanilla] [--repeats 10]

@@ -1,4 +1,4 @@
-"""Issue 11's quality targets measured on trained runs; writes a JSON.
+"""The quality targets (README's benchmark table) measured on trained runs; writes a JSON.
 
     python benchmarks/bench_quality.py RUN_DIR [RUN_DIR ...] [--cache CACHE_DIR] [--text FILE]
         [--out benchmarks/results/quality.json]
@@ -65,7 +65,7 @@ TARGETS = {
     "group_l0_share_max": 0.40,
     "last_group_alive_min": 0.80,
 }
-"""Issue 11: held-out full-width FVU per corpus part, FVU on fresh text, |θ-L0 / BatchTopK L0 - 1|, the largest
+"""The targets: held-out full-width FVU per corpus part, FVU on fresh text, |θ-L0 / BatchTopK L0 - 1|, the largest
 nested group's share of the L0, the share of the last group's latents alive (once per 100k tokens)."""
 
 
@@ -170,7 +170,7 @@ def run_cache(run: Run, cache: Path | None = None) -> Path:
 
 def targets(sae: SAE, parts: list[dict], heldout_fvu: float, fresh_fvu: float, l0: float, theta: dict | None,
             l0_share: list[float], alive: list[float]) -> dict:
-    """Issue 11's targets as booleans, None where one does not apply: the group targets for a one-width SAE, θ for
+    """The targets as booleans, None where one does not apply: the group targets for a one-width SAE, θ for
     an SAE without one. Without corpus parts in the cache, the part target is the held-out full-width FVU."""
     nested = sae.n_groups > 1
     part_fvus = [p["fvu"] for p in parts] or [heldout_fvu]
@@ -199,7 +199,7 @@ def store_alive(run: Run, n_groups: int) -> dict | None:
 
 
 def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) -> dict:
-    """Every figure of issue 11 for the run at `run_dir` (trained on `cache`); `fresh` and `held_in` are shared
+    """Every quality figure for the run at `run_dir` (trained on `cache`); `fresh` and `held_in` are shared
     by the runs measured together."""
     started = time.perf_counter()
     run = Run(run_dir)
@@ -245,10 +245,10 @@ def measure(run_dir: Path, cache: Path, fresh: TextRows, held_in: list[Tensor]) 
 def fresh_rows_for(lm: LoadedLM, cache: Path, layer: int, text: Path = FRESH_TEXT) -> TextRows:
     """The fresh text's rows at `layer` (the cache's), filtered with the cache's median norm and outlier factor."""
     manifest = read_manifest(cache)
-    key = manifest["key"]
+    key = manifest.key
     if key["layer"] != layer:
         raise ValueError(f"{cache} holds layer {key['layer']}, the run reads layer {layer}")
-    return text_rows(lm, text, layer, manifest["median_norm"], key["outlier_factor"])
+    return text_rows(lm, text, layer, manifest.median_norm, key["outlier_factor"])
 
 
 def _fmt(values: Iterable[float], digits: int = 3) -> str:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--steps 10] [--out benchmarks/results/step.json] [--peers-python PY]
 
-Measured at d_in 576, k 32, batch 4096, widths 1024..16384 (issue 2), each in both allocator modes (glibc
+Measured at d_in 576, k 32, batch 4096, widths 1024..16384 (the shipped size), each in both allocator modes (glibc
 default, and glibc keeping freed memory: peers.MALLOC_KEEP_ENV), each timing in a fresh process. Our step always
 runs as `msae train` runs it, whose process keeps freed memory itself (msae.lm.keep_freed_memory) in either mode:
   (a) Matryoshka vs vanilla BatchTopK of the same width        target <= 1.2x

@@ -4,7 +4,7 @@
 
 NAME labels the run in the JSON (widths and balance are taken from its cfg.json where it has one).
 
-Made for issue 11's "no group above 40% of the L0" at the shipped size: the sweep (2,048 latents) chose 4 levels
+Made for the target "no group above 40% of the L0" at the shipped size: the sweep (2,048 latents) chose 4 levels
 from 1/32 with balance 0.5, whose first group stayed at 31%; at 8,192 latents the same layout's first group grew past
 it. The probes in benchmarks/results/probe_8192.json are Matryoshka SAEs of 8,192 latents, k 32, batch 4,096, seed 0,
 5,000 planned steps (so that the learning-rate schedule is the shipped one's) stopped early, on the built-in layer-15

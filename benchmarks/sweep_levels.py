@@ -1,4 +1,4 @@
-"""Matryoshka level layouts on the built-in layer-15 cache (issue 11): how the smallest level's width, the number
+"""Matryoshka level layouts on the built-in layer-15 cache: how the smallest level's width, the number
 of levels and `balance` move held-out and fresh-text FVU, each group's share of the L0 and the last group's alive
 share, against a vanilla SAE of the same width; with several seeds, how much of it is noise. Writes a JSON.
 
@@ -23,7 +23,7 @@ shard, benchmarks/data/fresh_prose.txt, θ against BatchTopK on held-in batches 
 written after every run, holds under a key naming the sweep's settings, per config, each seed's figures, their mean
 and standard deviation (ddof 1) across seeds, and the training time.
 
---hierarchy then runs the taxonomy benchmark of `msae hierarchy-bench` (WordNet categories: parent recall as
+--hierarchy then runs the taxonomy benchmark of `msae taxonomy-bench` (WordNet categories: parent recall as
 average precision, overall and per nested width, absorption, member-specific latents) over every run the JSON holds at
 these settings, all configs and seeds, in one pass; figures per run under "hierarchy", mean and std per config under
 "hierarchy_mean" / "hierarchy_std", and the paired differences against the shipped layout's seed 0 (m4-1/32-b0.5).
@@ -112,8 +112,8 @@ def default_cache() -> Path:
     cfg = ExtractConfig(layer=LAYER, tokens=TOKENS)
     cache = cache_path_for(cache_key(cfg, LAYER), name=cfg.model)
     manifest = read_manifest(cache)
-    if manifest["rows"] < TOKENS and not manifest["exhausted"]:
-        sys.exit(f"{cache} holds {manifest['rows']:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
+    if manifest.rows < TOKENS and not manifest.exhausted:
+        sys.exit(f"{cache} holds {manifest.rows:,} of {TOKENS:,} rows: let `msae extract --layer {LAYER} "
                  f"--tokens {TOKENS}` finish first")
     return cache
 
@@ -121,11 +121,11 @@ def default_cache() -> Path:
 def builtin_extraction(cache: Path) -> ExtractConfig:
     """The extraction settings of a cache of the built-in corpus (what each run's cfg.json records)."""
     manifest = read_manifest(cache)
-    key = manifest["key"]
+    key = manifest.key
     if not key["corpus"].startswith("builtin:"):
         sys.exit(f"{cache} is not a cache of the built-in corpus")
     # Caches keyed by what the model is keep its name beside the key; older ones keyed it by name.
-    return ExtractConfig(model=manifest.get("model_name", key["model"]), layer=key["layer"], ctx_len=key["ctx_len"],
+    return ExtractConfig(model=manifest.model_name or key["model"], layer=key["layer"], ctx_len=key["ctx_len"],
                          outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"])
 
 
@@ -229,7 +229,7 @@ def main() -> None:
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     sweep = out.setdefault(key, {"configs": {}})
     sweep["settings"] = {"width": args.width, "k": args.k, "steps": args.steps, "batch_size": args.batch_size,
-                         "cache": str(cache), "cache_rows": read_manifest(cache)["rows"], "runs": str(args.runs),
+                         "cache": str(cache), "cache_rows": read_manifest(cache).rows, "runs": str(args.runs),
                          "checkpoint_every": CHECKPOINT_EVERY, "fresh_text": str(bench_quality.FRESH_TEXT.name),
                          "fresh_rows": fresh.rows.shape[0], "held_in_rows": sum(b.shape[0] for b in held_in)}
     sweep["machine"] = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
@@ -265,18 +265,18 @@ HIERARCHY_FIGURES = ("average_precision", "absorption", "member_latents")
 
 
 def hierarchy(sweep: dict, runs: Path, cache: Path, out_path: Path, out: dict) -> None:
-    """The taxonomy benchmark (`msae hierarchy-bench`: WordNet categories, parent recall as average precision,
+    """The taxonomy benchmark (`msae taxonomy-bench`: WordNet categories, parent recall as average precision,
     absorption, member-specific latents) over every run the sweep holds at these settings, in one pass that shares
     the model's activations: each run's figures go under its "hierarchy", each config's mean and spread across
     seeds under "hierarchy_mean" / "hierarchy_std". The first run is the first config's seed 0 (its folder gets
     hierarchy_bench.json with the paired differences against every other run)."""
-    from msae.analysis.analyze import hierarchy_bench
+    from msae.analysis.analyze import taxonomy_bench
 
     dirs = {(name, seed): runs / f"{CONFIGS[name].dir_name}-s{seed}"
             for name, entry in sweep["configs"].items() for seed in entry["runs"]}
     order = sorted(dirs, key=lambda key: (key[0] != CHOSEN, key[0], int(key[1])))
     started = time.perf_counter()
-    bench = hierarchy_bench(dirs[order[0]], against=[dirs[key] for key in order[1:]], cache=cache)
+    bench = taxonomy_bench(dirs[order[0]], against=[dirs[key] for key in order[1:]], cache=cache)
     by_name = {s.name: s for s in bench.saes}
     for name, seed in order:
         sae = by_name[dirs[name, seed].name]

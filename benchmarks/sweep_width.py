@@ -59,11 +59,11 @@ import sweep_levels  # noqa: E402  (the layouts, resumable training, means acros
 from msae import io  # noqa: E402
 from msae.activations import CachedActivations, extract, extraction_info, read_manifest  # noqa: E402
 from msae.analysis import absorption, taxbench  # noqa: E402
-from msae.analysis.tables import WIDTH_SWEEP_DIFFERENCES  # noqa: E402  (the paired differences' names)
+from explorer.tables import WIDTH_SWEEP_DIFFERENCES  # noqa: E402  (the paired differences' names)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
 from msae.config import AbsorptionConfig, ExtractConfig, TrainConfig  # noqa: E402
 from msae.lm import LoadedLM, load_lm  # noqa: E402
-from msae.results import AbsorptionResult, HierarchyBench, Interval, RunInfo, SAEAbsorption, SAEBench  # noqa: E402
+from msae.results import AbsorptionResult, TaxonomyBench, Interval, RunInfo, SAEAbsorption, TaxonomyBenchSAE  # noqa: E402
 from msae.run import Run  # noqa: E402
 from msae.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
 from msae.train import sae_dirs  # noqa: E402
@@ -104,7 +104,7 @@ def interval(x: Interval | None) -> dict | None:
     return None if x is None else x.to_json()
 
 
-def taxonomy_figures(sae: SAEBench) -> dict:
+def taxonomy_figures(sae: TaxonomyBenchSAE) -> dict:
     """One SAE's taxonomy figures with their intervals, and each category's."""
     return {
         "average_precision": interval(sae.average_precision),
@@ -138,7 +138,7 @@ def first_letter_figures(result: SAEAbsorption) -> dict:
     }
 
 
-def paired_differences(bench: HierarchyBench, letters: AbsorptionResult) -> dict:
+def paired_differences(bench: TaxonomyBench, letters: AbsorptionResult) -> dict:
     """Matryoshka − vanilla, paired over the same categories and the same letters (95% intervals)."""
     m, v = bench.saes
     diff = {"parent_ap": interval(bench.differences[f"{m.name} - {v.name} average precision"])}
@@ -163,9 +163,9 @@ def measure_pair(dirs: dict[str, Path], shared: Shared) -> dict:
     saes = {arch: Run(dirs[arch]).load_sae() for arch in ARCHS}
     bench = taxbench.run_bench(saes, shared.cache, shared.lm, shared.layer, shared.taxonomy, links={},
                                prepared=shared.prepared)
-    Run(dirs["matryoshka"]).write_hierarchy_bench(bench)
+    Run(dirs["matryoshka"]).write_result(bench)
     letters = absorption.measure(dirs, lm=shared.lm, config=shared.absorption_cfg, probed=shared.probed)
-    Run(dirs["matryoshka"]).write_absorption(letters)
+    Run(dirs["matryoshka"]).write_result(letters)
     for arch, sae in zip(ARCHS, bench.saes):
         out[arch]["taxonomy"] = taxonomy_figures(sae)
         out[arch]["first_letter"] = first_letter_figures(letters.saes[arch])
@@ -218,7 +218,7 @@ def run_sweep(widths: list[int], seeds: list[int], k: int, batch_size: int, toke
         "k": k, "batch_size": batch_size, "tokens": tokens, "training_rows": shared.source.n_rows, "steps": steps,
         "passes": round(steps * batch_size / shared.source.n_rows, 4), "layout": LAYOUT.name,
         "balance": LAYOUT.balance, "checkpoint_every": sweep_levels.CHECKPOINT_EVERY, "cache": str(shared.cache),
-        "cache_rows": read_manifest(shared.cache)["rows"], "runs": str(runs), "layer": shared.layer,
+        "cache_rows": read_manifest(shared.cache).rows, "runs": str(runs), "layer": shared.layer,
         "fresh_text": bench_quality.FRESH_TEXT.name, "absorption": shared.absorption_cfg.to_json()}
     sweep["machine"] = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                         "torch": torch.__version__, "platform": platform.platform()}
@@ -266,7 +266,7 @@ def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionCo
     probes."""
     lm = lm or load_lm(ecfg.model, "cpu", precision=ecfg.precision)
     cache = extract(ecfg, lm=lm, root=root)
-    layer = read_manifest(cache)["key"]["layer"]
+    layer = read_manifest(cache).key["layer"]
     source = CachedActivations(cache, max_rows=tokens)
     source.check_finite()
     tax = load_taxonomy(model=ecfg.model)

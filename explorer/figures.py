@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from msae.analysis.tables import token_label
+from explorer.tables import token_label
 from msae.analysis.tree import children_of
 from msae.results import AbsorptionResult, GalleryCase, StoreManifest, ToyResult, TrainMetrics
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from msae.analysis.tables import example_tokens
+from explorer.tables import example_tokens
 
 HIGHLIGHT_RGB = "255, 140, 0"
 """Token highlight colour; its opacity is the activation over the scale."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -18,9 +18,10 @@ from msae.analysis.inference import TextLatents, text_latents
 from msae.analysis.matching import match
 from msae.analysis.store import MANIFEST_FILE, FeatureStore, StoreError, load_store
 from msae.config import ToyConfig
-from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits
+from msae.io import SAELoadError, check_fits
 from msae.lm import BUILTIN, LMLoadError, LoadedLM, cache_dir, load_lm
-from msae.results import AbsorptionResult, Gallery, HierarchyBench, ToyResult
+from msae.records import Record
+from msae.results import ToyResult
 from msae.run import Run, RunError
 from msae.sae import SAE
 
@@ -64,7 +65,7 @@ def _sae(run_dir: str, _stamp_value: float) -> SAE:
 
 
 def _sae_stamp(run: Path) -> float:
-    return _stamp(run / WEIGHTS_FILE) + _stamp(run / CFG_FILE)
+    return sum(_stamp(path) for path in Run(run).sae_files)
 
 
 def sae_of(run: Path) -> SAE | None:
@@ -97,7 +98,7 @@ def lm_of(name: str) -> LoadedLM | None:
         return None
 
 
-def source_of(run: Path) -> tuple[str | None, int | None]:
+def run_source(run: Path) -> tuple[str | None, int | None]:
     """The model and layer a run reads (None, None after an error when its cfg.json cannot be read)."""
     try:
         return Run(run).source()
@@ -108,7 +109,7 @@ def source_of(run: Path) -> tuple[str | None, int | None]:
 
 def lm_for(run: Path, sae: SAE) -> tuple[LoadedLM, int] | None:
     """The model and layer a run reads, checked to fit its SAE; None after an error saying why not."""
-    model, layer = source_of(run)
+    model, layer = run_source(run)
     if model is None or layer is None:
         st.error(f"{short_name(run)} does not record the model and layer it was trained on (cfg.json: "
                  f"msae.extraction.model / layer, or SAELens's model_name / hook_name); upload it again on Home "
@@ -142,7 +143,7 @@ def read_text(runs: Sequence[Path], text: str) -> TextLatents | None:
         return None
     lm, layer = found
     for other, sae in zip(runs[1:], loaded[1:]):
-        model_o, layer_o = source_of(other)
+        model_o, layer_o = run_source(other)
         if sae.d_in != lm.d_model or (layer_o is not None and layer_o != layer):
             st.error(f"{short_name(other)} reads {model_o} layer {layer_o} (d_in {sae.d_in}), not "
                      f"{lm.name} layer {layer} as {short_name(runs[0])} does: they cannot read the same text.")
@@ -204,41 +205,18 @@ def width_sweep() -> dict | None:
         return None
 
 
-def absorption_of(run: Path, compared: Sequence[Path]) -> AbsorptionResult | None:
-    """The absorption result that measured `run` (its own, or one from a run it was compared with or that lies
-    beside it); None after a warning when the file is unreadable."""
+R = TypeVar("R", bound=Record)
+
+
+def result_of(run: Path, kind: type[R], compared: Sequence[Path]) -> R | None:
+    """The result of `kind` (AbsorptionResult, TaxonomyBench, Gallery) that measured `run`: its own, or one of a run
+    it was compared with or that lies beside it (msae.run.Run.result_covering); None after a warning when its own
+    file is unreadable."""
     try:
-        return Run(run).absorption_measured([Run(p) for p in compared])
+        return Run(run).result_covering(kind, [Run(p) for p in compared])
     except RunError as exc:
-        st.warning(f"Absorption could not be read: {exc}")
+        st.warning(f"{kind.__name__} could not be read: {exc}")
         return None
-
-
-R = TypeVar("R")
-
-
-def _measured_with(run: Path, compared: Sequence[Path], read: Callable[[Run], R | None],
-                   names: Callable[[R], set[str]]) -> R | None:
-    """A result file of `run` (`read` from its run directory), else one of a compared run whose result names it
-    (`names`); unreadable files are passed over."""
-    for candidate in [run, *compared]:
-        try:
-            result = read(Run(candidate))
-        except (OSError, ValueError, RunError):
-            continue
-        if result is not None and (candidate == run or Run(run).name in names(result)):
-            return result
-    return None
-
-
-def hierarchy_bench_of(run: Path, compared: Sequence[Path]) -> HierarchyBench | None:
-    """The taxonomy benchmark that measured `run`: its own, else one of a compared run that includes it."""
-    return _measured_with(run, compared, Run.hierarchy_bench, lambda b: {x.name for x in b.saes})
-
-
-def gallery_of(run: Path, compared: Sequence[Path]) -> Gallery | None:
-    """The gallery mined for `run`, or for a compared run whose gallery includes it."""
-    return _measured_with(run, compared, Run.gallery, lambda g: set(g.runs.values()))
 
 
 @st.cache_resource(show_spinner="Reading WordNet's categories…", max_entries=2)

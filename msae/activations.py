@@ -1,10 +1,11 @@
 """The activation cache: residual-stream rows extracted once into safetensors shards with their token ids and
-contexts, and read back through a shuffled buffer of bounded size.
+contexts, and read back through a shuffled buffer of bounded size. This module is the cache's one owner: its
+manifest (CacheManifest) and its shards (read_shard, iter_shards, read_rows) are read nowhere else.
 
 A shard holds, per row: `activations` (n, d_model), `token_ids`, `context` (global context index) and
-`position` (in its context); per context: `context_tokens` (n_ctx, ctx_len, -1 padded) and `context_doc`
-(document index in the corpus; absent in shards written before it was added); and `context_start`, the
-global index of its first context."""
+`position` (in its context); per context: `context_tokens` (n_ctx, ctx_len, -1 padded), `context_doc`
+(document index in the corpus) and `context_part` (index into the manifest's parts), both absent in shards
+written before they were added; and `context_start`, the global index of its first context."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from msae import corpus as corpus_mod
@@ -25,11 +26,15 @@ from msae import io
 from msae.config import ExtractConfig
 from msae.distributed import World
 from msae.faults import pause_at
+from msae.records import Record
 from msae.results import BuiltinFile, CorpusInfo, ExtractionInfo, InputFile
 from msae.lm import (LoadedLM, cache_dir, check_before_load, check_layer, check_sizes, compute_dtype, load_lm,
                      model_identity, residual_after, resolve_device)
 
-MANIFEST = "manifest.json"
+MANIFEST = "cache.json"
+"""The cache's manifest (a feature store's manifest is another file: msae.analysis.store)."""
+OLD_MANIFEST = "manifest.json"
+"""The name caches written before MANIFEST had: read, and kept for the cache's life (other versions share caches)."""
 CACHE_FORMAT = 1
 
 
@@ -90,7 +95,7 @@ def estimate_extraction(cfg: ExtractConfig, lm: LoadedLM, layer: int, root: Path
     tokens and outliers, a few per thousand, not foreseen), and the model timed on its first batch of contexts
     (run twice, the second timed: the first pays one-off set-up)."""
     cache = cache_for(cfg, lm, layer, root)
-    cached = read_manifest(cache)["rows"] if (cache / MANIFEST).exists() else 0
+    cached = read_manifest(cache).rows if has_manifest(cache) else 0
     first: list[list[int]] = []
     text_rows = 0
     for tokens, _doc in corpus_mod.contexts(corpus_mod.documents(cfg.corpus), lm.tokenizer, cfg.ctx_len):
@@ -166,9 +171,9 @@ def cache_path_for(key: dict, root: Path | None = None, name: str | None = None)
     name) is the one returned when it exists and the digest's directory does not: it holds the same rows."""
     root = Path(root if root is not None else cache_root())
     path = root / _digest(key)
-    if name is not None and not (path / MANIFEST).exists():
+    if name is not None and not has_manifest(path):
         by_name = root / _digest({**key, "model": name})
-        if (by_name / MANIFEST).exists():
+        if has_manifest(by_name):
             return by_name
     return path
 
@@ -177,23 +182,132 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _new_manifest(key: dict, d_model: int, model_name: str) -> dict:
-    return {
-        "key": key,
-        "model_name": model_name,  # the name it was first extracted under, for people and for re-extraction
-        "d_model": d_model,
-        "shards": [],
-        "rows": 0,
-        "contexts_done": 0,
-        "exhausted": False,
-        "median_norm": None,
-        "parts": [],
-        "dropped": {"position_0": 0, "special_token": 0, "outlier": 0},
-    }
+ROW_TENSORS = ("activations", "token_ids", "context", "position")
+"""A shard's tensors with one entry per row (the others have one per context, or one)."""
+SHARD_TENSORS = (*ROW_TENSORS, "context_tokens", "context_doc", "context_part", "context_start")
+"""Every tensor a shard holds."""
 
 
-def read_manifest(cache: Path) -> dict:
-    return json.loads((Path(cache) / MANIFEST).read_text())
+@dataclass
+class Shard(Record):
+    """One shard file of a cache."""
+
+    file: str
+    """Its name in the cache directory."""
+    rows: int
+    contexts: int
+
+
+@dataclass
+class CacheManifest(Record):
+    """A cache's manifest (MANIFEST), rewritten after every shard: what the cache holds and how far extraction got."""
+
+    key: dict[str, Any]
+    """What the cache holds (model identity, layer, corpus fingerprint, ...); its digest names the directory."""
+    d_model: int
+    model_name: str | None = None
+    """The model's name when it was first extracted, for people and for re-extraction."""
+    shards: list[Shard] = field(default_factory=list)
+    rows: int = 0
+    contexts_done: int = 0
+    """Contexts of the corpus read so far (the next extraction continues after them)."""
+    exhausted: bool = False
+    """The corpus ran out before the requested tokens."""
+    median_norm: float | None = None
+    """Median row norm of the first batch: the outlier filter's unit."""
+    parts: list[str] = field(default_factory=list)
+    """The corpus parts in order of first appearance (a shard's context_part indexes them)."""
+    dropped: dict[str, int] = field(default_factory=lambda: {"position_0": 0, "special_token": 0, "outlier": 0})
+    """Rows left out, by reason."""
+
+    @property
+    def layer(self) -> int:
+        return self.key["layer"]
+
+    def train_shards(self) -> list[Shard]:
+        """Every shard but the last, which is held out for evaluation (a single shard is all training)."""
+        return self.shards[:-1] if len(self.shards) >= 2 else self.shards
+
+    def heldout_shards(self) -> list[Shard]:
+        return self.shards[-1:] if len(self.shards) >= 2 else []
+
+
+def manifest_path(cache: Path) -> Path:
+    """Where the manifest of `cache` is, or will be written: an older cache keeps its OLD_MANIFEST."""
+    path = Path(cache) / MANIFEST
+    old = Path(cache) / OLD_MANIFEST
+    return old if not path.exists() and old.exists() else path
+
+
+def read_manifest(cache: Path) -> CacheManifest:
+    return CacheManifest.loads(manifest_path(cache).read_text())
+
+
+def has_manifest(cache: Path) -> bool:
+    """Whether `cache` is a cache directory (a first shard has been written)."""
+    return manifest_path(cache).exists()
+
+
+def read_shard(cache: Path, shard: Shard, names: Sequence[str], rows: int | Tensor | None = None) -> dict[str, Tensor]:
+    """The tensors `names` of one shard of `cache`; the per-row ones (ROW_TENSORS) cut to their first `rows` rows
+    (an int: only those are read) or to the rows at the indices `rows` (a tensor). A name the shard lacks (written
+    before it was added) is left out of the result."""
+    with safe_open(str(Path(cache) / shard.file), framework="pt") as f:
+        have = set(f.keys())
+        out = {}
+        for name in names:
+            if name not in have:
+                continue
+            if name in ROW_TENSORS and isinstance(rows, int):
+                out[name] = f.get_slice(name)[:rows]
+            elif name in ROW_TENSORS and rows is not None:
+                out[name] = f.get_tensor(name)[rows]
+            else:
+                out[name] = f.get_tensor(name)
+        return out
+
+
+def iter_shards(cache: Path, names: Sequence[str], shards: Sequence[Shard] | None = None,
+                max_rows: int | None = None) -> Iterator[tuple[int, Shard, dict[str, Tensor]]]:
+    """(index in the manifest, shard, its tensors `names`) for each of `shards` (default: every shard, in order),
+    one shard in memory at a time; with `max_rows`, the first `max_rows` rows in all."""
+    every = read_manifest(cache).shards
+    done = 0
+    for shard in every if shards is None else shards:
+        if max_rows is not None and done >= max_rows:
+            return
+        take = shard.rows if max_rows is None else min(shard.rows, max_rows - done)
+        yield every.index(shard), shard, read_shard(cache, shard, names, take if take < shard.rows else None)
+        done += take
+
+
+def read_rows(cache: Path, shard_index: Tensor, row: Tensor, name: str = "activations") -> Tensor:
+    """The per-row tensor `name` at the (shard index, row in that shard) pairs, in their order; one shard open at
+    a time."""
+    shards = read_manifest(cache).shards
+    out = None
+    for i in torch.unique(shard_index).tolist():
+        at = (shard_index == i).nonzero().squeeze(1)
+        got = read_shard(cache, shards[i], [name], row[at])[name]
+        if out is None:
+            out = torch.zeros((len(row), *got.shape[1:]), dtype=got.dtype)
+        out[at] = got
+    return out if out is not None else torch.zeros(0)
+
+
+def context_tokens_at(cache: Path, shard_index: int, context: int) -> Tensor:
+    """(ctx_len,) token ids (-1 padded) of the global context `context`, which shard `shard_index` holds."""
+    t = read_shard(cache, read_manifest(cache).shards[shard_index], ["context_tokens", "context_start"])
+    return t["context_tokens"][context - int(t["context_start"][0])]
+
+
+def row_parts(cache: Path, shard: Shard) -> Tensor | None:
+    """(rows,) the corpus part (index into the manifest's parts) of every row of `shard`; None for a cache
+    written before parts were recorded."""
+    t = read_shard(cache, shard, ["context_part", "context_start", "context"])
+    if "context_part" not in t:
+        return None
+    return t["context_part"].long()[t["context"].long() - int(t["context_start"][0])]
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:
@@ -210,7 +324,7 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 class _ShardWriter:
     """Accumulates kept rows and writes them as a shard (then the manifest), each file atomically."""
 
-    def __init__(self, cache: Path, manifest: dict, dtype: torch.dtype):
+    def __init__(self, cache: Path, manifest: CacheManifest, dtype: torch.dtype):
         self.cache, self.manifest, self.dtype = cache, manifest, dtype
         self.parts: dict[str, list[Tensor]] = {"activations": [], "token_ids": [], "context": [], "position": []}
         self.contexts: list[Tensor] = []
@@ -218,7 +332,7 @@ class _ShardWriter:
         self.context_parts: list[Tensor] = []
         self.pending_rows = 0
         self.pending_contexts = 0
-        self.pending_dropped = {k: 0 for k in manifest["dropped"]}
+        self.pending_dropped = {k: 0 for k in manifest.dropped}
 
     def add(self, acts: Tensor, token_ids: Tensor, context: Tensor, position: Tensor, ctx_tokens: Tensor,
             ctx_docs: Tensor, ctx_parts: Tensor, dropped: dict):
@@ -237,21 +351,20 @@ class _ShardWriter:
         self.cache.mkdir(parents=True, exist_ok=True)
         m = self.manifest
         if self.pending_rows:
-            index = len(m["shards"])
-            name = f"shard_{index:05d}.safetensors"
+            name = f"shard_{len(m.shards):05d}.safetensors"
             tensors = {k: torch.cat(v) for k, v in self.parts.items()}
             tensors["context_tokens"] = torch.cat(self.contexts)
             tensors["context_doc"] = torch.cat(self.context_docs)
             tensors["context_part"] = torch.cat(self.context_parts)
-            tensors["context_start"] = torch.tensor([m["contexts_done"]], dtype=torch.long)
+            tensors["context_start"] = torch.tensor([m.contexts_done], dtype=torch.long)
             io.atomic_save_safetensors(tensors, self.cache / name)
-            m["shards"].append({"file": name, "rows": self.pending_rows, "contexts": self.pending_contexts})
-        m["rows"] += self.pending_rows
-        m["contexts_done"] += self.pending_contexts
+            m.shards.append(Shard(file=name, rows=self.pending_rows, contexts=self.pending_contexts))
+        m.rows += self.pending_rows
+        m.contexts_done += self.pending_contexts
         for k, v in self.pending_dropped.items():
-            m["dropped"][k] += v
-        m["exhausted"] = exhausted
-        io.atomic_write_text(self.cache / MANIFEST, json.dumps(m, indent=1))
+            m.dropped[k] += v
+        m.exhausted = exhausted
+        io.atomic_write_text(manifest_path(self.cache), json.dumps(m.to_json(), indent=1))
         self.parts = {k: [] for k in self.parts}
         self.contexts = []
         self.context_docs = []
@@ -279,15 +392,47 @@ def first_non_finite_row(x: Tensor, chunk: int = 1 << 16) -> int | None:
     return None
 
 
-def first_shards(shards: list[dict], max_rows: int | None) -> list[dict]:
+def first_shards(shards: list[Shard], max_rows: int | None) -> list[Shard]:
     """The leading shards that hold `max_rows` rows (all of them when None)."""
     kept, total = [], 0
     for shard in shards:
         if max_rows is not None and total >= max_rows:
             break
         kept.append(shard)
-        total += shard["rows"]
+        total += shard.rows
     return kept
+
+
+class ActivationsFileError(ValueError):
+    """A user's activations file that cannot be trained or analysed on; the message names the file and the problem."""
+
+
+def read_activations_file(path: Path) -> Tensor:
+    """The `activations` tensor (N, d_in) of a user's safetensors file (`--activations`), checked: finite, with
+    rows and columns; float16 and bfloat16 are read as float32."""
+    if not path.exists():
+        raise ActivationsFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ActivationsFileError(f"{path}: a directory, not a safetensors file")
+    io.refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "activations" not in f.keys():
+                found = ", ".join(f.keys()) or "none"
+                raise ActivationsFileError(f"{path}: no tensor named 'activations' (found: {found})")
+            acts = f.get_tensor("activations")
+    except SafetensorError as exc:
+        raise ActivationsFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise ActivationsFileError(f"{path}: 'activations' must be a 2-D float tensor (N, d_in), got "
+                                   f"{tuple(acts.shape)} {acts.dtype}")
+    if acts.shape[0] == 0 or acts.shape[1] == 0:
+        raise ActivationsFileError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
+    bad = first_non_finite_row(acts)
+    if bad is not None:
+        raise ActivationsFileError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run "
+                                   f"again")
+    return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
 
 def _pending_batches(contexts: Iterator, size: int, done: int) -> Iterator[tuple[int, list]]:
@@ -344,10 +489,11 @@ def extract(
     check_layer(lm, layer)
     check_sizes(lm.name, lm.model.config.to_dict(), ctx_len=cfg.ctx_len)
     cache = cache_for(cfg, lm, layer, root, corpus)
-    manifest = (read_manifest(cache) if (cache / MANIFEST).exists()
-                else _new_manifest(cache_key(cfg, layer, corpus, io.dtype_name(lm.dtype), lm.identity), lm.d_model, cfg.model))
-    full, done = world.broadcast_(torch.tensor([manifest["rows"] >= cfg.tokens or manifest["exhausted"],
-                                                manifest["contexts_done"]])).tolist()
+    manifest = (read_manifest(cache) if has_manifest(cache)
+                else CacheManifest(key=cache_key(cfg, layer, corpus, io.dtype_name(lm.dtype), lm.identity),
+                                   d_model=lm.d_model, model_name=cfg.model))
+    full, done = world.broadcast_(torch.tensor([manifest.rows >= cfg.tokens or manifest.exhausted,
+                                                manifest.contexts_done])).tolist()
     if full:
         return cache
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids)), dtype=torch.long)
@@ -355,19 +501,18 @@ def extract(
     if cfg.corpus in corpus_mod.CORPORA and corpus_mod.missing_note(cfg.corpus) and world.main:
         print(f"note: {corpus_mod.missing_note(cfg.corpus)}")
     writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
-    doc_parts: list[int] = []  # per document read so far, its part's index in manifest["parts"]
-    manifest.setdefault("parts", [])
+    doc_parts: list[int] = []  # per document read so far, its part's index in manifest.parts
 
     def tracked(docs: Iterator[corpus_mod.Document]) -> Iterator[corpus_mod.Document]:
         for doc in docs:
             part = corpus_mod.part_of(doc)
-            if part not in manifest["parts"]:
-                manifest["parts"].append(part)
-            doc_parts.append(manifest["parts"].index(part))
+            if part not in manifest.parts:
+                manifest.parts.append(part)
+            doc_parts.append(manifest.parts.index(part))
             yield doc
 
     contexts = corpus_mod.contexts(tracked(corpus_mod.documents(cfg.corpus)), lm.tokenizer, cfg.ctx_len)
-    bar = tqdm(total=cfg.tokens, initial=manifest["rows"], unit="tok", desc="activations", mininterval=1.0,
+    bar = tqdm(total=cfg.tokens, initial=manifest.rows, unit="tok", desc="activations", mininterval=1.0,
                disable=not world.main)
     stopped = False
     for batches in _batched(_pending_batches(contexts, cfg.lm_batch, done), world.size):
@@ -380,9 +525,9 @@ def extract(
             keep = mask.bool() & (position > 0) & ~is_special
             rows = resid[keep.to(resid.device)]
             norms = rows.norm(dim=1)
-            if manifest["median_norm"] is None:
-                manifest["median_norm"] = norms.median().item()
-            ok = (norms <= cfg.outlier_factor * manifest["median_norm"]).cpu()
+            if manifest.median_norm is None:
+                manifest.median_norm = norms.median().item()
+            ok = (norms <= cfg.outlier_factor * manifest.median_norm).cpu()
             context = (torch.arange(len(batch)) + next_ctx).unsqueeze(1).expand_as(ids)[keep]
             dropped = {
                 "position_0": int(mask[:, 0].sum()),
@@ -396,11 +541,11 @@ def extract(
                        position[keep][ok].to(torch.int16), ctx_tokens, ctx_docs, ctx_parts, dropped)
             bar.update(int(ok.sum()))
             if progress is not None:
-                progress(manifest["rows"] + writer.pending_rows, cfg.tokens)
+                progress(manifest.rows + writer.pending_rows, cfg.tokens)
             if writer.pending_rows >= cfg.shard_rows:
                 writer.flush()
-                pause_at(f"extract shard {len(manifest['shards'])}")
-            if manifest["rows"] + writer.pending_rows >= cfg.tokens:
+                pause_at(f"extract shard {len(manifest.shards)}")
+            if manifest.rows + writer.pending_rows >= cfg.tokens:
                 stopped = True
                 break
         if world.broadcast_(torch.tensor(stopped)).item():
@@ -412,24 +557,12 @@ def extract(
     return cache
 
 
-def train_shards(manifest: dict) -> list[dict]:
-    """Every shard but the last, which is held out for evaluation (a single shard is all training)."""
-    shards = manifest["shards"]
-    return shards[:-1] if len(shards) >= 2 else shards
-
-
-def heldout_shards(manifest: dict) -> list[dict]:
-    shards = manifest["shards"]
-    return shards[-1:] if len(shards) >= 2 else []
-
-
 def heldout_contexts(cache: Path) -> Tensor | None:
     """(n, ctx_len) token ids (-1 padded) of the held-out contexts, or None when nothing is held out."""
-    shards = heldout_shards(read_manifest(cache))
+    shards = read_manifest(cache).heldout_shards()
     if not shards:
         return None
-    with safe_open(str(Path(cache) / shards[0]["file"]), framework="pt") as f:
-        return f.get_tensor("context_tokens")
+    return read_shard(cache, shards[0], ["context_tokens"])["context_tokens"]
 
 
 class CachedActivations:
@@ -442,17 +575,18 @@ class CachedActivations:
     def __init__(self, cache: Path, buffer_rows: int = 1 << 19, max_rows: int | None = None, heldout: bool = False):
         self.cache = Path(cache)
         self.manifest = read_manifest(self.cache)
-        self.shards = first_shards(heldout_shards(self.manifest) if heldout else train_shards(self.manifest), max_rows)
+        chosen = self.manifest.heldout_shards() if heldout else self.manifest.train_shards()
+        self.shards = first_shards(chosen, max_rows)
         if not self.shards:
             which = "held-out" if heldout else "training"
             raise ValueError(f"{self.cache}: the activation cache holds no {which} shards")
-        self.d_in = int(self.manifest["d_model"])
+        self.d_in = self.manifest.d_model
         self.buffer_rows = buffer_rows
-        self.n_rows = sum(s["rows"] for s in self.shards)
+        self.n_rows = sum(s.rows for s in self.shards)
 
-    def _load(self, shard: dict) -> Tensor:
-        with safe_open(str(self.cache / shard["file"]), framework="pt") as f:
-            return f.get_tensor("activations").float()
+    def load(self, shard: Shard) -> Tensor:
+        """Every row of `shard` (float32)."""
+        return read_shard(self.cache, shard, ["activations"])["activations"].float()
 
     def _epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
         order = torch.randperm(len(self.shards), generator=generator).tolist()
@@ -461,8 +595,8 @@ class CachedActivations:
         while i < len(order):
             group = [carry]
             rows = carry.shape[0]
-            while i < len(order) and (rows == carry.shape[0] or rows + self.shards[order[i]]["rows"] <= self.buffer_rows):
-                group.append(self._load(self.shards[order[i]]))
+            while i < len(order) and (rows == carry.shape[0] or rows + self.shards[order[i]].rows <= self.buffer_rows):
+                group.append(self.load(self.shards[order[i]]))
                 rows += group[-1].shape[0]
                 i += 1
             buffer = torch.cat(group)
@@ -476,24 +610,14 @@ class CachedActivations:
         """Refuse a cache with a NaN or Inf row before training starts, naming the shard file and the row in it
         (one shard in memory at a time)."""
         for shard in self.shards:
-            bad = first_non_finite_row(self._load(shard))
+            bad = first_non_finite_row(self.load(shard))
             if bad is not None:
-                raise ValueError(f"{self.cache / shard['file']}: row {bad} holds NaN or Inf; extract the cache again")
-
-    def row_parts(self, shard: dict) -> Tensor | None:
-        """(rows,) the corpus part (index into the manifest's "parts") of every row of `shard`; None for a cache
-        written before parts were recorded."""
-        with safe_open(str(self.cache / shard["file"]), framework="pt") as f:
-            if "context_part" not in f.keys():
-                return None
-            parts, start = f.get_tensor("context_part").long(), int(f.get_tensor("context_start")[0])
-            return parts[f.get_tensor("context").long() - start]
+                raise ValueError(f"{self.cache / shard.file}: row {bad} holds NaN or Inf; extract the cache again")
 
     def all_rows(self, batch_size: int) -> Iterator[Tensor]:
         """Every row once, in cache order (for evaluation)."""
         for shard in self.shards:
-            rows = self._load(shard)
-            yield from rows.split(batch_size)
+            yield from self.load(shard).split(batch_size)
 
     def batches(self, start_step: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         if self.n_rows < batch_size:
@@ -511,11 +635,10 @@ class CachedActivations:
 def extraction_info(cache: Path, cfg: ExtractConfig) -> ExtractionInfo:
     """What a run trained on cache `cache` (extracted with `cfg`) records in its cfg.json."""
     m = read_manifest(cache)
-    key = m["key"]
+    key = m.key
     return ExtractionInfo(
         model=cfg.model, layer=key["layer"], corpus=corpus_provenance(cfg.corpus), ctx_len=key["ctx_len"],
         outlier_factor=key["outlier_factor"], cache_dtype=key["cache_dtype"], lm_dtype=key.get("lm_dtype", "float32"),
-        rows=m["rows"],
-        contexts=m["contexts_done"], exhausted=m["exhausted"], dropped=m["dropped"], median_norm=m["median_norm"],
+        rows=m.rows, contexts=m.contexts_done, exhausted=m.exhausted, dropped=m.dropped, median_norm=m.median_norm,
         cache_id=Path(cache).name)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -11,123 +10,31 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from msae import io
-from msae.activations import CachedActivations, extract, extraction_info, first_non_finite_row, read_manifest
+from msae import io, reports
+from msae.activations import extract, read_activations_file, read_manifest
 from msae.analysis.analyze import AnalysisError
-from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, ExtractConfig, TrainConfig,
-                         TrainJob, add_config_args, check_device_name, config_from_args)
+from msae.config import (TRAIN_SKIP, AbsorptionConfig, AnalyzeConfig, ConfigError, CorpusInfoConfig, ExtractConfig,
+                         GalleryConfig, TaxonomyBenchConfig, TaxonomyConfig, TrainJob, add_config_args,
+                         check_device_name, config_from_args)
 from msae.corpus import CorpusError
-from msae.distributed import RankLost, World, launch
+from msae.distributed import RankLost, launch
 from msae.io import SAELoadError
 from msae.lm import LMLoadError, keep_freed_memory, precision_note, resolve_device
 from msae.records import RecordError
-from msae.results import AbsorptionResult, InputFile, RunInfo, StoreManifest
+from msae.results import AbsorptionResult, InputFile
 from msae.run import Run, RunError, locked
-from msae.train import TensorBatches, Trainer, TrainingError, check_new_run
+from msae.train import TrainingError, train_job
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def load_activations_file(path: Path) -> torch.Tensor:
-    """The `activations` tensor (N, d_in) of a safetensors file, checked: finite, with rows and columns."""
-    if not path.exists():
-        raise CLIError(f"{path}: no such file")
-    if path.is_dir():
-        raise CLIError(f"{path}: a directory, not a safetensors file")
-    io.refuse_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if "activations" not in f.keys():
-                raise CLIError(f"{path}: no tensor named 'activations' (found: {', '.join(f.keys()) or 'none'})")
-            acts = f.get_tensor("activations")
-    except SafetensorError as exc:
-        raise CLIError(f"{path}: not a readable safetensors file ({exc})") from None
-    if acts.ndim != 2 or not acts.is_floating_point():
-        raise CLIError(f"{path}: 'activations' must be a 2-D float tensor (N, d_in), got {tuple(acts.shape)} {acts.dtype}")
-    if acts.shape[0] == 0 or acts.shape[1] == 0:
-        raise CLIError(f"{path}: 'activations' has shape {tuple(acts.shape)}: it needs rows and columns")
-    bad = first_non_finite_row(acts)
-    if bad is not None:
-        raise CLIError(f"{path}: row {bad} of 'activations' holds NaN or Inf; remove such rows and run again")
-    return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
-
-
-def train(job: TrainJob, out: Path, resume: bool = False, world: World = World()) -> dict[str, Path]:
-    """Train every SAE of `job` into `out` (from its checkpoint when `resume`) and, when it trained from text,
-    evaluate each on the cache's held-out shard; returns the run directories by SAE name. Under several ranks
-    (torchrun) every rank calls this: they extract and train together, the main rank writes, reports and evaluates.
-    The main rank holds `out`'s lock throughout (msae.run.locked): a second training there is refused."""
-    with locked(out) if world.main else contextlib.nullcontext():
-        return _train(job, out, resume, world)
-
-
-def _train(job: TrainJob, out: Path, resume: bool, world: World) -> dict[str, Path]:
-    if not resume:
-        check_new_run(out)
-    if world.main:
-        print(precision_note(job.train.precision, resolve_device(job.train.device)))
-    if job.activations is not None:
-        path = Path(job.activations)
-        source = TensorBatches(load_activations_file(path))
-        run_info = RunInfo(activations=InputFile(path=job.activations, sha256=io.sha256_file(path)))
-        cache = None
-    else:
-        cache = extract(job.extract, world=world)
-        source = CachedActivations(cache, max_rows=job.extract.tokens)
-        source.check_finite()
-        run_info = RunInfo(extraction=extraction_info(cache, job.extract))
-    trainer = Trainer(job.train, source, out, run_info=run_info, world=world)
-    if world.main:
-        print(reads_note(trainer.cfg, source.n_rows))
-    dirs = trainer.train(resume=resume)
-    if not world.main:
-        return dirs
-    for name, run_dir in dirs.items():
-        m = Run(run_dir).metrics()[-1]
-        fvu = ", ".join(f"{v:.4f}" for v in m.fvu)
-        print(f"{name}: {run_dir}  training fvu per width [{fvu}]  l0 {m.l0:.1f}  dead {m.dead_fraction:.3f}")
-    if cache is not None:
-        evaluate_runs(dirs, cache, job)
-    return dirs
-
-
-def reads_note(cfg: TrainConfig, n_rows: int) -> str:
-    """How often the run reads its text, in words: a run over one pass sees each token once."""
-    passes = cfg.passes_over(n_rows)
-    line = f"training: {cfg.steps:,} steps of {cfg.batch_size:,} rows over {n_rows:,} training rows"
-    if passes <= 1.0:
-        return f"{line}, each read at most once"
-    return (f"{line}: each row read {passes:.1f} times (latents may learn the sample itself; more text with --tokens "
-            f"keeps them reading new tokens)")
-
-
-def evaluate_runs(dirs: dict[str, Path], cache: Path, job: TrainJob) -> None:
-    """Held-out metrics of every run, written to its eval.json and printed."""
-    from msae.evaluate import evaluate_run
-    from msae.lm import load_lm
-
-    lm = load_lm(job.extract.model, job.extract.device, precision=job.extract.precision)
-    for name, run_dir in dirs.items():
-        try:
-            r = evaluate_run(run_dir, cache, lm, job.eval_contexts)
-        except ValueError as exc:
-            print(f"{name}: held-out evaluation skipped ({exc})")
-            continue
-        fvu = ", ".join(f"{v:.4f}" for v in r.fvu)
-        print(f"{name} held-out ({r.rows:,} rows): fvu per width [{fvu}]  l0 {r.l0:.1f}  dead {r.dead_fraction:.3f}  "
-              f"CE loss recovered {r.ce_loss_recovered:.3f} (clean {r.ce_clean:.3f}, SAE {r.ce_sae:.3f}, "
-              f"zero {r.ce_zero:.3f})")
-        if r.parts:
-            print("    held-out fvu by corpus part: " + ", ".join(f"{p.part} {p.fvu:.3f} ({p.rows:,} rows)" for p in r.parts))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     job = config_from_args(TrainJob, args, skip=TRAIN_SKIP)
     with launch(job.train.device) as world:
-        train(job, Path(args.out), resume=args.resume, world=world)
+        train_job(job, Path(args.out), resume=args.resume, world=world, say=print)
     return 0
 
 
@@ -138,9 +45,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             print(precision_note(cfg.precision, resolve_device(cfg.device)))
         cache = extract(cfg, world=world)
     if world.main:
-        m = read_manifest(cache)
-        print(f"{cache}: {m['rows']:,} rows from {m['contexts_done']:,} contexts"
-              + (" (the corpus ran out)" if m["exhausted"] else ""))
+        print(reports.extraction_line(cache, read_manifest(cache)))
     return 0
 
 
@@ -164,15 +69,14 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
     from msae import taxonomy
     from msae.lm import load_lm
 
-    if args.min_tokens < 1:
-        raise CLIError(f"--min-tokens must be at least 1, got {args.min_tokens}")
+    cfg = config_from_args(TaxonomyConfig, args)
     check_output_file(Path(args.out), taxonomy.is_taxonomy_file)
-    built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(args.data_noun)), load_lm(args.model, "cpu").tokenizer,
-                                    args.model, args.min_tokens, source=f"WordNet 3.0 {Path(args.data_noun).name}")
+    built = taxonomy.build_taxonomy(taxonomy.read_data_noun(Path(cfg.data_noun)), load_lm(cfg.model, "cpu").tokenizer,
+                                    cfg.model, cfg.min_tokens, source=f"WordNet 3.0 {Path(cfg.data_noun).name}")
     if not built.categories:  # the benchmarks would refuse it later, after their model load and extraction
-        raise CLIError(f"no category of {args.data_noun} has {args.min_tokens:,} single-token words: lower --min-tokens")
+        raise CLIError(f"no category of {cfg.data_noun} has {cfg.min_tokens:,} single-token words: lower --min-tokens")
     taxonomy.write_taxonomy(built, Path(args.out))
-    print(f"{args.out}: {len(built.categories):,} categories with >= {args.min_tokens} single-token words")
+    print(f"{args.out}: {len(built.categories):,} categories with >= {cfg.min_tokens} single-token words")
     return 0
 
 
@@ -180,7 +84,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     from msae.corpus import CORPORA, corpus_info, missing_note
     from msae.lm import load_lm
 
-    tokenizer = load_lm(args.model, "cpu").tokenizer if args.info else None
+    cfg = config_from_args(CorpusInfoConfig, args)
+    tokenizer = load_lm(cfg.model, "cpu").tokenizer if cfg.info else None
     rows = corpus_info(tokenizer)
     for row in rows:
         counts = f"  {row['documents']:,} documents, {row['tokens']:,} tokens" if "tokens" in row else ""
@@ -189,7 +94,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     for corpus in CORPORA:
         if tokenizer is not None:
             total = sum(r.get("tokens", 0) for r in rows if corpus in r["corpora"])
-            print(f"total {corpus}: {total:,} distinct tokens ({args.model} tokenizer)")
+            print(f"total {corpus}: {total:,} distinct tokens ({cfg.model} tokenizer)")
         if missing_note(corpus):
             print(f"note: {missing_note(corpus)}")
     return 0
@@ -212,10 +117,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _analyze_activations(args, acfg)
     manifest = analyze(Path(args.run_dir), against=[Path(p) for p in args.against], acfg=acfg,
                        overwrite=args.overwrite, say=print)
-    print(format_analysis(manifest))
-    absorption = Run(args.run_dir).absorption()
+    print(reports.format_analysis(manifest))
+    absorption = Run(args.run_dir).result(AbsorptionResult)
     if acfg.absorption and absorption is not None:
-        print(format_absorption(absorption))
+        print(reports.format_absorption(absorption))
     return 0
 
 
@@ -225,33 +130,14 @@ def _analyze_activations(args: argparse.Namespace, acfg: AnalyzeConfig) -> int:
     if args.against:
         raise CLIError("--activations analyses one run; --against needs the corpus (leave one of them out)")
     path = Path(args.activations)
-    acts = load_activations_file(path)
+    acts = read_activations_file(path)
     report = analyze_activations(args.run_dir, acts, InputFile(path=args.activations, sha256=io.sha256_file(path)),
                                  acfg.links, overwrite=args.overwrite)
     print(f"{args.run_dir}: {report.rows:,} rows of {args.activations}; {report.links} links "
           f"({report.link_config.criterion}), {report.tree_links} in the tree; written to "
           f"{Path(args.run_dir) / 'features'}")
-    print(format_hierarchy_figures(report.hierarchy_figures, report.link_validation))
+    print(reports.format_hierarchy_figures(report.hierarchy_figures, report.link_validation))
     return 0
-
-
-def format_hierarchy_figures(fig, validation) -> str:
-    """The literature's hierarchy figures and the held-out validation, for the terminal."""
-
-    def f(v) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    lines = [f"  hierarchy ({fig.criterion} tree links: {fig.tree_links}): P(p|c) {f(fig.p_parent_given_child)}, "
-             f"P(c|p) {f(fig.p_child_given_parent)}, Hamming {f(fig.hamming)}, sibling IoU {f(fig.sibling_iou)}; "
-             f"Tree SAE score {f(fig.treesae_score)} ({fig.treesae_pairs} pairs)"]
-    rows = (validation.criteria + validation.left_out) if validation is not None else []
-    for c in rows:
-        held, null, lift = c.heldout_coverage, c.null_coverage, c.lift_null_coverage
-        lines.append(f"  held-out P(p|c), {c.criterion}: {f(held and held.mean)} "
-                     f"[{f(held and held.low)}, {f(held and held.high)}] over {c.measured_links} tree links; "
-                     f"frequency-matched random parent {f(null and null.mean)}; lift-passing candidate "
-                     f"{f(lift and lift.mean)}")
-    return "\n".join(lines)
 
 
 def check_against(run_dir: str, others: list[str], flag: str = "--against") -> None:
@@ -284,65 +170,28 @@ class ProgressLines:
             self.stage, self.last = stage, now
 
 
-def cmd_hierarchy_bench(args: argparse.Namespace) -> int:
-    from msae.analysis.analyze import hierarchy_bench
+def cmd_taxonomy_bench(args: argparse.Namespace) -> int:
+    from msae.analysis.analyze import taxonomy_bench
 
+    config = config_from_args(TaxonomyBenchConfig, args)
     check_against(args.run_dir, args.against)
     with locked_run(args.run_dir):
-        result = hierarchy_bench(Path(args.run_dir), [Path(p) for p in args.against], args.taxonomy,
-                                 device=args.device, progress=ProgressLines("hierarchy-bench"))
-    print(format_hierarchy_bench(result))
+        result = taxonomy_bench(Path(args.run_dir), [Path(p) for p in args.against], config,
+                                 progress=ProgressLines(args.command))
+    print(reports.format_taxonomy_bench(result))
     return 0
-
-
-def format_hierarchy_bench(result) -> str:
-    """The benchmark's headline table, for the terminal."""
-
-    def iv(x) -> str:
-        return "-" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
-
-    lines = [f"taxonomy benchmark on {result.model} layer {result.layer}: {result.categories} WordNet categories, "
-             f"{result.occurrences:,} member occurrences ({result.from_templates:,} from templates), "
-             f"{result.background_rows:,} background rows, {result.ambiguous_tokens} ambiguous tokens left out"]
-    for b in result.saes:
-        widths = ", ".join("-" if v is None else f"{v:.3f}" for v in b.average_precision_per_width)
-        lines.append(f"  {b.name}: parent AP {iv(b.average_precision)} (per width: {widths}); absorption "
-                     f"{iv(b.absorption)}; member latents/category {iv(b.member_latents)}; labelled latents "
-                     f"{b.labelled_latents}; link precision {iv(b.link_precision)} vs null {iv(b.link_null)} "
-                     f"(n {b.link_precision.n if b.link_precision else 0}), over the DAG {iv(b.dag_link_precision)} "
-                     f"vs null {iv(b.dag_link_null)} (n {b.dag_link_precision.n if b.dag_link_precision else 0})")
-    for name, d in result.differences.items():
-        lines.append(f"  {name}: {iv(d)}")
-    return "\n".join(lines)
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
     from msae.analysis.analyze import make_gallery
 
-    check_against(args.run_dir, [args.against])
+    config = config_from_args(GalleryConfig, args)
+    check_against(args.run_dir, [args.wide], "--wide")
     check_against(args.run_dir, [args.narrow] if args.narrow else [], "--narrow")
     with locked_run(args.run_dir):
-        result = make_gallery(Path(args.run_dir), Path(args.against), Path(args.narrow) if args.narrow else None,
-                              args.taxonomy, device=args.device)
-    print(format_gallery(result))
+        result = make_gallery(Path(args.run_dir), Path(args.wide), Path(args.narrow) if args.narrow else None, config)
+    print(reports.format_gallery(result))
     return 0
-
-
-def format_gallery(result) -> str:
-    """The gallery as a report: each case's verdict, reading and heatmap as a table."""
-    lines = [f"gallery on {result.model} layer {result.layer} ({result.seconds} s)"]
-    for case in result.cases:
-        lines.append(f"\n{case.kind}: {'clean case' if case.clean else 'no clean case; the closest one'} - {case.why}")
-        lines.append(f"  reading: {case.reading}")
-        width = max([len(r) for r in case.rows] + [8])
-        lines.append("  " + " " * width + "  " + "  ".join(f"[{i}]" for i in range(len(case.columns))))
-        for row, values in zip(case.rows, case.heatmap):
-            lines.append(f"  {row!r:<{width}}  " + "  ".join(f"{v:>{len(str(i)) + 2}.2f}" for i, v in enumerate(values)))
-        for i, col in enumerate(case.columns):
-            lines.append(f"  [{i}] {col}")
-    for kind, why in result.missing.items():
-        lines.append(f"\n{kind}: not looked for - {why}")
-    return "\n".join(lines)
 
 
 def cmd_absorption(args: argparse.Namespace) -> int:
@@ -353,48 +202,8 @@ def cmd_absorption(args: argparse.Namespace) -> int:
     with locked_run(args.run_dir):
         result = measure_absorption(Path(args.run_dir), [Path(p) for p in args.against], layer=args.layer,
                                     config=config)
-    print(format_absorption(result))
+    print(reports.format_absorption(result))
     return 0
-
-
-def format_absorption(result: AbsorptionResult) -> str:
-    """Absorption per SAE, for the terminal."""
-    lines = [f"absorption on {result.model} layer {result.layer}: {result.n_words} words"]
-    for name, r in result.saes.items():
-        lines.append(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in r.mean.to_json().items()))
-        for v in r.variants:
-            fraction = "-" if v.absorption_fraction is None else f"{v.absorption_fraction:.3f}"
-            lines.append(f"    variant, {v.name} (cosine >= {v.cos_threshold:.3f}"
-                         + (f", absorbers on <= {v.max_absorber_share:.0%} of words" if v.max_absorber_share else "")
-                         + f"): absorption fraction {fraction}")
-    if result.validity is not None:
-        lines.append(f"  validity: {result.validity.note}")
-    return "\n".join(lines)
-
-
-def format_analysis(m: StoreManifest) -> str:
-    """The headline figures of an analysis, for the terminal."""
-    lines = [f"{m.run}: {m.rows:,} rows, d_sae {m.d_sae}, widths {m.widths}, dead {m.dead_fraction:.3f}",
-             "  L0 per width: " + ", ".join(f"{w}: {v:.1f}" for w, v in zip(m.widths, m.l0_per_width))]
-    if m.hierarchy_figures is not None:
-        lines.append(format_hierarchy_figures(m.hierarchy_figures, m.link_validation))
-    if m.hierarchy is not None:
-        h = m.hierarchy
-        lines.append(f"  parent-child links: {h.links:,}; parents with >= 2 children: {h.parents_with_2plus_children}; "
-                     f"mean coverage {h.mean_coverage}")
-        for lvl in h.per_level:
-            lines.append(f"    group {lvl.group} (width {lvl.width}): {lvl.links} links, "
-                         f"{lvl.children_with_a_parent}/{lvl.live_latents} live latents have a parent")
-        for name, share in m.splitting.items():
-            lines.append(f"  {name}: share of latents split into >= 2 (decoder cos 0.3/0.5/0.7): "
-                         + " / ".join(f"{v:.3f}" for v in share.values()))
-    for name, s in m.against.items():
-        lines.append(f"  against {name}: split share by decoder cos (0.3/0.5/0.7) "
-                     + " / ".join(f"{v:.3f}" for v in s.split_share_decoder.values())
-                     + f", by links {s.split_share_links:.3f}; matched pairs {s.matching.pairs}")
-    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
-    return "\n".join(lines)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -419,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract_parser.set_defaults(func=cmd_extract)
 
     corpus = sub.add_parser("corpus", help="the named corpora's parts: provenance, licence (and token counts with --info)")
-    corpus.add_argument("--info", action="store_true", help="count documents and tokens with the model's tokenizer")
-    corpus.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts the tokens")
+    add_config_args(corpus, CorpusInfoConfig)
     corpus.set_defaults(func=cmd_corpus)
 
     analyze_parser = sub.add_parser("analyze", help="feature store, hierarchy, splitting, matching and absorption of a run")
@@ -444,28 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(absorption_parser, AbsorptionConfig)
     absorption_parser.set_defaults(func=cmd_absorption)
 
-    bench_parser = sub.add_parser("hierarchy-bench", help="WordNet categories as ground truth: parent recall, absorption, "
-                                                          "splitting and link precision per SAE")
-    bench_parser.add_argument("run_dir", help="run directory; hierarchy_bench.json is written here")
+    # hierarchy-bench: the command's first name, kept for scripts that use it.
+    bench_parser = sub.add_parser("taxonomy-bench", aliases=["hierarchy-bench"],
+                                  help="the taxonomy benchmark: WordNet categories as ground truth for parent recall, "
+                                       "absorption, splitting and link precision per SAE")
+    bench_parser.add_argument("run_dir", help="run directory; its hierarchy_bench.json is written here")
     bench_parser.add_argument("--against", action="append", default=[], help="another run on the same activations "
                               "(repeatable); differences are taken run minus each")
-    bench_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
-    bench_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
-    bench_parser.set_defaults(func=cmd_hierarchy_bench)
+    add_config_args(bench_parser, TaxonomyBenchConfig)
+    bench_parser.set_defaults(func=cmd_taxonomy_bench)
 
     gallery_parser = sub.add_parser("gallery", help="one absorption and one splitting case, with heatmaps and contexts")
     gallery_parser.add_argument("run_dir", help="a Matryoshka run; gallery.json is written here")
-    gallery_parser.add_argument("--against", required=True, help="its vanilla twin of the same width")
+    # --against: this flag's first name, kept for scripts; elsewhere --against names runs to compare with.
+    gallery_parser.add_argument("--wide", "--against", dest="wide", required=True,
+                                help="the run's vanilla twin of the same width")
     gallery_parser.add_argument("--narrow", default=None, help="a narrower vanilla SAE (for the splitting case)")
-    gallery_parser.add_argument("--taxonomy", default=None, help="a taxonomy JSON (default: the shipped SmolLM2 one)")
-    gallery_parser.add_argument("--device", default="cpu", help="device for the LM and the SAEs")
+    add_config_args(gallery_parser, GalleryConfig)
     gallery_parser.set_defaults(func=cmd_gallery)
 
     tax = sub.add_parser("taxonomy", help="WordNet's noun hierarchy as token sets of a model's vocabulary")
-    tax.add_argument("--model", default="smollm2-135m", help="whose tokenizer (default: smollm2-135m)")
-    tax.add_argument("--data-noun", default="/usr/share/wordnet/data.noun", help="WordNet's data.noun (wordnet-base)")
-    tax.add_argument("--min-tokens", type=int, default=5, help="smallest category kept (default: 5)")
     tax.add_argument("--out", required=True, help="the JSON to write")
+    add_config_args(tax, TaxonomyConfig)
     tax.set_defaults(func=cmd_taxonomy)
 
     export_parser = sub.add_parser("export", help="write a run in SAELens's or dictionary_learning's layout")

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from msae.activations import CachedActivations, heldout_contexts, read_manifest
+from msae.activations import CachedActivations, heldout_contexts, read_manifest, row_parts
 from msae.lm import LoadedLM, decoder_layers
 from msae.results import EvalResult, PartFVU
 from msae.train import group_l0
@@ -63,7 +63,7 @@ def fvu_by_part(sae: SAE, source: CachedActivations, batch_size: int = 4096) -> 
     """Full-width FVU on the rows of each corpus part of `source` (each against its own mean); None when the
     cache does not record parts."""
     sae.eval()
-    names = source.manifest.get("parts") or []
+    names = source.manifest.parts
     n = len(names)
     if not n:
         return None
@@ -72,10 +72,10 @@ def fvu_by_part(sae: SAE, source: CachedActivations, batch_size: int = 4096) -> 
     sq = torch.zeros(n, dtype=torch.float64)
     rows = torch.zeros(n, dtype=torch.long)
     for shard in source.shards:
-        parts = source.row_parts(shard)
+        parts = row_parts(source.cache, shard)
         if parts is None:
             return None
-        x_all = source._load(shard)
+        x_all = source.load(shard)
         for start in range(0, x_all.shape[0], batch_size):
             x = x_all[start : start + batch_size].to(sae.W_dec.device, sae.W_dec.dtype)
             p = parts[start : start + batch_size]
@@ -150,11 +150,11 @@ def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int
     run = Run(run_dir)
     heldout = CachedActivations(cache, heldout=True)
     contexts = heldout_contexts(cache)[:n_contexts]
-    layer = read_manifest(cache)["key"]["layer"]
+    layer = read_manifest(cache).layer
     # The encoder in the model's precision: one setting for the forward and the SAE.
     sae = run.load_sae(device=lm.device, precision="bfloat16" if lm.dtype == torch.bfloat16 else "float32")
     result = reconstruction_metrics(sae, heldout.all_rows(4096))
     result = dataclasses.replace(result, layer=layer, parts=fvu_by_part(sae, heldout),
                                  **ce_loss_recovered(lm, sae, contexts, layer))
-    run.write_eval(result)
+    run.write_result(result)
     return result

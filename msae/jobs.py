@@ -1,9 +1,7 @@
 """Training in the background: `msae train` as a detached process whose whole state lives in files in its output
-directory, so a page reload, or a restarted app, finds it again; and stop and resume.
-
-OUT/job.json       a JobFile: the TrainJob, the supervisor's pid, when it started, whether a stop was asked for
-OUT/train.log      everything the training printed
-OUT/job-exit.json  the exit status, written by the supervisor when the training ends
+directory, so a page reload, or a restarted app, finds it again; and stop and resume. The files (msae.run names
+them): JOB_FILE, a JobFile (the TrainJob, the supervisor's pid, when it started, whether a stop was asked for);
+JOB_LOG_FILE, everything the training printed; JOB_EXIT_FILE, the exit status the supervisor writes as it ends.
 
 `python -m msae.jobs OUT` is the supervisor: it runs `python -m msae.cli train FLAGS --out OUT` and records how
 it ended. It leads its own session, so stopping signals the supervisor and the training together. The flags are
@@ -24,11 +22,8 @@ from msae.config import TRAIN_SKIP, TrainJob, to_flags
 from msae.io import atomic_write_text
 from msae.records import Record
 from msae.results import TrainMetrics
-from msae.run import METRICS_FILE, Run, checkpoint_path, checkpoint_steps, lock_holder
-
-JOB_FILE = "job.json"
-LOG_FILE = "train.log"
-EXIT_FILE = "job-exit.json"
+from msae.run import (JOB_EXIT_FILE, JOB_FILE, JOB_LOG_FILE, METRICS_FILE, Run, checkpoint_path, checkpoint_steps,
+                      lock_holder)
 
 _started: dict[int, subprocess.Popen] = {}
 """Supervisors started by this process, kept so their exit is collected (no zombies) and seen at once."""
@@ -91,7 +86,7 @@ def _read_job(out_dir: Path) -> JobFile | None:
 
 def _read_exit(out_dir: Path) -> dict | None:
     try:
-        return json.loads((Path(out_dir) / EXIT_FILE).read_text())
+        return json.loads((Path(out_dir) / JOB_EXIT_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -148,6 +143,16 @@ def command(out_dir: Path, job: TrainJob, resume: bool) -> list[str]:
             *(["--resume"] if resume else [])]
 
 
+def check_new(out_dir: Path, job: TrainJob) -> None:
+    """Refuse (JobError), before anything is written, a new training whose directory holds something already or
+    whose activations file is not a file."""
+    out_dir = Path(out_dir)
+    if status(out_dir) is not None or (out_dir.exists() and any(out_dir.iterdir())):
+        raise JobError(f"{out_dir} exists already; pick another name (or resume it above).")
+    if job.activations is not None and not Path(job.activations).is_file():
+        raise JobError(f"{job.activations or '(no path)'} is not a file.")
+
+
 def start(out_dir: Path, job: TrainJob, resume: bool = False) -> JobStatus:
     """Start (or, with `resume`, continue from its checkpoint) a training in the background."""
     out_dir = Path(out_dir)
@@ -163,10 +168,10 @@ def start(out_dir: Path, job: TrainJob, resume: bool = False) -> JobStatus:
     if not resume and has_checkpoint:
         raise JobError(f"{out_dir} already holds a run: resume it or pick another name")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EXIT_FILE).unlink(missing_ok=True)
+    (out_dir / JOB_EXIT_FILE).unlink(missing_ok=True)
     record = JobFile(job=job, resume=resume, started=time.time(), command=command(out_dir, job, resume))
     atomic_write_text(out_dir / JOB_FILE, record.dumps())
-    with open(out_dir / LOG_FILE, "ab") as log:
+    with open(out_dir / JOB_LOG_FILE, "ab") as log:
         log.write(f"\n=== {'resume' if resume else 'start'} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                   f"{' '.join(record.command)}\n".encode())
         log.flush()
@@ -202,7 +207,7 @@ def stop(out_dir: Path) -> JobStatus:
 
 def log_tail(out_dir: Path, lines: int = 20) -> str:
     """The last lines of the log, progress-bar redraws (carriage returns) collapsed to their latest state."""
-    path = Path(out_dir) / LOG_FILE
+    path = Path(out_dir) / JOB_LOG_FILE
     if not path.exists():
         return ""
     with open(path, "rb") as f:
@@ -235,7 +240,7 @@ def _supervise(out_dir: Path) -> int:
         raise JobError(f"{out_dir / JOB_FILE}: cannot run {record.command[0]} ({exc.strerror})") from None
     signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
     code = child.wait()
-    atomic_write_text(out_dir / EXIT_FILE, json.dumps({"exit_code": code, "ended": time.time()}))
+    atomic_write_text(out_dir / JOB_EXIT_FILE, json.dumps({"exit_code": code, "ended": time.time()}))
     print(f"=== training ended with exit status {code}", flush=True)
     return 0
 

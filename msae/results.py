@@ -1,14 +1,15 @@
-"""The schema of every JSON file a run holds: cfg.json's msae block (RunInfo), metrics.jsonl (TrainMetrics a
-line), eval.json (EvalResult), absorption.json (AbsorptionResult), the feature store's manifest.json
-(StoreManifest), and a toy comparison (ToyResult). Records only: the code that fills them lives with the
-computation (train, evaluate, analysis, toy); the code that reads and writes the files is msae.run."""
+"""The schema of every JSON file a run holds: cfg.json's msae block (RunInfo), the metric lines (TrainMetrics), the
+held-out evaluation (EvalResult), absorption (AbsorptionResult), the taxonomy benchmark (TaxonomyBench), the
+gallery (Gallery), the feature store's manifest (StoreManifest, or ActivationsAnalysis), and a toy comparison
+(ToyResult). Records only: the code that fills them lives with the computation (train, evaluate, analysis, toy);
+which file holds which, and the code that reads and writes them, is msae.run (the store's files: the store)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TrainConfig
+from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TaxonomyBenchConfig, TrainConfig
 from msae.records import Record
 
 
@@ -273,7 +274,7 @@ class AbsorptionMean(Record):
     n_letters: int
     """Letters used."""
     letters: str
-    """Which."""
+    """The letters used, in order."""
 
 
 @dataclass
@@ -369,7 +370,7 @@ class HierarchySummary(Record):
     """The parent–child links across a Matryoshka SAE's nested groups."""
 
     links: int
-    """Links."""
+    """Links made, over every child group."""
     per_level: list[LevelSummary]
     """Per child group."""
     parents_with_children: int
@@ -516,7 +517,7 @@ class CategoryResult(Record):
 
 
 @dataclass
-class SAEBench(Record):
+class TaxonomyBenchSAE(Record):
     """The taxonomy benchmark's figures for one SAE."""
 
     name: str
@@ -543,8 +544,8 @@ class SAEBench(Record):
 
 
 @dataclass
-class HierarchyBench(Record):
-    """`msae hierarchy-bench`: WordNet categories as ground truth on the real model (RUN/hierarchy_bench.json)."""
+class TaxonomyBench(Record):
+    """`msae taxonomy-bench`: WordNet categories as ground truth on the real model (RUN/hierarchy_bench.json)."""
 
     model: str
     layer: int
@@ -559,10 +560,12 @@ class HierarchyBench(Record):
     ambiguous_tokens: int
     """Tokens left out as members of unrelated categories (polysemy)."""
     split: str
-    saes: list[SAEBench]
+    saes: list[TaxonomyBenchSAE]
     differences: dict[str, Interval] = field(default_factory=dict)
     """Paired over categories: "A - B average precision" for the SAEs compared."""
     seconds: float | None = None
+    config: TaxonomyBenchConfig | None = None
+    """Every size and threshold it used (None in results written before they were recorded)."""
 
 
 @dataclass
@@ -683,9 +686,9 @@ class StoreManifest(Record):
     max_norm: float | None
     """Rows above this norm were analysed as silent."""
     high_norm_rows_silenced: int
-    """How many."""
+    """Rows analysed as silent for their norm (above max_norm)."""
     d_sae: int
-    """Latents."""
+    """The SAE's latents."""
     widths: list[int]
     """Nested widths."""
     k: int | None
@@ -705,11 +708,11 @@ class StoreManifest(Record):
     timings_s: dict[str, float]
     """Seconds per stage."""
     hierarchy: HierarchySummary | None = None
+    """Links across nested groups (Matryoshka runs)."""
     hierarchy_figures: HierarchyFigures | None = None
     """The literature's hierarchy figures (every SAE: a vanilla one gets Tree SAE's score and nothing else)."""
     link_validation: LinkValidation | None = None
     """Both link criteria validated on held-out rows (Matryoshka runs)."""
-    """Links across nested groups (Matryoshka runs)."""
     splitting: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per nested prefix: share of its live latents the full width splits into >= 2, by decoder cosine."""
     against: dict[str, AgainstSummary] = field(default_factory=dict)

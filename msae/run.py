@@ -1,15 +1,20 @@
 """A run directory: the one module that knows its layout, reads each file in it as its record (msae.results) and
 writes each file atomically (a temp file beside it, flushed, then renamed), so a crash never leaves half a file.
 
-    RUN/sae_weights.safetensors   the SAE in SAELens's layout (msae.io), activation scale folded in
-    RUN/cfg.json                  SAELens's fields + ours under "msae" (RunInfo: settings, provenance)
+    RUN/sae_weights.safetensors   the SAE in SAELens's layout (msae.io, which names SAELens's two files), activation
+    RUN/cfg.json                  scale folded in; SAELens's fields + ours under "msae" (RunInfo: settings, provenance)
     RUN/metrics.jsonl             TrainMetrics, one line every log_every steps
     RUN/eval.json                 EvalResult: held-out FVU per width, L0, CE loss recovered
     RUN/absorption.json           AbsorptionResult: first-letter absorption of this run (and runs beside it)
-    RUN/features/                 the feature store (msae.analysis.store; manifest.json is a StoreManifest)
+    RUN/hierarchy_bench.json      TaxonomyBench: the taxonomy benchmark of this run (and runs beside it)
+    RUN/gallery.json              Gallery: the cases mined for this run and the one it was compared with
+    RUN/features/                 the feature store (msae.analysis.store names its own files)
+    RUN/.msae.lock                held by the process writing the directory
 
 A training directory (`msae train --out DIR`) is a run itself when it trains one SAE, else holds one run per SAE
-(DIR/matryoshka, DIR/vanilla); its resumable state is DIR/checkpoint/state.safetensors."""
+(DIR/matryoshka, DIR/vanilla); its resumable state is DIR/checkpoint/state.safetensors. A training started from
+the app (msae.jobs) adds DIR/job.json (what was started), DIR/train.log and, once it ends, DIR/job-exit.json. A toy
+comparison (`msae toy --out DIR`) adds DIR/eval_activations.safetensors, the rows its links were scored on."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -29,20 +34,43 @@ from msae import io
 from msae.io import CFG_FILE, WEIGHTS_FILE
 from msae.lm import compute_dtype
 from msae.records import Record, RecordError
-from msae.results import AbsorptionResult, EvalResult, Gallery, HierarchyBench, RunInfo, TrainMetrics
+from msae.results import AbsorptionResult, EvalResult, Gallery, TaxonomyBench, RunInfo, TrainMetrics
 from msae.sae import SAE
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 ABSORPTION_FILE = "absorption.json"
-HIERARCHY_BENCH_FILE = "hierarchy_bench.json"
+TAXONOMY_BENCH_FILE = "hierarchy_bench.json"
+"""The taxonomy benchmark's result, under the name it had when the command was hierarchy-bench (runs keep it)."""
 GALLERY_FILE = "gallery.json"
 STORE_DIR = "features"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.safetensors"
 LOCK_FILE = ".msae.lock"
+JOB_FILE = "job.json"
+JOB_LOG_FILE = "train.log"
+JOB_EXIT_FILE = "job-exit.json"
+TOY_EVAL_ACTIVATIONS = "eval_activations.safetensors"
+"""In a kept toy comparison's directory: the held-out sample its figures were measured on (tensor `activations`)."""
 
 R = TypeVar("R", bound=Record)
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """Where a result record lives in a run, and which runs a result names (one measured beside others, e.g. a
+    pair's absorption, is kept in one run of the pair and covers the others)."""
+
+    name: str
+    covers: Callable[[Any], set[str]]
+
+
+RESULT_FILES: dict[type, ResultFile] = {
+    EvalResult: ResultFile(EVAL_FILE, lambda _result: set()),
+    AbsorptionResult: ResultFile(ABSORPTION_FILE, lambda result: set(result.saes)),
+    TaxonomyBench: ResultFile(TAXONOMY_BENCH_FILE, lambda result: {sae.name for sae in result.saes}),
+    Gallery: ResultFile(GALLERY_FILE, lambda result: set(result.runs.values())),
+}
 
 
 class RunError(ValueError):
@@ -173,7 +201,7 @@ def refuse_other_runs(out_dir: Path | str, overwrite_flag: str | None = None) ->
 _HOOK_LAYER = re.compile(r"(?:blocks|layers|layer|h)\.(\d+)\b")
 
 
-def source_of(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
+def cfg_source(cfg: dict[str, Any]) -> tuple[str | None, int | None]:
     """The model and layer an SAE's cfg.json says it reads: ours record them under msae.extraction; SAELens's
     under model_name and hook_layer (or in hook_name, e.g. blocks.12.hook_resid_post), at the top level or (6.x)
     under metadata."""
@@ -204,9 +232,14 @@ class Run:
         return self.path.resolve().name
 
     @property
+    def sae_files(self) -> tuple[Path, Path]:
+        """The SAE's two files: its weights and cfg.json."""
+        return self.path / WEIGHTS_FILE, self.path / CFG_FILE
+
+    @property
     def exists(self) -> bool:
         """It holds an SAE (weights and cfg.json)."""
-        return (self.path / WEIGHTS_FILE).is_file() and (self.path / CFG_FILE).is_file()
+        return all(path.is_file() for path in self.sae_files)
 
     # ------------------------------------------------------------------------------------------- cfg.json
 
@@ -222,8 +255,8 @@ class Run:
             raise RunError(f"{self.path / CFG_FILE}: {exc}") from None
 
     def source(self) -> tuple[str | None, int | None]:
-        """The model and layer the SAE reads (`source_of` its cfg.json)."""
-        return source_of(self.cfg())
+        """The model and layer the SAE reads (`cfg_source` its cfg.json)."""
+        return cfg_source(self.cfg())
 
     def set_source(self, model: str | None, layer: int | None) -> None:
         """Record the model and layer the SAE reads (an upload's), keeping every other field."""
@@ -283,8 +316,10 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- results
 
-    def _read(self, name: str, kind: type[R]) -> R | None:
-        path = self.path / name
+    def result(self, kind: type[R]) -> R | None:
+        """The run's result of `kind` (a key of RESULT_FILES: EvalResult, AbsorptionResult, TaxonomyBench,
+        Gallery); None when it has none."""
+        path = self.path / RESULT_FILES[kind].name
         if not path.exists():
             return None
         try:
@@ -292,52 +327,26 @@ class Run:
         except (OSError, UnicodeDecodeError, RecordError) as exc:
             raise RunError(f"{path}: cannot be read ({exc})") from None
 
-    def _write(self, name: str, record: Record) -> Path:
-        path = self.path / name
-        io.atomic_write_text(path, record.dumps())
+    def write_result(self, result: Record) -> Path:
+        """Write `result` as the run's file of its kind; returns the file."""
+        path = self.path / RESULT_FILES[type(result)].name
+        io.atomic_write_text(path, result.dumps())
         return path
 
-    def eval(self) -> EvalResult | None:
-        """Held-out metrics (None before `msae train` from text has evaluated the run)."""
-        return self._read(EVAL_FILE, EvalResult)
-
-    def write_eval(self, result: EvalResult) -> Path:
-        return self._write(EVAL_FILE, result)
-
-    def absorption(self) -> AbsorptionResult | None:
-        """The absorption result measured from this run (None when it has none)."""
-        return self._read(ABSORPTION_FILE, AbsorptionResult)
-
-    def write_absorption(self, result: AbsorptionResult) -> Path:
-        return self._write(ABSORPTION_FILE, result)
-
-    def hierarchy_bench(self) -> HierarchyBench | None:
-        """The taxonomy benchmark measured from this run (None when it has none)."""
-        return self._read(HIERARCHY_BENCH_FILE, HierarchyBench)
-
-    def write_hierarchy_bench(self, result: HierarchyBench) -> Path:
-        return self._write(HIERARCHY_BENCH_FILE, result)
-
-    def gallery(self) -> Gallery | None:
-        """The gallery of cases mined for this run (None when it has none)."""
-        return self._read(GALLERY_FILE, Gallery)
-
-    def write_gallery(self, result: Gallery) -> Path:
-        return self._write(GALLERY_FILE, result)
-
-    def absorption_measured(self, others: Iterable[Run] = ()) -> AbsorptionResult | None:
-        """The absorption result that measured this run: its own, else one measured from `others` or from a run
-        beside it (a pair's result is kept with one of the two) that includes this run."""
-        own = self.absorption()
+    def result_covering(self, kind: type[R], others: Iterable[Run] = ()) -> R | None:
+        """The result of `kind` that measured this run: its own, else one of `others` (the runs it was compared
+        with) or of a run beside it that names this run. Unreadable files of other runs are passed over."""
+        own = self.result(kind)
         if own is not None:
             return own
-        beside = sorted(p.parent for p in self.path.parent.glob(f"*/{ABSORPTION_FILE}") if p.parent != self.path)
+        file = RESULT_FILES[kind]
+        beside = sorted(p.parent for p in self.path.parent.glob(f"*/{file.name}") if p.parent != self.path)
         for other in [*others, *map(Run, beside)]:
             try:
-                found = other.absorption()
+                found = other.result(kind)
             except RunError:
                 continue
-            if found is not None and self.name in found.saes:
+            if found is not None and self.name in file.covers(found):
                 return found
         return None
 
@@ -356,7 +365,7 @@ class Run:
         cfg = self.cfg()
         info = self.info(cfg)
         metrics = self.metrics()
-        model, layer = source_of(cfg)
+        model, layer = cfg_source(cfg)
         widths = io.sae_lens_field(cfg, "matryoshka_widths") or [cfg.get("d_sae")]
         return RunSummary(
             run=str(self.path), architecture=io.training_architecture(cfg), d_in=cfg.get("d_in"), d_sae=cfg.get("d_sae"),

@@ -4,7 +4,7 @@ A `ToyHierarchy` is a forest of features: a root fires with its own probability,
 fires (with a probability given the parent), and the children of one parent may be mutually exclusive. An input
 is the sum of magnitude x direction over the features present. Because every direction and every presence is
 known, absorption needs no probe: the parent's latent should fire whenever the parent is present, and
-absorption is the fraction of parent-with-child inputs where it does not (DESIGN.md §3).
+absorption is the fraction of parent-with-child inputs where it does not.
 
 `compare` trains a vanilla and a Matryoshka SAE on the same batches and evaluates both; `msae toy` prints it.
 """
@@ -27,7 +27,7 @@ from torch import Tensor
 from msae import io
 from msae.config import LinkConfig, ToyConfig, TrainConfig, add_config_args, config_from_args
 from msae.results import RunInfo, ToyMetrics, ToyResult, TreeRecovery, mean_or_none
-from msae.run import Run, locked, refuse_other_runs
+from msae.run import TOY_EVAL_ACTIVATIONS, Run, locked, refuse_other_runs
 from msae.sae import SAE
 from msae.train import TensorBatches, Trainer
 
@@ -352,10 +352,6 @@ N_TRAIN, N_EVAL = 2**16, 2**15
 """Rows `compare` samples to train on and to evaluate on."""
 
 
-EVAL_ACTIVATIONS = "eval_activations.safetensors"
-"""In a kept toy run's directory: the held-out sample its figures were measured on (tensor `activations`)."""
-
-
 @dataclass(frozen=True)
 class Preset:
     """A named toy and the training settings it is compared under."""
@@ -453,7 +449,7 @@ def compare(
         recovery = toy_tree_recovery(toy, saes["matryoshka"], eval_acts) if len(widths) > 1 else None
         if out_dir is not None:
             # The held-out sample, for `msae analyze RUN --activations` on the kept runs.
-            io.atomic_save_safetensors({"activations": eval_acts.contiguous()}, root / EVAL_ACTIVATIONS)
+            io.atomic_save_safetensors({"activations": eval_acts.contiguous()}, root / TOY_EVAL_ACTIVATIONS)
     return ToyResult(toy=toy_info(toy), train=cfg, train_seconds=round(train_s, 2),
                      out=None if out_dir is None else str(out_dir), vanilla=results["vanilla"],
                      matryoshka=results["matryoshka"], tree_recovery=recovery)

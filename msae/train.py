@@ -8,6 +8,7 @@ makes the step the whole batch's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,13 +25,14 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from msae import io, sparse
-from msae.config import TrainConfig
+from msae import io, reports, sparse
+from msae.activations import CachedActivations, extract, extraction_info, read_activations_file
+from msae.config import TrainConfig, TrainJob
 from msae.distributed import DataParallelSAE, RankLost, World
 from msae.faults import pause_at
-from msae.results import RunInfo, ThresholdInfo, TrainMetrics
-from msae.run import Run, checkpoint_path, refuse_other_runs
-from msae.lm import compute_dtype, resolve_device
+from msae.results import InputFile, RunInfo, ThresholdInfo, TrainMetrics
+from msae.run import Run, checkpoint_path, locked, refuse_other_runs
+from msae.lm import compute_dtype, precision_note, resolve_device
 from msae.sae import SAE, default_lr
 
 class TrainingError(RuntimeError):
@@ -464,3 +466,56 @@ class Trainer:
                     }
                 s.optimizer.load_state_dict({"state": opt_state, "param_groups": s.optimizer.state_dict()["param_groups"]})
 
+
+def train_job(job: TrainJob, out: Path, resume: bool = False, world: World = World(),
+              say: Callable[[str], None] = print) -> dict[str, Path]:
+    """`msae train`: every SAE of `job` trained into `out` (from its checkpoint when `resume`) on its activations
+    file or its extraction and, when it trained from text, evaluated on the cache's held-out shard; returns the run
+    directories by SAE name. Under several ranks (torchrun) every rank calls this: they extract and train together,
+    the main rank writes, `say`s what it did and evaluates. The main rank holds `out`'s lock throughout
+    (msae.run.locked): a second training there is refused."""
+    with locked(out) if world.main else contextlib.nullcontext():
+        return _train_job(job, out, resume, world, say)
+
+
+def _train_job(job: TrainJob, out: Path, resume: bool, world: World, say: Callable[[str], None]) -> dict[str, Path]:
+    if not resume:
+        check_new_run(out)
+    if world.main:
+        say(precision_note(job.train.precision, resolve_device(job.train.device)))
+    if job.activations is not None:
+        path = Path(job.activations)
+        source = TensorBatches(read_activations_file(path))
+        run_info = RunInfo(activations=InputFile(path=job.activations, sha256=io.sha256_file(path)))
+        cache = None
+    else:
+        cache = extract(job.extract, world=world)
+        source = CachedActivations(cache, max_rows=job.extract.tokens)
+        source.check_finite()
+        run_info = RunInfo(extraction=extraction_info(cache, job.extract))
+    trainer = Trainer(job.train, source, out, run_info=run_info, world=world)
+    if world.main:
+        say(reports.reads_note(trainer.cfg, source.n_rows))
+    dirs = trainer.train(resume=resume)
+    if not world.main:
+        return dirs
+    for name, run_dir in dirs.items():
+        say(reports.training_line(name, run_dir, Run(run_dir).metrics()[-1]))
+    if cache is not None:
+        evaluate_runs(dirs, cache, job, say)
+    return dirs
+
+
+def evaluate_runs(dirs: dict[str, Path], cache: Path, job: TrainJob, say: Callable[[str], None] = print) -> None:
+    """Held-out metrics of every run, written to its eval.json and said."""
+    from msae.evaluate import evaluate_run
+    from msae.lm import load_lm
+
+    lm = load_lm(job.extract.model, job.extract.device, precision=job.extract.precision)
+    for name, run_dir in dirs.items():
+        try:
+            result = evaluate_run(run_dir, cache, lm, job.eval_contexts)
+        except ValueError as exc:
+            say(f"{name}: held-out evaluation skipped ({exc})")
+            continue
+        say(reports.heldout_lines(name, result))

@@ -10,10 +10,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from msae.corpus import SUPPORTED_SUFFIXES, CorpusError, file_documents
-from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, load_sae
+from msae.io import CFG_FILE, WEIGHTS_FILE, SAELoadError, check_fits, load_sae
 from msae.run import Run
 
 DEFAULT_MAX_UPLOAD_MB = 512
@@ -116,6 +116,27 @@ def save_sae_upload(weights: bytes, cfg_data: bytes, dest: Path, model: str | No
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def add_sae_upload(weights: bytes, cfg_data: bytes, dest: Path, model: str, layer: int,
+                   load_model: Callable[[str], Any]) -> Path:
+    """The Home page's "Add this SAE": the two files saved as run `dest` (save_sae_upload) and the SAE checked
+    against the model it reads, `load_model(model)` (the caller's cached loader; None when the model cannot be
+    loaded). A refusal raises UploadError and leaves nothing at `dest`."""
+    save_sae_upload(weights, cfg_data, dest, model=model or None, layer=layer)
+    lm = load_model(model)
+    problem = None
+    if lm is None:
+        problem = f"its model {model!r} cannot be loaded here"
+    else:
+        try:
+            check_fits(Run(dest).load_sae(), lm.d_model, f"{model} layer {layer}", layer=layer, n_layers=lm.n_layers)
+        except SAELoadError as exc:
+            problem = str(exc)
+    if problem:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise UploadError(f"the SAE does not fit: {problem}")
     return dest
 
 

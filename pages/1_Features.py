@@ -3,8 +3,7 @@ running text through the model) and read one latent's dashboard."""
 
 import streamlit as st
 
-from explorer import figures, html, loaders, state
-from msae.analysis import search, tables
+from explorer import figures, html, loaders, search, state, tables
 from msae.analysis.inference import MAX_TOKENS, top_latents
 
 SEARCH_MODES = {

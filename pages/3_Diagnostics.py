@@ -3,9 +3,9 @@ L0, and the toy model with known features; each plot with one line on how to rea
 
 import streamlit as st
 
-from explorer import figures, loaders, state
+from explorer import figures, loaders, state, tables
 from msae import toy
-from msae.analysis import tables
+from msae.results import AbsorptionResult, TaxonomyBench
 from msae.run import Run
 
 run = state.setup("Diagnostics")
@@ -17,7 +17,7 @@ manifest = store.manifest if store else None
 compared = state.against_runs(run, manifest)
 
 st.header("Absorption")
-absorption = loaders.absorption_of(run, list(compared.values()))
+absorption = loaders.result_of(run, AbsorptionResult, list(compared.values()))
 if absorption is None:
     st.info(f"Absorption has not been measured for this run: `msae analyze {run} --against OTHER_RUN` measures it "
             f"(it is on by default) for both runs on the same first-letter probes.")
@@ -36,9 +36,10 @@ else:
     st.dataframe(tables.absorption_table(absorption), hide_index=True)
     if any(r.variants for r in absorption.saes.values()):
         st.caption("The variant columns change one thing each and are labelled as such: the absorber cosine scaled to "
-                   "this model's width (4.8 standard deviations of a random cosine, as SAEBench's 0.1 is on Gemma-2-2B), "
-                   "and absorbers limited to latents that fire on at most 10% of the words (dense latents that fire on "
-                   "every letter are not absorbing one). The first columns are SAEBench's definition.")
+                   f"this model's width ({absorption.config.cos_sigmas} standard deviations of a random cosine, as "
+                   f"SAEBench's 0.1 is on Gemma-2-2B), and absorbers limited to latents that fire on at most "
+                   f"{absorption.config.sparse_absorber_share:.0%} of the words (dense latents that fire on every letter "
+                   f"are not absorbing one). The first columns are SAEBench's definition.")
 
 st.header("Hierarchy: do the links hold?")
 if manifest is not None and manifest.link_validation is not None:
@@ -65,7 +66,7 @@ if figs:
                "how often two children of one parent fire together; Tree SAE's score: the share of frequent latents' "
                "children for which parent and child are both among the five decoder rows nearest the child's "
                "detection direction. The second table: the ranges papers publish, on larger models.")
-bench = loaders.hierarchy_bench_of(run, list(compared.values()))
+bench = loaders.result_of(run, TaxonomyBench, list(compared.values()))
 if bench is not None:
     st.subheader("Taxonomy benchmark (WordNet categories)")
     st.dataframe(tables.taxonomy_table(bench), hide_index=True)
@@ -79,10 +80,10 @@ if bench is not None:
                "are labelled by a category count; DAG: every linked parent, not only the tree's). 95% intervals "
                "resample categories and members.")
     with st.expander("per category"):
-        sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="bench_sae")
+        sae_name = st.selectbox("SAE", [b.name for b in bench.saes], key="measure_sae")
         st.dataframe(tables.taxonomy_categories_table(bench, sae_name), hide_index=True)
 elif not figs:
-    st.info(f"Not measured yet: `msae analyze {run}` validates the links, `msae hierarchy-bench {run} --against "
+    st.info(f"Not measured yet: `msae analyze {run}` validates the links, `msae taxonomy-bench {run} --against "
             f"OTHER_RUN` runs the taxonomy benchmark.")
 
 st.header("Feature splitting")

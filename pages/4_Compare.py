@@ -3,9 +3,9 @@ active latents side by side, matched pairs, and the latents one has and the othe
 
 import streamlit as st
 
-from explorer import loaders, state
-from msae.analysis import tables
+from explorer import loaders, state, tables
 from msae.analysis.inference import MAX_TOKENS, top_latents
+from msae.analysis.matching import MIN_COS
 from msae.run import Run
 
 DEFAULT_TEXT = "The cat sat on the mat. In 1815 the battle of Waterloo ended the Napoleonic wars."
@@ -55,7 +55,7 @@ cols[0].metric(f"{names[0]}: latents active", f"{len(top_a)}", help="distinct la
 cols[1].metric(f"{names[1]}: latents active", f"{len(top_b)}")
 cols[2].metric("matched pairs, both active", f"{int(pair_tables['matched']['both active'].sum()) if len(pair_tables['matched']) else 0}")
 cols[3].metric("L0 per token", f"{len(frame_a) / n_tokens:.1f} / {len(frame_b) / n_tokens:.1f}")
-st.caption(f"Pairs are matched by decoder cosine (greedy, at least 0.5). {len(pairs):,} pairs over the two "
+st.caption(f"Pairs are matched by decoder cosine (greedy, at least {MIN_COS}). {len(pairs):,} pairs over the two "
            f"dictionaries.")
 
 tab_tokens, tab_matched, tab_a, tab_b = st.tabs(

@@ -3,8 +3,7 @@ the top latents, the top latents per prompt, the hierarchy paths of the active l
 
 import streamlit as st
 
-from explorer import figures, html, loaders, state
-from msae.analysis import tables
+from explorer import figures, html, loaders, state, tables
 from msae.analysis.inference import MAX_TOKENS, top_latents
 from msae.uploads import UploadError, max_upload_mb, read_prompts
 

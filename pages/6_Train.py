@@ -9,7 +9,7 @@ import torch
 
 from explorer import figures, state
 from msae import jobs
-from msae.config import PRECISION_HELP, ConfigError, ExtractConfig, TrainConfig, TrainJob, choices
+from msae.config import PRECISION_HELP, ConfigError, ExtractConfig, TrainConfig, TrainJob, choices, widths_from_text
 from msae.lm import precision_note
 from msae.uploads import UploadError, max_upload_mb, safe_name, save_corpus_upload
 
@@ -124,8 +124,7 @@ checkpoint_every = c4.number_input("checkpoint every (steps)", min_value=1, valu
 
 def training_job(corpus: str | None) -> TrainJob:
     """The TrainJob the form describes (ConfigError when a setting is out of range)."""
-    widths = tuple(int(w) for w in widths_text.replace(" ", "").split(",") if w)
-    train = TrainConfig(arch=arch, widths=widths, k=int(k), activation=activation,
+    train = TrainConfig(arch=arch, widths=widths_from_text(widths_text), k=int(k), activation=activation,
                         also_vanilla=also_vanilla and arch == "matryoshka",
                         steps=None if steps is None else int(steps), batch_size=int(batch),
                         device=device, precision=precision, log_every=int(log_every),
@@ -140,15 +139,9 @@ def training_job(corpus: str | None) -> TrainJob:
 def start_training() -> None:
     try:
         out_dir = root / safe_name(name)
-        training_job(None)  # every setting checked before anything is written
-    except (UploadError, ValueError) as exc:
+        jobs.check_new(out_dir, training_job(None))  # every setting and path checked before anything is written
+    except (UploadError, ValueError, jobs.JobError) as exc:
         st.error(f"Not started: {exc}")
-        return
-    if jobs.status(out_dir) is not None or (out_dir.exists() and any(out_dir.iterdir())):
-        st.error(f"Not started: {out_dir} exists already; pick another name (or resume it above).")
-        return
-    if source == "activations" and not Path(acts_path).is_file():
-        st.error(f"Not started: {acts_path or '(no path)'} is not a file.")
         return
     corpus = None
     if source == "upload":

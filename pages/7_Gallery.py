@@ -6,6 +6,7 @@ import streamlit as st
 
 from explorer import figures, html, loaders, state
 from msae import toy
+from msae.results import Gallery
 
 run = state.setup("Gallery")
 st.title("Gallery")
@@ -29,10 +30,10 @@ st.caption("Reading: each row is one true parent feature; a value near 0 means t
 
 store = loaders.store_of(run, quiet=True)
 compared = state.against_runs(run, store.manifest if store else None)
-gallery = loaders.gallery_of(run, list(compared.values()))
+gallery = loaders.result_of(run, Gallery, list(compared.values()))
 if gallery is None:
-    st.info(f"No gallery for this run yet. `msae hierarchy-bench {run} --against WIDE_RUN` and then "
-            f"`msae gallery {run} --against WIDE_RUN --narrow NARROW_RUN` mine one absorption and one splitting case.")
+    st.info(f"No gallery for this run yet. `msae taxonomy-bench {run} --against WIDE_RUN` and then "
+            f"`msae gallery {run} --wide WIDE_RUN --narrow NARROW_RUN` mine one absorption and one splitting case.")
     st.stop()
 
 st.caption(f"{gallery.model}, layer {gallery.layer}; runs: " +

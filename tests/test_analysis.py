@@ -14,9 +14,10 @@ import torch
 
 from msae import io, toy
 from msae.run import Run
-from msae.activations import extract
+from msae.activations import MANIFEST, SHARD_TENSORS, extract, iter_shards
 from msae.config import AnalyzeConfig, ExtractConfig
-from msae.analysis import hierarchy, search, validate
+from explorer import search
+from msae.analysis import hierarchy, validate
 from msae.analysis.analyze import AnalysisError, analyze
 from msae.analysis.store import StoreError, load_store
 from msae.analysis.coact import coactivation
@@ -186,9 +187,7 @@ def small_runs(lm, tmp_path_factory):
 
 def cache_shards(cache: Path) -> list[dict]:
     """Every shard of an activation cache, in order, as its tensors."""
-    from safetensors.torch import load_file
-
-    return [load_file(str(cache / s["file"])) for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+    return [t for _i, _shard, t in iter_shards(cache, SHARD_TENSORS)]
 
 
 def _analyze(runs, text, lm, against=("vanilla",), **kw):
@@ -205,7 +204,7 @@ def test_store_on_the_real_model_round_trips_and_matches_a_dense_pass(small_runs
     sae = Run(runs["matryoshka"]).load_sae()  # as the analysis loads it (its precision)
     lat = store.latents
     assert len(lat) == sae.d_sae and (lat["group"].diff().fillna(0) >= 0).all()
-    assert manifest.rows == sum(s["rows"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
+    assert manifest.rows == sum(s["rows"] for s in json.loads((cache / MANIFEST).read_text())["shards"])
 
     # Every statistic agrees with a dense pass over the same rows.
     shards = cache_shards(cache)
@@ -290,7 +289,7 @@ def test_a_cache_whose_rows_point_at_other_contexts_is_refused(small_runs, tmp_p
 
     broken = tmp_path / cache.name
     shutil.copytree(cache, broken)
-    last = json.loads((broken / "manifest.json").read_text())["shards"][-1]["file"]
+    last = json.loads((broken / MANIFEST).read_text())["shards"][-1]["file"]
     tensors = load_file(str(broken / last))
     tensors["context"] = tensors["context"] - 1  # the shift an extraction resumed mid-batch used to leave
     save_file(tensors, str(broken / last))

@@ -5,11 +5,9 @@ completes to the same result as an uninterrupted one."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from msae.cli import main as cli_main
-from msae.faults import PAUSE_AT, PAUSE_MARKER
+from helpers import kill_when_paused, paused_at, refused, run_cli, wait_until
+from msae.activations import MANIFEST, has_manifest, iter_shards
 from msae.run import LOCK_FILE, Run, checkpoint_path, lock_holder
 
 D_IN = 16
@@ -37,44 +35,14 @@ def acts(tmp_path) -> Path:
     return path
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Exit status and stderr of `msae ARGV` run in this process (argparse's refusals included)."""
-    try:
-        code = cli_main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
-def refused(argv: list[str], capsys, message: str) -> str:
-    code, err = run_cli(argv, capsys)
-    assert code == 2, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert "Traceback" not in err and len(errors) == 1, f"one line, not a traceback: {err}"
-    assert message in errors[0], err
-    return errors[0]
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under `root` (hidden ones included), by path: equal before and after means nothing
-    under it was written, added or removed."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def refused_unchanged(argv: list[str], capsys, message: str, *roots: Path) -> str:
-    """`refused`, and every file under `roots` byte-for-byte as it was."""
-    before = [file_hashes(r) for r in roots]
-    line = refused(argv, capsys, message)
-    assert [file_hashes(r) for r in roots] == before, f"{argv} changed what was there"
-    return line
 
 
-def copy_shipped(root: Path, *names: str) -> Path:
-    """Shipped runs (with their stores) copied into `root`, for tests that must leave them as they were."""
-    for name in names:
-        shutil.copytree(Path("assets/default") / name, root / name)
-    return root
 
 
 def train_argv(acts: Path, out: Path, *more: str, steps: int = 20) -> list[str]:
@@ -192,36 +160,19 @@ def _train_process(acts: Path, out: Path, steps: int, checkpoint_every: int, env
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def paused_at(point: str, marker: Path) -> dict:
-    """The environment that makes a msae process stop at `point` (msae.faults) and say so in `marker`."""
-    return {PAUSE_AT: point, PAUSE_MARKER: str(marker)}
 
 
-def wait_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
-    """Return once `proc` waits at its pause point (it holds whatever it holds there until killed)."""
-    _wait(lambda: marker.exists() or proc.poll() is not None, timeout)
-    assert marker.exists(), f"the process ended (code {proc.returncode}) before it reached its pause point"
 
 
-def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.0) -> None:
-    """Kill -9 `proc` once it has reached its pause point: the kill lands exactly there, however fast the machine."""
-    wait_paused(proc, marker, timeout)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
-def _wait(predicate, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_run(acts, tmp_path, capsys):
     out = tmp_path / "run"
     first = _train_process(acts, out, steps=100_000, checkpoint_every=1000)
     try:
-        _wait(lambda: lock_holder(out) is not None)
+        wait_until(lambda: lock_holder(out) is not None)
         err = refused(train_argv(acts, out), capsys, f"is in use by process {first.pid}")
         assert "msae.cli train" in err or "msae" in err
     finally:
@@ -260,7 +211,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_checkpoint_that_loads(acts, tm
             [sys.executable, "-m", "msae.cli", *train_argv(acts, out, "--resume", steps=100_000),
              "--checkpoint-every", "1", "--log-every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         start = json.loads(safe_open(str(ckpt), "pt").metadata()["msae"])["step"] if ckpt.exists() else 0
-        _wait(lambda: ckpt.exists() and json.loads(safe_open(str(ckpt), "pt").metadata()["msae"])["step"] > start + 2)
+        wait_until(lambda: ckpt.exists() and json.loads(safe_open(str(ckpt), "pt").metadata()["msae"])["step"] > start + 2)
         time.sleep(0.013 * attempt)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -288,10 +239,9 @@ EXTRACT = ["--model", "smollm2-135m", "--layer", "3", "--tokens", "900", "--ctx-
 
 def _cache_rows(cache_root: Path) -> dict[tuple[int, int], torch.Tensor]:
     """Every row of the one cache under `cache_root`, keyed by (context, position)."""
-    (cache,) = [p for p in cache_root.iterdir() if (p / "manifest.json").exists()]
+    (cache,) = [p for p in cache_root.iterdir() if has_manifest(p)]
     rows = {}
-    for shard in json.loads((cache / "manifest.json").read_text())["shards"]:
-        t = load_file(str(cache / shard["file"]))
+    for _i, _shard, t in iter_shards(cache, ["context", "position", "activations"]):
         for c, p, a in zip(t["context"].tolist(), t["position"].tolist(), t["activations"]):
             rows[(c, p)] = a
     return rows
@@ -308,7 +258,7 @@ def test_kill_9_during_extraction_then_the_rerun_equals_an_uninterrupted_cache(c
                                  **paused_at("extract shard 2", marker)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_paused(proc, marker)  # two shards written, the third under way
-    (manifest,) = killed.glob("*/manifest.json")
+    (manifest,) = killed.glob(f"*/{MANIFEST}")
     assert not json.loads(manifest.read_text())["exhausted"] and len(_cache_rows(killed)) < 900, "killed mid-way"
     monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(killed))
     assert run_cli(["extract", "--corpus", str(corpus), *EXTRACT], capsys)[0] == 0
@@ -391,16 +341,3 @@ def test_bad_weights_are_refused_by_every_command_that_reads_them(tmp_path, caps
         refused(["export", str(run), "--to", "saelens", str(tmp_path / f"{problem}-out")], capsys, message)
         refused(["analyze", str(run), "--no-absorption"], capsys, message)
         assert not (tmp_path / f"{problem}-out").exists()
-
-
-def test_a_refused_corpus_upload_leaves_no_run_directory(tmp_path):
-    from msae.uploads import UploadError, save_corpus_upload
-
-    for name, data in (("bad.txt", b"caf\xe9\n"), ("empty.txt", b""), ("data.bin", b"\x00\x01")):
-        with pytest.raises(UploadError):
-            save_corpus_upload(name, data, tmp_path / "new-run")
-        assert not (tmp_path / "new-run").exists(), name
-    (tmp_path / "kept").mkdir()
-    with pytest.raises(UploadError):
-        save_corpus_upload("bad.txt", b"caf\xe9\n", tmp_path / "kept")
-    assert (tmp_path / "kept").is_dir(), "a directory that was there before stays"

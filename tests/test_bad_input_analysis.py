@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from msae import io
 from msae.run import LOCK_FILE, Run
 from msae.sae import SAE
-from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged,
-                            run_cli, wait_paused)
+from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
+                     wait_paused)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -94,7 +94,7 @@ def test_benchmarks_name_what_to_fix_without_flags_they_do_not_have(runs, tmp_pa
         assert "--model" not in line and "add them to its cfg.json" in line
     bad = tmp_path / "taxonomy.json"
     bad.write_text("{not json")
-    refused_unchanged(["hierarchy-bench", str(runs / "vanilla"), "--taxonomy", str(bad)], capsys,
+    refused_unchanged(["taxonomy-bench", str(runs / "vanilla"), "--taxonomy", str(bad)], capsys,
                       f"{bad}: not a taxonomy JSON", runs)
 
 

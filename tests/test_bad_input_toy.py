@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from test_bad_input import (acts, copy_shipped, refused, refused_unchanged, run_cli,  # noqa: F401 (acts: a fixture)
-                             train_argv)
+from helpers import copy_shipped, refused, refused_unchanged, run_cli
+from test_bad_input import acts, train_argv  # noqa: F401 (acts: a fixture)
 
 TOY = ["toy", "--preset", "chanin", "--steps", "5", "--json"]
 

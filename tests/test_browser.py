@@ -237,7 +237,7 @@ def screenshot(page, name: str) -> Path:
 
 
 @pytest.mark.parametrize("path, title, name", PAGES, ids=[p[2] for p in PAGES])
-def test_page_renders(page, server, path, title, name):
+def test_every_page_opens_by_its_url_without_an_error(page, server, path, title, name):
     """Each page opens by its URL path, runs to the end without an error, and is screenshotted."""
     with step(page, server, name):
         start = time.monotonic()

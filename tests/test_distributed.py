@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from msae import sparse
-from msae.activations import extract, read_manifest
+from msae.activations import extract, iter_shards, read_manifest
 from msae.cli import main as cli_main
 from msae.config import ExtractConfig, TrainConfig, to_flags
 from msae.distributed import World, launch, select_batchtopk
@@ -194,11 +194,10 @@ def test_too_small_a_batch_for_the_ranks_is_refused():
 def shard_rows(cache: Path) -> dict[tuple[int, int], tuple[int, torch.Tensor]]:
     """Every cached row keyed by (context, position): (token id, activation)."""
     rows = {}
-    for shard in read_manifest(cache)["shards"]:
-        with safe_open(str(cache / shard["file"]), "pt") as f:
-            acts, tokens = f.get_tensor("activations").float(), f.get_tensor("token_ids")
-            for i, key in enumerate(zip(f.get_tensor("context").tolist(), f.get_tensor("position").tolist())):
-                rows[key] = (int(tokens[i]), acts[i])
+    for _i, _shard, t in iter_shards(cache, ["activations", "token_ids", "context", "position"]):
+        acts = t["activations"].float()
+        for i, key in enumerate(zip(t["context"].tolist(), t["position"].tolist())):
+            rows[key] = (int(t["token_ids"][i]), acts[i])
     return rows
 
 
@@ -215,10 +214,10 @@ def test_sharded_extraction_writes_the_cache_of_one_process(tmp_path):
          timeout=180, MSAE_ACTIVATION_CACHE=str(tmp_path / "two"))
     two = tmp_path / "two" / one.name
     m1, m2 = read_manifest(one), read_manifest(two)
-    assert m1["rows"] >= 170 and not m1["exhausted"] and m1["contexts_done"] // 3 % 2 == 1, \
+    assert m1.rows >= 170 and not m1.exhausted and m1.contexts_done // 3 % 2 == 1, \
         "the extraction stops on --tokens after an odd number of batches: inside a round of two"
     for key in ("rows", "contexts_done", "dropped", "median_norm", "exhausted", "shards"):
-        assert m1[key] == m2[key], key
+        assert getattr(m1, key) == getattr(m2, key), key
     rows1, rows2 = shard_rows(one), shard_rows(two)
     assert rows1.keys() == rows2.keys()
     for key, (token, act) in rows1.items():

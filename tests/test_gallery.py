@@ -16,10 +16,10 @@ from explorer import loaders
 from msae import io, toy
 from msae.activations import extract
 from msae.analysis import gallery as gallery_mod
-from msae.analysis import taxbench
-from msae.analysis.analyze import hierarchy_bench, make_gallery
-from msae.cli import ProgressLines, format_gallery, format_hierarchy_bench
-from msae.config import ExtractConfig
+from msae.analysis.analyze import taxonomy_bench, make_gallery
+from msae.cli import ProgressLines
+from msae.reports import format_gallery, format_taxonomy_bench
+from msae.config import ExtractConfig, TaxonomyBenchConfig
 from msae.lm import DEFAULT_MODEL
 from msae.results import ToyResult
 from msae.sae import SAE
@@ -68,14 +68,11 @@ def made(lm, tmp_path_factory):
     io.save_sae(narrow, runs["narrow"], cfg={"msae": cfg["msae"]})
     cache = extract(ExtractConfig(corpus=str(text), layer=15, ctx_len=128, tokens=20_000, lm_batch=8), lm=lm,
                     root=root / "cache")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(taxbench, "BACKGROUND_ROWS", 200)
-    mp.setattr(taxbench, "BOOTSTRAP_REPS", 200)
     heard = []
-    bench = hierarchy_bench(runs["matryoshka"], [runs["vanilla"]], lm=lm, cache=cache,
+    small = TaxonomyBenchConfig(background_rows=200, bootstrap_reps=200)
+    bench = taxonomy_bench(runs["matryoshka"], [runs["vanilla"]], small, lm=lm, cache=cache,
                             progress=lambda *report: heard.append(report))
     result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], lm=lm, cache=cache)
-    mp.undo()
     return runs, bench, result, heard
 
 
@@ -93,7 +90,7 @@ def test_benchmark_writes_every_category_for_both_saes(made):
     assert len(m.average_precision_per_width) == 4
     assert m.average_precision_per_width[-1] == pytest.approx(m.average_precision.mean)
     assert "matryoshka - vanilla average precision" in result.differences
-    report = format_hierarchy_bench(result)
+    report = format_taxonomy_bench(result)
     assert "parent AP" in report and "matryoshka - vanilla" in report
 
 

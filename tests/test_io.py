@@ -73,7 +73,7 @@ def rewrite_cfg(run: Path, **changes) -> None:
         ([64], "jumprelu", "jumprelu", "jumprelu"),
     ],
 )
-def test_round_trip_is_exact(tmp_path, widths, activation, architecture, training_architecture):
+def test_a_saved_sae_loads_back_with_the_same_tensors_and_a_saelens_cfg(tmp_path, widths, activation, architecture, training_architecture):
     sae = random_sae(widths, activation)
     run = io.save_sae(sae, tmp_path / "run", cfg={"msae": {"model": "toy", "layer": 3}, "msae_version": "0.1.0"})
     loaded, cfg = io.load_sae(run)
@@ -352,7 +352,7 @@ def random_dl_tensors(seed=0) -> dict[str, torch.Tensor]:
     }
 
 
-def test_dictionary_learning_batchtopk(tmp_path):
+def test_dictionary_learning_batchtopk_loads_its_tensors_k_and_threshold(tmp_path):
     t = random_dl_tensors()
     state = {
         "k": torch.tensor(4, dtype=torch.int),
@@ -373,7 +373,7 @@ def test_dictionary_learning_batchtopk(tmp_path):
     torch.testing.assert_close(sae.encode(x), expected)
 
 
-def test_dictionary_learning_matryoshka(tmp_path):
+def test_dictionary_learning_matryoshka_loads_nested_widths_from_its_group_sizes(tmp_path):
     t = random_dl_tensors(seed=1)
     state = {
         "k": torch.tensor(4, dtype=torch.int),
@@ -390,7 +390,7 @@ def test_dictionary_learning_matryoshka(tmp_path):
     torch.testing.assert_close(sae.encode(x), jumprelu_ref(x, t["W_enc"], t["b_enc"], t["b_dec"], 0.2))
 
 
-def test_dictionary_learning_standard_autoencoder(tmp_path):
+def test_dictionary_learning_autoencoder_loads_as_a_relu_sae(tmp_path):
     t = random_dl_tensors(seed=2)
     state = {"bias": t["b_dec"], "encoder.weight": t["W_enc"].T.clone(), "encoder.bias": t["b_enc"], "decoder.weight": t["W_dec"].T.clone()}
     sae, _ = io.load_sae(write_dictionary_learning(tmp_path / "s", "AutoEncoder", state))
@@ -498,7 +498,7 @@ def write_sae_lens(directory: Path, cfg: dict, tensors: dict) -> Path:
     return directory
 
 
-def test_sae_lens_v6_matryoshka_saved_for_inference(tmp_path):
+def test_sae_lens_v6_matryoshka_saved_for_inference_loads_as_batchtopk_with_one_theta(tmp_path):
     t = random_dl_tensors(seed=3)
     t["threshold"] = torch.full((D_SAE,), 0.3)
     sae, cfg = io.load_sae(write_sae_lens(tmp_path / "sl", V6_MATRYOSHKA_INFERENCE, t))
@@ -511,7 +511,7 @@ def test_sae_lens_v6_matryoshka_saved_for_inference(tmp_path):
     torch.testing.assert_close(sae.encode(x), jumprelu_ref(x, t["W_enc"], t["b_enc"], t["b_dec"], t["threshold"]))
 
 
-def test_sae_lens_v6_jumprelu_with_per_latent_thresholds(tmp_path):
+def test_sae_lens_v6_jumprelu_keeps_its_per_latent_thresholds(tmp_path):
     t = random_dl_tensors(seed=4)
     t["threshold"] = torch.rand(D_SAE, generator=torch.Generator().manual_seed(0))
     sae, _ = io.load_sae(write_sae_lens(tmp_path / "sl", V6_JUMPRELU, t))
@@ -559,7 +559,7 @@ def test_sae_lens_pre_6_topk_and_b_dec_not_applied_to_input(tmp_path):
     torch.testing.assert_close(sae.decode(sae.encode(x)), expected @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-5)
 
 
-def test_sae_lens_older_tensor_names(tmp_path):
+def test_sae_lens_log_threshold_and_pre_6_scaling_factor_are_applied_on_load(tmp_path):
     """JumpReLU training saves kept log_threshold; SAELens before 6.0 could keep a per-latent decoder scaling_factor."""
     t = random_dl_tensors(seed=7)
     log_threshold = torch.randn(D_SAE, generator=torch.Generator().manual_seed(1)) - 1

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from msae import corpus as corpus_mod
-from msae.activations import CachedActivations, cache_root, extract, read_manifest
+from msae.activations import (MANIFEST, OLD_MANIFEST, SHARD_TENSORS, CachedActivations, cache_root, extract,
+                              has_manifest, iter_shards, read_manifest, read_shard)
 from msae.analysis.analyze import find_cache
 from msae.config import ExtractConfig
 from msae.cli import main as cli_main
@@ -86,14 +86,16 @@ def test_every_name_of_the_builtin_extracts_into_one_cache(lm, offline, text_fil
     assert caches == [caches[0]] * 3
     assert {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()} == written, "extracted again"
     manifest = read_manifest(caches[0])
-    assert manifest["key"]["model"] == lm.identity and manifest["model_name"] == "smollm2-135m"
+    assert manifest.key["model"] == lm.identity and manifest.model_name == "smollm2-135m"
 
     monkeypatch.setenv("MSAE_ACTIVATION_CACHE", str(tmp_path / "caches"))
     old = tmp_path / "caches" / "0123456789abcdef"
     old.mkdir()
     for f in caches[0].iterdir():
-        (old / f.name).write_bytes(f.read_bytes())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "key": {**manifest["key"], "model": "smollm2-135m"}}))
+        if f.name != MANIFEST:
+            (old / f.name).write_bytes(f.read_bytes())
+    # A cache from before caches were keyed by the model's identity, with its manifest under the name it had then.
+    (old / OLD_MANIFEST).write_text(json.dumps({**manifest.to_json(), "key": {**manifest.key, "model": "smollm2-135m"}}))
     for name in names:
         cfg = ExtractConfig(model=name, corpus=str(text_file), tokens=100, ctx_len=32, layer=15, device="cpu",
                             precision="float32")
@@ -134,67 +136,66 @@ def test_bf16_forward_stays_within_bf16_rounding_of_float32_and_keys_its_own_cac
     cfg = ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=32, lm_batch=2, layer=15)
     caches = {name: extract(cfg, lm=model, root=tmp_path) for name, model in (("float32", lm), ("bfloat16", bf16))}
     assert caches["float32"] != caches["bfloat16"]
-    assert "lm_dtype" not in read_manifest(caches["float32"])["key"], "float32 caches keep the key they had"
-    assert read_manifest(caches["bfloat16"])["key"]["lm_dtype"] == "bfloat16"
+    assert "lm_dtype" not in read_manifest(caches["float32"]).key, "float32 caches keep the key they had"
+    assert read_manifest(caches["bfloat16"]).key["lm_dtype"] == "bfloat16"
 
 
 def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
     cfg = ExtractConfig(corpus=str(text_file), tokens=250, ctx_len=32, lm_batch=2, shard_rows=60, layer=15)
     straight = extract(cfg, lm=lm, root=tmp_path / "a")
     manifest = read_manifest(straight)
-    assert manifest["rows"] >= 250 and len(manifest["shards"]) >= 3
-    assert manifest["dropped"]["position_0"] == manifest["contexts_done"]
+    assert manifest.rows >= 250 and len(manifest.shards) >= 3
+    assert manifest.dropped["position_0"] == manifest.contexts_done
 
-    stamp = (straight / "manifest.json").stat().st_mtime_ns
+    stamp = (straight / MANIFEST).stat().st_mtime_ns
     assert extract(cfg, lm=lm, root=tmp_path / "a") == straight
-    assert (straight / "manifest.json").stat().st_mtime_ns == stamp, "a full cache is reused untouched"
+    assert (straight / MANIFEST).stat().st_mtime_ns == stamp, "a full cache is reused untouched"
 
     class Interrupted(Exception):
         pass
 
     def stop_after_two_shards(rows, _total):
         written = tmp_path / "b" / straight.name
-        if (written / "manifest.json").exists() and len(read_manifest(written)["shards"]) >= 2:
+        if has_manifest(written) and len(read_manifest(written).shards) >= 2:
             raise Interrupted
 
     with pytest.raises(Interrupted):
         extract(cfg, lm=lm, root=tmp_path / "b", progress=stop_after_two_shards)
     resumed = extract(cfg, lm=lm, root=tmp_path / "b")
-    assert read_manifest(resumed)["rows"] == manifest["rows"]
-    for shard in manifest["shards"]:
-        with safe_open(str(straight / shard["file"]), "pt") as f, safe_open(str(resumed / shard["file"]), "pt") as g:
-            for key in f.keys():
-                torch.testing.assert_close(f.get_tensor(key), g.get_tensor(key), atol=1e-2, rtol=1e-3)
+    assert read_manifest(resumed).rows == manifest.rows
+    for shard in manifest.shards:
+        want, got = read_shard(straight, shard, SHARD_TENSORS), read_shard(resumed, shard, SHARD_TENSORS)
+        assert want.keys() == got.keys() == set(SHARD_TENSORS)
+        for key in want:
+            torch.testing.assert_close(want[key], got[key], atol=1e-2, rtol=1e-3)
 
 
 def test_a_cache_grown_with_another_batch_size_keeps_rows_and_contexts_aligned(lm, text_file, tmp_path):
     # 3 contexts a batch, then 4: the second extraction starts inside one of its batches.
     first = extract(ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=32, lm_batch=3, shard_rows=60, layer=15),
                     lm=lm, root=tmp_path)
-    done = read_manifest(first)["contexts_done"]
+    done = read_manifest(first).contexts_done
     assert done % 4, "the first extraction must stop inside a batch of the second"
     grown = extract(ExtractConfig(corpus=str(text_file), tokens=400, ctx_len=32, lm_batch=4, shard_rows=60, layer=15),
                     lm=lm, root=tmp_path)
     assert grown == first
     manifest = read_manifest(grown)
     starts, rows = [], 0
-    for shard in manifest["shards"]:
-        with safe_open(str(grown / shard["file"]), "pt") as f:
-            start = int(f.get_tensor("context_start")[0])
-            ctx_tokens, context = f.get_tensor("context_tokens"), f.get_tensor("context") - start
-            position, token_ids = f.get_tensor("position").long(), f.get_tensor("token_ids")
+    for shard in manifest.shards:
+        t = read_shard(grown, shard, ["context_start", "context_tokens", "context", "position", "token_ids"])
+        start = int(t["context_start"][0])
+        ctx_tokens, context = t["context_tokens"], t["context"] - start
         assert context.min() >= 0 and context.max() < ctx_tokens.shape[0]
-        assert torch.equal(ctx_tokens[context, position], token_ids), f"{shard['file']}: rows point at other contexts"
+        assert torch.equal(ctx_tokens[context, t["position"].long()], t["token_ids"]), \
+            f"{shard.file}: rows point at other contexts"
         starts.append(start)
-        rows += shard["rows"]
-    assert starts == [sum(s["contexts"] for s in manifest["shards"][:i]) for i in range(len(starts))]
+        rows += shard.rows
+    assert starts == [sum(s.contexts for s in manifest.shards[:i]) for i in range(len(starts))]
     # No context was extracted twice: the stored contexts are the corpus's, in order.
-    stored = torch.cat([safe_open(str(grown / s["file"]), "pt").get_tensor("context_tokens")
-                        for s in manifest["shards"]])
+    stored = torch.cat([t["context_tokens"] for _i, _s, t in iter_shards(grown, ["context_tokens"])])
     straight = extract(ExtractConfig(corpus=str(text_file), tokens=rows, ctx_len=32, lm_batch=4, shard_rows=10**6,
                                      layer=15), lm=lm, root=tmp_path / "straight")
-    with safe_open(str(straight / read_manifest(straight)["shards"][0]["file"]), "pt") as f:
-        expected = f.get_tensor("context_tokens")
+    expected = read_shard(straight, read_manifest(straight).shards[0], ["context_tokens"])["context_tokens"]
     n = min(len(stored), len(expected))
     assert torch.equal(stored[:n], expected[:n])
 
@@ -202,10 +203,8 @@ def test_a_cache_grown_with_another_batch_size_keeps_rows_and_contexts_aligned(l
 def test_cached_rows_match_the_model(lm, text_file, tmp_path):
     cfg = ExtractConfig(corpus=str(text_file), tokens=40, ctx_len=32, lm_batch=2, layer=15)
     cache = extract(cfg, lm=lm, root=tmp_path)
-    shard = read_manifest(cache)["shards"][0]["file"]
-    with safe_open(str(cache / shard), "pt") as f:
-        acts, ctx_tokens = f.get_tensor("activations"), f.get_tensor("context_tokens")
-        context, position = f.get_tensor("context"), f.get_tensor("position")
+    t = read_shard(cache, read_manifest(cache).shards[0], ["activations", "context_tokens", "context", "position"])
+    acts, ctx_tokens, context, position = t["activations"], t["context_tokens"], t["context"], t["position"]
     ids = ctx_tokens[:1].long()
     mask = (ids >= 0).long()
     full = residual_after(lm, ids.clamp_min(0), mask, 15)[0]
@@ -221,7 +220,7 @@ def test_shuffled_buffer_is_bounded_and_covers_every_row(lm, text_file, tmp_path
     assert source.n_rows > 2 * source.buffer_rows, "the corpus must be larger than the buffer"
     per_epoch = source.n_rows // 16
     seen = torch.cat([b for _, b in zip(range(per_epoch), source.batches(0, 16, seed=0))])
-    all_rows = torch.cat([source._load(s) for s in source.shards])
+    all_rows = torch.cat([source.load(s) for s in source.shards])
     assert seen.shape[0] >= all_rows.shape[0] - 16 * 4  # at most one partial batch per buffer group is carried off
     # The text repeats, so equal rows exist: an epoch may show each row only as often as the cache holds it.
     from collections import Counter
@@ -234,12 +233,12 @@ def test_shuffled_buffer_is_bounded_and_covers_every_row(lm, text_file, tmp_path
     torch.testing.assert_close(again[:16], seen[32:48]), "starting at step 2 gives step 2's batch"
 
 
-def test_strip_wiki_markup():
+def test_wiki_markup_is_stripped_to_its_text():
     raw = "{{Infobox|x={{y}}}}'''Anarchism''' is a [[political philosophy]] that [[self-governance|self-governs]].<ref>cite</ref>\n==History==\n[[Category:Politics]]"
     assert strip_wiki_markup(raw) == "Anarchism is a political philosophy that self-governs.\nHistory"
 
 
-def test_builtin_corpus_has_real_text():
+def test_builtin_corpus_documents_are_long_text_without_wiki_markup():
     docs = corpus_mod.builtin_documents()
     first = [next(docs) for _ in range(5)]
     assert all(len(d.text) > 200 for d in first)
@@ -268,7 +267,7 @@ def test_bad_corpora_are_refused_with_the_place(tmp_path, name, content, message
     assert name in str(info.value)
 
 
-def test_user_file_formats(tmp_path):
+def test_txt_jsonl_csv_and_parquet_files_read_as_their_documents(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -334,14 +333,13 @@ def test_contexts_never_cross_documents(lm):
 
 def test_cache_records_the_document_of_every_context(lm, text_file, tmp_path):
     cache = extract(ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=16, lm_batch=4, layer=2), lm=lm, root=tmp_path)
-    with safe_open(str(cache / read_manifest(cache)["shards"][0]["file"]), "pt") as f:
-        docs, ctx = f.get_tensor("context_doc"), f.get_tensor("context_tokens")
+    t = read_shard(cache, read_manifest(cache).shards[0], ["context_doc", "context_tokens", "context_part"])
+    docs, ctx = t["context_doc"], t["context_tokens"]
     assert docs.shape[0] == ctx.shape[0] and docs[0] == 0 and (docs[1:] >= docs[:-1]).all()
     assert docs[-1] > 0, "several documents were read"
-    with safe_open(str(cache / read_manifest(cache)["shards"][0]["file"]), "pt") as f:
-        parts = f.get_tensor("context_part")
+    parts = t["context_part"]
     assert parts.shape == docs.shape and (parts == 0).all()
-    assert read_manifest(cache)["parts"] == [text_file.name], "every context's part is named in the manifest"
+    assert read_manifest(cache).parts == [text_file.name], "every context's part is named in the manifest"
 
 
 def test_corpus_command_names_every_builtin_part(capsys):

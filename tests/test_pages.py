@@ -17,12 +17,11 @@ from safetensors.torch import save_file
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest, app_test
 
-from explorer import loaders, state
+from explorer import loaders, state, tables
 from explorer.figures import TOY_ROWS, latent_of_node, node_id, plot_text
 from explorer.html import escape_token, tokens_html
 from msae import io, jobs
 from msae.activations import extract
-from msae.analysis import tables
 from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig, TrainConfig, to_flags
@@ -30,7 +29,7 @@ from msae.analysis.inference import text_latents
 from msae.analysis.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
 from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
-from msae.run import Run, find_runs
+from msae.run import JOB_FILE, JOB_LOG_FILE, Run, find_runs
 from msae.sae import SAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,7 +377,9 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     at.slider(key="tree_score").set_value(1.0).run()
     strong = figures(ok(at))[0]["data"][0]
     assert 0 < len(strong["ids"]) < len(tree["ids"])
-    assert all(score >= 1.0 for *_rest, score in strong["customdata"] if score >= 0)
+    assert any(strong["parents"]), "some links score 1.0 or more"
+    for parent, (*_rest, score) in zip(strong["parents"], strong["customdata"]):
+        assert score >= 1.0 if parent else score == -1, "each drawn link scores at least the slider's 1.0; roots none"
     at.radio(key="tree_kind").set_value("sunburst").run()
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
     if len(concept) and len(hubs):
@@ -434,7 +435,7 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
     assert "has not been measured" in at.info[0].value
 
     result = absorption_result(("matryoshka", "vanilla"))
-    Run(run).write_absorption(result)
+    Run(run).write_result(result)
     try:
         at = ok(open_page("pages/3_Diagnostics.py", run))
         absorption, splitting, fvu_l0 = figures(at)[:3]
@@ -676,7 +677,7 @@ def test_train_stops_and_resumes(env, acts_file):
     status = wait(out, lambda s: not s.running)
     assert status.state == "finished", jobs.log_tail(out)
     assert max(m[-1].step for m in jobs.metrics(out).values()) == done + 10
-    assert "--resume" in json.loads((out / jobs.JOB_FILE).read_text())["command"]
+    assert "--resume" in json.loads((out / JOB_FILE).read_text())["command"]
 
 
 # ---- tables, trees, HTML and jobs without the app ----------------------------------------------------------------
@@ -710,7 +711,7 @@ def test_hierarchy_nodes_build_a_forest_within_the_filters(pair):
 
 
 def test_log_tail_keeps_the_last_progress_redraw(tmp_path):
-    (tmp_path / jobs.LOG_FILE).write_text("start\n 10%|#  \r 50%|##  \r 90%|### \nend\n")
+    (tmp_path / JOB_LOG_FILE).write_text("start\n 10%|#  \r 50%|##  \r 90%|### \nend\n")
     assert jobs.log_tail(tmp_path) == "start\n 90%|### \nend"
     assert to_flags(TrainConfig(widths=(8, 32), also_vanilla=True, lr=None, k=4)) == [
         "--widths", "8,32", "--k", "4", "--also-vanilla"]

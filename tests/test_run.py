@@ -1,10 +1,8 @@
-"""The run directory and its typed files (msae.run, msae.results, msae.records) and the one config mechanism
-(msae.config): records round-trip, configs refuse bad settings with one line, flags rebuild configs, and the
-shipped runs record no machine's paths."""
+"""The run directory and its typed files (msae.run, msae.results, msae.records): records round-trip, every file is
+read and written through them, and the shipped runs record no machine's paths."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msae import jobs
-from msae.cli import main as cli_main
-from msae.config import (TRAIN_SKIP, AnalyzeConfig, ConfigError, Config, ExtractConfig, TrainConfig, TrainJob,
-                         add_config_args, config_from_args, to_flags)
+from msae.config import TrainConfig
 from msae.records import Record, RecordError
 from msae.results import AbsorptionResult, EvalResult, RunInfo, StoreManifest, TrainMetrics
 from msae.run import Run, RunError, find_runs
@@ -57,86 +52,6 @@ def test_records_round_trip_nested_and_leave_out_what_is_unknown():
         Outer.loads("{")
 
 
-def test_config_validation_names_the_setting():
-    for kwargs, message in [
-        ({"widths": (512, 128)}, "widths must be positive and strictly increasing, got 512,128"),
-        ({"widths": (64, 256), "k": 300}, "k must be between 1 and the largest width 256, got 300"),
-        ({"checkpoint_every": 0}, "checkpoint_every must be positive, got 0"),
-        ({"log_every": 0}, "log_every must be positive"),
-        ({"decay_fraction": 5}, "decay_fraction must be between 0 and 1"),
-        ({"warmup_steps": -10}, "warmup_steps must be at least 0"),
-        ({"device": "banana"}, "device must be auto, cpu, cuda or cuda:N"),
-        ({"dtype": "int8"}, "dtype must be one of float32, float64"),
-        ({"arch": "tree"}, "arch must be one of matryoshka, vanilla"),
-        ({"level_weights": (1.0,), "widths": (8, 16), "k": 4}, "level_weights has 1 entries for 2 widths"),
-    ]:
-        with pytest.raises(ConfigError, match=message):
-            TrainConfig(**kwargs)
-    with pytest.raises(ConfigError, match="cache_dtype must be one of float16, bfloat16, float32, got 'int8'"):
-        ExtractConfig(cache_dtype="int8")
-    with pytest.raises(ConfigError, match="ctx_len must be at least 2"):
-        ExtractConfig(ctx_len=1)
-    with pytest.raises(ConfigError, match="outlier_factor must be above 1"):
-        ExtractConfig(outlier_factor=0)
-    with pytest.raises(ConfigError, match="hist_bins must be positive"):
-        AnalyzeConfig(store=AnalyzeConfig().store.__class__(hist_bins=0))
-
-
-def test_flags_rebuild_the_config_they_came_from():
-    job = TrainJob(train=TrainConfig(widths=(64, 256), k=8, also_vanilla=True, lr=1e-3, level_weights=(0.5, 0.5),
-                                     device="cpu"),
-                   extract=ExtractConfig(corpus="notes.txt", tokens=5000, cache_dtype="float32"), eval_contexts=4)
-    parser = argparse.ArgumentParser()
-    add_config_args(parser, TrainJob, skip=TRAIN_SKIP)
-    flags = to_flags(job, skip=TRAIN_SKIP)
-    assert "--also-vanilla" in flags and flags[flags.index("--widths") + 1] == "64,256"
-    again = config_from_args(TrainJob, parser.parse_args(flags), skip=TRAIN_SKIP)
-    assert again == job and again.extract.device == "cpu", "one --device for the LM and the SAEs"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--cache-dtype", "int8"])  # a Literal field offers only its choices
-
-
-@dataclass
-class Leaf(Config):
-    k: int = 1
-    """k."""
-
-
-@dataclass
-class Clash(Config):
-    leaf: Leaf
-    """Nested."""
-    k: int = 2
-    """Another k."""
-
-
-def test_nested_configs_may_not_share_a_flag():
-    with pytest.raises(TypeError, match="Clash: k and leaf.k would both be --k"):
-        add_config_args(argparse.ArgumentParser(), Clash)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--checkpoint-every", "0"], "checkpoint_every must be positive"),
-    (["--cache-dtype", "int8"], None),
-    (["--ctx-len", "0"], "ctx_len must be at least 2"),
-    (["--device", "banana"], "device must be auto, cpu, cuda or cuda:N"),
-    (["--decay-fraction", "5"], "decay_fraction must be between 0 and 1"),
-])
-def test_bad_train_flags_stop_with_one_line_and_exit_2(flags, message, tmp_path, capsys):
-    argv = ["train", "--activations", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "run"), *flags]
-    try:
-        code = cli_main(argv)
-    except SystemExit as exc:  # argparse refuses a choice outside a Literal
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2
-    if message:
-        assert err.strip().count("\n") == 0 and message in err
-    else:
-        assert "invalid choice: 'int8'" in err
-    assert not (tmp_path / "run").exists(), "nothing is written for a refused command"
-
-
 def test_a_run_reads_and_writes_every_file_through_records(tmp_path):
     run = Run(tmp_path / "r")
     sae = SAE(8, [4, 16], k=2)
@@ -150,14 +65,14 @@ def test_a_run_reads_and_writes_every_file_through_records(tmp_path):
     assert [m.step for m in run.metrics()] == [1, 2, 3]
     run.trim_metrics(2)
     assert [m.step for m in run.metrics()] == [1, 2]
-    assert run.eval() is None
+    assert run.result(EvalResult) is None
     result = EvalResult(rows=10, widths=[4, 16], fvu=[0.5, 0.3], explained_variance=[0.5, 0.7], l0=2.0,
                         dead_fraction=0.1)
-    run.write_eval(result)
-    assert run.eval() == result
+    run.write_result(result)
+    assert run.result(EvalResult) == result
     (run.path / "eval.json").write_text("[1, 2]")
     with pytest.raises(RunError, match="eval.json: cannot be read"):
-        run.eval()
+        run.result(EvalResult)
     assert find_runs(tmp_path) == [run.path]
     summary = run.summary()
     assert summary.widths == [4, 16] and summary.steps == 3 and summary.fvu == [0.9, 0.8]
@@ -181,11 +96,11 @@ def test_absorption_is_found_where_it_was_measured(tmp_path):
     pair = tmp_path / "pair"
     for name in ("matryoshka", "vanilla"):
         Run(pair / name).save_sae(SAE(8, [16], k=2), RunInfo(name=name))
-    Run(pair / "matryoshka").write_absorption(shipped)
-    assert Run(pair / "vanilla").absorption() is None
-    assert Run(pair / "vanilla").absorption_measured() == shipped, "the pair's result is kept beside it"
+    Run(pair / "matryoshka").write_result(shipped)
+    assert Run(pair / "vanilla").result(AbsorptionResult) is None
+    assert Run(pair / "vanilla").result_covering(AbsorptionResult) == shipped, "the pair's result is kept beside it"
     Run(tmp_path / "alone").save_sae(SAE(8, [16], k=2), RunInfo())
-    assert Run(tmp_path / "alone").absorption_measured() is None
+    assert Run(tmp_path / "alone").result_covering(AbsorptionResult) is None
 
 
 def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
@@ -198,7 +113,7 @@ def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
         packages = [s.package for s in info.extraction.corpus.sources]
         # The prose and code parts; WordNet's four parts follow where the machine that trained them had wordnet-base.
         assert packages[:3] == ["gensim", "gensim", "pydoc_data"] and set(packages[3:]) <= {"wordnet-base"}
-        assert run.eval().fvu and run.metrics()
+        assert run.result(EvalResult).fvu and run.metrics()
         StoreManifest.from_json(json.loads((run.store_dir / "manifest.json").read_text()))
         for path in run.path.rglob("*.json*"):
             text = path.read_text()
@@ -206,22 +121,9 @@ def test_shipped_runs_read_as_records_and_hold_no_machine_paths():
 
 
 def test_shipped_assets_stay_within_90_mb():
-    """Issue 11's budget for the shipped runs with their stores, the toys and the taxonomy (git holds them)."""
+    """The budget for the shipped runs with their stores, the toys and the taxonomy (git holds them)."""
     total = sum(path.stat().st_size for path in ASSETS.rglob("*") if path.is_file())
     assert total <= 90e6, f"assets/ holds {total / 1e6:.1f} MB"
-
-
-def test_a_job_is_a_typed_spec_whose_command_rebuilds_it(tmp_path):
-    job = TrainJob(train=TrainConfig(widths=(32, 128), k=8, steps=5, device="cpu"), activations="acts.safetensors")
-    command = jobs.command(tmp_path / "out", job, resume=True)
-    assert command[1:4] == ["-m", "msae.cli", "train"] and command[-1] == "--resume"
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")
-    parser.add_argument("--resume", action="store_true")
-    add_config_args(parser, TrainJob, skip=TRAIN_SKIP)
-    assert config_from_args(TrainJob, parser.parse_args(command[4:]), skip=TRAIN_SKIP) == job
-    record = jobs.JobFile(job=job, pid=123, command=command)
-    assert jobs.JobFile.loads(record.dumps()) == record
 
 
 def test_checkpoint_refuses_to_resume_with_other_settings(tmp_path):

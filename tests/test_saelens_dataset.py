@@ -125,11 +125,11 @@ def test_analyze_reads_the_dataset_saelens_recorded_and_says_so_first(tmp_path, 
     assert said[0].startswith(f"text: {data}, the dataset SAELens recorded in cfg.json\nextracting activations: ")
     assert "tokens (all of it)" in said[0] and "tokens/s (measured here on one batch of" in said[0]
     cache = read_manifest(Path(tmp_path / "cache" / manifest.cache_id))
-    assert cache["key"]["corpus"] == f"file:{corpus_sha256(data)}" and cache["key"]["ctx_len"] == 64
-    assert cache["exhausted"] and manifest.rows == cache["rows"]
+    assert cache.key["corpus"] == f"file:{corpus_sha256(data)}" and cache.key["ctx_len"] == 64
+    assert cache.exhausted and manifest.rows == cache.rows
     counted = int(said[0].split("extracting activations: ")[1].split(" tokens")[0].replace(",", ""))
     # Special tokens and outlier rows are dropped as extracted, which the count before cannot foresee.
-    assert cache["rows"] <= counted <= cache["rows"] + sum(cache["dropped"].values())
+    assert cache.rows <= counted <= cache.rows + sum(cache.dropped.values())
     assert load_store(run).manifest.rows == manifest.rows
 
     said.clear()

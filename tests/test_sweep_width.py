@@ -13,8 +13,9 @@ import pytest
 
 from explorer import figures
 from msae.analysis import taxbench
-from msae.analysis.tables import WIDTH_SWEEP_DIFFERENCES, width_sweep_differences
+from explorer.tables import WIDTH_SWEEP_DIFFERENCES, width_sweep_differences
 from msae.config import AbsorptionConfig, ExtractConfig
+from msae.results import AbsorptionResult, TaxonomyBench
 from msae.run import Run, checkpoint_path
 from msae.taxonomy import load_taxonomy
 from msae.train import Trainer, sae_dirs
@@ -117,11 +118,11 @@ def test_every_pair_holds_every_figure_with_intervals_around_their_points(swept)
         assert entry["difference"]["first_letter_absorption"]["mean"] == pytest.approx(
             sum(ml[x] - vl[x] for x in ml) / len(ml))
         validity = entry["first_letter"]["validity"]
-        assert validity["valid"] is False and "SAEBench" in validity["note"]
+        assert validity["valid"] is False and "TaxonomyBenchSAE" in validity["note"]
         # The pair's own files hold the same results as `msae hierarchy-bench` and `msae absorption` write them.
         matryoshka = Run(Path(entry["run"]) / "matryoshka")
-        assert matryoshka.hierarchy_bench().saes[1].absorption.mean == entry["vanilla"]["taxonomy"]["absorption"]["mean"]
-        assert set(matryoshka.absorption().saes) == {"matryoshka", "vanilla"}
+        assert matryoshka.result(TaxonomyBench).saes[1].absorption.mean == entry["vanilla"]["taxonomy"]["absorption"]["mean"]
+        assert set(matryoshka.result(AbsorptionResult).saes) == {"matryoshka", "vanilla"}
     spread = sweep["by_width"][str(WIDTHS[1])]
     assert spread["seeds"] == ["0"]
     assert spread["vanilla"]["mean"]["taxonomy_absorption"] == sweep["runs"][str(WIDTHS[1])]["0"]["vanilla"]["taxonomy"]["absorption"]["mean"]

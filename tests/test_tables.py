@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from msae.analysis import tables
+from explorer import tables
 from msae.analysis.store import load_store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "default" / "matryoshka"

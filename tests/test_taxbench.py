@@ -3,7 +3,6 @@ polysemy on a hand-built taxonomy, link precision against ancestry, and the whol
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ import torch
 
 from msae.analysis import taxbench
 from msae.analysis.stream import Sparse
+from msae.config import TaxonomyBenchConfig
 from msae.taxonomy import Category, Taxonomy
 
 
@@ -75,12 +75,10 @@ def tiny_taxonomy() -> Taxonomy:
     return Taxonomy("tiny", "test", 5, cats)
 
 
-def test_categories_polysemy_and_link_precision_on_a_hand_built_taxonomy(monkeypatch):
+def test_categories_polysemy_and_link_precision_on_a_hand_built_taxonomy():
     tax = tiny_taxonomy()
-    monkeypatch.setattr(taxbench, "CATEGORY_SIZE", (6, 8))
-    monkeypatch.setattr(taxbench, "MIN_MEMBERS", 5)
     available = {10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 7, 30, 31, 32, 33, 34}
-    chosen = taxbench.choose_categories(tax, available)
+    chosen = taxbench.choose_categories(tax, available, TaxonomyBenchConfig(category_size=(6, 8), min_members=5))
     # Most available members first (6, 6, 5), then WordNet offset; animal (12 tokens) is out of the size range.
     assert [c.name for c, _m in chosen] == ["cat", "instrument", "dog"]
     assert taxbench.ambiguous_tokens(chosen, tax.ancestors()) == {7}

@@ -10,6 +10,7 @@ import torch
 from msae import toy
 from msae.cli import main as cli_main
 from msae.results import ToyResult
+from msae.run import TOY_EVAL_ACTIVATIONS
 from msae.sae import SAE
 
 N = 200_000
@@ -139,7 +140,7 @@ def test_matryoshka_absorbs_less_than_vanilla_on_nabeshima():
     assert result.matryoshka.parent_fires_alone > 0.88
 
 
-def test_cli_toy_json_end_to_end(tmp_path, capsys):
+def test_msae_toy_json_reports_both_saes_and_writes_their_runs(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["toy", "--preset", "chanin", "--steps", "30", "--seed", "1", "--json", "--out", str(out)]
     assert cli_main(argv) == 0
@@ -208,7 +209,7 @@ def test_cli_analyze_activations_writes_the_links_table(tmp_path, capsys):
     out = tmp_path / "runs"
     assert cli_main(["toy", "--preset", "nabeshima", "--steps", "300", "--out", str(out), "--json"]) == 0
     capsys.readouterr()
-    acts_file = out / toy.EVAL_ACTIVATIONS
+    acts_file = out / TOY_EVAL_ACTIVATIONS
     # Toy parents are present on 15-25% of samples: linked at lift 2, as README says (the default 10 is out of reach).
     assert cli_main(["analyze", str(out / "matryoshka"), "--activations", str(acts_file), "--min-lift", "2"]) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from msae import io
-from msae.cli import main as cli_main, reads_note
+from msae.cli import main as cli_main
+from msae.reports import reads_note
 from msae.run import Run
 from msae.sae import SAE
 from msae.config import ConfigError, TrainConfig
@@ -184,7 +185,7 @@ def test_geometric_median_resists_outliers():
     assert pts.mean(0).norm() > 50
 
 
-def test_cli_train_end_to_end(tmp_path, capsys):
+def test_msae_train_writes_a_matryoshka_and_a_vanilla_run(tmp_path, capsys):
     path = tmp_path / "acts.safetensors"
     save_file({"activations": toy_acts()}, str(path))
     argv = ["train", "--activations", str(path), "--arch", "matryoshka", "--widths", "8,24,64", "--k", "4",

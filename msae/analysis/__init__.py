@@ -1,1 +1,2 @@
-"""Feature analysis over an activation cache: feature store, hierarchy, splitting, absorption, matching, search."""
+"""Feature analysis over an activation cache: feature store, hierarchy, splitting, absorption, matching, the
+taxonomy benchmark and the gallery."""

@@ -15,7 +15,7 @@ The steps, each a function:
    (always at least one).
 5. `word_absorption` / `absorption`: on the test words the probe classifies correctly as the letter, the
    absorption fraction and full absorption of each word, averaged per letter, then over the letters whose probe
-   F1 exceeds 0.6 (DESIGN.md §3).
+   F1 exceeds 0.6 (SAEBench's rule).
 `measure` runs the steps once for several SAEs on the same word activations (msae.run saves the result).
 
 Definitions, per word x with SAE latents a (u = the letter's unit probe direction, d_i = decoder row i):

@@ -12,17 +12,18 @@ import pandas as pd
 import torch
 
 from msae import io
-from msae.activations import (MANIFEST, ExtractionEstimate, cache_key, cache_path_for, cache_root, check_corpus,
-                              estimate_extraction, extract, lm_dtype_name, read_manifest)
+from msae.activations import (ExtractionEstimate, cache_key, cache_path_for, cache_root, check_corpus,
+                              estimate_extraction, extract, has_manifest, lm_dtype_name, read_manifest)
 from msae.analysis import features, hierarchy, matching, validate
-from msae.analysis.store import (ACTIVATIONS_ANALYSIS_FILE, MANIFEST_FILE, STORE_FORMAT, Against, FeatureStore,
-                                 StoreError, load_store, write_links_only, write_store)
+from msae.analysis.store import (STORE_FORMAT, Against, FeatureStore, StoreError, load_store, store_kind,
+                                 write_links_only, write_store)
 from msae.analysis.stream import Sparse, add_class_sums, encode_rows, stream
-from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig
+from msae.config import (AbsorptionConfig, AnalyzeConfig, ExtractConfig, GalleryConfig, LinkConfig,
+                         TaxonomyBenchConfig)
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, check_before_load, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
-                          HierarchyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
+                          TaxonomyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -117,12 +118,12 @@ def find_cache(ecfg: ExtractConfig, cache_id: str | None) -> Path | None:
     except (CorpusError, LMLoadError):  # no corpus file, or a model not on this machine: no cache to point to
         pass
     for cand in candidates:
-        if (cand / MANIFEST).exists():
+        if has_manifest(cand):
             m = read_manifest(cand)
-            same = (all(m["key"].get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
-                    and m["key"].get("lm_dtype", "float32") == lm_dtype_name(ecfg)
-                    and same_model(m["key"].get("model", ""), ecfg.model))
-            if same and (m["rows"] >= (ecfg.tokens or 0) or m["exhausted"]):
+            same = (all(m.key.get(f) == getattr(ecfg, f) for f in KEY_FIELDS)
+                    and m.key.get("lm_dtype", "float32") == lm_dtype_name(ecfg)
+                    and same_model(m.key.get("model", ""), ecfg.model))
+            if same and (m.rows >= (ecfg.tokens or 0) or m.exhausted):
                 return cand
     return None
 
@@ -146,8 +147,7 @@ def check_store_replaceable(run: Run, command: str, overwrite: bool) -> None:
     """A store is replaced only by the kind of analysis that made it, or when the user says --overwrite: the
     text analysis of the shipped run took half an hour, and --activations would leave its links alone."""
     store = run.store_dir
-    made_by = (TEXT_STORE if (store / MANIFEST_FILE).exists()
-               else ACTIVATIONS_STORE if (store / ACTIVATIONS_ANALYSIS_FILE).exists() else None)
+    made_by = {"text": TEXT_STORE, "activations": ACTIVATIONS_STORE, None: None}[store_kind(store)]
     if made_by not in (None, command) and not overwrite:
         raise AnalysisError(f"{store} holds the feature store `{made_by}` made; `{command}` would replace it: pass "
                             f"--overwrite to replace it")
@@ -221,7 +221,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         return None if progress is None else (lambda done, total: progress(name, done, total))
 
     cache_manifest = read_manifest(cache)
-    median_norm = cache_manifest.get("median_norm")
+    median_norm = cache_manifest.median_norm
     max_norm = acfg.max_norm_factor * median_norm if acfg.max_norm_factor and median_norm else None
     try:
         result = stream([sae] + [o for _r, o in others], cache, top_n=acfg.store.top_n,
@@ -275,7 +275,7 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
         t = time.perf_counter()
         link_rows, split = validate.link_split(result.row_doc(), result.row_context)
         manifest.link_validation = validate.validate_links(sp, sae.widths, acfg.links, link_rows, split,
-                                                           result.row_part, cache_manifest.get("parts"))
+                                                           result.row_part, cache_manifest.parts)
         timings["link validation"] = time.perf_counter() - t
     t = time.perf_counter()
     manifest.hierarchy_figures = validate.hierarchy_figures(sp, links, sae.W_dec, acfg.links.criterion, directions,
@@ -417,15 +417,15 @@ def _shared_inputs(runs: list[Run], taxonomy: Path | str | None, lm: LoadedLM | 
 
 
 def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | None = None,
-                 taxonomy: Path | str | None = None, lm: LoadedLM | None = None, device: str = "cpu",
-                 cache: Path | None = None) -> Gallery:
+                 config: GalleryConfig | None = None, lm: LoadedLM | None = None, cache: Path | None = None) -> Gallery:
     """The gallery (msae.analysis.gallery) of a Matryoshka run with its wide vanilla twin and, for splitting, a
     narrow vanilla SAE; the absorption case comes from the run's hierarchy_bench.json. Written to RUN/gallery.json."""
     from msae.analysis import gallery
 
+    config = config or GalleryConfig()
     run = Run(run_dir)
     runs = [run, Run(wide)] + ([Run(narrow)] if narrow is not None else [])
-    saes = _load_named(runs, device)
+    saes = _load_named(runs, config.device)
     if saes[run.name].n_groups < 2:
         raise AnalysisError(f"{run.path} is not a Matryoshka SAE: the gallery sets one against its vanilla twins")
     roles = {"matryoshka": run.name, "wide": Run(wide).name}
@@ -434,32 +434,33 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
         if saes[roles["narrow"]].d_sae >= saes[run.name].d_sae:
             raise AnalysisError(f"--narrow {narrow} has {saes[roles['narrow']].d_sae} latents, not fewer than "
                                 f"{run.path}'s {saes[run.name].d_sae}: splitting needs a narrower SAE")
-    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
-    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.hierarchy_bench())
-    run.write_gallery(result)
+    ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
+    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(TaxonomyBench))
+    run.write_result(result)
     return result
 
 
-def hierarchy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), taxonomy: Path | str | None = None,
-                    lm: LoadedLM | None = None, device: str = "cpu", cache: Path | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> HierarchyBench:
+def taxonomy_bench(run_dir: Path | str, against: Sequence[Path | str] = (), config: TaxonomyBenchConfig | None = None,
+                   lm: LoadedLM | None = None, cache: Path | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> TaxonomyBench:
     """The taxonomy benchmark (msae.analysis.taxbench) of the run and `against` runs on the run's model, layer
     and activation cache; tree links come from each run's feature store when it has one. Written to
     RUN/hierarchy_bench.json. `progress` hears its stages (taxbench.run_bench)."""
     from msae.analysis import taxbench
 
+    config = config or TaxonomyBenchConfig()
     run = Run(run_dir)
     runs = [run] + [Run(p) for p in against]
-    saes = _load_named(runs, device)
-    ecfg, tax, lm, cache = _shared_inputs(runs, taxonomy, lm, device, cache)
+    saes = _load_named(runs, config.device)
+    ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
     links = {}
     for r in runs:
         try:
             links[r.name] = load_store(r.path).links
         except StoreError:
             links[r.name] = None
-    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, progress=progress)
-    run.write_hierarchy_bench(result)
+    result = taxbench.run_bench(saes, cache, lm, ecfg.layer, tax, links, config, progress=progress)
+    run.write_result(result)
     return result
 
 
@@ -475,7 +476,7 @@ def measure_absorption(run_dir: Path, others: Sequence[Path] = (), lm: LoadedLM 
         result = absorption.measure(runs, lm=lm, layer=layer, config=config)
     except (absorption.AbsorptionError, io.SAELoadError) as exc:
         raise AnalysisError(str(exc)) from None
-    Run(run_dir).write_absorption(result)
+    Run(run_dir).write_result(result)
     return result
 
 

@@ -2,7 +2,7 @@
 
 For a candidate parent A and child B, over the rows where both fire: Σ a_A·a_B, Σ a_A² and the count. Since A's
 activation is 0 where it does not fire, these are also the sums over all rows where B fires, which is what the
-directed masked cosine needs (DESIGN.md §3, parent–child links)."""
+directed masked cosine needs (parent–child links, msae.analysis.hierarchy)."""
 
 from __future__ import annotations
 

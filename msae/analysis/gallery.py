@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import read_manifest
+from msae.activations import iter_shards
 from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import Sparse, encode_rows
 from msae.config import LinkConfig
-from msae.results import Gallery, GalleryCase, GalleryExample, HierarchyBench
+from msae.results import Gallery, GalleryCase, GalleryExample, TaxonomyBench
 from msae.sae import SAE
 
 CLEAN_ABSORPTION = 0.2
@@ -100,7 +99,7 @@ def _column_acts(by: taxbench.ByLatent, latents: list[int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def absorption_case(bench: HierarchyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax,
+def absorption_case(bench: TaxonomyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax,
                     density: dict[str, Tensor]) -> GalleryCase | None:
     """The benchmark's most absorbed category (a clean one when there is one), with both SAEs' latents; member
     latents only where specific (`density`: each SAE's latents' share of the sampled tokens, by run name)."""
@@ -193,22 +192,16 @@ def read_sample(cache: Path, n_rows: int) -> dict[str, Tensor]:
     """The first `n_rows` rows of the cache with their tokens and context windows' positions."""
     out = {"acts": [], "token": [], "context": [], "position": []}
     contexts = {}
-    total = 0
-    for shard in read_manifest(cache)["shards"]:
-        if total >= n_rows:
-            break
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            take = min(shard["rows"], n_rows - total)
-            out["acts"].append(f.get_slice("activations")[:take].float())
-            out["token"].append(f.get_slice("token_ids")[:take].long())
-            context = f.get_slice("context")[:take].long()
-            out["context"].append(context)
-            out["position"].append(f.get_slice("position")[:take].long())
-            start = int(f.get_tensor("context_start")[0])
-            ctx = f.get_tensor("context_tokens")
-            for c in torch.unique(context).tolist():
-                contexts[c] = ctx[c - start]
-        total += take
+    names = ["activations", "token_ids", "context", "position", "context_start", "context_tokens"]
+    for _i, _shard, t in iter_shards(cache, names, max_rows=n_rows):
+        out["acts"].append(t["activations"].float())
+        out["token"].append(t["token_ids"].long())
+        context = t["context"].long()
+        out["context"].append(context)
+        out["position"].append(t["position"].long())
+        start = int(t["context_start"][0])
+        for c in torch.unique(context).tolist():
+            contexts[c] = t["context_tokens"][c - start]
     sample = {k: torch.cat(v) for k, v in out.items()}
     sample["contexts"] = contexts
     return sample
@@ -286,7 +279,7 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str
 
 
 def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: int, tax,
-          bench: HierarchyBench | None) -> Gallery:
+          bench: TaxonomyBench | None) -> Gallery:
     """Both cases for the runs in `roles` (matryoshka, wide and, for splitting, narrow: role -> run name), from the
     first SAMPLE_ROWS rows of the cache (where latent densities are measured too)."""
     t0 = time.perf_counter()
@@ -296,7 +289,7 @@ def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: i
     density = {name: torch.bincount(x.cols.long(), minlength=x.d_sae).double() / max(x.n_rows, 1)
                for name, x in codes.items()}
     if bench is None:
-        missing["absorption"] = "no taxonomy benchmark for this run: run msae hierarchy-bench first"
+        missing["absorption"] = "no taxonomy benchmark for this run: run msae taxonomy-bench first"
     else:
         case = absorption_case(bench, {n: saes[n] for n in saes if n in {b.name for b in bench.saes}}, cache, lm,
                                layer, tax, density)

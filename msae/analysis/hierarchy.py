@@ -1,5 +1,5 @@
 """Parent–child links between latents: across the nested groups of one Matryoshka SAE, or from a narrow SAE to
-a wider one (feature splitting). DESIGN.md §3 and LinkConfig give the two criteria:
+a wider one (feature splitting). LinkConfig's two criteria:
 
     coverage (default): P(p | c) = n_pc / n_c >= min_coverage, min_reverse <= P(c | p) <= max_reverse,
                         n_p > n_c, P(p) <= max_parent_density, lift P(p | c) / P(p) >= min_lift,

@@ -10,6 +10,8 @@ crash never leaves half of one.
     links.parquet     parent–child candidates across nested groups (Matryoshka runs; columns parent, child,
                       linked, tree and the scores)
     vocab.json        every token id's text, to render examples
+    activations_analysis.json  instead of all of the above but links.parquet, where `msae analyze --activations`
+                      made the store: an ActivationsAnalysis
     against/NAME/     links.parquet (this run's latents -> NAME's, or NAME's -> this run's when NAME is narrower),
                       matching.parquet, parents.parquet, summary.json (an AgainstSummary)
 """
@@ -157,6 +159,14 @@ def write_store(store: FeatureStore) -> Path:
 
 
 ACTIVATIONS_ANALYSIS_FILE = "activations_analysis.json"
+
+
+def store_kind(store_dir: Path) -> str | None:
+    """What made the store at `store_dir`: "text" (`msae analyze`: a manifest), "activations" (`msae analyze
+    --activations`: links and an ActivationsAnalysis only), or None where there is no store."""
+    if (store_dir / MANIFEST_FILE).exists():
+        return "text"
+    return "activations" if (store_dir / ACTIVATIONS_ANALYSIS_FILE).exists() else None
 
 
 def write_links_only(run_dir: Path | str, links: pd.DataFrame | None, report: ActivationsAnalysis) -> Path:

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import first_shards, read_manifest
+from msae.activations import SHARD_TENSORS, first_shards, iter_shards, read_manifest
 from msae.faults import pause_at
 from msae.sae import SAE
 
@@ -271,11 +270,6 @@ def _check_rows_match_contexts(path: Path, context: Tensor, position: Tensor, co
         )
 
 
-def cache_shards(cache: Path, max_rows: int | None = None) -> list[dict]:
-    """Every shard of the cache in order (training and held-out: the analysis describes the whole corpus)."""
-    return first_shards(read_manifest(cache)["shards"], max_rows)
-
-
 @torch.no_grad()
 def stream(
     saes: Sequence[SAE],
@@ -299,8 +293,9 @@ def stream(
 
     t0 = time.perf_counter()
     cache = Path(cache)
-    shards = cache_shards(cache, max_rows)
-    total = sum(s["rows"] for s in shards) if max_rows is None else min(max_rows, sum(s["rows"] for s in shards))
+    # Every shard, training and held-out: the analysis describes the whole corpus.
+    shards = first_shards(read_manifest(cache).shards, max_rows)
+    total = sum(s.rows for s in shards) if max_rows is None else min(max_rows, sum(s.rows for s in shards))
     main = saes[0]
     top = Examples.empty(main.d_sae, top_n, window)
     sample = Examples.empty(main.d_sae, sample_n, window)
@@ -312,28 +307,22 @@ def stream(
     row_parts: list[Tensor] | None = []
     sums = None
     row0 = skipped = 0
-    for shard in shards:
-        with safe_open(str(cache / shard["file"]), framework="pt") as f:
-            n_take = shard["rows"] if max_rows is None else min(shard["rows"], max_rows - row0)
-            acts = f.get_slice("activations")[:n_take]
-            context = f.get_slice("context")[:n_take].long()
-            position = f.get_slice("position")[:n_take].long()
-            context_tokens = f.get_tensor("context_tokens")
-            context_start = int(f.get_tensor("context_start")[0])
-            if context_start != sum(c.shape[0] for c in context_parts):
-                raise ValueError(f"{cache / shard['file']}: contexts do not follow on from the previous shard")
-            token_ids = f.get_slice("token_ids")[:n_take]
-            _check_rows_match_contexts(cache / shard["file"], context - context_start, position, context_tokens,
-                                       token_ids)
-            context_parts.append(context_tokens)
-            row_contexts.append(context)
-            if row_parts is not None and "context_part" in f.keys():
-                row_parts.append(f.get_tensor("context_part").long()[context - context_start])
-            else:
-                row_parts = None
-            if "context_doc" in f.keys():
-                docs = f.get_tensor("context_doc").tolist()
-                context_doc.update({context_start + i: d for i, d in enumerate(docs)})
+    for _i, shard, t in iter_shards(cache, SHARD_TENSORS, shards, max_rows):
+        acts, context, position = t["activations"], t["context"].long(), t["position"].long()
+        n_take = acts.shape[0]
+        context_tokens, context_start = t["context_tokens"], int(t["context_start"][0])
+        if context_start != sum(c.shape[0] for c in context_parts):
+            raise ValueError(f"{cache / shard.file}: contexts do not follow on from the previous shard")
+        _check_rows_match_contexts(cache / shard.file, context - context_start, position, context_tokens,
+                                   t["token_ids"])
+        context_parts.append(context_tokens)
+        row_contexts.append(context)
+        if row_parts is not None and "context_part" in t:
+            row_parts.append(t["context_part"].long()[context - context_start])
+        else:
+            row_parts = None
+        if "context_doc" in t:
+            context_doc.update({context_start + i: d for i, d in enumerate(t["context_doc"].tolist())})
         view = _ShardView(context, position, context_tokens, context_start, row0)
         too_large = torch.zeros(n_take, dtype=torch.bool)
         if max_norm is not None:

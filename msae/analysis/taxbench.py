@@ -10,13 +10,14 @@ random corpus rows the negatives. Per SAE:
 - absorption: the share of held-out member occurrences where that latent is silent and a latent specific to the
   member's token fires instead;
 - splitting: latents specific to one member token (at least half of their firings on it), per category;
-- labels: each latent's best category by F1 over the whole pool (labelled at F1 >= LABEL_F1), and the precision of
+- labels: each latent's best category by F1 over the whole pool (labelled at F1 >= label_f1), and the precision of
   the SAE's tree links against WordNet ancestry (the parent's category is the child's or an ancestor of it),
   beside a null that replaces each parent with a random labelled latent of the same group.
 
 Intervals are bootstrap percentiles: over categories and, for average precision, over member tokens within each
 category too. A token that belongs to two chosen categories neither of which contains the other ("bass": fish,
-instrument) is left out of the benchmark, and counted."""
+instrument) is left out of the benchmark, and counted. Every size and threshold is a TaxonomyBenchConfig field,
+saved in the result."""
 
 from __future__ import annotations
 
@@ -28,20 +29,19 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from msae.activations import read_manifest
+from msae.activations import context_tokens_at, iter_shards, read_manifest, read_rows, read_shard
 from msae.analysis.stream import Sparse, encode_rows
 from msae.analysis.validate import bootstrap_mean
-from msae.results import CategoryResult, HierarchyBench, Interval, SAEBench
+from msae.config import TaxonomyBenchConfig
+from msae.results import CategoryResult, TaxonomyBench, Interval, TaxonomyBenchSAE
 from msae.sae import SAE
 from msae.taxonomy import Category, Taxonomy
 
-PER_TOKEN = 12
-"""Corpus occurrences kept per member token (a seeded sample), so frequent words do not decide a category."""
-MIN_OCCURRENCES = 2
-"""Tokens with fewer corpus occurrences get template sentences."""
+DEFAULTS = TaxonomyBenchConfig()
+PLACE_TENSORS = ("token_ids", "context", "position")
+"""What finding rows by token needs of a shard: each row's token and its place in the corpus."""
 Progress = Callable[[str, int, int], None]
 """(stage, done, total): called as each stage advances (a long benchmark otherwise says nothing for minutes)."""
 Count = Callable[[int, int], None]
@@ -49,25 +49,6 @@ Count = Callable[[int, int], None]
 TEMPLATES = ("They talked about the{w} for a long time.", "In the old story, the{w} came back at night.")
 """The member token goes where {w} is (its own leading space included); the first sentence is in the selection
 half, the second in the held-out half."""
-CATEGORY_SIZE = (8, 150)
-"""Categories with this many member tokens in the vocabulary (narrow enough to be one concept, broad enough to
-have several members)."""
-MIN_MEMBERS = 6
-"""Members with occurrences a category needs."""
-MAX_OVERLAP = 0.5
-"""A category sharing more than this (Jaccard) with one already chosen is skipped: no near-duplicates."""
-N_CATEGORIES = 60
-BACKGROUND_ROWS = 8000
-LABEL_F1 = 0.5
-LABEL_MAX_SIZE = 500
-"""Labels come from categories of at most this many tokens: a latent that fires on most nouns would otherwise be
-labelled 'entity' or 'object', and every link under it would count as right by ancestry (on the earlier shipped
-pair, a random parent scored 0.9 link precision with all categories allowed)."""
-MEMBER_SPECIFIC = 0.5
-"""A latent is specific to a token when at least this share of its firings in the pool are on that token..."""
-MEMBER_MIN_FIRES = 3
-"""... and it fires at least this often in the pool."""
-BOOTSTRAP_REPS = 1000
 
 
 @dataclass
@@ -90,22 +71,23 @@ class Pool:
     template_pos: list[int] | None = None
 
 
-def choose_categories(tax: Taxonomy, available: set[int], n: int = N_CATEGORIES) -> list[tuple[Category, set[int]]]:
-    """Up to `n` categories of CATEGORY_SIZE with MIN_MEMBERS available members, largest coverage first, no two
-    overlapping by more than MAX_OVERLAP; with each one's full member set."""
+def choose_categories(tax: Taxonomy, available: set[int],
+                      cfg: TaxonomyBenchConfig = DEFAULTS) -> list[tuple[Category, set[int]]]:
+    """Up to cfg.categories categories of cfg.category_size with cfg.min_members available members, largest
+    coverage first, no two overlapping by more than cfg.max_overlap; with each one's full member set."""
     members = tax.members()
     candidates = []
     for c in tax.categories:
-        if CATEGORY_SIZE[0] <= c.size <= CATEGORY_SIZE[1]:
+        if cfg.category_size[0] <= c.size <= cfg.category_size[1]:
             have = members[c.offset] & available
-            if len(have) >= MIN_MEMBERS:
+            if len(have) >= cfg.min_members:
                 candidates.append((len(have), c.offset, c))
     chosen: list[tuple[Category, set[int]]] = []
     for _n, _o, c in sorted(candidates, key=lambda t: (-t[0], t[1])):
         mine = members[c.offset]
-        if all(len(mine & other) / len(mine | other) <= MAX_OVERLAP for _c, other in chosen):
+        if all(len(mine & other) / len(mine | other) <= cfg.max_overlap for _c, other in chosen):
             chosen.append((c, mine))
-        if len(chosen) == n:
+        if len(chosen) == cfg.categories:
             break
     return chosen
 
@@ -125,45 +107,41 @@ def ambiguous_tokens(chosen: list[tuple[Category, set[int]]], ancestors: dict[in
     return out
 
 
-def corpus_occurrences(cache: Path, tokens: Tensor, seed: int = 0, progress: Count | None = None) -> pd.DataFrame:
-    """Rows of the cache whose token is in `tokens`: at most PER_TOKEN a token (a seeded sample); columns shard,
-    row (in the shard), token, context, position."""
-    g = torch.Generator().manual_seed(seed)
+def corpus_occurrences(cache: Path, tokens: Tensor, progress: Count | None = None,
+                       cfg: TaxonomyBenchConfig = DEFAULTS) -> pd.DataFrame:
+    """Rows of the cache whose token is in `tokens`: at most cfg.per_token a token (a sample seeded with cfg.seed);
+    columns shard, row (in the shard), token, context, position."""
+    g = torch.Generator().manual_seed(cfg.seed)
     found = []
-    shards = read_manifest(cache)["shards"]
-    for i, shard in enumerate(shards):
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            ids = f.get_tensor("token_ids").long()
-            context = f.get_tensor("context").long()
-            position = f.get_tensor("position").long()
+    n_shards = len(read_manifest(cache).shards)
+    for i, _shard, t in iter_shards(cache, PLACE_TENSORS):
+        ids, context, position = t["token_ids"].long(), t["context"].long(), t["position"].long()
         hit = torch.isin(ids, tokens).nonzero().squeeze(1)
         found.append(pd.DataFrame({"shard": i, "row": hit.numpy(), "token": ids[hit].numpy(),
                                    "context": context[hit].numpy(), "position": position[hit].numpy()}))
         if progress is not None:
-            progress(i + 1, len(shards))
+            progress(i + 1, n_shards)
     occ = (pd.concat(found, ignore_index=True) if found
            else pd.DataFrame(columns=["shard", "row", "token", "context", "position"]))
     occ["key"] = torch.rand(len(occ), generator=g).numpy()
-    occ = occ.sort_values(["token", "key"]).groupby("token").head(PER_TOKEN)
+    occ = occ.sort_values(["token", "key"]).groupby("token").head(cfg.per_token)
     return occ.drop(columns="key").reset_index(drop=True)
 
 
 def background_rows(cache: Path, exclude: Tensor, n: int, seed: int = 0) -> pd.DataFrame:
     """`n` random rows of the cache whose token is not in `exclude`."""
     g = torch.Generator().manual_seed(seed + 1)
-    shards = read_manifest(cache)["shards"]
-    total = sum(s["rows"] for s in shards)
+    shards = read_manifest(cache).shards
+    total = sum(s.rows for s in shards)
     picks = torch.randperm(total, generator=g)[: 2 * n].sort().values
-    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    starts = np.cumsum([0] + [s.rows for s in shards])
     out = []
     for i, shard in enumerate(shards):
         local = picks[(picks >= starts[i]) & (picks < starts[i + 1])] - int(starts[i])
         if local.numel() == 0:
             continue
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            ids = f.get_tensor("token_ids").long()[local]
-            context = f.get_tensor("context").long()[local]
-            position = f.get_tensor("position").long()[local]
+        t = read_shard(cache, shard, PLACE_TENSORS, local)
+        ids, context, position = t["token_ids"].long(), t["context"].long(), t["position"].long()
         keep = ~torch.isin(ids, exclude)
         out.append(pd.DataFrame({"shard": i, "row": local[keep].numpy(), "token": ids[keep].numpy(),
                                  "context": context[keep].numpy(), "position": position[keep].numpy()}))
@@ -178,32 +156,24 @@ def pool_window(cache: Path, pool: Pool, index: int, window: int) -> tuple[list[
         ids, pos = pool.template_ids[index - n_corpus], pool.template_pos[index - n_corpus]
     else:
         o = pool.origin.iloc[index]
-        shard = read_manifest(cache)["shards"][int(o["shard"])]
-        with safe_open(str(Path(cache) / shard["file"]), framework="pt") as f:
-            start = int(f.get_tensor("context_start")[0])
-            row = f.get_tensor("context_tokens")[int(o["context"]) - start]
+        row = context_tokens_at(cache, int(o["shard"]), int(o["context"]))
         ids, pos = [t for t in row.tolist() if t >= 0], int(o["position"])
     lo = max(0, pos - window)
     return ids[lo : pos + window + 1], pos - lo
 
 
-def read_rows(cache: Path, frame: pd.DataFrame) -> Tensor:
+def frame_activations(cache: Path, frame: pd.DataFrame) -> Tensor:
     """The activations (float32) of the frame's (shard, row) pairs, in the frame's order."""
-    shards = read_manifest(cache)["shards"]
-    out = None
-    for i, group in frame.groupby("shard"):
-        with safe_open(str(Path(cache) / shards[int(i)]["file"]), framework="pt") as f:
-            acts = f.get_tensor("activations")[torch.tensor(group["row"].to_numpy())].float()
-        if out is None:
-            out = torch.zeros(len(frame), acts.shape[1])
-        out[torch.tensor(frame.index.get_indexer(group.index))] = acts
-    return out if out is not None else torch.zeros(0, 0)
+    if frame.empty:
+        return torch.zeros(0, 0)
+    return read_rows(cache, torch.tensor(frame["shard"].to_numpy(dtype="int64")),
+                      torch.tensor(frame["row"].to_numpy(dtype="int64"))).float()
 
 
 @torch.no_grad()
 def template_rows(lm, layer: int, tokens: list[int],
                   progress: Count | None = None) -> tuple[Tensor, Tensor, Tensor, list[list[int]], list[int]]:
-    """Activations of each token in each TEMPLATE: (acts (2·T, d), token ids, selection flags, the sentences'
+    """Activations of each token in each of TEMPLATES: (acts (2·T, d), token ids, selection flags, the sentences'
     token ids, the member's position in each)."""
     from msae.activations import pad_batch
     from msae.lm import residual_after
@@ -233,17 +203,19 @@ def template_rows(lm, layer: int, tokens: list[int],
 
 
 def build_pool(cache: Path, lm, layer: int, tokens: set[int], exclude: set[int], occurrences: pd.DataFrame,
-               seed: int = 0, background: int | None = None, progress: Count | None = None) -> Pool:
-    """The `occurrences` (corpus_occurrences) of `tokens`, templates for those with fewer than MIN_OCCURRENCES,
-    and `background` (default BACKGROUND_ROWS) rows whose token is not in `exclude`."""
+               background: int | None = None, progress: Count | None = None,
+               cfg: TaxonomyBenchConfig = DEFAULTS) -> Pool:
+    """The `occurrences` (corpus_occurrences) of `tokens`, templates for those with fewer than
+    cfg.min_occurrences, and `background` (default cfg.background_rows) rows whose token is not in `exclude`."""
     occ = occurrences[occurrences["token"].isin(list(tokens))]
     counts = occ["token"].value_counts()
-    rare = [t for t in sorted(tokens) if counts.get(t, 0) < MIN_OCCURRENCES]
+    rare = [t for t in sorted(tokens) if counts.get(t, 0) < cfg.min_occurrences]
     occ = occ[~occ["token"].isin(rare)]
-    n_back = BACKGROUND_ROWS if background is None else background
-    back = background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), n_back, seed) if n_back else None
+    n_back = cfg.background_rows if background is None else background
+    back = (background_rows(cache, torch.tensor(sorted(exclude), dtype=torch.long), n_back, cfg.seed) if n_back
+            else None)
     frame = pd.concat([occ, back], ignore_index=True) if back is not None else occ.reset_index(drop=True)
-    acts = read_rows(cache, frame)
+    acts = frame_activations(cache, frame)
     t_acts, t_tok, t_sel, t_ids, t_pos = template_rows(lm, layer, rare, progress)
     n_occ = len(occ)
     return Pool(
@@ -301,23 +273,24 @@ class ByLatent:
         return average_precision(v[m], positive[r[m]], float((positive & half).sum()))
 
 
-def member_specific(sp: Sparse, token: Tensor) -> dict[int, int]:
-    """Latent -> the token it is specific to (MEMBER_SPECIFIC of its firings, at least MEMBER_MIN_FIRES)."""
+def member_specific(sp: Sparse, token: Tensor, cfg: TaxonomyBenchConfig = DEFAULTS) -> dict[int, int]:
+    """Latent -> the token it is specific to (cfg.member_specific of its firings, at least cfg.member_min_fires)."""
     rows, cols, _ = sp.slice_rows(0, sp.n_rows)
     frame = pd.DataFrame({"latent": cols.numpy(), "token": token[rows].numpy()})
     fires = frame.groupby("latent").size()
     top = frame.groupby(["latent", "token"]).size().reset_index(name="n").sort_values("n", ascending=False)
     top = top.drop_duplicates("latent").set_index("latent")
     share = top["n"] / fires[top.index]
-    keep = (share >= MEMBER_SPECIFIC) & (fires[top.index] >= MEMBER_MIN_FIRES)
+    keep = (share >= cfg.member_specific) & (fires[top.index] >= cfg.member_min_fires)
     return {int(l): int(top.loc[l, "token"]) for l in top.index[keep]}
 
 
-def label_latents(sp: Sparse, token: Tensor, tax: Taxonomy) -> dict[int, tuple[int, float]]:
-    """Latent -> (its best category's offset, F1) over the pool, for latents reaching LABEL_F1 (categories of at
-    most LABEL_MAX_SIZE tokens)."""
+def label_latents(sp: Sparse, token: Tensor, tax: Taxonomy,
+                  cfg: TaxonomyBenchConfig = DEFAULTS) -> dict[int, tuple[int, float]]:
+    """Latent -> (its best category's offset, F1) over the pool, for latents reaching cfg.label_f1 (categories of
+    at most cfg.label_max_size tokens)."""
     members = tax.members()
-    offsets = [c.offset for c in tax.categories if c.size <= LABEL_MAX_SIZE]
+    offsets = [c.offset for c in tax.categories if c.size <= cfg.label_max_size]
     tok_index = {int(t): i for i, t in enumerate(torch.unique(token).tolist())}
     inc_rows, inc_cols = [], []
     for ci, off in enumerate(offsets):
@@ -337,7 +310,7 @@ def label_latents(sp: Sparse, token: Tensor, tax: Taxonomy) -> dict[int, tuple[i
     tp = torch.sparse.mm(firing, incidence.to_dense())  # (d_sae, categories)
     f1 = 2 * tp / (fires.unsqueeze(1) + pos_per_cat.squeeze(1).unsqueeze(0)).clamp_min(1)
     best, which = f1.max(dim=1)
-    return {l: (offsets[int(which[l])], float(best[l])) for l in (best >= LABEL_F1).nonzero().squeeze(1).tolist()}
+    return {l: (offsets[int(which[l])], float(best[l])) for l in (best >= cfg.label_f1).nonzero().squeeze(1).tolist()}
 
 
 def link_precision(links: pd.DataFrame | None, labels: dict[int, tuple[int, float]], ancestors: dict[int, set[int]],
@@ -389,10 +362,12 @@ def _bootstrap_members(by: ByLatent, latent: int, positive: np.ndarray, half: np
     return average_precision(v, rel, n_pos, weight)
 
 
-def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
-              tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
-              seed: int = 0, progress: Count | None = None) -> tuple[SAEBench, np.ndarray]:
+def measure_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[int]]], excluded: set[int],
+                tax: Taxonomy, ancestors: dict[int, set[int]], links: pd.DataFrame | None,
+                cfg: TaxonomyBenchConfig = DEFAULTS,
+                progress: Count | None = None) -> tuple[TaxonomyBenchSAE, np.ndarray]:
     """One SAE's figures, and its (categories, reps) member-resampled held-out APs for paired comparisons."""
+    seed = cfg.seed
     sae.eval()
     sp = encode_rows(sae, pool.acts)
     by = ByLatent(sp)
@@ -400,7 +375,7 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
     held = ~sel
     token = pool.token.numpy()
     background = pool.background.numpy()
-    specific = member_specific(sp, pool.token)
+    specific = member_specific(sp, pool.token, cfg)
     # Rows where a latent specific to the row's own token fires (absorption's "member latent fires instead").
     spec_of = np.full(sae.d_sae, -1)
     for latent, tok in specific.items():
@@ -425,7 +400,7 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
         pos_held = positive & held
         n_pos = int(pos_held.sum())
         fires = by.scores(best) > 0
-        reps_ap.append(_bootstrap_members(by, best, positive, held, token, BOOTSTRAP_REPS, rng))
+        reps_ap.append(_bootstrap_members(by, best, positive, held, token, cfg.bootstrap_reps, rng))
         results.append(CategoryResult(
             category=c.name, offset=c.offset, members=len(np.unique(token[pos_held])), positives=n_pos,
             parent_latent=int(best), average_precision=by.ap(best, positive, held),
@@ -434,12 +409,12 @@ def bench_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, set[
             member_latents=sum(1 for t in specific.values() if t in mine)))
         if progress is not None:
             progress(len(results), len(chosen))
-    labels = label_latents(sp, pool.token, tax)
+    labels = label_latents(sp, pool.token, tax, cfg)
     groups = sae.group_of(torch.arange(sae.d_sae)).cpu()
     precision, null = link_precision(links, labels, ancestors, groups, seed)
     dag_precision, dag_null = link_precision(links, labels, ancestors, groups, seed, which="linked")
-    reps = np.stack(reps_ap) if reps_ap else np.zeros((0, BOOTSTRAP_REPS))
-    bench = SAEBench(
+    reps = np.stack(reps_ap) if reps_ap else np.zeros((0, cfg.bootstrap_reps))
+    bench = TaxonomyBenchSAE(
         name=name, d_sae=sae.d_sae, average_precision=_two_level(reps, [r.average_precision for r in results], rng),
         average_precision_per_width=[float(np.mean(v)) if v else None for v in per_width],
         absorption=bootstrap_mean(torch.tensor([r.absorption for r in results]), seed=seed),
@@ -485,47 +460,49 @@ def _stage(progress: Progress | None, name: str) -> Count | None:
     return None if progress is None else (lambda done, total: progress(name, done, total))
 
 
-def prepare(cache: Path, lm, layer: int, tax: Taxonomy, seed: int = 0, progress: Progress | None = None) -> Prepared:
+def prepare(cache: Path, lm, layer: int, tax: Taxonomy, cfg: TaxonomyBenchConfig = DEFAULTS,
+            progress: Progress | None = None) -> Prepared:
     """The categories the cache's text can measure and the pool of their members' occurrences (the slow part: a
     pass over the cache's shards and the template sentences through the model), shared by every SAE measured."""
     ancestors = tax.ancestors()
     every = set().union(*(set(c.tokens) for c in tax.categories))
-    occurrences = corpus_occurrences(cache, torch.tensor(sorted(every), dtype=torch.long), seed,
-                                     _stage(progress, "member occurrences (cache shards)"))
+    occurrences = corpus_occurrences(cache, torch.tensor(sorted(every), dtype=torch.long),
+                                     _stage(progress, "member occurrences (cache shards)"), cfg)
     counts = occurrences["token"].value_counts()
     # Categories are chosen by their members that the corpus holds; templates only fill in the rest.
-    chosen = choose_categories(tax, {int(t) for t, n in counts.items() if n >= MIN_OCCURRENCES})
+    chosen = choose_categories(tax, {int(t) for t, n in counts.items() if n >= cfg.min_occurrences}, cfg)
     ambiguous = ambiguous_tokens(chosen, ancestors)
     tokens = set().union(*(m for _c, m in chosen)) - ambiguous
-    pool = build_pool(cache, lm, layer, tokens, every, occurrences, seed, progress=_stage(progress, "template sentences"))
+    pool = build_pool(cache, lm, layer, tokens, every, occurrences, progress=_stage(progress, "template sentences"),
+                      cfg=cfg)
     return Prepared(chosen, ambiguous, ancestors, pool)
 
 
 def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
-              links: dict[str, pd.DataFrame | None], seed: int = 0, progress: Progress | None = None,
-              prepared: Prepared | None = None) -> HierarchyBench:
+              links: dict[str, pd.DataFrame | None], cfg: TaxonomyBenchConfig = DEFAULTS,
+              progress: Progress | None = None, prepared: Prepared | None = None) -> TaxonomyBench:
     """The benchmark for every SAE of `saes` (the first is the run's; differences are taken against it);
     `progress` hears each stage: the cache's shards read, the template sentences run, each SAE's categories.
-    `prepared` (`prepare` of the same cache, model, layer, taxonomy and seed) saves building the pool again when
+    `prepared` (`prepare` of the same cache, model, layer, taxonomy and config) saves building the pool again when
     several calls share it; `seconds` then counts the SAEs' part only."""
     t0 = time.perf_counter()
-    prepared = prepared or prepare(cache, lm, layer, tax, seed, progress)
+    prepared = prepared or prepare(cache, lm, layer, tax, cfg, progress)
     chosen, ambiguous, pool = prepared.chosen, prepared.ambiguous, prepared.pool
     out, reps = [], {}
     for name, sae in saes.items():
-        bench, reps[name] = bench_sae(name, sae, pool, chosen, ambiguous, tax, prepared.ancestors, links.get(name),
-                                      seed, _stage(progress, f"{name} (categories)"))
+        bench, reps[name] = measure_sae(name, sae, pool, chosen, ambiguous, tax, prepared.ancestors, links.get(name),
+                                        cfg, _stage(progress, f"{name} (categories)"))
         out.append(bench)
     differences = {}
     first = out[0]
     for other in out[1:]:
         differences[f"{first.name} - {other.name} average precision"] = paired_difference(
             reps[first.name], reps[other.name], [r.average_precision for r in first.categories],
-            [r.average_precision for r in other.categories], seed)
-    return HierarchyBench(
+            [r.average_precision for r in other.categories], cfg.seed)
+    return TaxonomyBench(
         model=lm.name, layer=layer, taxonomy=f"{tax.source} ({tax.tokenizer})", categories=len(chosen),
         occurrences=int((~pool.background).sum()), from_templates=pool.from_template,
         background_rows=int(pool.background.sum()), ambiguous_tokens=len(ambiguous),
         split="occurrences: even contexts (and the first template) choose each category's parent latent, odd "
               "contexts (and the second template) measure it", saes=out, differences=differences,
-        seconds=round(time.perf_counter() - t0, 1))
+        seconds=round(time.perf_counter() - t0, 1), config=cfg)

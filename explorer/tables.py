@@ -16,7 +16,7 @@ import pandas as pd
 from msae.analysis.tree import ancestry
 from msae.config import LinkConfig
 from msae.lm import builtin_of
-from msae.results import (AbsorptionResult, EvalResult, HierarchyBench, HierarchyFigures, Interval, LinkValidation,
+from msae.results import (AbsorptionResult, EvalResult, TaxonomyBench, HierarchyFigures, Interval, LinkValidation,
                           StoreManifest)
 from msae.run import Run, RunSummary
 
@@ -329,7 +329,7 @@ def l0_fvu_point(run: Run, manifest: StoreManifest | None = None) -> dict | None
     """FVU (held-out if measured, else the last training step) and L0 per width of one run (name, widths, fvu,
     l0); the nested widths' L0 comes from its feature store `manifest`, else every width gets the overall L0.
     None when the run has no figures."""
-    heldout, metrics = run.eval(), run.metrics()
+    heldout, metrics = run.result(EvalResult), run.metrics()
     training = metrics[-1] if metrics else None
     fvu = heldout.fvu if heldout is not None else training.fvu if training is not None else None
     if not fvu:
@@ -460,7 +460,7 @@ def published_hierarchy_figures() -> pd.DataFrame:
     ])
 
 
-def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
+def taxonomy_table(bench: TaxonomyBench) -> pd.DataFrame:
     """The taxonomy benchmark, one row per SAE, intervals as 'mean [low, high]'."""
     rows = []
     for b in bench.saes:
@@ -477,7 +477,7 @@ def taxonomy_table(bench: HierarchyBench) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def taxonomy_categories_table(bench: HierarchyBench, sae: str) -> pd.DataFrame:
+def taxonomy_categories_table(bench: TaxonomyBench, sae: str) -> pd.DataFrame:
     """One SAE's per-category results."""
     b = next(x for x in bench.saes if x.name == sae)
     return pd.DataFrame([c.to_json() for c in b.categories])

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from msae.run import LOCK_FILE, Run
-from test_bad_input import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
-                             wait_paused)
+from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
+                     wait_paused)
 
 @pytest.fixture
 def runs(tmp_path) -> Path:
@@ -118,12 +118,15 @@ def test_ctrl_c_mid_export_is_one_line_and_leaves_nothing(runs, tmp_path):
     out = tmp_path / "exported"
     marker = tmp_path / "paused"
     before = file_hashes(runs)
+    # SIGINT's default action restored in the child: a shell without job control starts background jobs (a CI
+    # runner's pytest, say) with SIGINT ignored, and an ignored signal stays ignored across exec.
     proc = subprocess.Popen([sys.executable, "-m", "msae.cli", "export", str(runs / "vanilla"), "--to", "saelens",
                              str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **paused_at("files staged", marker)})
+                            env={**os.environ, **paused_at("files staged", marker)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_paused(proc, marker)  # both files written to temp names, neither renamed yet
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate()[1]
+    err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("msae export: interrupted; run the same command again to finish"), err
