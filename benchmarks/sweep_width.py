@@ -61,7 +61,7 @@ from msae.activations import CachedActivations, extract, extraction_info, read_m
 from msae.analysis import absorption, taxbench  # noqa: E402
 from explorer.tables import WIDTH_SWEEP_DIFFERENCES  # noqa: E402  (the paired differences' names)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
-from msae.config import AbsorptionConfig, ExtractConfig, TrainConfig  # noqa: E402
+from msae.config import AbsorptionConfig, ExtractConfig, TaxonomyBenchConfig, TrainConfig  # noqa: E402
 from msae.lm import LoadedLM, load_lm  # noqa: E402
 from msae.results import AbsorptionResult, TaxonomyBench, Interval, RunInfo, SAEAbsorption, TaxonomyBenchSAE  # noqa: E402
 from msae.run import Run  # noqa: E402
@@ -88,6 +88,8 @@ class Shared:
     fresh: bench_quality.TextRows
     held_in: list[torch.Tensor]
     taxonomy: Taxonomy
+    taxonomy_cfg: TaxonomyBenchConfig
+    """The taxonomy benchmark's settings."""
     prepared: taxbench.Prepared
     """The taxonomy benchmark's categories and pool of rows."""
     absorption_cfg: AbsorptionConfig
@@ -162,7 +164,7 @@ def measure_pair(dirs: dict[str, Path], shared: Shared) -> dict:
         for arch in ARCHS}
     saes = {arch: Run(dirs[arch]).load_sae() for arch in ARCHS}
     bench = taxbench.run_bench(saes, shared.cache, shared.lm, shared.layer, shared.taxonomy, links={},
-                               prepared=shared.prepared)
+                               cfg=shared.taxonomy_cfg, prepared=shared.prepared)
     Run(dirs["matryoshka"]).write_result(bench)
     letters = absorption.measure(dirs, lm=shared.lm, config=shared.absorption_cfg, probed=shared.probed)
     Run(dirs["matryoshka"]).write_result(letters)
@@ -260,7 +262,7 @@ def pair_line(width: int, seed: int, entry: dict) -> str:
 
 def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionConfig, lm: LoadedLM | None = None,
                   held_in: int = bench_quality.HELD_IN_BATCHES, batch_size: int = 4096,
-                  root: Path | None = None) -> Shared:
+                  root: Path | None = None, taxonomy_cfg: TaxonomyBenchConfig = TaxonomyBenchConfig()) -> Shared:
     """The cache (extracted up to `tokens` rows first when it holds fewer), the first `tokens` of its training
     rows, the model, the fresh text's rows, held-in batches, the taxonomy benchmark's pool and the first-letter
     probes."""
@@ -273,7 +275,8 @@ def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionCo
     return Shared(cache=cache, source=source, run_info=RunInfo(extraction=extraction_info(cache, ecfg)), lm=lm,
                   layer=layer, fresh=bench_quality.fresh_rows_for(lm, cache, layer),
                   held_in=bench_quality.held_in_batches(cache, held_in, batch_size), taxonomy=tax,
-                  prepared=taxbench.prepare(cache, lm, layer, tax), absorption_cfg=absorption_cfg,
+                  taxonomy_cfg=taxonomy_cfg, prepared=taxbench.prepare(cache, lm, layer, tax, taxonomy_cfg),
+                  absorption_cfg=absorption_cfg,
                   probed=absorption.probe_words(lm, layer, absorption_cfg))
 
 

@@ -69,7 +69,7 @@ if stricter:
 nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, threshold, min_reverse, max_parent,
                              min_lift)
 if nodes.empty:
-    st.info("No links at these settings: lower the link strength or the frequency, or add groups.")
+    st.info("No links at these settings: lower the link strength, the lift or the frequency, or add groups.")
     st.stop()
 concept, hubs = tree.split_hubs(nodes)
 BANDS = {f"concept trees (root fires on ≤ {tree.HUB_DENSITY:.0%} of tokens)": concept,

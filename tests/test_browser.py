@@ -282,6 +282,8 @@ def test_open_feature_from_hierarchy(page, server):
     with step(page, server, "hierarchy-open"):
         open_page(page, server, "Hierarchy", "Hierarchy")
         before = current_node(page)
+        # The table of the trees in view comes first: bring the tree figure into the viewport.
+        page.locator('[data-testid="stPlotlyChart"]').first.scroll_into_view_if_needed()
         # 1. The icicle: a node with a subtree small enough for the node-link view and tall enough to click.
         slices = page.evaluate(f"""() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] g.slice')]
             .map(el => {{ const d = el.__data__, r = el.getBoundingClientRect();

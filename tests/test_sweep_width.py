@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from explorer import figures
-from msae.analysis import taxbench
 from explorer.tables import WIDTH_SWEEP_DIFFERENCES, width_sweep_differences
-from msae.config import AbsorptionConfig, ExtractConfig
+from msae.config import AbsorptionConfig, ExtractConfig, TaxonomyBenchConfig
 from msae.results import AbsorptionResult, TaxonomyBench
 from msae.run import Run, checkpoint_path
 from msae.taxonomy import load_taxonomy
@@ -59,10 +58,9 @@ def swept(lm, tmp_path_factory):
     (root / "text.txt").write_text("\n\n".join(t.format(w=w) for t in TEMPLATES for w in words))
     mp = pytest.MonkeyPatch()
     mp.setattr(sweep_levels, "CHECKPOINT_EVERY", 10)
-    mp.setattr(taxbench, "BACKGROUND_ROWS", 200)
-    mp.setattr(taxbench, "BOOTSTRAP_REPS", 200)
     ecfg = ExtractConfig(corpus=str(root / "text.txt"), layer=15, tokens=20_000, lm_batch=16, shard_rows=300)
-    shared = sweep_width.shared_inputs(ecfg, 20_000, SLICE, lm=lm, held_in=2, batch_size=BATCH, root=root / "cache")
+    shared = sweep_width.shared_inputs(ecfg, 20_000, SLICE, lm=lm, held_in=2, batch_size=BATCH, root=root / "cache",
+                                       taxonomy_cfg=TaxonomyBenchConfig(background_rows=200, bootstrap_reps=200))
     out, runs = root / "sweep_width.json", root / "runs"
 
     def sweep(**kw):
