@@ -116,7 +116,7 @@ def test_every_pair_holds_every_figure_with_intervals_around_their_points(swept)
         assert entry["difference"]["first_letter_absorption"]["mean"] == pytest.approx(
             sum(ml[x] - vl[x] for x in ml) / len(ml))
         validity = entry["first_letter"]["validity"]
-        assert validity["valid"] is False and "TaxonomyBenchSAE" in validity["note"]
+        assert validity["valid"] is False and "SAEBench" in validity["note"]
         # The pair's own files hold the same results as `msae hierarchy-bench` and `msae absorption` write them.
         matryoshka = Run(Path(entry["run"]) / "matryoshka")
         assert matryoshka.result(TaxonomyBench).saes[1].absorption.mean == entry["vanilla"]["taxonomy"]["absorption"]["mean"]
