@@ -88,7 +88,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees tensors of tens of MB (the nested errors at 16,384 latents are 47 MB);
     glibc hands blocks that large back to the kernel at once (mmap), so every step faults them in again page by
-    page: a quarter of a bf16 step's time on this CPU (0.52 s -> 0.42 s of one core). Taking them from the heap and
+    page: a sixth of a bf16 step's time on this CPU (0.52 s -> 0.43 s of one core). Taking them from the heap and
     never trimming it keeps the job's memory at its peak, which it reaches in the first step anyway. Returns whether
     the setting took (False off glibc)."""
     import ctypes
