@@ -135,7 +135,11 @@ def test_the_analysed_sae_opens_on_features_and_hierarchy_in_the_browser(analyse
                     page.get_by_text("hubs (root fires on", exact=False).click()
                     wait_idle(page)
                     assert_no_errors(page, "Hierarchy's hubs band")
-                assert page.locator('[data-testid="stPlotlyChart"] .main-svg').count() > 0, "no tree figure"
+                # The table of the trees in view comes first: bring the figure into view and let plotly draw it.
+                chart = page.locator('[data-testid="stPlotlyChart"]')
+                assert chart.count() > 0, "no tree figure"
+                chart.first.scroll_into_view_if_needed()
+                chart.first.locator(".main-svg").first.wait_for()
                 screenshot(page, "e2e_saelens_hierarchy")
             browser.close()
     finally:
