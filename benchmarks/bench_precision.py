@@ -72,7 +72,10 @@ def part_train(steps: int, work: Path) -> dict:
         run_dir = work / f"matryoshka-{precision}"
         trainer = Trainer(train_config(steps, precision), CachedActivations(cache, max_rows=1_500_000), run_dir)
         started = time.perf_counter()
-        trainer.train(resume=trainer.checkpoint_path.exists() and not (run_dir / "cfg.json").exists())
+        # A checkpoint also leaves a usable cfg.json, so "finished" is the steps it records, not the file's presence.
+        finished = (run_dir / "cfg.json").exists() and Run(run_dir).info().steps_done == steps
+        if not finished:
+            trainer.train(resume=trainer.checkpoint_path.exists())
         seconds = time.perf_counter() - started
         last = Run(run_dir).metrics()[-1]
         sae = Run(run_dir).load_sae(precision=precision)
