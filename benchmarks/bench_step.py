@@ -14,6 +14,9 @@ runs as `msae train` runs it, whose process keeps freed memory itself (msae.lm.k
       encoder's forward matmul alone as the floor, and the peers under their bf16 autocast for the bf16 rows.
       bf16 targets: Matryoshka step >= 2.5x its float32 time, within 1.5x of the bf16 encoder-matmul floor,
       >= 6x SAELens with autocast.
+bfloat16 is measured only where this CPU has bf16 matmul instructions (msae.lm.bf16_is_fast), unless --precisions
+names it: without them torch's bf16 matmuls run hundreds of times slower than float32. The CPU is recorded
+(msae.lm.cpu_description).
 (d) needs the peers installed in another interpreter (--peers-python; see benchmarks/peers.py).
 All sides train on the same activations file.
 """
@@ -208,21 +211,22 @@ def main() -> None:
     parser.add_argument("--activations", type=Path, default=HERE / "results" / "bench_acts.safetensors")
     parser.add_argument("--peers-python", help="python of a venv with sae-lens / dictionary_learning (see peers.py)")
     parser.add_argument("--modes", default="default,malloc_keep", help="allocator modes to measure (comma-separated)")
-    parser.add_argument("--precisions", default="float32,bfloat16",
-                        help="encoder precisions to measure (comma-separated: float32, bfloat16)")
+    parser.add_argument("--precisions", help="encoder precisions to measure (comma-separated: float32, bfloat16); "
+                                             "default float32, and bfloat16 where this CPU has bf16 matmul instructions")
     args = parser.parse_args()
     if not args.activations.exists():
         make_activations(args.activations)
     import torch
 
-    from msae.lm import bf16_is_fast
+    from msae.lm import bf16_is_fast, cpu_description
 
-    precisions = args.precisions.split(",")
+    fast = bf16_is_fast(torch.device("cpu"))
+    precisions = args.precisions.split(",") if args.precisions else ["float32"] + (["bfloat16"] if fast else [])
     results = {p: measure(args.activations, args.steps, args.peers_python, args.modes.split(","), p) for p in precisions}
     report = {
         "setup": {"d_in": D_IN, "k": K, "batch": BATCH, "widths": WIDTHS, "steps": args.steps},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu", "bf16_fast": bf16_is_fast(torch.device("cpu"))},
+                    "torch": torch.__version__, "device": "cpu", "bf16_fast": fast, "cpu_description": cpu_description()},
         "results": results,
         "ratios": {p: {mode: ratios(r) for mode, r in by_mode.items()} for p, by_mode in results.items()},
     }

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from msae import corpus as corpus_mod
+from msae import lm as lm_mod
 from msae.activations import (MANIFEST, OLD_MANIFEST, SHARD_TENSORS, CachedActivations, cache_root, extract,
                               has_manifest, iter_shards, read_manifest, read_shard)
 from msae.analysis.analyze import find_cache
@@ -138,6 +139,30 @@ def test_bf16_forward_stays_within_bf16_rounding_of_float32_and_keys_its_own_cac
     assert caches["float32"] != caches["bfloat16"]
     assert "lm_dtype" not in read_manifest(caches["float32"]).key, "float32 caches keep the key they had"
     assert read_manifest(caches["bfloat16"]).key["lm_dtype"] == "bfloat16"
+
+
+def test_asking_for_bf16_where_the_cpu_lacks_bf16_instructions_warns_and_auto_picks_float32(monkeypatch):
+    """The verdict itself comes from the CPU's flags (cpu_description records them); here both verdicts are set,
+    so that the messages of the CPU this test does not run on are checked as well."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(lm_mod, "bf16_is_fast", lambda _device: False)
+    assert lm_mod.compute_dtype("auto", cpu) == torch.float32
+    note = lm_mod.precision_note("bfloat16", cpu)
+    assert "warning" in note and "slower" in note and "--precision auto" in note
+    assert "float32 is faster" in lm_mod.precision_note("auto", cpu)
+    monkeypatch.setattr(lm_mod, "bf16_is_fast", lambda _device: True)
+    assert lm_mod.compute_dtype("auto", cpu) == torch.bfloat16
+    assert "warning" not in lm_mod.precision_note("bfloat16", cpu)
+    assert "bf16 matmul instructions" in lm_mod.precision_note("auto", cpu)
+
+
+def test_cpu_description_names_the_cpu_and_agrees_with_the_precision_verdict():
+    info = lm_mod.cpu_description()
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability() and info["capability"]
+    assert info["bf16_fast"] == lm_mod.bf16_is_fast(torch.device("cpu")) == (info["amx"] or info["avx512_bf16"])
+    assert info["cores"] >= 1
+    if Path("/proc/cpuinfo").exists():
+        assert info["model"], "the model name is read from /proc/cpuinfo"
 
 
 def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
