@@ -22,7 +22,8 @@ def interval(x) -> dict | None:
 
 def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats) -> dict:
     """The page's default view at `rule`'s specificity bounds (where stricter than the store's) and its figures."""
-    from msae.analysis import coherence, tree
+    from explorer import tree
+    from msae.analysis import coherence
 
     min_reverse = max(rule.min_reverse, store_cfg.min_reverse)
     max_parent = min(rule.max_parent_density, store_cfg.max_parent_density)

@@ -1,5 +1,5 @@
 """Every plotly figure of the app, from the library's results (metrics, feature stores, node tables of
-msae.analysis.tree, live latents, absorption, splitting and toy results).
+explorer.tree, live latents, absorption, splitting and toy results).
 
 Token text is user data, and plotly renders a few tags (<b>, <i>, <br>, ...) in its text and turns entities back
 into characters: every string that reaches a plotly label or hover goes through `plot_text`."""
@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from explorer.tables import token_label
-from msae.analysis.tree import children_of
+from explorer.tree import children_of
 from msae.results import AbsorptionResult, GalleryCase, StoreManifest, ToyResult, TrainMetrics
 
 GROUP_COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from msae.analysis.tree import ancestry
+from explorer.tree import ancestry
 from msae.config import LinkConfig
 from msae.lm import builtin_of
 from msae.results import (AbsorptionResult, EvalResult, TaxonomyBench, HierarchyFigures, Interval, LinkValidation,

@@ -711,16 +711,47 @@ class TaxonomyBenchConfig(Config):
 
 @dataclasses.dataclass
 class GalleryConfig(Config):
-    """`msae gallery`: where it runs and its ground truth (the case-mining thresholds are msae.analysis.gallery's)."""
+    """`msae gallery`: where it runs, its ground truth and the bars a case must meet to be called clean (saved in
+    gallery.json with the cases)."""
 
     taxonomy: str | None = None
     """A taxonomy JSON (`msae taxonomy`; default: the shipped SmolLM2 one)."""
     device: str = "cpu"
     """Device for the LM and the SAEs."""
+    clean_absorption: float = 0.2
+    """A clean absorption case: the parent latent is absorbed on at least this share of the members' occurrences."""
+    clean_recall: float = 0.3
+    """... and fires on at least this share of them: a real parent that loses some members."""
+    specific_density: float = 0.01
+    """A split latent or a member latent must fire on at most this share of the sampled tokens: a dense latent holds
+    rare token latents by its frequency alone (a splitting case once shown as clean fired on 24% of tokens)."""
+    kept_whole: float = 0.8
+    """A wide latent firing on at least this share of the narrow latent's tokens keeps it whole: not a split."""
+    clean_coverage: float = 0.8
+    """A piece of a split: a wide latent with P(narrow | wide) at least this."""
+    clean_union: float = 0.7
+    """A clean split needs two pieces or more that together cover this share of the narrow latent's firings."""
+    sample_rows: int = 200_000
+    """Cache rows the splitting case is mined from and latent densities are measured on."""
+    max_rows: int = 10
+    """Tokens (heatmap rows) shown per case."""
+    max_children: int = 4
+    """Pieces or member latents shown per case."""
+    window: int = 8
+    """Tokens either side of an example's centre."""
+    examples: int = 3
+    """Example contexts per case."""
 
     def validate(self) -> None:
         super().validate()
         check_device_name(self.device)
+        for name in ("clean_absorption", "clean_recall", "specific_density", "kept_whole", "clean_coverage",
+                     "clean_union"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be a share in [0, 1], got {getattr(self, name)}")
+        for name in ("sample_rows", "max_rows", "max_children", "window", "examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass

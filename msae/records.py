@@ -61,6 +61,9 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
 
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
+    renamed = getattr(cls, "RENAMED", {})
+    if renamed:  # files written under a field's old name read as the new one
+        data = {renamed.get(k, k): v for k, v in data.items()}
     kwargs = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -87,7 +90,9 @@ def _encode(value: Any) -> Any:
 
 
 class Record:
-    """Mixin for a dataclass saved as JSON: `to_json` gives plain JSON types, `from_json` the record back."""
+    """Mixin for a dataclass saved as JSON: `to_json` gives plain JSON types, `from_json` the record back. A
+    record whose field was renamed lists {old name: new name} in a class attribute RENAMED, so that files written
+    before still read."""
 
     def to_json(self) -> dict[str, Any]:
         return _encode(self)

@@ -45,9 +45,9 @@ def format_analysis(m: StoreManifest) -> str:
         h = m.hierarchy
         lines.append(f"  parent-child links: {h.links:,}; parents with >= 2 children: {h.parents_with_2plus_children}; "
                      f"mean coverage {h.mean_coverage}")
-        for lvl in h.per_level:
-            lines.append(f"    group {lvl.group} (width {lvl.width}): {lvl.links} links, "
-                         f"{lvl.children_with_a_parent}/{lvl.live_latents} live latents have a parent")
+        for grp in h.per_group:
+            lines.append(f"    group {grp.group} (width {grp.width}): {grp.links} links, "
+                         f"{grp.children_with_a_parent}/{grp.live_latents} live latents have a parent")
         for name, share in m.splitting.items():
             lines.append(f"  {name}: share of latents split into >= 2 (decoder cos 0.3/0.5/0.7): "
                          + " / ".join(f"{v:.3f}" for v in share.values()))

@@ -7,9 +7,9 @@ which file holds which, and the code that reads and writes them, is msae.run (th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
-from msae.config import AbsorptionConfig, LinkConfig, StoreConfig, TaxonomyBenchConfig, TrainConfig
+from msae.config import AbsorptionConfig, GalleryConfig, LinkConfig, StoreConfig, TaxonomyBenchConfig, TrainConfig
 from msae.records import Record
 
 
@@ -348,7 +348,7 @@ class AbsorptionResult(Record):
 
 
 @dataclass
-class LevelSummary(Record):
+class GroupSummary(Record):
     """Parent links of one nested group's latents."""
 
     group: int
@@ -369,9 +369,11 @@ class LevelSummary(Record):
 class HierarchySummary(Record):
     """The parent–child links across a Matryoshka SAE's nested groups."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"per_level": "per_group"}
+
     links: int
     """Links made, over every child group."""
-    per_level: list[LevelSummary]
+    per_group: list[GroupSummary]
     """Per child group."""
     parents_with_children: int
     """Latents with at least one linked child."""
@@ -617,6 +619,8 @@ class Gallery(Record):
     missing: dict[str, str] = field(default_factory=dict)
     """Kind -> why no case of it could be looked for."""
     seconds: float | None = None
+    config: GalleryConfig | None = None
+    """The bars the cases were held to (None in a gallery.json written before they were saved)."""
 
 
 @dataclass

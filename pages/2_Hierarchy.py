@@ -3,8 +3,7 @@ filters, a node-link view of one subtree, and a way to open any node's feature."
 
 import streamlit as st
 
-from explorer import figures, loaders, state, tables
-from msae.analysis import tree
+from explorer import figures, loaders, state, tables, tree
 from msae.config import LinkConfig
 
 FREQ_STEPS = (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)

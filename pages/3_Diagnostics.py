@@ -93,7 +93,7 @@ if manifest is not None and (manifest.splitting or manifest.against):
                "more latents (decoder cosine at least the threshold). For a Matryoshka SAE each prefix is compared "
                "with the full width: a low share means the early latents stay whole instead of splitting.")
     if manifest.hierarchy is not None:
-        st.dataframe([level.to_json() for level in manifest.hierarchy.per_level], hide_index=True)
+        st.dataframe([level.to_json() for level in manifest.hierarchy.per_group], hide_index=True)
         st.caption("Per group: how many live latents have a parent in an earlier group (the Hierarchy page draws them).")
 elif store is not None:
     st.info("This store has no splitting figures (a single-width SAE analysed without `--against`).")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from msae.analysis import coherence, tree
+from explorer import tree
+from msae.analysis import coherence
 from msae.taxonomy import Category, Taxonomy
 
 

@@ -97,3 +97,19 @@ def test_widths_as_typed_are_read_and_a_word_among_them_is_named():
     assert widths_from_text(" 128, 512,2048,") == (128, 512, 2048)
     with pytest.raises(ConfigError, match="widths must be whole numbers separated by commas, got 'abc'"):
         widths_from_text("128,abc")
+
+
+def test_a_store_written_before_a_field_was_renamed_still_reads():
+    """HierarchySummary.per_level became per_group (the nested dictionaries are groups); the shipped stores and
+    any store written before say per_level, and read the same; a store written now says per_group."""
+    from msae.results import HierarchySummary
+
+    old = {"links": 3, "per_level": [{"group": 1, "width": 64, "live_latents": 10, "links": 3,
+                                      "children_with_a_parent": 2, "share_with_a_parent": 0.2}],
+           "parents_with_children": 1, "parents_with_2plus_children": 1, "mean_children_per_parent": 2.0,
+           "mean_coverage": 0.5}
+    summary = HierarchySummary.from_json(old)
+    assert summary.per_group[0].children_with_a_parent == 2
+    again = summary.to_json()
+    assert "per_group" in again and "per_level" not in again
+    assert HierarchySummary.from_json(again) == summary

@@ -19,15 +19,18 @@ from msae.analysis import gallery as gallery_mod
 from msae.analysis.analyze import taxonomy_bench, make_gallery
 from msae.cli import ProgressLines
 from msae.reports import format_gallery, format_taxonomy_bench
-from msae.config import ExtractConfig, TaxonomyBenchConfig
+from msae.config import ConfigError, ExtractConfig, GalleryConfig, TaxonomyBenchConfig
 from msae.lm import DEFAULT_MODEL
-from msae.results import ToyResult
+from msae.results import Gallery, ToyResult
+from msae.run import Run
 from msae.sae import SAE
 from msae.taxonomy import load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets" / "default"
 CATEGORIES = (13134947, 1503061, 2159955)  # fruit, bird, insect
+GALLERY = GalleryConfig(max_rows=6, examples=2)
+"""Fewer heatmap rows and examples than the defaults, so that the test sees the config obeyed and saved."""
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def made(lm, tmp_path_factory):
     small = TaxonomyBenchConfig(background_rows=200, bootstrap_reps=200)
     bench = taxonomy_bench(runs["matryoshka"], [runs["vanilla"]], small, lm=lm, cache=cache,
                             progress=lambda *report: heard.append(report))
-    result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], lm=lm, cache=cache)
+    result = make_gallery(runs["matryoshka"], runs["vanilla"], runs["narrow"], config=GALLERY, lm=lm, cache=cache)
     return runs, bench, result, heard
 
 
@@ -121,6 +124,8 @@ def test_progress_lines_keep_a_stages_ends_and_thin_out_the_rest(capsys):
 def test_gallery_cases_hold_consistent_tables(made):
     runs, _b, result, _p = made
     assert (runs["matryoshka"] / "gallery.json").exists()
+    assert Run(runs["matryoshka"]).result(Gallery).config == GALLERY, "the bars are saved with the cases"
+    assert all(len(c.rows) <= GALLERY.max_rows and len(c.examples) <= GALLERY.examples for c in result.cases)
     assert result.runs == {"matryoshka": "matryoshka", "wide": "vanilla", "narrow": "vanilla-2048"}
     kinds = {c.kind for c in result.cases} | set(result.missing)
     assert kinds == {"absorption", "splitting"}
@@ -188,18 +193,30 @@ def test_gallery_page_shows_each_case_or_says_why(made, monkeypatch):
 
 def test_a_dense_narrow_latent_is_never_a_clean_splitting_case():
     """The case once shown as clean: a narrow latent on 24% of tokens whose wide counterpart fires on 92% of them,
-    with many rare pieces inside it. Dense, or kept whole, is rejected; the same case made specific and split passes."""
-    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=192, union=0.95, kept_whole=0.92)
+    with many rare pieces inside it. Dense, or kept whole, is rejected; the same case made specific and split passes.
+    The bars are the config's: a looser density bar lets the dense one through."""
+    cfg = GalleryConfig()
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=192, union=0.95, kept_whole=0.92, cfg=cfg)
     assert not clean and "24.0% of tokens" in why and "keeps it whole" in why
-    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=5, union=0.9, kept_whole=0.3)
+    clean, why = gallery_mod.splitting_verdict(density=0.24, n_strong=5, union=0.9, kept_whole=0.3, cfg=cfg)
     assert not clean and "fires on 24.0%" in why
-    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.4)
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.4, cfg=cfg)
     assert clean, why
-    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.85)
+    clean, why = gallery_mod.splitting_verdict(density=0.004, n_strong=3, union=0.85, kept_whole=0.85, cfg=cfg)
     assert not clean and "keeps it whole" in why
+    loose = GalleryConfig(specific_density=0.3)
+    assert gallery_mod.splitting_verdict(density=0.24, n_strong=5, union=0.9, kept_whole=0.3, cfg=loose)[0]
 
 
 def test_dense_member_latents_are_dropped_from_absorption_cases():
     density = torch.tensor([0.017, 0.002, 0.0004, 0.3])
-    kept = gallery_mod.specific_members([(0, 101), (1, 102), (2, 103), (3, 104)], density)
-    assert kept == [(1, 102), (2, 103)]
+    members = [(0, 101), (1, 102), (2, 103), (3, 104)]
+    assert gallery_mod.specific_members(members, density, GalleryConfig()) == [(1, 102), (2, 103)]
+    assert gallery_mod.specific_members(members, density, GalleryConfig(specific_density=0.02)) == members[:3]
+
+
+def test_gallery_bars_outside_their_range_are_refused():
+    with pytest.raises(ConfigError, match="specific_density must be a share"):
+        GalleryConfig(specific_density=1.5).validate()
+    with pytest.raises(ConfigError, match="examples must be at least 1"):
+        GalleryConfig(examples=0).validate()

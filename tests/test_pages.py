@@ -26,7 +26,7 @@ from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig, TrainConfig, to_flags
 from msae.analysis.inference import text_latents
-from msae.analysis.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
+from explorer.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
 from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
 from msae.run import JOB_FILE, JOB_LOG_FILE, Run, find_runs

@@ -23,7 +23,7 @@ from msae.config import (AbsorptionConfig, AnalyzeConfig, ExtractConfig, Gallery
 from msae.corpus import CorpusError
 from msae.lm import LMLoadError, LoadedLM, check_before_load, is_identity, load_lm, model_identity
 from msae.results import (AbsorptionResult, ActivationsAnalysis, AgainstSummary, ExtractionInfo, Gallery,
-                          TaxonomyBench, HierarchySummary, InputFile, LevelSummary, StoreManifest)
+                          TaxonomyBench, HierarchySummary, InputFile, GroupSummary, StoreManifest)
 from msae.run import Run, RunError, locked
 from msae.sae import SAE
 
@@ -299,19 +299,19 @@ def _analyze(run: Run, against: Sequence[Path | str], acfg: AnalyzeConfig, lm: L
 
 
 def _hierarchy_summary(links: pd.DataFrame, latents: pd.DataFrame, widths: list[int], alive: torch.Tensor) -> HierarchySummary:
-    """Links per level and how much of the parents' firing their children cover."""
+    """Links per nested group and how much of the parents' firing their children cover."""
     linked = links[links["linked"]]
-    per_level = []
+    per_group = []
     for g in range(1, len(widths)):
         kids = latents[(latents["group"] == g) & alive.numpy()]
         lg = linked[linked["child_group"] == g]
-        per_level.append(LevelSummary(
+        per_group.append(GroupSummary(
             group=g, width=widths[g], live_latents=int(len(kids)), links=int(len(lg)),
             children_with_a_parent=int(lg["child"].nunique()),
             share_with_a_parent=float(lg["child"].nunique() / len(kids)) if len(kids) else None))
     parents = latents[latents.get("children", 0) > 0]
     return HierarchySummary(
-        links=int(len(linked)), per_level=per_level, parents_with_children=int(len(parents)),
+        links=int(len(linked)), per_group=per_group, parents_with_children=int(len(parents)),
         parents_with_2plus_children=int((latents.get("children", 0) >= 2).sum()),
         mean_children_per_parent=float(parents["children"].mean()) if len(parents) else None,
         mean_coverage=float(parents["coverage"].mean()) if len(parents) else None)
@@ -435,7 +435,7 @@ def make_gallery(run_dir: Path | str, wide: Path | str, narrow: Path | str | Non
             raise AnalysisError(f"--narrow {narrow} has {saes[roles['narrow']].d_sae} latents, not fewer than "
                                 f"{run.path}'s {saes[run.name].d_sae}: splitting needs a narrower SAE")
     ecfg, tax, lm, cache = _shared_inputs(runs, config.taxonomy, lm, config.device, cache)
-    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(TaxonomyBench))
+    result = gallery.build(saes, roles, cache, lm, ecfg.layer, tax, run.result(TaxonomyBench), config)
     run.write_result(result)
     return result
 

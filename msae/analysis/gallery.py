@@ -1,17 +1,18 @@
 """The gallery: one concrete absorption case and one splitting case, mined from the taxonomy benchmark and the
 parent–child links, with what a reader needs to see them: a member × latent heatmap, decoder cosines, example
-contexts and a one-line reading. `msae gallery` writes RUN/gallery.json; the Gallery page reads it.
+contexts and a one-line reading. `msae gallery` writes RUN/gallery.json; the Gallery page reads it. The bars
+below are GalleryConfig's fields, saved in gallery.json beside the cases.
 
 - Absorption: a category whose parent latent is silent on some members while a latent specific to that member
   fires instead (taxonomy benchmark), shown beside the other SAE's latents for the same members. Clean when the
-  parent latent fires on at least CLEAN_RECALL of the members' held-out occurrences and is absorbed on at least
-  CLEAN_ABSORPTION of them: a real parent that loses some members.
+  parent latent fires on at least clean_recall of the members' held-out occurrences and is absorbed on at least
+  clean_absorption of them: a real parent that loses some members.
 - Splitting: a latent of the narrow vanilla SAE that the wide vanilla SAE represents by several latents (coverage
   links from narrow to wide over the same rows), beside the Matryoshka latent nearest it (decoder cosine) with its
-  tree children. Clean when the narrow latent is specific (fires on at most SPECIFIC_DENSITY of the tokens), no
-  wide latent keeps it whole (fires on KEPT_WHOLE of its tokens), and at least two wide latents each fire inside
-  it (P(narrow | wide) >= CLEAN_COVERAGE) and together cover CLEAN_UNION of its firings.
-- Member latents of an absorption case must be specific too (SPECIFIC_DENSITY): a dense latent that happens to fire
+  tree children. Clean when the narrow latent is specific (fires on at most specific_density of the tokens), no
+  wide latent keeps it whole (fires on kept_whole of its tokens), and at least two wide latents each fire inside
+  it (P(narrow | wide) >= clean_coverage) and together cover clean_union of its firings.
+- Member latents of an absorption case must be specific too (specific_density): a dense latent that happens to fire
   on a member is not that member's latent.
 When no case meets its bar, the closest one is shown, and its reading says plainly that it is not a clean case and
 what it lacks."""
@@ -30,52 +31,34 @@ from msae.activations import iter_shards
 from msae.analysis import hierarchy, taxbench
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import Sparse, encode_rows
-from msae.config import LinkConfig
+from msae.config import GalleryConfig, LinkConfig
 from msae.results import Gallery, GalleryCase, GalleryExample, TaxonomyBench
 from msae.sae import SAE
 
-CLEAN_ABSORPTION = 0.2
-CLEAN_RECALL = 0.3
-CLEAN_COVERAGE = 0.8
-CLEAN_UNION = 0.7
-SPECIFIC_DENSITY = 0.01
-"""A latent firing on more than this share of the sampled tokens is not specific: a dense latent holds rare token
-latents by its frequency alone (the splitting case once shown as clean fired on 24% of tokens, and a member latent of
-the absorption case on 1.7%). Split latents and member latents must be specific."""
-KEPT_WHOLE = 0.8
-"""A wide latent that fires on at least this share of the narrow latent's tokens keeps it whole: the wide SAE has
-not split it, whatever pieces sit inside it."""
-SAMPLE_ROWS = 200_000
-"""Cache rows the splitting case is mined from."""
-MAX_ROWS = 10
-MAX_CHILDREN = 4
-WINDOW = 8
-N_EXAMPLES = 3
-
-
-def splitting_verdict(density: float, n_strong: int, union: float, kept_whole: float) -> tuple[bool, str]:
+def splitting_verdict(density: float, n_strong: int, union: float, kept_whole: float,
+                      cfg: GalleryConfig) -> tuple[bool, str]:
     """Whether a narrow latent is a clean splitting case, and why (or what it lacks), in words: `density` its
     share of tokens, `n_strong` wide latents firing inside it, `union` the share of its firings they cover,
     `kept_whole` the largest share of its firings one wide latent fires on."""
     lacks = []
-    if density > SPECIFIC_DENSITY:
-        lacks.append(f"it fires on {density:.1%} of tokens (a specific latent: at most {SPECIFIC_DENSITY:.0%})")
-    if kept_whole >= KEPT_WHOLE:
+    if density > cfg.specific_density:
+        lacks.append(f"it fires on {density:.1%} of tokens (a specific latent: at most {cfg.specific_density:.0%})")
+    if kept_whole >= cfg.kept_whole:
         lacks.append(f"one wide latent fires on {kept_whole:.0%} of its tokens and so keeps it whole (at most "
-                     f"{KEPT_WHOLE:.0%} allowed)")
-    if n_strong < 2 or union < CLEAN_UNION:
-        lacks.append(f"{n_strong} pieces with P(narrow | piece) >= {CLEAN_COVERAGE} cover {union:.0%} of its firings "
-                     f"(needs 2 covering >= {CLEAN_UNION:.0%})")
+                     f"{cfg.kept_whole:.0%} allowed)")
+    if n_strong < 2 or union < cfg.clean_union:
+        lacks.append(f"{n_strong} pieces with P(narrow | piece) >= {cfg.clean_coverage} cover {union:.0%} of its "
+                     f"firings (needs 2 covering >= {cfg.clean_union:.0%})")
     if lacks:
         return False, "not a clean case: " + "; ".join(lacks)
     return True, (f"fires on {density:.2%} of tokens; {n_strong} wide latents each fire inside it (P(narrow | piece) "
-                  f">= {CLEAN_COVERAGE}) and together cover {union:.0%} of its firings; no wide latent fires on more "
-                  f"than {kept_whole:.0%} of them")
+                  f">= {cfg.clean_coverage}) and together cover {union:.0%} of its firings; no wide latent fires on "
+                  f"more than {kept_whole:.0%} of them")
 
 
-def specific_members(members: list[tuple[int, int]], density: Tensor) -> list[tuple[int, int]]:
-    """The (latent, member token) pairs whose latent fires on at most SPECIFIC_DENSITY of the tokens."""
-    return [(l, t) for l, t in members if float(density[l]) <= SPECIFIC_DENSITY]
+def specific_members(members: list[tuple[int, int]], density: Tensor, cfg: GalleryConfig) -> list[tuple[int, int]]:
+    """The (latent, member token) pairs whose latent fires on at most cfg.specific_density of the tokens."""
+    return [(l, t) for l, t in members if float(density[l]) <= cfg.specific_density]
 
 
 def _decode(tokenizer, ids) -> list[str]:
@@ -100,14 +83,14 @@ def _column_acts(by: taxbench.ByLatent, latents: list[int]) -> np.ndarray:
 
 @torch.no_grad()
 def absorption_case(bench: TaxonomyBench, saes: dict[str, SAE], cache: Path, lm, layer: int, tax,
-                    density: dict[str, Tensor]) -> GalleryCase | None:
+                    density: dict[str, Tensor], cfg: GalleryConfig) -> GalleryCase | None:
     """The benchmark's most absorbed category (a clean one when there is one), with both SAEs' latents; member
     latents only where specific (`density`: each SAE's latents' share of the sampled tokens, by run name)."""
     candidates = []
     for b in bench.saes:
         for c in b.categories:
             if c.members >= 4 and c.absorption > 0:
-                clean = c.absorption >= CLEAN_ABSORPTION and c.recall >= CLEAN_RECALL
+                clean = c.absorption >= cfg.clean_absorption and c.recall >= cfg.clean_recall
                 candidates.append((clean, c.absorption, b.name, c))
     if not candidates:
         return None
@@ -131,12 +114,12 @@ def absorption_case(bench: TaxonomyBench, saes: dict[str, SAE], cache: Path, lm,
         acts_p = by.scores(parent)
         # Member latents: the ones that fire on their own member most often where the parent is silent (the
         # absorbed occurrences), then by how often the parent is silent on their member.
-        own = specific_members([(l, t) for l, t in specific.items() if t in members], density[n])
+        own = specific_members([(l, t) for l, t in specific.items() if t in members], density[n], cfg)
         own_acts = _column_acts(by, [l for l, _t in own])
         silent_share = {t: float((acts_p[token == t] == 0).mean()) for t in set(token.tolist())}
         took = {l: int(((acts_p == 0) & (own_acts[:, i] > 0) & (token == t)).sum()) for i, (l, t) in enumerate(own)}
         mine = sorted(own, key=lambda lt: (-took[lt[0]], -silent_share.get(lt[1], 0.0), lt[0]))
-        mine = mine[: MAX_CHILDREN if n == name else 2]
+        mine = mine[: cfg.max_children if n == name else 2]
         cols = [parent] + [l for l, _t in mine]
         if n == name:
             member_token = [-1] + [t for _l, t in mine]
@@ -159,20 +142,20 @@ def absorption_case(bench: TaxonomyBench, saes: dict[str, SAE], cache: Path, lm,
     parent_mean = {t: float(main_parent[token == t].mean()) for t in tokens}
     # Rows: the absorbed members first (most absorbed on top), then the members the parent fires on most, so the
     # parent column reads dark above and lit below.
-    top = sorted((t for t in tokens if absorbed[t] > 0), key=lambda t: (-absorbed[t], t))[: MAX_ROWS // 2]
+    top = sorted((t for t in tokens if absorbed[t] > 0), key=lambda t: (-absorbed[t], t))[: cfg.max_rows // 2]
     rest = sorted((t for t in tokens if t not in top), key=lambda t: (-parent_mean[t], t))
-    shown = top + rest[: MAX_ROWS - len(top)]
+    shown = top + rest[: cfg.max_rows - len(top)]
     examples = []
     absorbed_rows = np.nonzero(absorbed_row)[0]
-    for i in list(absorbed_rows)[:N_EXAMPLES]:
-        ids, center = taxbench.pool_window(cache, pool, int(i), WINDOW)
+    for i in list(absorbed_rows)[:cfg.examples]:
+        ids, center = taxbench.pool_window(cache, pool, int(i), cfg.window)
         examples.append(GalleryExample(tokens=_decode(lm.tokenizer, ids), center=center, acts=acts[i].tolist()))
     clean = clean and bool(top)
     why = (f"the parent latent fires on {cat.recall:.0%} of the members' held-out occurrences and is silent, with a "
            f"specific member latent firing instead, on {cat.absorption:.0%}" if clean else
            f"not a clean case: absorption {cat.absorption:.0%}, parent recall {cat.recall:.0%} (a clean case needs "
-           f">= {CLEAN_ABSORPTION:.0%} and >= {CLEAN_RECALL:.0%}, and a member latent firing on at most "
-           f"{SPECIFIC_DENSITY:.0%} of tokens where the parent is silent)")
+           f">= {cfg.clean_absorption:.0%} and >= {cfg.clean_recall:.0%}, and a member latent firing on at most "
+           f"{cfg.specific_density:.0%} of tokens where the parent is silent)")
     reading = (f"'{cat.category}': rows are members, columns latents, colour the mean activation. {name}'s parent "
                f"latent (first column) is dark on the top {len(top)} rows, where a specific latent for that one "
                f"member fires instead, and lit on the members below; the other SAE's columns show whether it keeps "
@@ -209,39 +192,42 @@ def read_sample(cache: Path, n_rows: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str, Tensor], sp: dict[str, Sparse],
-                   lm) -> GalleryCase | None:
+                   lm, cfg: GalleryConfig) -> GalleryCase | None:
     """The specific narrow latent the wide SAE splits into the most linked pieces without keeping it whole (else the
     closest candidate, said not to be clean), beside the Matryoshka latent nearest it and its tree children; over
     the cache rows of `sample` and each role's sparse codes of them."""
     narrow, wide, mat = saes[roles["narrow"]].eval(), saes[roles["wide"]].eval(), saes[roles["matryoshka"]].eval()
     stats = {r: latent_stats(x, histogram_edges(x.vals, 8)) for r, x in sp.items()}
-    cfg = LinkConfig()
-    links = hierarchy.cross_links(sp["narrow"], sp["wide"], stats["narrow"], stats["wide"], narrow.W_dec, wide.W_dec, cfg)
+    link_cfg = LinkConfig()
+    links = hierarchy.cross_links(sp["narrow"], sp["wide"], stats["narrow"], stats["wide"], narrow.W_dec, wide.W_dec,
+                                  link_cfg)
     linked = links[links["linked"]]
     if linked.empty:
         return None
     cover = hierarchy.coverage(sp["narrow"], sp["wide"], links)
     kids = linked.groupby("parent")
-    strong = kids.apply(lambda g: int((g["coverage"] >= CLEAN_COVERAGE).sum()), include_groups=False)
+    strong = kids.apply(lambda g: int((g["coverage"] >= cfg.clean_coverage).sum()), include_groups=False)
     union = pd.Series(cover.numpy()).reindex(strong.index).fillna(0.0)
     density = stats["narrow"]["count"].double() / max(sp["narrow"].n_rows, 1)
     whole = links.groupby("parent")["reverse_coverage"].max().reindex(strong.index).fillna(0.0)
-    verdicts = {int(n): splitting_verdict(float(density[int(n)]), int(strong[n]), float(union[n]), float(whole[n]))
+    verdicts = {int(n): splitting_verdict(float(density[int(n)]), int(strong[n]), float(union[n]), float(whole[n]),
+                                          cfg)
                 for n in strong.index}
     clean_ids = [n for n, (ok, _why) in verdicts.items() if ok]
-    pick_from = clean_ids if clean_ids else [n for n in verdicts if float(density[n]) <= SPECIFIC_DENSITY] or list(verdicts)
+    pick_from = clean_ids or [n for n in verdicts if float(density[n]) <= cfg.specific_density] or list(verdicts)
     n_latent = max(pick_from, key=lambda n: (float(strong[n]) + float(union[n]), -n))
     clean, why = verdicts[n_latent]
-    children = linked[linked["parent"] == n_latent].sort_values("coverage", ascending=False)["child"].tolist()[:MAX_CHILDREN]
+    children = linked[linked["parent"] == n_latent].sort_values("coverage", ascending=False)["child"].tolist()
+    children = children[: cfg.max_children]
     # The Matryoshka latent nearest the narrow one, outside the last group, and its tree children.
     Wm = mat.W_dec.detach().float().cpu()
     Wn = narrow.W_dec[n_latent].detach().float().cpu()
     cos_m = (Wm @ Wn) / (Wm.norm(dim=1) * Wn.norm()).clamp_min(1e-12)
     cos_m[mat.widths[-2]:] = -2.0
     m_latent = int(cos_m.argmax())
-    nested = hierarchy.nested_links(sp["matryoshka"], list(mat.widths), stats["matryoshka"], mat.W_dec, cfg)
+    nested = hierarchy.nested_links(sp["matryoshka"], list(mat.widths), stats["matryoshka"], mat.W_dec, link_cfg)
     m_children = nested[nested["tree"] & (nested["parent"] == m_latent)].sort_values(
-        "child_fires", ascending=False)["child"].tolist()[:MAX_CHILDREN]
+        "child_fires", ascending=False)["child"].tolist()[:cfg.max_children]
     cols = [("narrow", n_latent, "split latent")] + [("wide", c, "piece") for c in children] + \
            [("matryoshka", m_latent, "nearest parent")] + [("matryoshka", c, "tree child") for c in m_children]
     by = {r: taxbench.ByLatent(sp[r]) for r in {r for r, _l, _role in cols}}
@@ -249,7 +235,7 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str
     token = sample["token"].numpy()
     fires = acts[:, 0] > 0
     counts = pd.Series(token[fires]).value_counts()
-    shown = [int(t) for t in counts.index[:MAX_ROWS]]
+    shown = [int(t) for t in counts.index[:cfg.max_rows]]
     examples = []
     seen_children = set()
     for i in np.nonzero(fires)[0]:
@@ -259,10 +245,10 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str
         seen_children.add(firing_kid)
         ctx = sample["contexts"][int(sample["context"][i])]
         pos = int(sample["position"][i])
-        lo, hi = max(0, pos - WINDOW), min(int((ctx >= 0).sum()), pos + WINDOW + 1)
+        lo, hi = max(0, pos - cfg.window), min(int((ctx >= 0).sum()), pos + cfg.window + 1)
         examples.append(GalleryExample(tokens=_decode(lm.tokenizer, ctx[lo:hi].tolist()), center=pos - lo,
                                        acts=acts[i].tolist()))
-        if len(examples) == N_EXAMPLES:
+        if len(examples) == cfg.examples:
             break
     names = {r: roles[r] for r in roles}
     W = [saes[names[r]].W_dec[l].detach().float().cpu() for r, l, _role in cols]
@@ -279,12 +265,13 @@ def splitting_case(saes: dict[str, SAE], roles: dict[str, str], sample: dict[str
 
 
 def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: int, tax,
-          bench: TaxonomyBench | None) -> Gallery:
+          bench: TaxonomyBench | None, cfg: GalleryConfig | None = None) -> Gallery:
     """Both cases for the runs in `roles` (matryoshka, wide and, for splitting, narrow: role -> run name), from the
-    first SAMPLE_ROWS rows of the cache (where latent densities are measured too)."""
+    first cfg.sample_rows rows of the cache (where latent densities are measured too)."""
+    cfg = cfg or GalleryConfig()
     t0 = time.perf_counter()
     cases, missing = [], {}
-    sample = read_sample(cache, SAMPLE_ROWS)
+    sample = read_sample(cache, cfg.sample_rows)
     codes = {name: encode_rows(sae.eval(), sample["acts"]) for name, sae in saes.items()}
     density = {name: torch.bincount(x.cols.long(), minlength=x.d_sae).double() / max(x.n_rows, 1)
                for name, x in codes.items()}
@@ -292,7 +279,7 @@ def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: i
         missing["absorption"] = "no taxonomy benchmark for this run: run msae taxonomy-bench first"
     else:
         case = absorption_case(bench, {n: saes[n] for n in saes if n in {b.name for b in bench.saes}}, cache, lm,
-                               layer, tax, density)
+                               layer, tax, density, cfg)
         if case is None:
             missing["absorption"] = "no category with a member absorbed in either SAE"
         else:
@@ -300,10 +287,10 @@ def build(saes: dict[str, SAE], roles: dict[str, str], cache: Path, lm, layer: i
     if "narrow" not in roles:
         missing["splitting"] = "needs a narrow vanilla SAE (--narrow) beside the wide one"
     else:
-        case = splitting_case(saes, roles, sample, {role: codes[name] for role, name in roles.items()}, lm)
+        case = splitting_case(saes, roles, sample, {role: codes[name] for role, name in roles.items()}, lm, cfg)
         if case is None:
             missing["splitting"] = "the wide SAE has no latent linked under a narrow one on the sampled rows"
         else:
             cases.append(case)
     return Gallery(model=lm.name, layer=layer, runs=dict(roles), cases=cases, missing=missing,
-                   seconds=round(time.perf_counter() - t0, 1))
+                   seconds=round(time.perf_counter() - t0, 1), config=cfg)
