@@ -20,6 +20,7 @@ from explorer import search
 from msae.analysis import hierarchy, validate
 from msae.analysis.analyze import AnalysisError, analyze
 from msae.analysis.store import StoreError, load_store
+from msae.analysis import coact
 from msae.analysis.coact import coactivation
 from msae.analysis.features import latent_stats, histogram_edges
 from msae.analysis.inference import text_latents, top_latents
@@ -42,11 +43,20 @@ def random_sparse(n_rows: int, d_sae: int, k: int, seed: int) -> tuple[Sparse, t
     return Sparse(row_ptr, nz[:, 1].int(), dense[nz[:, 0], nz[:, 1]].float(), d_sae), dense
 
 
+@pytest.mark.parametrize("block_pairs", [None, 50], ids=["default-blocks", "a-row-or-two-a-block"])
 @pytest.mark.parametrize("dense_budget", [0, 1 << 30], ids=["sparse-accumulator", "dense-accumulator"])
-def test_coactivation_matches_dense_products(dense_budget):
+def test_coactivation_matches_dense_products(dense_budget, block_pairs, monkeypatch):
+    """Every sum of every pair against dense products, whether the pairs are formed in blocks of many rows or
+    of one row (block_pairs below one row's pairs) and summed densely or sparsely; counts_only gives the counts."""
+    if block_pairs:
+        monkeypatch.setattr(coact, "BLOCK_PAIRS", block_pairs)
     par, dp = random_sparse(3000, 96, 9, seed=0)
     chi, dc = random_sparse(3000, 160, 12, seed=1)
     pairs = coactivation(par, chi, parent_limit=64, child_from=20, chunk_rows=700, dense_budget=dense_budget)
+    counted = coactivation(par, chi, parent_limit=64, child_from=20, chunk_rows=700, dense_budget=dense_budget,
+                           counts_only=True)
+    assert torch.equal(counted.parent, pairs.parent) and torch.equal(counted.child, pairs.child)
+    assert torch.equal(counted.count, pairs.count) and not counted.dot.any()
     a, b = dp[:, :64].double(), dc[:, 20:].double()
     dp, dc = a.float().double(), b.float().double()  # the stored values are float32
     want = {"dot": dp.T @ dc, "parent_sq": (dp**2).T @ (dc > 0).double(), "count": (dp > 0).double().T @ (dc > 0).double(),

@@ -10,14 +10,14 @@ intervals resample parents, not links: the links of one parent stand or fall tog
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from msae.analysis import hierarchy
-from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, entry_pairs
+from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, pair_blocks
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import Sparse
 from msae.config import LinkConfig
@@ -163,13 +163,28 @@ class CofireCounts:
     child_from: int
     group: Tensor
     """(d_sae,) the nested group of every latent."""
+    _all: Tensor | None = field(default=None, init=False, repr=False)
+    """The pair counts summed over every group, once over() needs them."""
 
     def over(self, groups: Tensor) -> Totals:
-        """The counts summed over the row groups where the (G,) bool mask is set."""
-        pair = torch.zeros(self.pair.shape[1:], dtype=torch.long)
-        for g in groups.nonzero().squeeze(1).tolist():  # one group at a time: no copy of the selected tables
-            pair += self.pair[g]
+        """The counts summed over the row groups where the (G,) bool mask is set: from the groups set, or, when
+        they are more than half, as the sum over all groups (made once) less the others."""
+        chosen, others = groups.nonzero().squeeze(1).tolist(), (~groups).nonzero().squeeze(1).tolist()
+        if len(chosen) > len(others) + 1:
+            if self._all is None:
+                self._all = self._sum(range(self.pair.shape[0]))
+            pair = self._all.clone()
+            for g in others:
+                pair -= self.pair[g]
+        else:
+            pair = self._sum(chosen)
         return Totals(pair, self.latent[groups].sum(0), int(self.rows[groups].sum()))
+
+    def _sum(self, groups) -> Tensor:
+        pair = torch.zeros(self.pair.shape[1:], dtype=torch.long)
+        for g in groups:  # one group at a time: no copy of the selected tables
+            pair += self.pair[g]
+        return pair
 
 
 COUNTS_BUDGET_BYTES = 4 << 30
@@ -182,23 +197,25 @@ def cofire_counts(sp: Sparse, row_group: Tensor, n_groups: int, widths: list[int
     (row_group: (n_rows,) the group of every row, in [0, n_groups))."""
     n_par, child_from = widths[-2], widths[0]
     n_child = sp.d_sae - child_from
-    if n_groups * n_par * n_child * 4 > COUNTS_BUDGET_BYTES:
+    per_group = (n_par + 1) * (n_child + 1)  # a spare row and column take the padding's pairs (coact.pair_blocks)
+    if n_groups * per_group * 4 > COUNTS_BUDGET_BYTES:
         raise ValueError(f"per-group pair counts of {n_par:,} x {n_child:,} latents in {n_groups} row groups exceed "
                          f"{COUNTS_BUDGET_BYTES >> 30} GB")
-    table = torch.zeros(n_groups * n_par * n_child, dtype=torch.int32)
+    table = torch.zeros(n_groups * per_group, dtype=torch.int32)
     latent = torch.zeros(n_groups, sp.d_sae, dtype=torch.long)
     for start in range(0, sp.n_rows, chunk_rows):
         stop = min(start + chunk_rows, sp.n_rows)
-        rows, cols, _ = sp.slice_rows(start, stop)
-        row_g = row_group[start:stop]
+        rows, cols, vals = sp.slice_rows(start, stop)
+        row_g = row_group[start:stop].long()
         latent.view(-1).index_add_(0, row_g[rows] * sp.d_sae + cols, torch.ones_like(cols))
         is_par, is_child = cols < n_par, cols >= child_from
-        pr, pc, cr, cc = rows[is_par], cols[is_par], rows[is_child], cols[is_child] - child_from
-        rep, kid = entry_pairs(pr, cr, stop - start)
-        key = (row_g[pr[rep]] * n_par + pc[rep]) * n_child + cc[kid]
-        table.index_add_(0, key, torch.ones(key.numel(), dtype=torch.int32))
-    return CofireCounts(table.view(n_groups, n_par, n_child), latent,
-                        torch.bincount(row_group, minlength=n_groups), child_from, hierarchy.group_index(widths))
+        for blk in pair_blocks(rows[is_par], cols[is_par], vals[is_par], rows[is_child], cols[is_child] - child_from,
+                               vals[is_child], stop - start, n_par, n_child):
+            key = blk.keys(n_child, offset=row_g[blk.rows] * per_group)
+            table.index_add_(0, key, torch.ones((), dtype=torch.int32).expand(key.numel()))
+    pair = table.view(n_groups, n_par + 1, n_child + 1)[:, :n_par, :n_child]
+    return CofireCounts(pair, latent, torch.bincount(row_group, minlength=n_groups), child_from,
+                        hierarchy.group_index(widths))
 
 
 def candidate_figures(counts: CofireCounts, link: Totals, min_cofires: int) -> dict[str, Tensor]:
@@ -376,7 +393,7 @@ def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) 
         score = torch.where(ok, pairs.count.double() / count[pairs.child].clamp_min(1), torch.full_like(pairs.dot, -1.0))
         return ok & (hierarchy.rank_within(pairs.parent, score) < TREESAE_CHILDREN)
 
-    pairs = coactivation(sp, sp, chunk_rows=chunk_rows, prune=keep)
+    pairs = coactivation(sp, sp, chunk_rows=chunk_rows, prune=keep, counts_only=True)
     pairs = Pairs(*(getattr(pairs, f)[keep(pairs)] for f in PAIR_FIELDS))
     return pairs.parent, pairs.child
 
