@@ -24,6 +24,12 @@ JOBS.json lists jobs; "inputs" names a safetensors file whose tensor "x" holds t
   train_sparsify: {"acts", "inputs", "out", "d_sae", "k", "steps", "lr"}   a tiny TopK SparseCoder trained the way
       sparsify's trainer steps one (FVU loss, unit decoder rows, the parallel gradient removed), saved with
       save_to_disk under out/layers.3, with its outputs on x as the reference
+  saebench_core: {"runs", "model_dir", "tokens", "batch_prompts", "reconstruction_batches", "sparsity_batches",
+      "out"}   SAEBench's core eval (run_evals with a CoreEvalConfig) of each SAE in runs, as its multiple_evals runs
+      one: the model at model_dir (a local folder) as a TransformerLens HookedTransformer, the SAE's hook_name set to
+      its TransformerLens name, a SAELens ActivationsStore over the pretokenized contexts "ids" of tokens (position
+      0 the tokenizer's BOS), the special tokens left out of the figures and of the reconstruction; writes
+      {run: SAEBench's metrics} to out
 and prints one JSON object of what it found (per job: class, architecture, ...).
 """
 
@@ -71,6 +77,56 @@ def saebench(job: dict) -> dict:
     _, sae, _ = load_and_format_sae("msae", sae, "cpu")  # no fold: it checks that the decoder rows are unit
     fields = ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "architecture_str")
     return {name: getattr(sae.cfg, name) for name in fields} | {"W_dec_norm_max_error": (sae.W_dec.norm(dim=1) - 1).abs().max().item()}
+
+
+def _hooked_transformer(model_dir: str):
+    """The model folder as TransformerLens's HookedTransformer, offline: TransformerLens knows models by their hub
+    name only, so its official-name lookup is told that this folder names itself (its config.json is then read
+    from the folder) and the weights and tokenizer are handed over loaded."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    official = loading.get_official_model_name
+    loading.get_official_model_name = lambda name: name if name == model_dir else official(name)
+    try:
+        return HookedTransformer.from_pretrained_no_processing(model_dir, hf_model=hf_model, tokenizer=tokenizer,
+                                                               device="cpu", dtype=torch.float32)
+    finally:
+        loading.get_official_model_name = official
+
+
+def saebench_core(job: dict) -> dict:
+    from datasets import Dataset
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.evals.core.main import run_evals
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens import SAE
+    from sae_lens.training.activations_store import ActivationsStore
+
+    model = _hooked_transformer(job["model_dir"])
+    tokenizer = model.tokenizer
+    ids = load_file(job["tokens"])["ids"]
+    found = {}
+    for run in job["runs"]:
+        sae = SAE.load_from_disk(run, device="cpu", dtype="float32")
+        sae.cfg.metadata.hook_name = sae.cfg.metadata.hook_name_transformer_lens
+        _, sae, _ = load_and_format_sae("msae", sae, "cpu")  # no fold: the decoder rows are unit
+        # A fresh store per SAE: each reads the same contexts, reconstruction batches first.
+        store = ActivationsStore.from_sae(model, sae, Dataset.from_dict({"input_ids": ids.tolist()}),
+                                          context_size=ids.shape[1])
+        config = CoreEvalConfig(model_name=sae.cfg.model_name, batch_size_prompts=job["batch_prompts"],
+                                n_eval_reconstruction_batches=job["reconstruction_batches"],
+                                n_eval_sparsity_variance_batches=job["sparsity_batches"], context_size=ids.shape[1],
+                                compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
+                                exclude_special_tokens_from_reconstruction=True)
+        special = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}  # as multiple_evals
+        metrics, _ = run_evals(sae, store, model, config, ignore_tokens=special)
+        found[run] = metrics
+    Path(job["out"]).write_text(json.dumps(found, indent=1))
+    return {run: sorted(metrics) for run, metrics in found.items()}
 
 
 def hook(job: dict) -> dict:
@@ -214,7 +270,8 @@ def main(jobs_path: str) -> None:
                        ("load_sparsify", load_sparsify), ("saebench", saebench), ("hook", hook)):
         report[name] = {job["dir"]: load(job) for job in jobs.get(name, [])}
     for name, train in (("train_saelens", train_saelens), ("train_dictionary_learning", train_dictionary_learning),
-                        ("train_sparsify", train_sparsify), ("train_saelens_runner", train_saelens_runner)):
+                        ("train_sparsify", train_sparsify), ("train_saelens_runner", train_saelens_runner),
+                       ("saebench_core", saebench_core)):
         if name in jobs:
             report[name] = train(jobs[name])
     print(json.dumps(report, default=str))

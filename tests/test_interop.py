@@ -10,8 +10,10 @@ skipped, and say why; the layout tests above them run everywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -36,10 +38,11 @@ TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
 PEERS = ("sae-lens==6.54.12", "dictionary-learning==0.1.0")
 NO_DEPS = ("sae-bench==0.6.0",)
 """SAEBench's own dependencies would replace torch with a CUDA build; its SAE loading needs only SAELens."""
-EXTRAS = ("eai-sparsify==1.3.3", "natsort==8.4.0", "schedulefree==1.4.1")
+EXTRAS = ("eai-sparsify==1.3.3", "natsort==8.4.0", "schedulefree==1.4.1", "tabulate==0.9.0")
 """EleutherAI's sparsify, without its dependencies (an unpinned torch among them): SAELens brought the rest, it
-needs only natsort and schedulefree beside them. Added over a built environment under a stamp of their own, so a
-new extra does not rebuild the rest."""
+needs only natsort and schedulefree beside them; and tabulate, the one dependency of SAEBench's core eval that
+SAELens does not bring (its module imports sae_selection_utils, which imports it). Added over a built environment
+under a stamp of their own, so a new extra does not rebuild the rest."""
 TOLERANCE = 1e-5
 K = 4
 SHIPPED = [REPO / "assets" / "default" / name for name in ("matryoshka", "vanilla")]
@@ -453,3 +456,89 @@ def test_the_shipped_runs_have_unit_decoder_rows_and_their_stores_the_same_scale
             x = residual_after(lm, ids, torch.ones_like(ids), 15)[0, example.position : example.position + 1]
             live = sae.encode(x)[0, example.latent].item()
             assert live == pytest.approx(example.act, rel=0.05), (run.name, example.latent)
+
+
+# ------------------------------------------------------------------------------ SAEBench's core eval of the shipped runs
+
+SAEBENCH_PROMPTS = 8
+SAEBENCH_BATCHES = {"reconstruction_batches": 1, "sparsity_batches": 2}
+"""8 contexts for SAEBench's CE loss, 16 more for its L0 and variance: 2 × 4 forwards of 8 × 128 tokens."""
+SAEBENCH_L0_TOLERANCE = 0.3
+"""Relative. Of random draws of 16 held-out contexts, 99% give an L0 (every row but BOS) within -6% and +26% of
+eval.json's: one context's L0 has a standard deviation of ~9, and SAEBench counts the rare rows above 10x the median
+norm that eval.json drops, each firing thousands of latents. An unmasked position 0 gives 82 (+150%)."""
+SAEBENCH_CE_TOLERANCE = 0.1
+"""Nats. One held-out context's CE loss increase has a standard deviation of 0.11 nats, so 8 contexts have 0.04;
+no SAE spliced in would be 0.14 off, one that breaks the attention sink over 2."""
+
+
+def heldout_sample(run: Path, n: int, bos: int, tokenizer) -> torch.Tensor:
+    """(n, ctx_len) token ids: n contexts of the held-out shard that the run's eval.json was measured on, evenly
+    spaced over it, each as SAEBench's pretokenized contexts begin: the tokenizer's BOS, then the context's first
+    ctx_len - 1 tokens.
+
+    The corpus is read again as extraction read it (msae.corpus.contexts, in corpus order); the held-out shard is
+    the extraction's last, so its last ceil(rows / (ctx_len - 1)) contexts are held out whatever the shard's size."""
+    from msae import corpus
+    from msae.activations import corpus_provenance
+
+    _, cfg = io.load_sae(run)
+    extraction = cfg["msae"]["extraction"]
+    here = dataclasses.asdict(corpus_provenance("builtin"))["sources"]
+    if here != extraction["corpus"]["sources"]:
+        pytest.skip(f"the built-in corpus here is not the one {run.name} was extracted from ({corpus.missing_note() or 'other content'})")
+    ctx_len, last = extraction["ctx_len"], extraction["contexts"]
+    first = last - math.ceil(json.loads((run / "eval.json").read_text())["rows"] / (ctx_len - 1))
+    held = []
+    for i, (ids, _doc) in enumerate(corpus.contexts(corpus.builtin_documents(), tokenizer, ctx_len)):
+        if i >= last:
+            break
+        if i >= first and len(ids) == ctx_len:
+            held.append(ids)
+    assert len(held) >= n, f"{len(held)} full held-out contexts"
+    picked = [held[round(j * (len(held) - 1) / (n - 1))] for j in range(n)]
+    return torch.tensor([[bos, *ids[: ctx_len - 1]] for ids in picked])
+
+
+def test_saebench_core_eval_of_the_shipped_runs_agrees_with_eval_json(side_python, tmp_path):
+    """SAEBench's core eval (run_evals, leaving out the special tokens its multiple_evals leaves out) on both shipped
+    runs: L0 and the CE loss increase against eval.json's; its CE loss score and FVU printed (they are defined
+    otherwise: README).
+
+    Each context starts with the tokenizer's BOS, which SAEBench leaves out of its figures and (with
+    exclude_special_tokens_from_reconstruction) of the reconstruction: the attention sink sits there, as msae's
+    position 0 that its training and eval.json leave out. Without it SAEBench reconstructs the first text token,
+    ≈140× the median norm, where ~6,200 of the 8,192 latents fire: L0 82 and a CE increase of 2.2 nats (measured by
+    hand)."""
+    from transformers import AutoTokenizer
+
+    try:
+        model_dir = builtin_model_dir("smollm2-135m")
+    except LMLoadError as e:
+        pytest.skip(str(e))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n = SAEBENCH_PROMPTS * sum(SAEBENCH_BATCHES.values())
+    ids = heldout_sample(SHIPPED[0], n, tokenizer.bos_token_id, tokenizer)
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    job = {"runs": [str(run) for run in SHIPPED], "model_dir": str(model_dir), "tokens": str(tmp_path / "ids.safetensors"),
+           "batch_prompts": SAEBENCH_PROMPTS, **SAEBENCH_BATCHES, "out": str(tmp_path / "saebench.json")}
+    run_peer(side_python, {"saebench_core": job}, tmp_path)
+    found = json.loads((tmp_path / "saebench.json").read_text())
+    for run in SHIPPED:
+        ours = json.loads((run / "eval.json").read_text())
+        metrics = found[str(run)]
+        ce = metrics["model_performance_preservation"]
+        figures = {
+            "L0": (metrics["sparsity"]["l0"], ours["l0"]),
+            "CE increase": (ce["ce_loss_with_sae"] - ce["ce_loss_without_sae"], ours["ce_sae"] - ours["ce_clean"]),
+            "CE loss score": (ce["ce_loss_score"], ours["ce_loss_recovered"]),
+            "zero-ablation CE": (ce["ce_loss_with_ablation"], ours["ce_zero"]),
+            "FVU": (1 - metrics["reconstruction_quality"]["explained_variance"], ours["fvu"][-1]),
+            "FVU (legacy)": (1 - metrics["reconstruction_quality"]["explained_variance_legacy"], ours["fvu"][-1]),
+        }
+        said = f"{run.name}, SAEBench / eval.json: " + ", ".join(f"{k} {a:.4g} / {b:.4g}" for k, (a, b) in figures.items())
+        print(said)
+        l0, ours_l0 = figures["L0"]
+        assert abs(l0 / ours_l0 - 1) <= SAEBENCH_L0_TOLERANCE, said
+        increase, ours_increase = figures["CE increase"]
+        assert abs(increase - ours_increase) <= SAEBENCH_CE_TOLERANCE, said
