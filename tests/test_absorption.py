@@ -60,6 +60,25 @@ def test_prompts_end_at_the_word_and_batching_leaves_activations_unchanged(lm):
     torch.testing.assert_close(one_by_one[0], direct, atol=1e-3, rtol=1e-4)
 
 
+def test_word_activations_are_kept_per_model_layer_and_words_and_a_broken_file_is_made_again(lm, tmp_path):
+    words = ab.letter_words(lm.tokenizer, letters="bc", per_letter=3)
+    direct = ab.word_activations(lm, 15, words.token_ids, icl_examples=2)
+    first = ab.cached_word_activations(lm, 15, words.token_ids, icl_examples=2, root=tmp_path)
+    (kept,) = list(tmp_path.glob("*.safetensors"))
+    torch.testing.assert_close(first, direct)
+    heard = []
+    again = ab.cached_word_activations(lm, 15, words.token_ids, icl_examples=2, root=tmp_path, progress=heard.append)
+    assert torch.equal(again, first) and heard == [], "read from the file: no forward pass reports progress"
+    ab.cached_word_activations(lm, 14, words.token_ids, icl_examples=2, root=tmp_path)
+    ab.cached_word_activations(lm, 15, words.token_ids[:4], icl_examples=2, root=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3, "another layer and other words are other files"
+    kept.write_bytes(b"not a safetensors file")
+    mended = ab.cached_word_activations(lm, 15, words.token_ids, icl_examples=2, root=tmp_path, progress=heard.append)
+    torch.testing.assert_close(mended, direct)
+    assert heard, "the broken file was made again by a forward pass"
+    assert not list(tmp_path.glob("*.tmp")), "no temp file is left behind"
+
+
 # ------------------------------------------------------------------------------------ hand-built, known answers
 
 D_IN = 6
