@@ -87,8 +87,9 @@ def pair_blocks(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: 
                 n_child: int, block_pairs: int | None = None):
     """Every (parent entry, child entry) pair on the same row of a chunk of `n` rows (entries sorted by row), as
     PairBlocks. Rows are ordered by their numbers of parent and child entries and a block holds rows of one
-    parent count, so that padding wastes little (a few percent on the shipped SAEs' rows); pairing entry by entry
-    instead costs several times as much a pair (index arithmetic per entry, then a gather per pair)."""
+    parent count, so that padding wastes little (on one SAE's rows against themselves, none: 41,389,124 pairs
+    formed for as many real ones over 32,768 rows of the shipped Matryoshka); pairing entry by entry instead costs
+    several times as much a pair (index arithmetic per entry, then a gather per pair)."""
     block_pairs = block_pairs or BLOCK_PAIRS
     p_count, c_count = torch.bincount(pr, minlength=n), torch.bincount(cr, minlength=n)
     p_start, c_start = p_count.cumsum(0) - p_count, c_count.cumsum(0) - c_count
@@ -107,7 +108,7 @@ def pair_blocks(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: 
         while i < b:
             per_row = int(kp[i]) * int(kc[b - 1])
             j = min(b, i + max(1, block_pairs // per_row))
-            # rows i..j-1 sorted by kc: pad to the last one's
+            # rows i..j-1, sorted by kc: _padded pads the children to the last one's count
             block = live[i:j]
             p_col, p_val = _padded(pr, pc, pv, p_start, p_count, block, n_par)
             c_col, c_val = _padded(cr, cc, cv, c_start, c_count, block, n_child)
