@@ -88,6 +88,21 @@ def _go_to(page, title: str) -> None:
     wait_idle(page)
 
 
+def _hierarchy_shows(page) -> str:
+    """What the Hierarchy page settles on: "tree" (a tree figure), "no links" or "no tree" (its messages). It
+    waits until one of them is there: after a slider moves, the page's rerun may not have drawn anything yet."""
+    outcomes = {"tree": page.locator('[data-testid="stPlotlyChart"]'),
+                "no links": page.get_by_text("No links at these settings"),
+                "no tree": page.get_by_text("No tree in this band at these settings")}
+    either = outcomes["tree"].or_(outcomes["no links"]).or_(outcomes["no tree"])
+    either.first.wait_for()  # fails after the page timeout when none comes
+    wait_idle(page)
+    for name, locator in outcomes.items():
+        if locator.count():
+            return name
+    raise AssertionError("the Hierarchy page showed neither a tree nor a message after it settled")
+
+
 def test_the_analysed_sae_opens_on_features_and_hierarchy_in_the_browser(analysed, tmp_path):
     reason = _missing()
     if reason:
@@ -121,7 +136,7 @@ def test_the_analysed_sae_opens_on_features_and_hierarchy_in_the_browser(analyse
                 assert_no_errors(page, "Hierarchy")
                 assert page.get_by_text("single width").count() == 0, "the nested widths were not read"
                 for setting in ("lift at least", "link strength at least"):
-                    if not page.get_by_text("No links at these settings").count():
+                    if _hierarchy_shows(page) != "no links":
                         break
                     # A 300-step SAE has few links as strong and specific as the default rule asks (lift >= 10,
                     # P(p|c) >= 0.7): lower them as the page says, with each slider's keyboard, as a user would.
@@ -130,14 +145,14 @@ def test_the_analysed_sae_opens_on_features_and_hierarchy_in_the_browser(analyse
                     slider.press("Home")
                     wait_idle(page)
                     assert_no_errors(page, f"Hierarchy with {setting} at its lowest")
-                if page.get_by_text("No tree in this band at these settings").count():
+                if _hierarchy_shows(page) == "no tree":
                     # Its few trees hang under dense roots: the hubs' band, one click away, as the page shows.
                     page.get_by_text("hubs (root fires on", exact=False).click()
                     wait_idle(page)
                     assert_no_errors(page, "Hierarchy's hubs band")
+                assert _hierarchy_shows(page) == "tree", "no tree figure in the hubs' band either"
                 # The table of the trees in view comes first: bring the figure into view and let plotly draw it.
                 chart = page.locator('[data-testid="stPlotlyChart"]')
-                chart.first.wait_for()  # fails after the page timeout when no tree figure comes
                 chart.first.scroll_into_view_if_needed()
                 chart.first.locator(".main-svg").first.wait_for()
                 screenshot(page, "e2e_saelens_hierarchy")
