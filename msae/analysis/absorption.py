@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
@@ -62,7 +60,7 @@ from torch import Tensor
 from msae.activations import pad_batch
 from msae.analysis.stream import encode_rows
 from msae.config import LETTERS, AbsorptionConfig
-from msae.io import check_fits
+from msae.io import atomic_save_safetensors, check_fits
 from msae.lm import (DEFAULT_MODEL, LoadedLM, cache_dir, check_before_load, check_layer, load_lm, residual_after,
                      same_model)
 from msae.results import (AbsorptionMean, AbsorptionResult, AbsorptionValidity, AbsorptionVariant, LetterAbsorption,
@@ -215,7 +213,7 @@ def cached_word_activations(lm: LoadedLM, layer: int, token_ids: Tensor, batch: 
     key = hashlib.sha256(json.dumps({"model": identity, "layer": layer, "dtype": str(lm.dtype),
                                      "icl_examples": icl_examples, "seed": seed}).encode() + ids.numpy().tobytes())
     path = (root or cache_dir() / "probe-activations") / f"{key.hexdigest()[:24]}.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     try:
         saved = load_file(str(path))
@@ -225,14 +223,7 @@ def cached_word_activations(lm: LoadedLM, layer: int, token_ids: Tensor, batch: 
         pass
     acts = word_activations(lm, layer, token_ids, batch, icl_examples, seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"token_ids": ids, "activations": acts.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save_safetensors({"token_ids": ids, "activations": acts.contiguous()}, path)
     return acts
 
 
