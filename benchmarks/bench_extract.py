@@ -32,7 +32,7 @@ import torch
 from msae import corpus
 from msae.activations import extract, pad_batch, read_manifest
 from msae.config import ExtractConfig
-from msae.lm import bf16_is_fast, cpu_description, load_lm, residual_after
+from msae.lm import bf16_is_fast, cpu_description, precisions_to_measure, load_lm, residual_after
 
 HERE = Path(__file__).resolve().parent
 LAYER, CTX, BATCH = 15, 128, 16
@@ -107,7 +107,7 @@ def main() -> None:
                                              "matmul instructions")
     args = parser.parse_args()
     fast = bf16_is_fast(torch.device("cpu"))
-    precisions = args.precisions.split(",") if args.precisions else ["float32"] + (["bfloat16"] if fast else [])
+    precisions = precisions_to_measure(args.precisions, torch.device("cpu"))
     result = {"machine": platform.processor() or platform.machine(), "cpu": cpu_description(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "precisions": precisions,
               "bf16_fast_here": fast, "tokens": args.tokens, "load_before": os.getloadavg()[0],

@@ -218,10 +218,10 @@ def main() -> None:
         make_activations(args.activations)
     import torch
 
-    from msae.lm import bf16_is_fast, cpu_description
+    from msae.lm import bf16_is_fast, cpu_description, precisions_to_measure
 
     fast = bf16_is_fast(torch.device("cpu"))
-    precisions = args.precisions.split(",") if args.precisions else ["float32"] + (["bfloat16"] if fast else [])
+    precisions = precisions_to_measure(args.precisions, torch.device("cpu"))
     results = {p: measure(args.activations, args.steps, args.peers_python, args.modes.split(","), p) for p in precisions}
     report = {
         "setup": {"d_in": D_IN, "k": K, "batch": BATCH, "widths": WIDTHS, "steps": args.steps},

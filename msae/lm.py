@@ -83,6 +83,14 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def precisions_to_measure(asked: str | None, device: torch.device) -> list[str]:
+    """The precisions a benchmark measures: those `asked` (comma-separated) if given, else float32, and bfloat16
+    where it is fast on `device` (a slow bf16 emulation measures nothing a user would run)."""
+    if asked:
+        return [p.strip() for p in asked.split(",") if p.strip()]
+    return ["float32"] + (["bfloat16"] if bf16_is_fast(device) else [])
+
+
 def cpu_description() -> dict:
     """What this CPU is and which matmul precision it makes fast: its model name, torch's CPU capability (the widest
     vector instructions its kernels use), AMX and AVX-512 BF16, and `bf16_is_fast`'s verdict. Benchmarks record it,

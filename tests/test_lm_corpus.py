@@ -163,6 +163,10 @@ def test_cpu_description_names_the_cpu_and_agrees_with_the_precision_verdict():
     assert info["cores"] >= 1
     if Path("/proc/cpuinfo").exists():
         assert info["model"], "the model name is read from /proc/cpuinfo"
+    # Benchmarks measure bfloat16 only where it is fast, unless asked for it.
+    cpu = torch.device("cpu")
+    assert lm_mod.precisions_to_measure(None, cpu) == (["float32", "bfloat16"] if info["bf16_fast"] else ["float32"])
+    assert lm_mod.precisions_to_measure("bfloat16, float32", cpu) == ["bfloat16", "float32"]
 
 
 def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
