@@ -73,9 +73,9 @@ def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300.
     proc.wait()
 
 
-def wait_until(predicate, timeout: float = 120.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+def wait_until(predicate, timeout: float = 120.0, explain=None) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds (saying `explain()` when given)."""
     end = time.time() + timeout
     while not predicate():
-        assert time.time() < end, "timed out"
+        assert time.time() < end, f"timed out after {timeout:g} s" + (f": {explain()}" if explain else "")
         time.sleep(0.05)

@@ -43,20 +43,18 @@ def random_sparse(n_rows: int, d_sae: int, k: int, seed: int) -> tuple[Sparse, t
     return Sparse(row_ptr, nz[:, 1].int(), dense[nz[:, 0], nz[:, 1]].float(), d_sae), dense
 
 
-@pytest.mark.parametrize("block_pairs", [None, 50], ids=["default-blocks", "a-row-or-two-a-block"])
-@pytest.mark.parametrize("dense_budget", [0, 1 << 30], ids=["sparse-accumulator", "dense-accumulator"])
-def test_coactivation_matches_dense_products(dense_budget, block_pairs, monkeypatch):
-    """Every sum of every pair against dense products, whether the pairs are formed in blocks of many rows or
-    of one row (block_pairs below one row's pairs) and summed densely or sparsely; counts_only gives the counts."""
-    if block_pairs:
-        monkeypatch.setattr(coact, "BLOCK_PAIRS", block_pairs)
+@pytest.mark.parametrize("parent_block", [512, 7], ids=["one-block", "blocks-of-7-parents"])
+def test_coactivation_matches_dense_products(parent_block):
+    """Every sum of every pair against dense products, in one block of parents or many; the pairs come sorted by
+    parent then child; counts_only gives the counts."""
     par, dp = random_sparse(3000, 96, 9, seed=0)
     chi, dc = random_sparse(3000, 160, 12, seed=1)
-    pairs = coactivation(par, chi, parent_limit=64, child_from=20, chunk_rows=700, dense_budget=dense_budget)
-    counted = coactivation(par, chi, parent_limit=64, child_from=20, chunk_rows=700, dense_budget=dense_budget,
-                           counts_only=True)
+    pairs = coactivation(par, chi, parent_limit=64, child_from=20, parent_block=parent_block)
+    counted = coactivation(par, chi, parent_limit=64, child_from=20, parent_block=parent_block, counts_only=True)
     assert torch.equal(counted.parent, pairs.parent) and torch.equal(counted.child, pairs.child)
     assert torch.equal(counted.count, pairs.count) and not counted.dot.any()
+    key = pairs.parent * 1000 + pairs.child
+    assert bool((key.diff() > 0).all()), "sorted by parent, then child, each pair once"
     a, b = dp[:, :64].double(), dc[:, 20:].double()
     dp, dc = a.float().double(), b.float().double()  # the stored values are float32
     want = {"dot": dp.T @ dc, "parent_sq": (dp**2).T @ (dc > 0).double(), "count": (dp > 0).double().T @ (dc > 0).double(),
@@ -64,8 +62,19 @@ def test_coactivation_matches_dense_products(dense_budget, block_pairs, monkeypa
     for name, ref in want.items():
         got = torch.zeros_like(ref)
         got[pairs.parent, pairs.child - 20] = getattr(pairs, name).double()
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     assert pairs.parent.numel() == int((want["count"] > 0).sum())
+
+
+def test_a_product_whose_entries_come_out_otherwise_is_matched_by_key():
+    """values_of matches another product's entries by (row, column) when they do not come out in the same order,
+    and gives 0 where that product has no entry."""
+    left = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]).to_sparse_csr()
+    right = torch.tensor([[1.0, 0.0], [0.0, 5.0], [4.0, 0.0]]).to_sparse_csr()
+    both = coact.Product(left, right)  # entries (0, 0) = 9 and (1, 1) = 15
+    assert both.row.tolist() == [0, 1] and both.column.tolist() == [0, 1] and both.value.tolist() == [9.0, 15.0]
+    other = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]).to_sparse_csr()  # only (0, 0) = 4
+    assert both.values_of(other, right).tolist() == [4.0, 0.0]
 
 
 def test_pruning_in_blocks_keeps_each_childs_best_candidates():
@@ -78,6 +87,23 @@ def test_pruning_in_blocks_keeps_each_childs_best_candidates():
     assert pruned.parent.numel() < coactivation(sp, sp).parent.numel()
     again = hierarchy.links_table(pruned, stats, stats, W_dec, W_dec, cfg, sp.n_rows)
     pd.testing.assert_frame_equal(full.reset_index(drop=True), again.reset_index(drop=True))
+
+
+def test_rank_within_sorts_float32_scores_once_with_the_same_ranks():
+    """The one-sort path for float32 scores gives the two-sort path's ranks: ties (to the earlier pair), -inf,
+    negative scores and -0.0 against 0.0 included."""
+    g = torch.Generator().manual_seed(7)
+    group = torch.randint(0, 50, (4000,), generator=g)
+    score = (torch.randint(-3, 6, (4000,), generator=g).float() / 5)
+    score[torch.rand(4000, generator=g) < 0.1] = -torch.inf
+    score[:40] = -0.0
+    score[40:80] = 0.0
+    fast = hierarchy.rank_within(group, score)
+    assert torch.equal(fast, hierarchy.rank_within(group, score.double()))
+    for c in range(50):  # and it is a ranking: 0..n-1 in each group, best first, ties in order
+        mine = (group == c).nonzero().squeeze(1)
+        want = sorted(range(mine.numel()), key=lambda i: (-score[mine[i]].item(), i))
+        assert fast[mine][want].tolist() == list(range(mine.numel()))
 
 
 def test_link_scores_follow_the_definition():

@@ -133,7 +133,7 @@ def test_cofire_counts_match_dense_counts_per_row_group():
     sp = sparse_of(dense)
     widths = [3, 7, 12]
     group = torch.randint(4, (700,), generator=g)
-    counts = validate.cofire_counts(sp, group, 4, widths, chunk_rows=64)
+    counts = validate.cofire_counts(sp, group, 4, widths, parent_block=2)  # blocks of two parents
     on = (dense > 0).int()
     for k in range(4):
         rows = on[group == k]
@@ -193,6 +193,19 @@ def test_probe_ranks_count_the_rows_nearer_the_direction():
     directions = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     rank_p, rank_c = hierarchy.probe_ranks(directions, W, torch.tensor([0, 1]), torch.tensor([2, 2]))
     assert rank_c.tolist() == [0, 0] and rank_p.tolist() == [1, 2]
+
+
+def test_probe_ranks_agree_with_counting_every_row_over_chunks_and_ties():
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(300, 8, generator=g)
+    W[10] = W[11]  # a tie: two decoder rows alike
+    directions = torch.randn(300, 8, generator=g)
+    parent, child = torch.randint(300, (2000,), generator=g), torch.randint(300, (2000,), generator=g)
+    parent[:20] = 10
+    rank_p, rank_c = hierarchy.probe_ranks(directions, W, parent, child, chunk=37)
+    sims = hierarchy.unit_rows(directions)[child] @ hierarchy.unit_rows(W).T
+    assert torch.equal(rank_p, (sims > sims.gather(1, parent[:, None])).sum(1))
+    assert torch.equal(rank_c, (sims > sims.gather(1, child[:, None])).sum(1))
 
 
 def test_the_tree_from_counts_is_the_links_tables_tree():

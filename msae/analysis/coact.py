@@ -2,10 +2,12 @@
 
 For a candidate parent A and child B, over the rows where both fire: Σ a_A·a_B, Σ a_A² and the count. Since A's
 activation is 0 where it does not fire, these are also the sums over all rows where B fires, which is what the
-directed masked cosine needs (parent–child links, msae.analysis.hierarchy)."""
+directed masked cosine needs (parent–child links, msae.analysis.hierarchy). Each sum is a product of two sparse
+matrices (latents × rows by rows × latents), which torch hands to MKL's sparse GEMM."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,105 +36,101 @@ class Pairs:
 
 
 PAIR_FIELDS = ("parent", "child", "dot", "parent_sq", "count", "child_sum")
-N_SUMS = 4
-"""Sums kept per pair: Σ a_p·a_c, Σ a_p², the count and Σ a_c."""
-
-DENSE_BUDGET_BYTES = 2 << 30
-"""Accumulate into a dense (parents × children) table when it fits in this; otherwise sparsely, by sorting."""
-
-
-BLOCK_PAIRS = 1 << 21
-"""Padded pairs formed at once, at most (unless one row alone has more): about 25 MB of keys and sums."""
 
 
 @dataclass
-class PairBlock:
-    """The entry pairs of a block of rows as padded outer products: (g, Kp) parents against (g, Kc) children.
-    Padding holds the latent index n_par (parents) or n_child (children) and the activation 0, so that a table
-    with one spare row and column takes the padded pairs and the real ones are never touched by them."""
+class EntryMatrix:
+    """Sparse entries as compressed rows: row i's column indices and values are idx[ptr[i]:ptr[i + 1]]. Either
+    rows × latents (one row a cache row) or latents × rows (one row a latent: the rows where it fires)."""
 
-    rows: Tensor
-    """(g,) the block's rows, relative to the chunk."""
-    p_col: Tensor
-    """(g, Kp) parent latents (n_par where padded)."""
-    p_val: Tensor
-    """(g, Kp) float32 parent activations."""
-    c_col: Tensor
-    """(g, Kc) child latents minus child_from (n_child where padded)."""
-    c_val: Tensor
-    """(g, Kc) float32 child activations."""
+    ptr: Tensor
+    """(n + 1,) int32 (int64 beyond 2³¹ entries), as idx."""
+    idx: Tensor
+    """(nnz,) column indices."""
+    val: Tensor
+    """(nnz,) float64 values."""
+    n_cols: int
 
-    def keys(self, n_child: int, offset: Tensor | int = 0) -> Tensor:
-        """(g·Kp·Kc,) flat keys p·(n_child + 1) + c (+ `offset`, a (g,) per-row shift or an int)."""
-        key = self.p_col[:, :, None] * (n_child + 1) + self.c_col[:, None, :]
-        if isinstance(offset, Tensor):
-            key = key + offset[:, None, None]
-        elif offset:
-            key = key + offset
-        return key.reshape(-1)
+    def rows(self, a: int, b: int) -> "EntryMatrix":
+        """Rows [a, b) (views, no copy)."""
+        lo, hi = int(self.ptr[a]), int(self.ptr[b])
+        return EntryMatrix(self.ptr[a : b + 1] - lo, self.idx[lo:hi], self.val[lo:hi], self.n_cols)
 
-
-def _padded(rows: Tensor, cols: Tensor, vals: Tensor, start: Tensor, count: Tensor, block: Tensor,
-            pad: int) -> tuple[Tensor, Tensor]:
-    """(g, K) latents and activations of the rows `block` (entries sorted by row: row r's are at start[r],
-    count[r] of them), padded with `pad` and 0."""
-    k = int(count[block].max())
-    idx = start[block][:, None] + torch.arange(k)[None, :]
-    ok = torch.arange(k)[None, :] < count[block][:, None]
-    idx = torch.where(ok, idx, torch.zeros_like(idx))
-    return torch.where(ok, cols[idx], torch.full_like(idx, pad)), torch.where(ok, vals[idx], torch.zeros(()))
+    def csr(self, values: Tensor | None = None) -> Tensor:
+        """torch's sparse CSR matrix of these entries (with `values` in place of val)."""
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": products of two are all we use
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return torch.sparse_csr_tensor(self.ptr, self.idx, self.val if values is None else values,
+                                           (self.ptr.numel() - 1, self.n_cols), check_invariants=False)
 
 
-def pair_blocks(pr: Tensor, pc: Tensor, pv: Tensor, cr: Tensor, cc: Tensor, cv: Tensor, n: int, n_par: int,
-                n_child: int, block_pairs: int | None = None):
-    """Every (parent entry, child entry) pair on the same row of a chunk of `n` rows (entries sorted by row), as
-    PairBlocks. Rows are ordered by their numbers of parent and child entries and a block holds rows of one
-    parent count, so that padding wastes little (on one SAE's rows against themselves, none: 41,389,124 pairs
-    formed for as many real ones over 32,768 rows of the shipped Matryoshka); pairing entry by entry instead costs
-    several times as much a pair (index arithmetic per entry, then a gather per pair)."""
-    block_pairs = block_pairs or BLOCK_PAIRS
-    p_count, c_count = torch.bincount(pr, minlength=n), torch.bincount(cr, minlength=n)
-    p_start, c_start = p_count.cumsum(0) - p_count, c_count.cumsum(0) - c_count
-    live = ((p_count > 0) & (c_count > 0)).nonzero().squeeze(1)
-    if live.numel() == 0:
-        return
-    live = live[torch.argsort(p_count[live] * (int(c_count.max()) + 1) + c_count[live], stable=True)]
-    kp, kc = p_count[live], c_count[live]
-    # Segments of one parent count; each cut where its padded pairs (rows x kp x the last row's kc) would pass
-    # block_pairs.
-    seg_start = torch.ones(live.numel(), dtype=torch.bool)
-    seg_start[1:] = kp[1:] != kp[:-1]
-    bounds = seg_start.nonzero().squeeze(1).tolist() + [live.numel()]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        i = a
-        while i < b:
-            per_row = int(kp[i]) * int(kc[b - 1])
-            j = min(b, i + max(1, block_pairs // per_row))
-            # rows i..j-1, sorted by kc: _padded pads the children to the last one's count
-            block = live[i:j]
-            p_col, p_val = _padded(pr, pc, pv, p_start, p_count, block, n_par)
-            c_col, c_val = _padded(cr, cc, cv, c_start, c_count, block, n_child)
-            yield PairBlock(block, p_col, p_val, c_col, c_val)
-            i = j
+def row_major(sp: Sparse, lo: int = 0, hi: int | None = None, col_shift: Tensor | None = None,
+              n_cols: int | None = None) -> EntryMatrix:
+    """rows × (latents lo..hi-1, as 0..hi-lo-1) of `sp`; `col_shift` ((n_rows,) int64) adds to every entry of a row
+    (to count groups of rows apart in one product: the columns then number up to `n_cols`)."""
+    hi = sp.d_sae if hi is None else hi
+    rows, cols, vals = sp.slice_rows(0, sp.n_rows)
+    keep = (cols >= lo) & (cols < hi)
+    rows, cols = rows[keep], cols[keep] - lo
+    if col_shift is not None:
+        cols = cols + col_shift[rows]
+    ptr = torch.zeros(sp.n_rows + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(rows, minlength=sp.n_rows).cumsum(0)
+    n_cols = hi - lo if n_cols is None else n_cols
+    index = _index_dtype(max(cols.numel(), n_cols))
+    return EntryMatrix(ptr.to(index), cols.to(index), vals[keep].double(), n_cols)
 
 
-def _block_sums(blk: PairBlock) -> Tensor:
-    """(g·Kp·Kc, N_SUMS) float64 sums of every pair of a block (padded pairs included), for the sparse table."""
-    a_p, a_c = blk.p_val.double()[:, :, None], blk.c_val.double()[:, None, :]
-    shape = (blk.p_val.shape[0], blk.p_val.shape[1], blk.c_val.shape[1])
-    return torch.stack([(a_p * a_c).expand(shape), (a_p * a_p).expand(shape), torch.ones(shape, dtype=torch.float64),
-                        a_c.expand(shape)], dim=-1).reshape(-1, N_SUMS)
+def latent_major(sp: Sparse, lo: int = 0, hi: int | None = None) -> EntryMatrix:
+    """(latents lo..hi-1) × rows of `sp`: each latent's firing rows (ascending) and activations."""
+    hi = sp.d_sae if hi is None else hi
+    rows, cols, vals = sp.slice_rows(0, sp.n_rows)
+    keep = (cols >= lo) & (cols < hi)
+    rows, cols, vals = rows[keep], cols[keep] - lo, vals[keep]
+    order = torch.argsort(cols, stable=True)
+    ptr = torch.zeros(hi - lo + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(cols, minlength=hi - lo).cumsum(0)
+    index = _index_dtype(max(cols.numel(), sp.n_rows))
+    return EntryMatrix(ptr.to(index), rows[order].to(index), vals[order].double(), sp.n_rows)
 
 
-def _subset(pairs: Pairs, keep: Tensor) -> Pairs:
-    return Pairs(*(getattr(pairs, f)[keep] for f in PAIR_FIELDS))
+def _index_dtype(largest: int) -> torch.dtype:
+    """int32 indices where they fit (half the memory), else int64."""
+    return torch.int32 if largest < 2**31 else torch.int64
 
 
-def _chunk_entries(sp: Sparse, start: int, stop: int, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows, latents - lo, activations) of the entries of rows [start, stop) with latents in [lo, hi)."""
-    r, c, v = sp.slice_rows(start, stop)
-    keep = (c >= lo) & (c < hi)
-    return r[keep], c[keep] - lo, v[keep].float()
+class Product:
+    """A sparse product left @ right (torch's CSR × CSR: MKL's sparse GEMM in torch's CPU builds), its entries
+    sorted by row then column."""
+
+    def __init__(self, left: Tensor, right: Tensor, out: Tensor | None = None):
+        out = torch.sparse.mm(left, right) if out is None else out
+        self.ptr, self.col, val = out.crow_indices(), out.col_indices(), out.values()
+        self.n_cols = right.shape[1]
+        row = torch.repeat_interleave(torch.arange(self.ptr.numel() - 1), self.ptr.diff())
+        self.key = row * self.n_cols + self.col
+        self.order = torch.argsort(self.key)
+        self.key, self.value = self.key[self.order], val[self.order]
+
+    @property
+    def row(self) -> Tensor:
+        return self.key // self.n_cols
+
+    @property
+    def column(self) -> Tensor:
+        return self.key % self.n_cols
+
+    def values_of(self, left: Tensor, right: Tensor) -> Tensor:
+        """Another product's values at this one's entries (0 where it has none): in the same order without a sort
+        when its entries come out as this one's did (a product of the same two patterns), else matched by key."""
+        out = torch.sparse.mm(left, right)
+        if torch.equal(out.crow_indices(), self.ptr) and torch.equal(out.col_indices(), self.col):
+            return out.values()[self.order]
+        other = Product(left, right, out)
+        if other.key.numel() == 0:
+            return torch.zeros_like(self.value)
+        at = torch.searchsorted(other.key, self.key).clamp_max(other.key.numel() - 1)
+        return torch.where(other.key[at] == self.key, other.value[at], 0.0)
 
 
 def coactivation(
@@ -140,76 +138,46 @@ def coactivation(
     children: Sparse,
     parent_limit: int | None = None,
     child_from: int = 0,
-    chunk_rows: int = 8192,
-    dense_budget: int = DENSE_BUDGET_BYTES,
     prune: Callable[[Pairs], Tensor] | None = None,
     parent_block: int = 512,
     counts_only: bool = False,
 ) -> Pairs:
-    """Statistics for every parent < `parent_limit` of `parents` and child >= `child_from` of `children`.
+    """Statistics for every parent < `parent_limit` of `parents` and child >= `child_from` of `children`, sorted by
+    parent then child.
 
-    Both must cover the same rows. Only pairs that fire together on a row are ever formed (about L0² a row);
-    they are summed into dense parents × children tables (one per sum) when they fit `dense_budget`, else into a
-    sorted sparse one. `prune(pairs) -> keep mask` drops pairs as they are read out of the dense tables,
-    `parent_block` parents at a time, so the pairs never all exist at once (it must keep whatever a later
-    block could need: e.g. a child's best candidates within the block, not overall). `counts_only` sums the
-    counts alone (dot, parent_sq and child_sum come back 0), in about a third of the time."""
+    Both must cover the same rows. Each sum is a sparse matrix product over the rows, `parent_block` parents at
+    a time: count = B_pᵀ B_c, Σ a_p·a_c = A_pᵀ A_c, Σ a_p² = (A_p∘A_p)ᵀ B_c, Σ a_c = B_pᵀ A_c (A: activations,
+    B: where they fire), in float64. Only the pairs that fire together on a row are ever formed; on the shipped
+    Matryoshka's rows a sparse GEMM does so several times faster than forming them one by one and scattering
+    them into tables (the way this module worked before). `prune(pairs) -> keep mask` drops pairs block by
+    block, so the pairs never all exist at once (it must keep whatever a later block could need: e.g. a child's
+    best candidates within the block, not overall). `counts_only` makes the counts alone (dot, parent_sq and
+    child_sum come back 0), a quarter of the work. Memory: the entries twice over (about 40 bytes an entry)."""
     if parents.n_rows != children.n_rows:
         raise ValueError(f"the two SAEs cover {parents.n_rows} and {children.n_rows} rows; they must match")
     n_par = parents.d_sae if parent_limit is None else parent_limit
-    n_child = children.d_sae - child_from
-    size = (n_par + 1) * (n_child + 1)  # a spare row and column take the padding's pairs
-    # One table a sum: a 1-D scatter of 4 bytes a pair is several times faster on this CPU than one of 16 bytes
-    # into a (size, 4) table. float32 sums stay within ~1e-6 relative over a million rows; counts are int32.
-    n_sums = 1 if counts_only else N_SUMS
-    dense = size * n_sums * 4 <= dense_budget
-    if dense:
-        count = torch.zeros(size, dtype=torch.int32)
-        sums = [torch.zeros(size) for _ in range(n_sums - 1)]
-    keys_acc, vals_acc = torch.zeros(0, dtype=torch.long), torch.zeros(0, N_SUMS, dtype=torch.float64)
-    for start in range(0, parents.n_rows, chunk_rows):
-        stop = min(start + chunk_rows, parents.n_rows)
-        pr, pc, pv = _chunk_entries(parents, start, stop, 0, n_par)
-        cr, cc, cv = _chunk_entries(children, start, stop, child_from, children.d_sae)
-        blocks = pair_blocks(pr, pc, pv, cr, cc, cv, stop - start, n_par, n_child)
-        if not dense:
-            blocks = list(blocks)
-            if blocks:
-                keys_acc, inverse = torch.unique(torch.cat([keys_acc] + [b.keys(n_child) for b in blocks]),
-                                                 return_inverse=True)
-                vals_acc = torch.zeros(keys_acc.numel(), N_SUMS, dtype=torch.float64).index_add_(
-                    0, inverse, torch.cat([vals_acc] + [_block_sums(b) for b in blocks]))
-            continue
-        for blk in blocks:
-            key = blk.keys(n_child)
-            count.index_add_(0, key, torch.ones((), dtype=torch.int32).expand(key.numel()))
-            if sums:
-                a_p, a_c = blk.p_val[:, :, None], blk.c_val[:, None, :]
-                shape = (blk.p_val.shape[0], blk.p_val.shape[1], blk.c_val.shape[1])
-                sums[0].index_add_(0, key, (a_p * a_c).reshape(-1))
-                sums[1].index_add_(0, key, (a_p * a_p).expand(shape).reshape(-1))
-                sums[2].index_add_(0, key, a_c.expand(shape).reshape(-1))
-    if not dense:
-        real = (keys_acc // (n_child + 1) < n_par) & (keys_acc % (n_child + 1) < n_child)
-        pairs = _as_pairs(keys_acc[real], vals_acc[real], n_child, child_from)
-        if counts_only:
-            pairs = Pairs(pairs.parent, pairs.child, *(torch.zeros_like(pairs.dot) for _ in range(2)), pairs.count,
-                          torch.zeros_like(pairs.dot))
-        return pairs if prune is None else _subset(pairs, prune(pairs))
-    count = count.view(n_par + 1, n_child + 1)
-    sums = [t.view(n_par + 1, n_child + 1) for t in sums]
+    left = latent_major(parents, 0, n_par)
+    right = row_major(children, child_from)
+    right_fires = right.csr(torch.ones_like(right.val))
     out = []
     for p0 in range(0, n_par, parent_block):
-        p1 = min(p0 + parent_block, n_par)
-        local = (count[p0:p1, :n_child] > 0).nonzero()
-        p, c = local[:, 0] + p0, local[:, 1]
-        got = [t[p, c].double() for t in sums] if sums else [torch.zeros(p.numel(), dtype=torch.float64)] * 3
-        pairs = Pairs(p, c + child_from, got[0], got[1], count[p, c].long(), got[2])
+        blk = left.rows(p0, min(p0 + parent_block, n_par))
+        fires = blk.csr(torch.ones_like(blk.val))
+        both = Product(fires, right_fires)
+        count = both.value
+        if counts_only:
+            dot = parent_sq = child_sum = torch.zeros_like(count)
+        else:
+            dot = both.values_of(blk.csr(), right.csr())
+            parent_sq = both.values_of(blk.csr(blk.val * blk.val), right_fires)
+            child_sum = both.values_of(fires, right.csr())
+        pairs = Pairs(both.row + p0, both.column + child_from, dot, parent_sq, count.round().long(), child_sum)
         out.append(pairs if prune is None else _subset(pairs, prune(pairs)))
+    if not out:
+        return Pairs(*(torch.zeros(0, dtype=torch.long if f in ("parent", "child", "count") else torch.float64)
+                       for f in PAIR_FIELDS))
     return Pairs(*(torch.cat([getattr(b, f) for b in out]) for f in PAIR_FIELDS))
 
 
-def _as_pairs(keys: Tensor, vals: Tensor, n_child: int, child_from: int) -> Pairs:
-    """Pairs from keys p·(n_child + 1) + c and their (·, N_SUMS) sums."""
-    return Pairs(keys // (n_child + 1), keys % (n_child + 1) + child_from, vals[:, 0], vals[:, 1],
-                 vals[:, 2].round().long(), vals[:, 3])
+def _subset(pairs: Pairs, keep: Tensor) -> Pairs:
+    return Pairs(*(getattr(pairs, f)[keep] for f in PAIR_FIELDS))

@@ -101,17 +101,26 @@ def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, n_r
             ok = parent_group[pairs.parent] < child_group[pairs.child]
         fig = pair_figures(pairs, parent_stats, child_stats, n_rows)
         score = torch.where(ok, rank_score(fig, cfg), torch.full((pairs.parent.numel(),), -torch.inf))
-        rank = rank_within(pairs.child, score)
+        # Ranked among the usable pairs only: the others would rank after them (their score is -inf) and go anyway.
+        rank = torch.full_like(pairs.child, cfg.keep_per_child)
+        rank[ok] = rank_within(pairs.child[ok], score[ok])
         return ok & ((rank < cfg.keep_per_child) | is_link(fig, cfg, "coverage") | is_link(fig, cfg, "cosine"))
 
     return keep
 
 
 def rank_within(child: Tensor, score: Tensor) -> Tensor:
-    """Rank of every pair's score among the pairs with the same `child` (0 = best); any grouping key works (the
-    parent, for a parent's best children)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(child[order], stable=True)]
+    """Rank of every pair's score among the pairs with the same `child` (0 = best, ties to the earlier pair); any
+    grouping key works (the parent, for a parent's best children)."""
+    if score.dtype == torch.float32 and child.numel() and int(child.max()) < 2**30:
+        # One stable sort of int64 keys (group, then score descending), not two: a float32's bits, read as an
+        # integer, order like the float once the negative ones are flipped (+ 0.0 makes -0.0 equal to 0.0).
+        bits = (score + 0.0).view(torch.int32).long()
+        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # in [-2³¹, 2³¹), ascending with score
+        order = torch.argsort(child.long() * 2**32 + (2**31 - 1 - ordered), stable=True)
+    else:
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(child[order], stable=True)]
     sorted_child = child[order]
     first = torch.ones_like(sorted_child, dtype=torch.bool)
     first[1:] = sorted_child[1:] != sorted_child[:-1]
@@ -143,11 +152,15 @@ def probe_ranks(directions: Tensor, W_dec: Tensor, parent: Tensor, child: Tensor
     kids, inverse = torch.unique(child, return_inverse=True)
     for s in range(0, kids.numel(), chunk):
         block = kids[s : s + chunk]
-        sims = D[block] @ W.T  # (b, d_sae)
+        # Row i's cosines shifted by 4i (they lie in [-1, 1]; exact in float64), so that the block's sorted rows
+        # make one ascending sequence and a pair's rank (its row's values above the pair's) is one binary search.
+        shifted = (D[block] @ W.T).double() + 4.0 * torch.arange(block.numel(), dtype=torch.float64)[:, None]
+        flat = shifted.sort(dim=1).values.reshape(-1)
         sel = ((inverse >= s) & (inverse < s + block.numel())).nonzero().squeeze(1)
         row = inverse[sel] - s
-        rank_p[sel] = (sims[row] > sims[row, parent[sel]].unsqueeze(1)).sum(1)
-        rank_c[sel] = (sims[row] > sims[row, child[sel]].unsqueeze(1)).sum(1)
+        row_end = (row + 1) * shifted.shape[1]
+        rank_p[sel] = row_end - torch.searchsorted(flat, shifted[row, parent[sel]], right=True)
+        rank_c[sel] = row_end - torch.searchsorted(flat, shifted[row, child[sel]], right=True)
     return rank_p, rank_c
 
 
@@ -209,23 +222,23 @@ def group_index(widths: list[int]) -> Tensor:
 
 
 def nested_links(sp: Sparse, widths: list[int], stats: dict, W_dec: Tensor, cfg: LinkConfig,
-                 chunk_rows: int = 8192, directions: Tensor | None = None) -> pd.DataFrame:
+                 directions: Tensor | None = None) -> pd.DataFrame:
     """Links across the groups of one Matryoshka SAE: parents in earlier groups than their children."""
     if len(widths) < 2:
         raise ValueError("a hierarchy needs at least two nested widths; this SAE has one (a vanilla SAE: use "
                          "--against with a wider SAE to see how its features split)")
     group = group_index(widths)
     prune = candidate_filter(stats, stats, cfg, sp.n_rows, group, group)
-    pairs = coactivation(sp, sp, parent_limit=widths[-2], child_from=widths[0], chunk_rows=chunk_rows, prune=prune)
+    pairs = coactivation(sp, sp, parent_limit=widths[-2], child_from=widths[0], prune=prune)
     pairs = Pairs(*(getattr(pairs, f)[prune(pairs)] for f in PAIR_FIELDS))
     return links_table(pairs, stats, stats, W_dec, W_dec, cfg, sp.n_rows, group, group, directions)
 
 
 def cross_links(narrow: Sparse, wide: Sparse, narrow_stats: dict, wide_stats: dict, W_narrow: Tensor, W_wide: Tensor,
-                cfg: LinkConfig, chunk_rows: int = 8192) -> pd.DataFrame:
+                cfg: LinkConfig) -> pd.DataFrame:
     """Links from the latents of one SAE (parents) to those of another over the same rows (children)."""
     prune = candidate_filter(narrow_stats, wide_stats, cfg, narrow.n_rows)
-    pairs = coactivation(narrow, wide, chunk_rows=chunk_rows, prune=prune)
+    pairs = coactivation(narrow, wide, prune=prune)
     return links_table(pairs, narrow_stats, wide_stats, W_narrow, W_wide, cfg, narrow.n_rows)
 
 

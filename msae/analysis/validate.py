@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from msae.analysis import hierarchy
-from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, pair_blocks
+from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, latent_major, row_major
 from msae.analysis.features import histogram_edges, latent_stats
 from msae.analysis.stream import Sparse
 from msae.config import LinkConfig
@@ -142,7 +142,7 @@ class Totals:
     """Counts summed over some row groups."""
 
     pair: Tensor
-    """(n_parents, n_children) rows on which both fire."""
+    """(n_parents, n_children) int32 rows on which both fire."""
     latent: Tensor
     """(d_sae,) rows on which each latent fires."""
     rows: int
@@ -181,8 +181,9 @@ class CofireCounts:
         return Totals(pair, self.latent[groups].sum(0), int(self.rows[groups].sum()))
 
     def _sum(self, groups) -> Tensor:
-        pair = torch.zeros(self.pair.shape[1:], dtype=torch.long)
-        for g in groups:  # one group at a time: no copy of the selected tables
+        # int32 throughout (a count is at most the rows): one group at a time, in place, no copy of the tables
+        pair = torch.zeros(self.pair.shape[1:], dtype=torch.int32)
+        for g in groups:
             pair += self.pair[g]
         return pair
 
@@ -192,30 +193,29 @@ COUNTS_BUDGET_BYTES = 4 << 30
 1.1 GB)."""
 
 
-def cofire_counts(sp: Sparse, row_group: Tensor, n_groups: int, widths: list[int], chunk_rows: int = 8192) -> CofireCounts:
+def cofire_counts(sp: Sparse, row_group: Tensor, n_groups: int, widths: list[int], parent_block: int = 256) -> CofireCounts:
     """Per-group co-firing counts of every (earlier-group parent, later-group child) pair over the rows of `sp`
-    (row_group: (n_rows,) the group of every row, in [0, n_groups))."""
+    (row_group: (n_rows,) the group of every row, in [0, n_groups)): one sparse product a block of parents, whose
+    columns are the children of every row group side by side (a child's column shifted by its row's group)."""
     n_par, child_from = widths[-2], widths[0]
     n_child = sp.d_sae - child_from
-    per_group = (n_par + 1) * (n_child + 1)  # a spare row and column take the padding's pairs (coact.pair_blocks)
-    if n_groups * per_group * 4 > COUNTS_BUDGET_BYTES:
+    if n_groups * n_par * n_child * 4 > COUNTS_BUDGET_BYTES:
         raise ValueError(f"per-group pair counts of {n_par:,} x {n_child:,} latents in {n_groups} row groups exceed "
                          f"{COUNTS_BUDGET_BYTES >> 30} GB")
-    table = torch.zeros(n_groups * per_group, dtype=torch.int32)
-    latent = torch.zeros(n_groups, sp.d_sae, dtype=torch.long)
-    for start in range(0, sp.n_rows, chunk_rows):
-        stop = min(start + chunk_rows, sp.n_rows)
-        rows, cols, vals = sp.slice_rows(start, stop)
-        row_g = row_group[start:stop].long()
-        latent.view(-1).index_add_(0, row_g[rows] * sp.d_sae + cols, torch.ones_like(cols))
-        is_par, is_child = cols < n_par, cols >= child_from
-        for blk in pair_blocks(rows[is_par], cols[is_par], vals[is_par], rows[is_child], cols[is_child] - child_from,
-                               vals[is_child], stop - start, n_par, n_child):
-            key = blk.keys(n_child, offset=row_g[blk.rows] * per_group)
-            table.index_add_(0, key, torch.ones((), dtype=torch.int32).expand(key.numel()))
-    pair = table.view(n_groups, n_par + 1, n_child + 1)[:, :n_par, :n_child]
-    return CofireCounts(pair, latent, torch.bincount(row_group, minlength=n_groups), child_from,
-                        hierarchy.group_index(widths))
+    group = row_group.long()
+    latent = torch.bincount(group[sp.entry_rows()] * sp.d_sae + sp.cols.long(), minlength=n_groups * sp.d_sae)
+    table = torch.zeros(n_groups, n_par, n_child, dtype=torch.int32)
+    left = latent_major(sp, 0, n_par)
+    right = row_major(sp, child_from, col_shift=group * n_child, n_cols=n_groups * n_child)
+    right_fires = right.csr(torch.ones_like(right.val))
+    for p0 in range(0, n_par, parent_block):
+        blk = left.rows(p0, min(p0 + parent_block, n_par))
+        out = torch.sparse.mm(blk.csr(torch.ones_like(blk.val)), right_fires)
+        ptr, col = out.crow_indices(), out.col_indices()
+        parent = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff()) + p0
+        table[col // n_child, parent, col % n_child] = out.values().round().int()
+    return CofireCounts(table, latent.view(n_groups, sp.d_sae), torch.bincount(row_group, minlength=n_groups),
+                        child_from, hierarchy.group_index(widths))
 
 
 def candidate_figures(counts: CofireCounts, link: Totals, min_cofires: int) -> dict[str, Tensor]:
@@ -379,7 +379,7 @@ def leave_each_part_out(counts: CofireCounts, names: list[str], rules: dict[str,
     return out
 
 
-def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) -> tuple[Tensor, Tensor]:
+def treesae_pairs(sp: Sparse, stats: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Tree SAE's pairs: for each latent of the most frequent half, its TREESAE_CHILDREN children by binary masked
     cosine (which orders like P(p | c) for a fixed parent) among latents firing >= TREESAE_MIN_CHILD_FIRES times."""
     count = stats["count"]
@@ -390,10 +390,11 @@ def treesae_pairs(sp: Sparse, stats: dict[str, Tensor], chunk_rows: int = 8192) 
 
     def keep(pairs: Pairs) -> Tensor:
         ok = is_dense[pairs.parent] & (count[pairs.child] >= TREESAE_MIN_CHILD_FIRES) & (pairs.parent != pairs.child)
-        score = torch.where(ok, pairs.count.double() / count[pairs.child].clamp_min(1), torch.full_like(pairs.dot, -1.0))
-        return ok & (hierarchy.rank_within(pairs.parent, score) < TREESAE_CHILDREN)
+        rank = torch.full_like(pairs.parent, TREESAE_CHILDREN)  # ranked among the usable pairs only
+        rank[ok] = hierarchy.rank_within(pairs.parent[ok], pairs.count[ok].double() / count[pairs.child[ok]].clamp_min(1))
+        return ok & (rank < TREESAE_CHILDREN)
 
-    pairs = coactivation(sp, sp, chunk_rows=chunk_rows, prune=keep, counts_only=True)
+    pairs = coactivation(sp, sp, prune=keep, counts_only=True)
     pairs = Pairs(*(getattr(pairs, f)[keep(pairs)] for f in PAIR_FIELDS))
     return pairs.parent, pairs.child
 
