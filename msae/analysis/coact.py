@@ -69,29 +69,32 @@ def row_major(sp: Sparse, lo: int = 0, hi: int | None = None, col_shift: Tensor 
     """rows × (latents lo..hi-1, as 0..hi-lo-1) of `sp`; `col_shift` ((n_rows,) int64) adds to every entry of a row
     (to count groups of rows apart in one product: the columns then number up to `n_cols`)."""
     hi = sp.d_sae if hi is None else hi
-    rows, cols, vals = sp.slice_rows(0, sp.n_rows)
-    keep = (cols >= lo) & (cols < hi)
-    rows, cols = rows[keep], cols[keep] - lo
+    rows, cols, vals = _entries_in(sp, lo, hi)
     if col_shift is not None:
         cols = cols + col_shift[rows]
     ptr = torch.zeros(sp.n_rows + 1, dtype=torch.long)
     ptr[1:] = torch.bincount(rows, minlength=sp.n_rows).cumsum(0)
     n_cols = hi - lo if n_cols is None else n_cols
     index = _index_dtype(max(cols.numel(), n_cols))
-    return EntryMatrix(ptr.to(index), cols.to(index), vals[keep].double(), n_cols)
+    return EntryMatrix(ptr.to(index), cols.to(index), vals.double(), n_cols)
 
 
 def latent_major(sp: Sparse, lo: int = 0, hi: int | None = None) -> EntryMatrix:
     """(latents lo..hi-1) × rows of `sp`: each latent's firing rows (ascending) and activations."""
     hi = sp.d_sae if hi is None else hi
-    rows, cols, vals = sp.slice_rows(0, sp.n_rows)
-    keep = (cols >= lo) & (cols < hi)
-    rows, cols, vals = rows[keep], cols[keep] - lo, vals[keep]
+    rows, cols, vals = _entries_in(sp, lo, hi)
     order = torch.argsort(cols, stable=True)
     ptr = torch.zeros(hi - lo + 1, dtype=torch.long)
     ptr[1:] = torch.bincount(cols, minlength=hi - lo).cumsum(0)
     index = _index_dtype(max(cols.numel(), sp.n_rows))
     return EntryMatrix(ptr.to(index), rows[order].to(index), vals[order].double(), sp.n_rows)
+
+
+def _entries_in(sp: Sparse, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, latent - lo, activation) of every entry of `sp` with its latent in [lo, hi), in row order."""
+    rows, cols, vals = sp.slice_rows(0, sp.n_rows)
+    keep = (cols >= lo) & (cols < hi)
+    return rows[keep], cols[keep] - lo, vals[keep]
 
 
 def _index_dtype(largest: int) -> torch.dtype:
@@ -158,7 +161,7 @@ def coactivation(
     n_par = parents.d_sae if parent_limit is None else parent_limit
     left = latent_major(parents, 0, n_par)
     right = row_major(children, child_from)
-    right_fires = right.csr(torch.ones_like(right.val))
+    right_acts, right_fires = right.csr(), right.csr(torch.ones_like(right.val))
     out = []
     for p0 in range(0, n_par, parent_block):
         blk = left.rows(p0, min(p0 + parent_block, n_par))
@@ -168,14 +171,11 @@ def coactivation(
         if counts_only:
             dot = parent_sq = child_sum = torch.zeros_like(count)
         else:
-            dot = both.values_of(blk.csr(), right.csr())
+            dot = both.values_of(blk.csr(), right_acts)
             parent_sq = both.values_of(blk.csr(blk.val * blk.val), right_fires)
-            child_sum = both.values_of(fires, right.csr())
+            child_sum = both.values_of(fires, right_acts)
         pairs = Pairs(both.row + p0, both.column + child_from, dot, parent_sq, count.round().long(), child_sum)
         out.append(pairs if prune is None else _subset(pairs, prune(pairs)))
-    if not out:
-        return Pairs(*(torch.zeros(0, dtype=torch.long if f in ("parent", "child", "count") else torch.float64)
-                       for f in PAIR_FIELDS))
     return Pairs(*(torch.cat([getattr(b, f) for b in out]) for f in PAIR_FIELDS))
 
 
