@@ -33,9 +33,11 @@ Every (W, seed) with both SAEs measured also lands in "by_width": the mean and s
 main figures across the width's seeds. Each pair's files also get the results: matryoshka/hierarchy_bench.json and
 matryoshka/absorption.json, as `msae hierarchy-bench` and `msae absorption` write them.
 
-Duration on 2 quiet CPU cores (an estimate from benchmarks/results/step.json, not a measurement of this sweep; README's
-Benchmarks section gives the arithmetic): about 2 h 40 min of training for the four widths with one seed and two
-more seeds at 16,384, roughly 30 min of measuring, and 35 min to extract 10M rows first where the cache lacks them.
+Duration on 2 quiet CPU cores (estimates from step times, not a measurement of this sweep; README's Benchmarks
+section gives the arithmetic): with bf16 on an Intel Xeon with AMX, about 2 h 40 min of training for the four widths
+with one seed and two more seeds at 16,384; in float32 on an AMD EPYC without bf16 instructions, about 7 h 35 min.
+Measuring adds roughly 30 min, and extracting the rows first where the cache lacks them 35 min (bf16) to 2 h
+(float32) per 10M rows.
 """
 
 from __future__ import annotations
