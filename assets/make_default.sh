@@ -6,6 +6,9 @@
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
 #
+# CORPUS, TOKENS, STEPS (empty: each training row read once), WIDTHS, NARROW, BALANCE, SEED and ANALYZE_TOKENS
+# override the settings of the runs shipped now (the defaults below), e.g. a one-pass run on the large corpus:
+#   CORPUS=large TOKENS=21000000 STEPS= OUT=/work/shipped/v3 bash assets/make_default.sh train
 # OUT is where the float32 runs are trained (default /work/shipped/v2); WORDNET: the built-in corpus holds WordNet's
 # definitions only where Debian's wordnet-base is installed, so the same runs need it (apt-get install wordnet-base).
 set -euo pipefail
@@ -20,18 +23,24 @@ MSAE=.venv/bin/msae
 WIDTHS=${WIDTHS:-256,816,2576,8192}
 NARROW=${NARROW:-2576}
 BALANCE=${BALANCE:-0.25}
-STEPS=${STEPS:-5000}
+STEPS=${STEPS-5000}
+# What it trains on: the corpus and how many rows of it to extract (the last shard is held out). STEPS empty reads
+# every training row once (one pass), as the width sweep does.
+CORPUS=${CORPUS:-builtin}
+TOKENS=${TOKENS:-1500000}
+SEED=${SEED:-0}
 
 train() {
   local resume=()
   [ -f "$OUT/checkpoint/state.safetensors" ] && resume=(--resume)
-  local balance=()
+  local balance=() steps=()
   [ -n "$BALANCE" ] && balance=(--balance "$BALANCE")
+  [ -n "$STEPS" ] && steps=(--steps "$STEPS")
   # 5,000 steps of 4,096 rows = 20.5M tokens, about 14 epochs of the 1.45M training rows (about 1.75 s a step for the
   # three SAEs here). A checkpoint every 100 steps, so a stop loses at most 100 steps.
-  "$MSAE" train --model smollm2-135m --layer 15 --corpus builtin --tokens 1500000 \
+  "$MSAE" train --model smollm2-135m --layer 15 --corpus "$CORPUS" --tokens "$TOKENS" \
     --arch matryoshka --also-vanilla --also-narrow "$NARROW" --widths "$WIDTHS" --k 32 "${balance[@]}" \
-    --steps "$STEPS" --batch-size 4096 --seed 0 --checkpoint-every 100 --log-every 20 --out "$OUT" "${resume[@]}"
+    "${steps[@]}" --batch-size 4096 --seed "$SEED" --checkpoint-every 100 --log-every 20 --out "$OUT" "${resume[@]}"
 }
 
 copy() {
@@ -65,9 +74,11 @@ for run in sys.argv[1:]:
 EOF
 }
 
-analyze_m() { "$MSAE" analyze "$M" --against "$V"; }
-analyze_v() { "$MSAE" analyze "$V" --against "$N" --no-absorption; }
-analyze_n() { "$MSAE" analyze "$N" --no-absorption; }
+# ANALYZE_TOKENS: the cache rows analysed (default: all of them; a 21M-row cache takes hours per run at 16k latents).
+ANALYZE=("$MSAE" analyze ${ANALYZE_TOKENS:+--tokens "$ANALYZE_TOKENS"})
+analyze_m() { "${ANALYZE[@]}" "$M" --against "$V"; }
+analyze_v() { "${ANALYZE[@]}" "$V" --against "$N" --no-absorption; }
+analyze_n() { "${ANALYZE[@]}" "$N" --no-absorption; }
 bench() { "$MSAE" taxonomy-bench "$M" --against "$V" --against "$N"; }
 gallery() { "$MSAE" gallery "$M" --wide "$V" --narrow "$N"; }
 quality() { .venv/bin/python benchmarks/bench_quality.py "$M" "$V" "$N"; }
