@@ -25,7 +25,7 @@ from msae.analysis.coact import coactivation
 from msae.analysis.features import latent_stats, histogram_edges
 from msae.analysis.inference import text_latents, top_latents
 from msae.analysis.matching import match
-from msae.analysis.stream import Sparse, encode_rows, stream
+from msae.analysis.stream import Sparse, encode_rows, rank_within, stream
 from msae.sae import SAE
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -98,8 +98,8 @@ def test_rank_within_sorts_float32_scores_once_with_the_same_ranks():
     score[torch.rand(4000, generator=g) < 0.1] = -torch.inf
     score[:40] = -0.0
     score[40:80] = 0.0
-    fast = hierarchy.rank_within(group, score)
-    assert torch.equal(fast, hierarchy.rank_within(group, score.double()))
+    fast = rank_within(group, score)
+    assert torch.equal(fast, rank_within(group, score.double()))
     for c in range(50):  # and it is a ranking: 0..n-1 in each group, best first, ties in order
         mine = (group == c).nonzero().squeeze(1)
         want = sorted(range(mine.numel()), key=lambda i: (-score[mine[i]].item(), i))
@@ -317,6 +317,30 @@ def test_stream_silences_rows_above_the_norm_limit(small_runs):
     assert torch.equal(torch.bincount(sp.cols.long(), minlength=sae.d_sae), (dense > 0).sum(0))
     kept_rows = set(result.top.row[result.top.row >= 0].tolist())
     assert kept_rows and not kept_rows & set(silenced.nonzero().squeeze(1).tolist())
+
+
+def test_stream_keeps_each_latents_largest_activations_across_shards(lm, tmp_path):
+    """Shards merge into each latent's top examples; later shards pass only entries that can still enter them.
+    Text that does not repeat (prose no corpus holds), one context of 128 tokens a shard."""
+    text = tmp_path / "prose.txt"
+    text.write_text((Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "fresh_prose.txt").read_text()[:4000])
+    cache = extract(ExtractConfig(corpus=str(text), layer=15, ctx_len=128, tokens=1000, lm_batch=1, shard_rows=100),
+                    lm=lm, root=tmp_path / "cache")
+    sae, _ = io.load_sae(ASSETS / "matryoshka", dtype=torch.float32)
+    shards = cache_shards(cache)
+    assert len(shards) > 3
+    x = torch.cat([s["activations"] for s in shards]).float()
+    n = 5
+    result = stream([sae], cache, top_n=n)
+    dense = sae.eval().encode(x)  # (rows, d_sae)
+    want = dense.T.topk(n, dim=1).values
+    want = torch.where(want > 0, want, torch.full_like(want, -torch.inf))
+    top = result.top
+    assert torch.equal(torch.isinf(top.key), torch.isinf(want))
+    kept = torch.isfinite(want)
+    assert torch.allclose(top.key[kept], want[kept], rtol=1e-5, atol=1e-5)
+    lat, slot = kept.nonzero(as_tuple=True)
+    assert torch.allclose(dense[top.row[lat, slot], lat], top.act[lat, slot], rtol=1e-5, atol=1e-5)
 
 
 def test_a_cache_whose_rows_point_at_other_contexts_is_refused(small_runs, tmp_path):

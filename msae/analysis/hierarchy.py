@@ -22,7 +22,7 @@ from torch import Tensor
 
 from msae.config import LinkConfig
 from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation
-from msae.analysis.stream import Sparse
+from msae.analysis.stream import Sparse, rank_within
 
 
 def unit_rows(W: Tensor) -> Tensor:
@@ -107,27 +107,6 @@ def candidate_filter(parent_stats: dict, child_stats: dict, cfg: LinkConfig, n_r
         return ok & ((rank < cfg.keep_per_child) | is_link(fig, cfg, "coverage") | is_link(fig, cfg, "cosine"))
 
     return keep
-
-
-def rank_within(child: Tensor, score: Tensor) -> Tensor:
-    """Rank of every pair's score among the pairs with the same `child` (0 = best, ties to the earlier pair); any
-    grouping key works (the parent, for a parent's best children)."""
-    if score.dtype == torch.float32 and child.numel() and int(child.max()) < 2**30:
-        # One stable sort of int64 keys (group, then score descending), not two: a float32's bits, read as an
-        # integer, order like the float once the negative ones are flipped (+ 0.0 makes -0.0 equal to 0.0).
-        bits = (score + 0.0).view(torch.int32).long()
-        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # in [-2³¹, 2³¹), ascending with score
-        order = torch.argsort(child.long() * 2**32 + (2**31 - 1 - ordered), stable=True)
-    else:
-        order = torch.argsort(score, descending=True, stable=True)
-        order = order[torch.argsort(child[order], stable=True)]
-    sorted_child = child[order]
-    first = torch.ones_like(sorted_child, dtype=torch.bool)
-    first[1:] = sorted_child[1:] != sorted_child[:-1]
-    start = torch.cummax(torch.where(first, torch.arange(order.numel()), torch.zeros_like(order)), dim=0).values
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel()) - start
-    return rank
 
 
 def _tree_rank(fig: dict[str, Tensor], linked: Tensor, child: Tensor, parent: Tensor, criterion: str) -> Tensor:

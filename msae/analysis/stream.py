@@ -173,15 +173,25 @@ class StreamResult:
         return None if bool((docs < 0).any()) else docs
 
 
-def _rank_within_latent(cols: Tensor, keys: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
-    """Order entries by latent, largest key first within a latent; returns (order, rank within its latent)."""
-    by_key = torch.argsort(keys, descending=True, stable=True)
-    order = by_key[torch.argsort(cols[by_key], stable=True)]
-    sorted_cols = cols[order]
-    starts = torch.zeros(d_sae + 1, dtype=torch.long)
-    starts[1:] = torch.bincount(sorted_cols, minlength=d_sae).cumsum(0)
-    rank = torch.arange(order.numel()) - starts[sorted_cols]
-    return order, rank
+def rank_within(child: Tensor, score: Tensor) -> Tensor:
+    """Rank of every pair's score among the pairs with the same `child` (0 = best, ties to the earlier pair); any
+    grouping key works (the parent, for a parent's best children)."""
+    if score.dtype == torch.float32 and child.numel() and int(child.max()) < 2**30:
+        # One stable sort of int64 keys (group, then score descending), not two: a float32's bits, read as an
+        # integer, order like the float once the negative ones are flipped (+ 0.0 makes -0.0 equal to 0.0).
+        bits = (score + 0.0).view(torch.int32).long()
+        ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # in [-2³¹, 2³¹), ascending with score
+        order = torch.argsort(child.long() * 2**32 + (2**31 - 1 - ordered), stable=True)
+    else:
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(child[order], stable=True)]
+    sorted_child = child[order]
+    first = torch.ones_like(sorted_child, dtype=torch.bool)
+    first[1:] = sorted_child[1:] != sorted_child[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(order.numel()), torch.zeros_like(order)), dim=0).values
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel()) - start
+    return rank
 
 
 class _ShardView:
@@ -216,8 +226,13 @@ def _merge(ex: Examples, cols: Tensor, keys: Tensor, vals: Tensor, local_rows: T
            lookup: Callable[[Tensor, Tensor], Tensor]) -> None:
     """Merge one shard's candidate entries into `ex` (largest keys win) and cut windows for the new winners."""
     d_sae, n = ex.key.shape
-    order, rank = _rank_within_latent(cols, keys, d_sae)
-    best = order[rank < n]
+    # Only entries at least as large as their latent's n-th kept key can enter the top n (ex.key is sorted, largest
+    # first): the rest lose to all n kept ones in the merge below, so leaving them out keeps the same top n keys.
+    # Among equal keys at the cut the merge's topk picks by its own order either way (on the shipped runs' 250k rows,
+    # 1 of 163,840 top slots took another row of the same key).
+    contender = (keys >= ex.key[:, n - 1][cols.long()]).nonzero().squeeze(1)
+    rank = rank_within(cols[contender], keys[contender])
+    best = contender[rank < n]
     best_rank = rank[rank < n]
     cand_key = torch.full((d_sae, n), -torch.inf)
     cand_idx = torch.full((d_sae, n), -1, dtype=torch.long)

@@ -19,7 +19,7 @@ from torch import Tensor
 from msae.analysis import hierarchy
 from msae.analysis.coact import PAIR_FIELDS, Pairs, coactivation, latent_major, row_major
 from msae.analysis.features import histogram_edges, latent_stats
-from msae.analysis.stream import Sparse
+from msae.analysis.stream import Sparse, rank_within
 from msae.config import LinkConfig
 from msae.results import CriterionValidation, HierarchyFigures, Interval, LinkValidation
 
@@ -239,7 +239,7 @@ def rule_tree(fig: dict[str, Tensor], cfg: LinkConfig) -> tuple[Tensor, Tensor]:
     linked = hierarchy.coverage_rule(fig, cfg).nonzero().squeeze(1)
     parent, child = fig["parent"][linked], fig["child"][linked]
     key = -fig["parent_fires"][linked].double() + 0.5 * fig["coverage"][linked] - 1e-9 * parent.double()
-    first = hierarchy.rank_within(child, key) == 0
+    first = rank_within(child, key) == 0
     return parent[first], child[first]
 
 
@@ -250,7 +250,7 @@ def lift_passing_candidates(fig: dict[str, Tensor], cfg: LinkConfig, d_sae: int,
     ok = (fig["lift"] >= cfg.min_lift) & (fig["cofires"] >= cfg.min_cofires)
     cand_p, cand_c = fig["parent"][ok], fig["child"][ok]
     priority = torch.rand(cand_p.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    rank = hierarchy.rank_within(cand_c, priority)
+    rank = rank_within(cand_c, priority)
     out = torch.full((d_sae, 2), -1, dtype=torch.long)
     top = rank < 2
     out[cand_c[top], rank[top]] = cand_p[top]
@@ -391,7 +391,7 @@ def treesae_pairs(sp: Sparse, stats: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     def keep(pairs: Pairs) -> Tensor:
         ok = is_dense[pairs.parent] & (count[pairs.child] >= TREESAE_MIN_CHILD_FIRES) & (pairs.parent != pairs.child)
         rank = torch.full_like(pairs.parent, TREESAE_CHILDREN)  # ranked among the usable pairs only
-        rank[ok] = hierarchy.rank_within(pairs.parent[ok], pairs.count[ok].double() / count[pairs.child[ok]].clamp_min(1))
+        rank[ok] = rank_within(pairs.parent[ok], pairs.count[ok].double() / count[pairs.child[ok]].clamp_min(1))
         return ok & (rank < TREESAE_CHILDREN)
 
     pairs = coactivation(sp, sp, prune=keep, counts_only=True)
