@@ -82,8 +82,12 @@ analyze_n() { "${ANALYZE[@]}" "$N" --no-absorption; }
 bench() { "$MSAE" taxonomy-bench "$M" --against "$V" --against "$N"; }
 gallery() { "$MSAE" gallery "$M" --wide "$V" --narrow "$N"; }
 quality() { .venv/bin/python benchmarks/bench_quality.py "$M" "$V" "$N"; }
+# The link rule's trade-off (links kept against held-out P(p | c) per left-out corpus part) and the Hierarchy page's
+# default view (hub share, WordNet coherence against random trees), on the shipped Matryoshka run's store.
+links() { .venv/bin/python benchmarks/bench_links.py "$M" ${ANALYZE_TOKENS:+--tokens "$ANALYZE_TOKENS"}; }
+trees() { .venv/bin/python benchmarks/bench_trees.py "$M"; }
 
-FINISH_STEPS=(copy evaluate analyze_m analyze_v analyze_n bench gallery quality)
+FINISH_STEPS=(copy evaluate analyze_m analyze_v analyze_n bench gallery quality links trees)
 
 finish() {
   # Every step, or the ones named (`finish analyze_v bench ...`: a stop in the middle loses only the step it hit:
