@@ -6,6 +6,7 @@ absorbing, and does a Matryoshka SAE of the same width then keep its parents? Wr
         [--out benchmarks/results/sweep_width.json] [--measure-again]
 
     python benchmarks/sweep_width.py --seeds 0,1,2 --widths 16384     # the seeds at one width
+    python benchmarks/sweep_width.py --ship-width                     # the re-ship's WIDTHS and NARROW (ship_width)
 
 At every width W a Matryoshka SAE and a vanilla SAE of width W train on the same batches (one Trainer, one stream:
 TrainConfig.also_vanilla), BatchTopK with k, on the first --tokens rows of the --corpus extraction at --layer (`msae
@@ -206,6 +207,28 @@ def by_width(runs: dict[str, dict[str, dict]]) -> dict:
     return out
 
 
+SHIPPABLE = (4096, 8192, 16384)
+"""Widths whose float16 pair fits assets/'s 160 MB with its stores (32,768 does not)."""
+
+
+def ship_width(sweep: dict, seed: int = 0) -> tuple[int, str]:
+    """The shipped width by the rule README states before the sweep ran: the widest of SHIPPABLE at which vanilla's
+    taxonomy absorption exceeds Matryoshka's with a paired 95% interval excluding 0 (Matryoshka − vanilla entirely
+    below 0), else the widest of SHIPPABLE; with why. Every SHIPPABLE width must be measured at `seed`."""
+    runs = sweep.get("runs", {})
+    missing = [w for w in SHIPPABLE if str(seed) not in runs.get(str(w), {})]
+    if missing:
+        raise ValueError(f"the sweep has not measured width {', '.join(map(str, missing))} at seed {seed}")
+    for width in sorted(SHIPPABLE, reverse=True):
+        d = runs[str(width)][str(seed)]["difference"]["taxonomy_absorption"]
+        if d["high"] < 0:
+            return width, (f"widest where vanilla absorbs more: Matryoshka − vanilla taxonomy absorption "
+                           f"{d['mean']:.4f} [{d['low']:.4f}, {d['high']:.4f}] at {width}")
+    diffs = ", ".join(f"{w}: {runs[str(w)][str(seed)]['difference']['taxonomy_absorption']['high']:.4f}"
+                      for w in SHIPPABLE)
+    return max(SHIPPABLE), f"no width where vanilla absorbs more (upper ends of Matryoshka − vanilla: {diffs})"
+
+
 def sweep_key(corpus: str, layer: int, k: int, tokens: int, batch_size: int) -> str:
     return f"{corpus} layer{layer} k{k} tokens{tokens} batch{batch_size}"
 
@@ -298,7 +321,17 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/work/sweep_width"), help="where the run directories go")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sweep_width.json")
     parser.add_argument("--measure-again", action="store_true", help="measure pairs already in the JSON again")
+    parser.add_argument("--ship-width", action="store_true",
+                        help="train nothing: print the re-ship's settings by the stated rule (ship_width) from the "
+                             "JSON at --out as shell assignments (WIDTHS=... NARROW=...), and why on stderr")
     args = parser.parse_args()
+    if args.ship_width:
+        sweep = json.loads(args.out.read_text())[sweep_key(args.corpus, args.layer, args.k, args.tokens, args.batch_size)]
+        width, why = ship_width(sweep)
+        widths = LAYOUT.widths(width)
+        print(f"WIDTHS={','.join(map(str, widths))} NARROW={widths[2]}")
+        print(f"shipped width {width}: {why}", file=sys.stderr)
+        return
     for width in args.widths:  # every setting checked before the slow part starts
         train_config(width, args.k, args.batch_size, args.seeds[0])
     ecfg = ExtractConfig(corpus=args.corpus, layer=args.layer, tokens=args.tokens)

@@ -6,6 +6,7 @@ Diagnostics page."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +184,34 @@ def test_the_figure_draws_both_architectures_with_their_intervals(swept):
     assert list(table["width"]) == WIDTHS
     d = sweep["runs"][str(WIDTHS[0])]["0"]["difference"]["taxonomy_absorption"]
     assert table["taxonomy absorption M − V"][0] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def _difference(mean: float, low: float, high: float) -> dict:
+    return {"difference": {"taxonomy_absorption": {"mean": mean, "low": low, "high": high, "n": 60}}}
+
+
+@pytest.mark.parametrize("by_width, width", [
+    ({4096: (-0.01, -0.02, -0.001), 8192: (-0.01, -0.02, -0.002), 16384: (-0.02, -0.03, -0.01)}, 16384),
+    ({4096: (-0.01, -0.02, -0.001), 8192: (-0.01, -0.02, -0.002), 16384: (-0.01, -0.03, 0.01)}, 8192),
+    ({4096: (0.01, 0.004, 0.02), 8192: (0.002, -0.01, 0.01), 16384: (0.0, -0.01, 0.0)}, 16384),
+])
+def test_the_shipped_width_is_the_widest_where_vanilla_absorbs_more(by_width, width):
+    """README's rule, stated before the sweep ran: the widest shippable width whose paired interval (Matryoshka −
+    vanilla taxonomy absorption) lies below 0, else the widest shippable; an upper end at exactly 0 does not count."""
+    sweep = {"runs": {str(w): {"0": _difference(*d)} for w, d in by_width.items()}}
+    chosen, why = sweep_width.ship_width(sweep)
+    assert chosen == width
+    assert ("no width" in why) == all(d[2] >= 0 for d in by_width.values())
+
+
+def test_the_shipped_width_needs_every_shippable_width_measured(tmp_path):
+    sweep = {"runs": {"16384": {"0": _difference(0.01, 0.0, 0.02)}, "32768": {"0": _difference(-0.1, -0.2, -0.05)}}}
+    with pytest.raises(ValueError, match="4096, 8192"):
+        sweep_width.ship_width(sweep)
+    sweep["runs"].update({"4096": {"0": _difference(0.0, -0.01, 0.01)}, "8192": {"0": _difference(-0.02, -0.03, -0.01)}})
+    out = tmp_path / "sweep_width.json"
+    out.write_text(json.dumps({sweep_width.sweep_key("large", 15, 32, 10_000_000, 4096): sweep}))
+    run = subprocess.run([sys.executable, str(Path(sweep_width.__file__)), "--ship-width", "--out", str(out)],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "WIDTHS=256,816,2576,8192 NARROW=2576"  # 32,768 is not shippable
+    assert "shipped width 8192" in run.stderr
