@@ -50,6 +50,9 @@ import shutil, sys, torch
 from pathlib import Path
 from msae.io import load_sae, save_sae
 out, narrow = Path(sys.argv[1]), sys.argv[2]
+for stale in Path("assets/default").glob("vanilla-*"):  # a narrow run of another width is not shipped beside these
+    if stale.name != f"vanilla-{narrow}":
+        shutil.rmtree(stale)
 for name in ("matryoshka", "vanilla", f"vanilla-{narrow}"):
     src, dst = out / name, Path("assets/default") / name
     shutil.rmtree(dst, ignore_errors=True)  # no file of the runs it replaces stays beside the new SAE
