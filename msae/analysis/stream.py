@@ -174,8 +174,9 @@ class StreamResult:
 
 
 def rank_within(child: Tensor, score: Tensor) -> Tensor:
-    """Rank of every pair's score among the pairs with the same `child` (0 = best, ties to the earlier pair); any
-    grouping key works (the parent, for a parent's best children)."""
+    """Rank of every item's score among the items with the same `child` (0 = best, ties to the earlier item); any
+    grouping key works: a pair's child or its parent (for a parent's best children), an entry's latent (for its top
+    examples)."""
     if score.dtype == torch.float32 and child.numel() and int(child.max()) < 2**30:
         # One stable sort of int64 keys (group, then score descending), not two: a float32's bits, read as an
         # integer, order like the float once the negative ones are flipped (+ 0.0 makes -0.0 equal to 0.0).
