@@ -5,6 +5,7 @@ kill it there."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -48,10 +49,24 @@ def refused_unchanged(argv: list[str], capsys, message: str, *roots: Path) -> st
     return line
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "default"
+
+
+def shipped_narrow() -> str:
+    """The shipped narrow vanilla run's name (vanilla-<width>: its width follows the shipped Matryoshka's layout)."""
+    (name,) = [p.name for p in SHIPPED.glob("vanilla-*")]
+    return name
+
+
+def shipped_d_sae(name: str = "matryoshka") -> int:
+    """Latents of a shipped run, as its cfg.json records them."""
+    return int(json.loads((SHIPPED / name / "cfg.json").read_text())["d_sae"])
+
+
 def copy_shipped(root: Path, *names: str) -> Path:
     """Shipped runs (with their stores) copied into `root`, for tests that must leave them as they were."""
     for name in names:
-        shutil.copytree(Path("assets/default") / name, root / name)
+        shutil.copytree(SHIPPED / name, root / name)
     return root
 
 

@@ -19,7 +19,7 @@ from msae import io
 from msae.run import LOCK_FILE, Run
 from msae.sae import SAE
 from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
-                     wait_paused)
+                     shipped_d_sae, wait_paused)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -82,7 +82,7 @@ def test_gallery_checks_its_runs_before_extracting_anything(runs, empty_cache, c
     wide = copy_shipped(runs.parent / "more", "vanilla") / "vanilla"
     wide = wide.rename(wide.with_name("vanilla-same-width"))
     refused_unchanged(["gallery", str(runs / "matryoshka"), "--against", str(runs / "vanilla"), "--narrow", str(wide)],
-                      capsys, "has 8192 latents, not fewer than", runs, wide)
+                      capsys, f"has {shipped_d_sae('vanilla')} latents, not fewer than", runs, wide)
     assert not any(empty_cache.iterdir()), "refused before any extraction"
 
 

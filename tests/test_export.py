@@ -17,16 +17,20 @@ from safetensors.torch import load_file, save_file
 
 from msae.run import LOCK_FILE, Run
 from helpers import (copy_shipped, file_hashes, kill_when_paused, paused_at, refused, refused_unchanged, run_cli,
-                     wait_paused)
+                     shipped_narrow, wait_paused)
+
+NARROW = shipped_narrow()
+"""The shipped narrow vanilla run."""
+
 
 @pytest.fixture
 def runs(tmp_path) -> Path:
     """Two shipped runs, with their stores, in a directory of their own."""
-    return copy_shipped(tmp_path / "runs", "vanilla", "vanilla-2576")
+    return copy_shipped(tmp_path / "runs", "vanilla", NARROW)
 
 
 def test_export_into_another_run_is_refused_and_both_stay_as_they_were(runs, capsys):
-    line = refused_unchanged(["export", str(runs / "vanilla"), "--to", "saelens", str(runs / "vanilla-2576")], capsys,
+    line = refused_unchanged(["export", str(runs / "vanilla"), "--to", "saelens", str(runs / NARROW)], capsys,
                              "already holds a run (sae_weights.safetensors)", runs)
     assert "--overwrite" in line
     refused_unchanged(["export", str(runs / "vanilla"), "--to", "dictionary_learning", str(runs)], capsys,
@@ -36,10 +40,10 @@ def test_export_into_another_run_is_refused_and_both_stay_as_they_were(runs, cap
 def test_export_refuses_its_own_earlier_output_unless_told_to_overwrite(runs, tmp_path, capsys):
     out = tmp_path / "exported"
     assert run_cli(["export", str(runs / "vanilla"), "--to", "saelens", str(out)], capsys)[0] == 0
-    refused_unchanged(["export", str(runs / "vanilla-2576"), "--to", "saelens", str(out)], capsys,
+    refused_unchanged(["export", str(runs / NARROW), "--to", "saelens", str(out)], capsys,
                       "already holds a run", out)
-    assert run_cli(["export", str(runs / "vanilla-2576"), "--to", "saelens", str(out), "--overwrite"], capsys)[0] == 0
-    assert Run(out).load_sae().d_sae == Run(runs / "vanilla-2576").load_sae().d_sae
+    assert run_cli(["export", str(runs / NARROW), "--to", "saelens", str(out), "--overwrite"], capsys)[0] == 0
+    assert Run(out).load_sae().d_sae == Run(runs / NARROW).load_sae().d_sae
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"], "no lock or temp left"
 
 
@@ -96,7 +100,7 @@ def test_a_second_export_into_the_same_directory_is_refused_while_the_first_writ
     first = _export_process(runs / "vanilla", out, "export locked", marker)
     try:
         wait_paused(first, marker)
-        refused(["export", str(runs / "vanilla-2576"), "--to", "saelens", str(out)], capsys,
+        refused(["export", str(runs / NARROW), "--to", "saelens", str(out)], capsys,
                 f"is in use by process {first.pid}")
     finally:
         first.kill()

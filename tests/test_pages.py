@@ -31,6 +31,7 @@ from msae.lm import DEFAULT_MODEL
 from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
 from msae.run import JOB_FILE, JOB_LOG_FILE, Run, find_runs
 from msae.sae import SAE
+from helpers import shipped_d_sae
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
@@ -155,14 +156,14 @@ def upload(at: AppTest, weights: tuple[str, bytes], cfg: tuple[str, bytes], name
 def test_home_summarises_the_chosen_run(env):
     at = ok(open_page(None, env["matryoshka"]))
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["model"] == "smollm2-135m" and metrics["layer"] == "15" and metrics["latents (d_sae)"] == "8,192"
+    assert metrics["model"] == "smollm2-135m" and metrics["layer"] == "15" and metrics["latents (d_sae)"] == f"{shipped_d_sae():,}"
     summary = at.dataframe[1].value.set_index("")["value"]
     held_out = json.loads((env["matryoshka"] / "eval.json").read_text())
     assert summary["FVU per width (held-out)"] == ", ".join(f"{w}: {v:.3f}" for w, v in zip(held_out["widths"], held_out["fvu"]))
     assert "tokens analysed" in summary["feature store"]
     fvu, l0 = figures(at)[:2]
     assert [t["name"] for t in fvu["data"]] == [f"width {w}" for w in held_out["widths"]]
-    assert len(held_out["widths"]) == 4 and held_out["widths"][-1] == 8192
+    assert len(held_out["widths"]) == 4 and held_out["widths"][-1] == shipped_d_sae()
     assert l0["data"][0]["name"] == "L0"
 
     at = ok(open_page(None, env["bare"]))
