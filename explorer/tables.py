@@ -396,6 +396,34 @@ def width_sweep_differences(sweep: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+WIDTH_SWEEP_VERDICTS = {"taxonomy_absorption": "taxonomy absorption", "first_letter_absorption": "first-letter absorption"}
+"""The absorption differences the Diagnostics page states in words, width by width."""
+
+
+def difference_verdict(x: Interval) -> str:
+    """What a paired difference Matryoshka − vanilla of an absorption measure says (lower is less absorbed)."""
+    if x.high < 0:
+        return "Matryoshka absorbs less"
+    if x.low > 0:
+        return "Matryoshka absorbs more"
+    return "no difference (the interval includes 0)"
+
+
+def width_sweep_verdicts(sweep: Mapping) -> list[str]:
+    """One sentence per (width, seed) of a width sweep: each absorption difference Matryoshka − vanilla with its
+    95% interval, and whether the interval excludes 0."""
+    lines = []
+    for width, seeds in sorted(sweep["runs"].items(), key=lambda item: int(item[0])):
+        for seed, entry in sorted(seeds.items(), key=lambda item: int(item[0])):
+            parts = []
+            for key, name in WIDTH_SWEEP_VERDICTS.items():
+                if entry["difference"].get(key):
+                    x = Interval.from_json(entry["difference"][key])
+                    parts.append(f"{name} {interval_text(x)}: {difference_verdict(x)}")
+            lines.append(f"{int(width):,} latents (seed {seed}), Matryoshka − vanilla: " + "; ".join(parts) + ".")
+    return lines
+
+
 def heldout_line(validation: LinkValidation | None, cfg: LinkConfig) -> str | None:
     """One sentence on how the configured rule's tree links held on held-out contexts (None when not measured)."""
     if validation is None:

@@ -116,6 +116,7 @@ if sweeps:
     key = st.selectbox("sweep settings", list(sweeps), key="width_sweep") if len(sweeps) > 1 else next(iter(sweeps))
     st.plotly_chart(figures.width_sweep_figure(sweeps[key]))
     st.dataframe(tables.width_sweep_differences(sweeps[key]), hide_index=True)
+    st.markdown("\n".join(f"- {line}" for line in tables.width_sweep_verdicts(sweeps[key])))
     st.caption(f"Reading: a Matryoshka SAE and a vanilla SAE of each width trained on the same batches ({key}); "
                "taxonomy absorption is the share of a WordNet category's member occurrences where its parent latent "
                "is silent and a latent for the member's own token fires, first-letter absorption the share of a "
@@ -131,7 +132,8 @@ if sweeps:
 else:
     st.info("The width sweep has not been run: `python benchmarks/sweep_width.py` trains a Matryoshka and a vanilla "
             "SAE at 4,096 to 32,768 latents on 10M tokens of the large corpus and measures their absorption "
-            "(about 3 hours on 2 CPU cores, an estimate); its results then appear here.")
+            "(hours on 2 CPU cores: README's Benchmarks section gives the estimate for bf16 and for float32 CPUs); "
+            "its results then appear here.")
 
 st.header("Toy model with known features")
 st.caption("Synthetic activations built from a known hierarchy (parents, mutually exclusive children): absorption "

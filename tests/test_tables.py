@@ -49,3 +49,22 @@ def test_a_model_is_named_as_a_reader_knows_it_not_by_a_machine_path(tmp_path):
     assert tables.model_label("smollm2-135m") == "smollm2-135m"
     assert tables.model_label("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
     assert tables.model_label(None) == "—"
+
+
+def test_width_sweep_verdicts_say_which_way_each_interval_points():
+    def diff(mean, low, high):
+        return {"mean": mean, "low": low, "high": high, "n": 60}
+
+    sweep = {"runs": {
+        "16384": {"0": {"difference": {"taxonomy_absorption": diff(-0.012, -0.02, -0.004),
+                                       "first_letter_absorption": diff(0.05, -0.01, 0.1)}}},
+        "4096": {"0": {"difference": {"taxonomy_absorption": diff(0.01, 0.004, 0.02),
+                                      "first_letter_absorption": None}}},
+    }}
+    lines = tables.width_sweep_verdicts(sweep)
+    assert lines == [
+        "4,096 latents (seed 0), Matryoshka − vanilla: taxonomy absorption 0.010 [0.004, 0.020]: Matryoshka absorbs "
+        "more.",
+        "16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.012 [-0.020, -0.004]: Matryoshka "
+        "absorbs less; first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval includes 0).",
+    ]
