@@ -146,10 +146,9 @@ def first_letter_figures(result: SAEAbsorption) -> dict:
 def paired_differences(bench: TaxonomyBench, letters: AbsorptionResult) -> dict:
     """Matryoshka − vanilla, paired over the same categories and the same letters (95% intervals)."""
     m, v = bench.saes
-    diff = {"parent_ap": interval(bench.differences[f"{m.name} - {v.name} average precision"])}
-    for key, field in (("taxonomy_absorption", "absorption"), ("member_latents", "member_latents")):
-        pairs = [float(getattr(a, field)) - float(getattr(b, field)) for a, b in zip(m.categories, v.categories)]
-        diff[key] = interval(bootstrap_mean(torch.tensor(pairs)))
+    diff = {key: interval(bench.differences[taxbench.difference_key(m.name, v.name, taxbench.DIFFERENCE_MEASURES[f])])
+            for key, f in (("parent_ap", "average_precision"), ("taxonomy_absorption", "absorption"),
+                           ("member_latents", "member_latents"))}  # paired by the benchmark itself
     lm_, lv = (used_letters(letters.saes[arch]) for arch in ARCHS)
     common = [letter for letter in lm_ if letter in lv]  # one set of probes: the same letters for both
     for key, i in (("first_letter_absorption", 0), ("first_letter_full_absorption", 1)):

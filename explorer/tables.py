@@ -15,6 +15,7 @@ import pandas as pd
 
 from explorer.tree import ancestry
 from msae.config import LinkConfig
+from msae.analysis.taxbench import DIFFERENCE_MEASURES, difference_key
 from msae.lm import builtin_of
 from msae.results import (AbsorptionResult, EvalResult, TaxonomyBench, HierarchyFigures, Interval, LinkValidation,
                           StoreManifest)
@@ -400,13 +401,27 @@ WIDTH_SWEEP_VERDICTS = {"taxonomy_absorption": "taxonomy absorption", "first_let
 """The absorption differences the Diagnostics page states in words, width by width."""
 
 
-def difference_verdict(x: Interval) -> str:
-    """What a paired difference Matryoshka − vanilla of an absorption measure says (lower is less absorbed)."""
+def absorption_verdict(x: Interval, first: str, second: str) -> str:
+    """What a paired difference `first` − `second` of an absorption measure says (lower is less absorbed)."""
     if x.high < 0:
-        return "Matryoshka absorbs less"
+        return f"{first} absorbs less than {second}"
     if x.low > 0:
-        return "Matryoshka absorbs more"
+        return f"{first} absorbs more than {second}"
     return "no difference (the interval includes 0)"
+
+
+def taxonomy_difference_lines(bench: TaxonomyBench) -> list[str]:
+    """The taxonomy benchmark's paired differences (the run's SAE − each other one) in words, absorption with what
+    its interval says."""
+    first, lines = bench.saes[0].name, []
+    for other in bench.saes[1:]:
+        for measure in DIFFERENCE_MEASURES.values():
+            x = bench.differences.get(difference_key(first, other.name, measure))
+            if x is None:
+                continue
+            verdict = f": {absorption_verdict(x, first, other.name)}" if measure == "absorption" else ""
+            lines.append(f"**{first} − {other.name}, {measure}**: {interval_text(x)}{verdict}")
+    return lines
 
 
 def width_sweep_verdicts(sweep: Mapping) -> list[str]:
@@ -419,7 +434,7 @@ def width_sweep_verdicts(sweep: Mapping) -> list[str]:
             for key, name in WIDTH_SWEEP_VERDICTS.items():
                 if entry["difference"].get(key):
                     x = Interval.from_json(entry["difference"][key])
-                    parts.append(f"{name} {interval_text(x)}: {difference_verdict(x)}")
+                    parts.append(f"{name} {interval_text(x)}: {absorption_verdict(x, 'Matryoshka', 'vanilla')}")
             lines.append(f"{int(width):,} latents (seed {seed}), Matryoshka − vanilla: " + "; ".join(parts) + ".")
     return lines
 

@@ -564,7 +564,8 @@ class TaxonomyBench(Record):
     split: str
     saes: list[TaxonomyBenchSAE]
     differences: dict[str, Interval] = field(default_factory=dict)
-    """Paired over categories: "A - B average precision" for the SAEs compared."""
+    """Paired over categories, the run's SAE A against each other one B: "A - B average precision", "A - B absorption"
+    and "A - B member latents" (msae.analysis.taxbench.difference_key)."""
     seconds: float | None = None
     config: TaxonomyBenchConfig | None = None
     """Every size and threshold it used (None in results written before they were recorded)."""

@@ -70,8 +70,7 @@ bench = loaders.result_of(run, TaxonomyBench, list(compared.values()))
 if bench is not None:
     st.subheader("Taxonomy benchmark (WordNet categories)")
     st.dataframe(tables.taxonomy_table(bench), hide_index=True)
-    for name, d in bench.differences.items():
-        st.markdown(f"**{name}**: {tables.interval_text(d)}")
+    st.markdown("\n".join(f"- {line}" for line in tables.taxonomy_difference_lines(bench)))
     st.caption(f"Reading: {bench.categories} WordNet noun categories, {bench.occurrences:,} occurrences of their "
                "member tokens. Parent AP: how well the category's best latent (chosen on half the contexts) finds "
                "its members on the other half, free of a threshold; absorption: member occurrences where that latent "

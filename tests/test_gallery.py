@@ -93,6 +93,12 @@ def test_benchmark_writes_every_category_for_both_saes(made):
     assert len(m.average_precision_per_width) == 4
     assert m.average_precision_per_width[-1] == pytest.approx(m.average_precision.mean)
     assert "matryoshka - vanilla average precision" in result.differences
+    v = result.saes[1]
+    for measure, field in (("absorption", "absorption"), ("member latents", "member_latents")):
+        d = result.differences[f"matryoshka - vanilla {measure}"]  # paired over the same categories
+        assert d.n == result.categories and d.low <= d.mean <= d.high
+        assert d.mean == pytest.approx(sum(getattr(a, field) - getattr(b, field)
+                                           for a, b in zip(m.categories, v.categories)) / result.categories)
     report = format_taxonomy_bench(result)
     assert "parent AP" in report and "matryoshka - vanilla" in report
 

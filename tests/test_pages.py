@@ -28,8 +28,10 @@ from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConf
 from msae.analysis.inference import text_latents
 from explorer.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
 from msae.lm import DEFAULT_MODEL
-from msae.results import AbsorptionMean, AbsorptionResult, LetterAbsorption, SAEAbsorption
-from msae.run import JOB_FILE, JOB_LOG_FILE, Run, find_runs
+from msae.analysis import taxbench
+from msae.results import (AbsorptionMean, AbsorptionResult, Interval, LetterAbsorption, SAEAbsorption,
+                          TaxonomyBench)
+from msae.run import JOB_FILE, JOB_LOG_FILE, RESULT_FILES, Run, find_runs
 from msae.sae import SAE
 from helpers import shipped_d_sae
 
@@ -475,6 +477,21 @@ def test_diagnostics_plots_absorption_splitting_fvu_and_the_toy(env):
     assert "parent absorption" in at.code[0].value
 
 
+def test_diagnostics_says_what_the_taxonomy_differences_say(env):
+    run = env["matryoshka"]
+    bench = Run(ASSETS / "matryoshka").result(TaxonomyBench)
+    first, other = bench.saes[0].name, bench.saes[1].name
+    bench.differences = {taxbench.difference_key(first, other, "absorption"): Interval(0.011, 0.006, 0.016, 60)}
+    Run(run).write_result(bench)
+    try:
+        at = ok(open_page("pages/3_Diagnostics.py", run))
+        said = "\n".join(m.value for m in at.markdown)
+        assert (f"- **{first} − {other}, absorption**: 0.011 [0.006, 0.016]: {first} absorbs more than {other}"
+                in said)
+    finally:
+        (run / RESULT_FILES[TaxonomyBench].name).unlink()
+
+
 def interval(mean: float, half: float) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": 30}
 
@@ -513,7 +530,8 @@ def test_diagnostics_shows_the_width_sweep_or_how_to_run_it(env, tmp_path, monke
     assert any("16,384 latents: Not a valid measurement" in w.value for w in at.warning)
     said = "\n".join(m.value for m in at.markdown)
     assert ("- 16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.020 [-0.024, -0.016]: Matryoshka "
-            "absorbs less; first-letter absorption -0.020 [-0.024, -0.016]: Matryoshka absorbs less.") in said
+            "absorbs less than vanilla; first-letter absorption -0.020 [-0.024, -0.016]: Matryoshka absorbs less than "
+            "vanilla.") in said
 
 
 # ---- Compare ----------------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from explorer import tables
+from msae.analysis import taxbench
+from msae.results import Interval, TaxonomyBench
+from msae.run import Run
 from msae.analysis.store import load_store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "default" / "matryoshka"
@@ -64,7 +67,23 @@ def test_width_sweep_verdicts_say_which_way_each_interval_points():
     lines = tables.width_sweep_verdicts(sweep)
     assert lines == [
         "4,096 latents (seed 0), Matryoshka − vanilla: taxonomy absorption 0.010 [0.004, 0.020]: Matryoshka absorbs "
-        "more.",
+        "more than vanilla.",
         "16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.012 [-0.020, -0.004]: Matryoshka "
-        "absorbs less; first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval includes 0).",
+        "absorbs less than vanilla; first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval "
+        "includes 0).",
+    ]
+
+
+def test_taxonomy_differences_are_said_with_what_the_absorption_interval_says():
+    bench = Run(SHIPPED).result(TaxonomyBench)
+    first, others = bench.saes[0].name, [b.name for b in bench.saes[1:]]
+    bench.differences = {
+        taxbench.difference_key(first, others[0], "average precision"): Interval(-0.004, -0.027, 0.021, 60),
+        taxbench.difference_key(first, others[0], "absorption"): Interval(0.011, 0.006, 0.016, 60),
+        taxbench.difference_key(first, others[1], "absorption"): Interval(-0.001, -0.004, 0.002, 60),
+    }
+    assert tables.taxonomy_difference_lines(bench) == [
+        f"**{first} − {others[0]}, average precision**: -0.004 [-0.027, 0.021]",
+        f"**{first} − {others[0]}, absorption**: 0.011 [0.006, 0.016]: {first} absorbs more than {others[0]}",
+        f"**{first} − {others[1]}, absorption**: -0.001 [-0.004, 0.002]: no difference (the interval includes 0)",
     ]

@@ -436,6 +436,16 @@ def _two_level(reps: np.ndarray, point: Sequence[float], rng: np.random.Generato
     return Interval(mean=float(np.mean(point)), low=float(low), high=float(high), n=n)
 
 
+DIFFERENCE_MEASURES = {"average_precision": "average precision", "absorption": "absorption",
+                       "member_latents": "member latents"}
+"""The paired differences (the run's SAE − each other one) a benchmark records, by field, as their keys name them."""
+
+
+def difference_key(first: str, other: str, measure: str) -> str:
+    """The key of TaxonomyBench.differences for `first` − `other` on `measure` (a DIFFERENCE_MEASURES value)."""
+    return f"{first} - {other} {measure}"
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, pa: Sequence[float], pb: Sequence[float],
                       seed: int = 0) -> Interval | None:
     """Mean over categories of AP(a) - AP(b), resampling categories (the same ones for both) and members."""
@@ -496,9 +506,14 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
     differences = {}
     first = out[0]
     for other in out[1:]:
-        differences[f"{first.name} - {other.name} average precision"] = paired_difference(
+        differences[difference_key(first.name, other.name, "average precision")] = paired_difference(
             reps[first.name], reps[other.name], [r.average_precision for r in first.categories],
             [r.average_precision for r in other.categories], cfg.seed)
+        for field_ in ("absorption", "member_latents"):  # the same categories for both: resampled together
+            pairs = [float(getattr(a, field_)) - float(getattr(b, field_))
+                     for a, b in zip(first.categories, other.categories)]
+            differences[difference_key(first.name, other.name, DIFFERENCE_MEASURES[field_])] = bootstrap_mean(
+                torch.tensor(pairs), seed=cfg.seed)
     return TaxonomyBench(
         model=lm.name, layer=layer, taxonomy=f"{tax.source} ({tax.tokenizer})", categories=len(chosen),
         occurrences=int((~pool.background).sum()), from_templates=pool.from_template,
