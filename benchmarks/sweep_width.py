@@ -325,7 +325,8 @@ def main() -> None:
                              "JSON at --out as shell assignments (WIDTHS=... NARROW=...), and why on stderr")
     args = parser.parse_args()
     if args.ship_width:
-        sweep = json.loads(args.out.read_text())[sweep_key(args.corpus, args.layer, args.k, args.tokens, args.batch_size)]
+        key = sweep_key(args.corpus, args.layer, args.k, args.tokens, args.batch_size)
+        sweep = json.loads(args.out.read_text())[key]
         width, why = ship_width(sweep)
         widths = LAYOUT.widths(width)
         print(f"WIDTHS={','.join(map(str, widths))} NARROW={widths[2]}")

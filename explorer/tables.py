@@ -397,7 +397,8 @@ def width_sweep_differences(sweep: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-WIDTH_SWEEP_VERDICTS = {"taxonomy_absorption": "taxonomy absorption", "first_letter_absorption": "first-letter absorption"}
+WIDTH_SWEEP_VERDICTS = {"taxonomy_absorption": "taxonomy absorption",
+                        "first_letter_absorption": "first-letter absorption"}
 """The absorption differences the Diagnostics page states in words, width by width."""
 
 
@@ -435,7 +436,8 @@ def width_sweep_verdicts(sweep: Mapping) -> list[str]:
                 if entry["difference"].get(key):
                     x = Interval.from_json(entry["difference"][key])
                     parts.append(f"{name} {interval_text(x)}: {absorption_verdict(x, 'Matryoshka', 'vanilla')}")
-            lines.append(f"{int(width):,} latents (seed {seed}), Matryoshka − vanilla: " + "; ".join(parts) + ".")
+            if parts:
+                lines.append(f"{int(width):,} latents (seed {seed}), Matryoshka − vanilla: " + "; ".join(parts) + ".")
     return lines
 
 

@@ -323,7 +323,8 @@ def test_stream_keeps_each_latents_largest_activations_across_shards(lm, tmp_pat
     """Shards merge into each latent's top examples; later shards pass only entries that can still enter them.
     Text that does not repeat (prose no corpus holds), one context of 128 tokens a shard."""
     text = tmp_path / "prose.txt"
-    text.write_text((Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "fresh_prose.txt").read_text()[:4000])
+    prose = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "fresh_prose.txt"
+    text.write_text(prose.read_text()[:4000])
     cache = extract(ExtractConfig(corpus=str(text), layer=15, ctx_len=128, tokens=1000, lm_batch=1, shard_rows=100),
                     lm=lm, root=tmp_path / "cache")
     sae, _ = io.load_sae(ASSETS / "matryoshka", dtype=torch.float32)

@@ -158,7 +158,8 @@ def upload(at: AppTest, weights: tuple[str, bytes], cfg: tuple[str, bytes], name
 def test_home_summarises_the_chosen_run(env):
     at = ok(open_page(None, env["matryoshka"]))
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["model"] == "smollm2-135m" and metrics["layer"] == "15" and metrics["latents (d_sae)"] == f"{shipped_d_sae():,}"
+    assert metrics["model"] == "smollm2-135m" and metrics["layer"] == "15"
+    assert metrics["latents (d_sae)"] == f"{shipped_d_sae():,}"
     summary = at.dataframe[1].value.set_index("")["value"]
     held_out = json.loads((env["matryoshka"] / "eval.json").read_text())
     assert summary["FVU per width (held-out)"] == ", ".join(f"{w}: {v:.3f}" for w, v in zip(held_out["widths"], held_out["fvu"]))

@@ -208,7 +208,8 @@ def test_the_shipped_width_needs_every_shippable_width_measured(tmp_path):
     sweep = {"runs": {"16384": {"0": _difference(0.01, 0.0, 0.02)}, "32768": {"0": _difference(-0.1, -0.2, -0.05)}}}
     with pytest.raises(ValueError, match="4096, 8192"):
         sweep_width.ship_width(sweep)
-    sweep["runs"].update({"4096": {"0": _difference(0.0, -0.01, 0.01)}, "8192": {"0": _difference(-0.02, -0.03, -0.01)}})
+    sweep["runs"].update({"4096": {"0": _difference(0.0, -0.01, 0.01)},
+                          "8192": {"0": _difference(-0.02, -0.03, -0.01)}})
     out = tmp_path / "sweep_width.json"
     out.write_text(json.dumps({sweep_width.sweep_key("large", 15, 32, 10_000_000, 4096): sweep}))
     run = subprocess.run([sys.executable, str(Path(sweep_width.__file__)), "--ship-width", "--out", str(out)],

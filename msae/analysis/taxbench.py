@@ -506,9 +506,10 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
     differences = {}
     first = out[0]
     for other in out[1:]:
-        differences[difference_key(first.name, other.name, "average precision")] = paired_difference(
-            reps[first.name], reps[other.name], [r.average_precision for r in first.categories],
-            [r.average_precision for r in other.categories], cfg.seed)
+        key = difference_key(first.name, other.name, DIFFERENCE_MEASURES["average_precision"])
+        differences[key] = paired_difference(reps[first.name], reps[other.name],
+                                             [r.average_precision for r in first.categories],
+                                             [r.average_precision for r in other.categories], cfg.seed)
         for field_ in ("absorption", "member_latents"):  # the same categories for both: resampled together
             pairs = [float(getattr(a, field_)) - float(getattr(b, field_))
                      for a, b in zip(first.categories, other.categories)]
