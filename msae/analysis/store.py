@@ -130,8 +130,8 @@ def _narrow(frame: pd.DataFrame) -> pd.DataFrame:
 def _parquet(frame: pd.DataFrame, path: Path) -> None:
     """A store table, ints narrowed, zstd level 19. Precision: every statistic, link score and each example's
     activation (`act`) in full; the per-token activations of an example's window (`acts`, for shading) and the
-    promoted and suppressed logits (for display) come as float16 from features.py. So the shipped pair's two stores
-    (8192 latents each) and the SAEs fit in the 60 MB that assets/ may hold."""
+    promoted and suppressed logits (for display) come as float16 from features.py, so that the shipped trio's
+    SAEs and stores fit in what assets/ may hold (160 MB)."""
     _narrow(frame).to_parquet(path, index=False, compression="zstd", compression_level=19)
 
 def write_store(store: FeatureStore) -> Path:
