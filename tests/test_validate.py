@@ -127,19 +127,34 @@ def test_heldout_validation_separates_true_links_from_both_nulls():
         assert m.tree_links == 6 and m.heldout_coverage.mean > 0.9
 
 
-def test_cofire_counts_match_dense_counts_per_row_group():
+def test_cofire_counts_match_dense_counts_over_any_union_of_row_groups():
+    """Every union of the 40 row groups that validation asks for (one group, a part's two, all but a part's two,
+    the link half, the measuring half, all of them), asked in the order it asks, dense or counted pair by pair:
+    the same counts as a dense product over those rows. Forty groups is twenty corpus parts; the counts keep no
+    table per group."""
     g = torch.Generator().manual_seed(3)
-    dense = torch.rand(700, 12, generator=g) * (torch.rand(700, 12, generator=g) < 0.3)
+    dense = torch.rand(4000, 12, generator=g) * (torch.rand(4000, 12, generator=g) < 0.3)
     sp = sparse_of(dense)
     widths = [3, 7, 12]
-    group = torch.randint(4, (700,), generator=g)
-    counts = validate.cofire_counts(sp, group, 4, widths, parent_block=2)  # blocks of two parents
+    n_groups = 40
+    group = torch.randint(n_groups, (4000,), generator=g)
+    counts = validate.cofire_counts(sp, group, n_groups, widths, parent_block=2)  # blocks of two parents
     on = (dense > 0).int()
-    for k in range(4):
-        rows = on[group == k]
-        assert torch.equal(counts.pair[k], (rows[:, :7].T @ rows[:, 3:]).int())
-        assert torch.equal(counts.latent[k], rows.sum(0).long())
-    assert counts.rows.tolist() == torch.bincount(group, minlength=4).tolist()
+    ids = torch.arange(n_groups)
+    asks = [ids % 2 == 0, ids % 2 == 1] + [ids == k for k in (1, 7, 39)]
+    for part in (0, 5, 19):
+        asks += [ids // 2 != part, ids // 2 == part]  # leave one part out: made without it, measured on it
+    asks.append(torch.ones(n_groups, dtype=torch.bool))
+    parent, child = torch.randint(7, (50,), generator=g), torch.randint(3, 12, (50,), generator=g)
+    for chosen in asks:
+        rows = on[chosen[group]]
+        totals = counts.over(chosen)
+        assert torch.equal(totals.pair, (rows[:, :7].T @ rows[:, 3:]).int())
+        assert torch.equal(totals.latent, rows.sum(0).long()) and totals.rows == rows.shape[0]
+        few = counts.over(chosen, dense=False)
+        assert few.pair is None
+        assert torch.equal(few.cofires(parent, child, 3), (rows[:, parent] * rows[:, child]).sum(0).double())
+    assert counts.rows.tolist() == torch.bincount(group, minlength=n_groups).tolist()
 
 
 def test_document_halves_keep_every_document_on_one_side():

@@ -44,33 +44,45 @@ def bootstrap_mean(values: Tensor, reps: int = 1000, seed: int = 0) -> Interval 
     return Interval(mean=float(values.mean()), low=low, high=high, n=n)
 
 
+class PairIndex:
+    """The entries of a Sparse ordered for counting how often given (parent, child) pairs fire together: sorted
+    once, then asked for any pairs (pair_cofires sorts again at every call)."""
+
+    def __init__(self, sp: Sparse):
+        rows = sp.entry_rows()
+        cols = sp.cols.long()
+        self.d_sae = sp.d_sae
+        self.keys = rows * sp.d_sae + cols  # sorted: rows ascend, latents ascend within a row
+        self.rows_by_latent = rows[torch.argsort(cols, stable=True)]
+        self.ptr = torch.zeros(sp.d_sae + 1, dtype=torch.long)
+        self.ptr[1:] = torch.bincount(cols, minlength=sp.d_sae).cumsum(0)
+
+    def count(self, parent: Tensor, child: Tensor, chunk: int = 1 << 24) -> Tensor:
+        """(P,) rows on which both latents of each (parent, child) pair fire."""
+        keys, ptr = self.keys, self.ptr
+        n_c = ptr[child + 1] - ptr[child]
+        out = torch.zeros(parent.numel(), dtype=torch.long)
+        # Pairs in groups whose children's rows fit in `chunk` entries at once.
+        ends = torch.cumsum(n_c, 0)
+        start = 0
+        while start < parent.numel():
+            base = int(ends[start - 1]) if start else 0
+            stop = max(int(torch.searchsorted(ends, base + chunk, right=True)), start + 1)
+            p, c, n = parent[start:stop], child[start:stop], n_c[start:stop]
+            rep = torch.repeat_interleave(torch.arange(p.numel()), n)
+            within = torch.arange(rep.numel()) - torch.repeat_interleave(n.cumsum(0) - n, n)
+            q = self.rows_by_latent[ptr[c][rep] + within] * self.d_sae + p[rep]
+            if keys.numel():
+                at = torch.searchsorted(keys, q).clamp_max(keys.numel() - 1)
+                hit = keys[at] == q
+                out[start:stop] = torch.bincount(rep[hit], minlength=p.numel())
+            start = stop
+        return out
+
+
 def pair_cofires(sp: Sparse, parent: Tensor, child: Tensor, chunk: int = 1 << 24) -> Tensor:
     """(P,) rows of `sp` on which both latents of each (parent, child) pair fire."""
-    rows = sp.entry_rows()
-    cols = sp.cols.long()
-    keys = rows * sp.d_sae + cols  # sorted: rows ascend, latents ascend within a row
-    order = torch.argsort(cols, stable=True)
-    rows_by_latent = rows[order]
-    ptr = torch.zeros(sp.d_sae + 1, dtype=torch.long)
-    ptr[1:] = torch.bincount(cols, minlength=sp.d_sae).cumsum(0)
-    n_c = ptr[child + 1] - ptr[child]
-    out = torch.zeros(parent.numel(), dtype=torch.long)
-    # Pairs in groups whose children's rows fit in `chunk` entries at once.
-    ends = torch.cumsum(n_c, 0)
-    start = 0
-    while start < parent.numel():
-        base = int(ends[start - 1]) if start else 0
-        stop = max(int(torch.searchsorted(ends, base + chunk, right=True)), start + 1)
-        p, c, n = parent[start:stop], child[start:stop], n_c[start:stop]
-        rep = torch.repeat_interleave(torch.arange(p.numel()), n)
-        within = torch.arange(rep.numel()) - torch.repeat_interleave(n.cumsum(0) - n, n)
-        q = rows_by_latent[ptr[c][rep] + within] * sp.d_sae + p[rep]
-        if keys.numel():
-            at = torch.searchsorted(keys, q).clamp_max(keys.numel() - 1)
-            hit = keys[at] == q
-            out[start:stop] = torch.bincount(rep[hit], minlength=p.numel())
-        start = stop
-    return out
+    return PairIndex(sp).count(parent, child, chunk)
 
 
 def matched_null_parents(parent: Tensor, child: Tensor, count: Tensor, group: Tensor, seed: int = 0,
@@ -141,21 +153,53 @@ def context_split(row_context: Tensor) -> Tensor:
 class Totals:
     """Counts summed over some row groups."""
 
-    pair: Tensor
-    """(n_parents, n_children) int32 rows on which both fire."""
+    pair: Tensor | None
+    """(n_parents, n_children) int32 rows on which both fire (child index minus child_from); None where only a
+    few pairs are asked for (`index` then counts them)."""
     latent: Tensor
     """(d_sae,) rows on which each latent fires."""
     rows: int
+    index: PairIndex | None = None
+
+    def cofires(self, parent: Tensor, child: Tensor, child_from: int) -> Tensor:
+        """(P,) float64 rows on which both latents of each (parent, child) pair fire."""
+        if self.pair is not None:
+            return self.pair[parent, child - child_from].double()
+        return self.index.count(parent, child).double()
+
+
+def pair_table(sp: Sparse, widths: list[int], parent_block: int = 256) -> Tensor:
+    """(n_parents, n_children) int32: the rows of `sp` on which each earlier-group parent (latents before the last
+    group) and later-group child (latents after the first, index minus widths[0]) fire together; one sparse
+    product a block of parents."""
+    n_par, child_from = widths[-2], widths[0]
+    table = torch.zeros(n_par, sp.d_sae - child_from, dtype=torch.int32)
+    if sp.n_rows == 0 or sp.cols.numel() == 0:
+        return table
+    left = latent_major(sp, 0, n_par)
+    right = row_major(sp, child_from)
+    right_fires = right.csr(torch.ones_like(right.val))
+    for p0 in range(0, n_par, parent_block):
+        blk = left.rows(p0, min(p0 + parent_block, n_par))
+        out = torch.sparse.mm(blk.csr(torch.ones_like(blk.val)), right_fires)
+        ptr, col = out.crow_indices(), out.col_indices()
+        parent = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff()) + p0
+        table[parent, col] = out.values().round().int()
+    return table
 
 
 @dataclass
 class CofireCounts:
-    """How often every (parent, child) pair of a nested SAE fires together, per group of rows, so that links made
-    on any union of groups can be measured on any other without another pass. Parents are the latents before the
-    last group, children those after the first."""
+    """How often the (parent, child) pairs of a nested SAE fire together over any union of groups of rows, so that
+    links made on some groups can be measured on others. Parents are the latents before the last group, children
+    those after the first. Per group only each latent's firings are kept; a union's pair table is made when asked
+    for, so memory holds a few tables of n_parents x n_children whatever the number of groups (one per group
+    would be 13 GB at 16,384 latents over 20 corpus parts)."""
 
-    pair: Tensor
-    """(G, n_parents, n_children) int32: rows of group g on which both fire (child index minus child_from)."""
+    sp: Sparse
+    row_group: Tensor
+    """(n_rows,) int64 the group of every row."""
+    widths: list[int]
     latent: Tensor
     """(G, d_sae) int64: rows of group g on which each latent fires."""
     rows: Tensor
@@ -163,59 +207,52 @@ class CofireCounts:
     child_from: int
     group: Tensor
     """(d_sae,) the nested group of every latent."""
+    parent_block: int = 256
     _all: Tensor | None = field(default=None, init=False, repr=False)
-    """The pair counts summed over every group, once over() needs them."""
+    """The pair table over every row, once a table needs it."""
+    _kept: tuple[frozenset, Tensor] | None = field(default=None, init=False, repr=False)
+    """The last table made from rows directly, with its groups: asked for next, it or its complement is free."""
 
-    def over(self, groups: Tensor) -> Totals:
-        """The counts summed over the row groups where the (G,) bool mask is set: from the groups set, or, when
-        they are more than half, as the sum over all groups (made once) less the others."""
-        chosen, others = groups.nonzero().squeeze(1).tolist(), (~groups).nonzero().squeeze(1).tolist()
-        if len(chosen) > len(others) + 1:
-            if self._all is None:
-                self._all = self._sum(range(self.pair.shape[0]))
-            pair = self._all.clone()
-            for g in others:
-                pair -= self.pair[g]
-        else:
-            pair = self._sum(chosen)
-        return Totals(pair, self.latent[groups].sum(0), int(self.rows[groups].sum()))
+    def over(self, groups: Tensor, dense: bool = True) -> Totals:
+        """The counts summed over the row groups where the (G,) bool mask is set; with `dense` False, no pair table
+        but an index that counts the pairs asked for (measuring a tree's links on a small part)."""
+        latent, rows = self.latent[groups].sum(0), int(self.rows[groups].sum())
+        if not dense:
+            return Totals(None, latent, rows, PairIndex(self.sp.subset(groups[self.row_group])))
+        return Totals(self._table(groups), latent, rows)
 
-    def _sum(self, groups) -> Tensor:
-        # int32 throughout (a count is at most the rows): one group at a time, in place, no copy of the tables
-        pair = torch.zeros(self.pair.shape[1:], dtype=torch.int32)
-        for g in groups:
-            pair += self.pair[g]
-        return pair
+    def _table(self, groups: Tensor) -> Tensor:
+        # Made over the chosen rows when they are at most half of all rows, else as every row's table less the
+        # other rows'. The returned table may be shared: callers read it, never write it.
+        chosen = frozenset(groups.nonzero().squeeze(1).tolist())
+        others = frozenset(range(groups.numel())) - chosen
+        if self._kept is not None and self._kept[0] == chosen:
+            return self._kept[1]
+        if not others:
+            return self._every_row()
+        if self._kept is None or self._kept[0] != others:
+            direct = 2 * int(self.rows[groups].sum()) <= int(self.rows.sum())
+            made = groups if direct else ~groups
+            self._kept = (chosen if direct else others,
+                          pair_table(self.sp.subset(made[self.row_group]), self.widths, self.parent_block))
+            if direct:
+                return self._kept[1]
+        return self._every_row() - self._kept[1]
 
-
-COUNTS_BUDGET_BYTES = 4 << 30
-"""The largest table of per-group pair counts validation builds (8,192 latents in four groups, 14 row groups:
-1.1 GB)."""
+    def _every_row(self) -> Tensor:
+        if self._all is None:
+            self._all = pair_table(self.sp, self.widths, self.parent_block)
+        return self._all
 
 
 def cofire_counts(sp: Sparse, row_group: Tensor, n_groups: int, widths: list[int], parent_block: int = 256) -> CofireCounts:
-    """Per-group co-firing counts of every (earlier-group parent, later-group child) pair over the rows of `sp`
-    (row_group: (n_rows,) the group of every row, in [0, n_groups)): one sparse product a block of parents, whose
-    columns are the children of every row group side by side (a child's column shifted by its row's group)."""
-    n_par, child_from = widths[-2], widths[0]
-    n_child = sp.d_sae - child_from
-    if n_groups * n_par * n_child * 4 > COUNTS_BUDGET_BYTES:
-        raise ValueError(f"per-group pair counts of {n_par:,} x {n_child:,} latents in {n_groups} row groups exceed "
-                         f"{COUNTS_BUDGET_BYTES >> 30} GB")
+    """The co-firing counts of `sp`'s rows in `n_groups` groups (row_group: (n_rows,) the group of every row, in
+    [0, n_groups)): each latent's firings per group now, pair tables of unions of groups when asked for."""
     group = row_group.long()
     latent = torch.bincount(group[sp.entry_rows()] * sp.d_sae + sp.cols.long(), minlength=n_groups * sp.d_sae)
-    table = torch.zeros(n_groups, n_par, n_child, dtype=torch.int32)
-    left = latent_major(sp, 0, n_par)
-    right = row_major(sp, child_from, col_shift=group * n_child, n_cols=n_groups * n_child)
-    right_fires = right.csr(torch.ones_like(right.val))
-    for p0 in range(0, n_par, parent_block):
-        blk = left.rows(p0, min(p0 + parent_block, n_par))
-        out = torch.sparse.mm(blk.csr(torch.ones_like(blk.val)), right_fires)
-        ptr, col = out.crow_indices(), out.col_indices()
-        parent = torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff()) + p0
-        table[col // n_child, parent, col % n_child] = out.values().round().int()
-    return CofireCounts(table, latent.view(n_groups, sp.d_sae), torch.bincount(row_group, minlength=n_groups),
-                        child_from, hierarchy.group_index(widths))
+    return CofireCounts(sp, group, list(widths), latent.view(n_groups, sp.d_sae),
+                        torch.bincount(group, minlength=n_groups), widths[0], hierarchy.group_index(widths),
+                        parent_block)
 
 
 def candidate_figures(counts: CofireCounts, link: Totals, min_cofires: int) -> dict[str, Tensor]:
@@ -270,7 +307,7 @@ def measure_on(counts: CofireCounts, held: Totals, parent: Tensor, child: Tensor
     n_c = held.latent[child]
     ok = parent >= 0
     both = torch.zeros(parent.numel(), dtype=torch.float64)
-    both[ok] = held.pair[parent[ok], child[ok] - counts.child_from].double()
+    both[ok] = held.cofires(parent[ok], child[ok], counts.child_from)
     out = both / n_c.clamp_min(1)
     return torch.where(ok, out, torch.full_like(out, float("nan"))), n_c
 
@@ -347,7 +384,8 @@ def validate_links(sp: Sparse, widths: list[int], cfg: LinkConfig, link_rows: Te
     names = [part_names[i] if part_names and i < len(part_names) else str(i) for i in range(n_parts)]
     link_groups = torch.arange(n_groups) % 2 == 0
     link, held = counts.over(link_groups), counts.over(~link_groups)
-    parts = {names[i]: counts.over(torch.arange(n_groups) == 2 * i + 1) for i in range(n_parts)} if n_parts > 1 else None
+    parts = ({names[i]: counts.over(torch.arange(n_groups) == 2 * i + 1, dense=False) for i in range(n_parts)}
+             if n_parts > 1 else None)
     rules = {f"coverage, P(p|c) >= {t:g}": LinkConfig.from_json({**cfg.to_json(), "min_coverage": t}) for t in grid}
     rules.setdefault(f"coverage, P(p|c) >= {cfg.min_coverage:g}", cfg)
     fig = candidate_figures(counts, link, cfg.min_cofires)
