@@ -343,11 +343,19 @@ def read_cfg(run_dir: Path | str) -> dict[str, Any]:
     return _read_json(Path(run_dir) / CFG_FILE)
 
 
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of `size` bytes that begins with `head` (its first 9 bytes at least) is laid out as
+    safetensors: an 8-byte little-endian header length N, then N bytes of JSON that begin with '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def refuse_pickle(path: Path) -> None:
-    """Refuse a pickle or torch.save archive where a safetensors file is expected, before anything reads it."""
+    """Refuse a pickle or torch.save archive where a safetensors file is expected, before anything reads it. A
+    safetensors file whose header is 128 bytes long modulo 256 also begins with the byte 0x80 of a binary pickle;
+    its layout tells it apart."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+    if head.startswith(_PICKLE_MAGIC) and not looks_like_safetensors(head, path.stat().st_size):
         raise SAELoadError(f"{path}: not a safetensors file (it looks like a pickle / torch.save file, never unpickled here)")
 
 

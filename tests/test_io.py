@@ -313,6 +313,20 @@ def test_broken_runs_are_refused_with_a_clear_message(tmp_path, corrupt, message
     assert not (run / "unpickled").exists()
 
 
+def test_weights_whose_header_length_begins_with_a_pickles_first_byte_still_load(tmp_path):
+    """A safetensors header of 384 bytes (0x180) makes the file begin with 0x80, a binary pickle's first byte: the
+    layout, not that byte, decides (a 16,384-latent Matryoshka run was saved so and refused)."""
+    run = saved_run(tmp_path)
+    tensors = load_file(str(run / io.WEIGHTS_FILE))
+    for pad in range(256):  # metadata of growing length until the header's length is 128 modulo 256
+        save_file(tensors, str(run / io.WEIGHTS_FILE), metadata={"pad": "x" * pad})
+        if (run / io.WEIGHTS_FILE).read_bytes()[0] == 0x80:
+            break
+    assert (run / io.WEIGHTS_FILE).read_bytes()[0] == 0x80
+    sae, _ = io.load_sae(run)
+    assert torch.equal(sae.W_enc.detach(), tensors["W_enc"])
+
+
 def test_a_directory_without_an_sae_is_refused(tmp_path):
     with pytest.raises(SAELoadError, match="holds neither sae_weights.safetensors"):
         io.load_sae(tmp_path)
