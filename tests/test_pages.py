@@ -198,7 +198,7 @@ def test_a_run_trained_elsewhere_shows_its_store_figures_and_no_alarm(env, forei
     assert any("trained elsewhere" in c.value for c in at.caption)
     table = at.dataframe[0].value.set_index("run")
     assert table["steps"].dtype == "Int64" and pd.isna(table.loc[str(foreign), "steps"])
-    assert table.loc[str(env["matryoshka"]), "steps"] == 5000
+    assert table.loc[str(env["matryoshka"]), "steps"] == Run(env["matryoshka"]).info().steps_done > 0
     for page in ("pages/1_Features.py", "pages/2_Hierarchy.py", "pages/3_Diagnostics.py"):
         at = ok(open_page(page, foreign))
         assert not at.warning and not at.error, (page, [m.value for m in (*at.warning, *at.error)])
