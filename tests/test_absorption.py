@@ -15,6 +15,8 @@ from msae.results import AbsorptionResult
 from msae.run import Run
 from msae.sae import SAE
 
+from helpers import shipped_d_sae
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "default"
 SLICE = ab.AbsorptionConfig(letters="abst", per_letter=40)
 
@@ -225,7 +227,7 @@ def test_letter_probes_beat_chance_on_the_real_model(measured):
 def test_shipped_saes_measure_within_bounds(measured, tmp_path):
     assert set(measured.saes) == {"vanilla", "matryoshka"}
     for name, result in measured.saes.items():
-        d_sae = 8192
+        d_sae = shipped_d_sae()
         assert len(result.letters) == 4
         for row in result.letters:
             assert 1 <= len(row.main_latents) <= 10
