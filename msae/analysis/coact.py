@@ -64,17 +64,13 @@ class EntryMatrix:
                                            (self.ptr.numel() - 1, self.n_cols), check_invariants=False)
 
 
-def row_major(sp: Sparse, lo: int = 0, hi: int | None = None, col_shift: Tensor | None = None,
-              n_cols: int | None = None) -> EntryMatrix:
-    """rows × (latents lo..hi-1, as 0..hi-lo-1) of `sp`; `col_shift` ((n_rows,) int64) adds to every entry of a row
-    (to count groups of rows apart in one product: the columns then number up to `n_cols`)."""
+def row_major(sp: Sparse, lo: int = 0, hi: int | None = None) -> EntryMatrix:
+    """rows × (latents lo..hi-1, as 0..hi-lo-1) of `sp`."""
     hi = sp.d_sae if hi is None else hi
     rows, cols, vals = _entries_in(sp, lo, hi)
-    if col_shift is not None:
-        cols = cols + col_shift[rows]
     ptr = torch.zeros(sp.n_rows + 1, dtype=torch.long)
     ptr[1:] = torch.bincount(rows, minlength=sp.n_rows).cumsum(0)
-    n_cols = hi - lo if n_cols is None else n_cols
+    n_cols = hi - lo
     index = _index_dtype(max(cols.numel(), n_cols))
     return EntryMatrix(ptr.to(index), cols.to(index), vals.double(), n_cols)
 
