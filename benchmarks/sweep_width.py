@@ -7,6 +7,7 @@ absorbing, and does a Matryoshka SAE of the same width then keep its parents? Wr
 
     python benchmarks/sweep_width.py --seeds 0,1,2 --widths 16384     # the seeds at one width
     python benchmarks/sweep_width.py --ship-width                     # the re-ship's WIDTHS and NARROW (ship_width)
+    python benchmarks/sweep_width.py --table                          # the JSON as README's Markdown table
 
 At every width W a Matryoshka SAE and a vanilla SAE of width W train on the same batches (one Trainer, one stream:
 TrainConfig.also_vanilla), BatchTopK with k, on the first --tokens rows of the --corpus extraction at --layer (`msae
@@ -62,7 +63,7 @@ import sweep_levels  # noqa: E402  (the layouts, resumable training, means acros
 from msae import io  # noqa: E402
 from msae.activations import CachedActivations, extract, extraction_info, read_manifest  # noqa: E402
 from msae.analysis import absorption, taxbench  # noqa: E402
-from explorer.tables import WIDTH_SWEEP_DIFFERENCES  # noqa: E402  (the paired differences' names)
+from explorer.tables import WIDTH_SWEEP_DIFFERENCES, interval_text  # noqa: E402  (the paired differences' names)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
 from msae.config import AbsorptionConfig, ExtractConfig, TaxonomyBenchConfig, TrainConfig  # noqa: E402
 from msae.lm import LoadedLM, load_lm  # noqa: E402
@@ -284,6 +285,38 @@ def pair_line(width: int, seed: int, entry: dict) -> str:
     return f"width {width} seed {seed}\n" + "\n".join(lines)
 
 
+TABLE_COLUMNS = ("width", "seed", "held-out FVU M / V", "fresh-prose FVU M / V", "dead M / V", "parent AP M",
+                 "parent AP V", "taxonomy absorption M", "taxonomy absorption V", "taxonomy absorption M − V",
+                 "member latents M / V", "first-letter absorption M", "first-letter absorption V",
+                 "first-letter absorption M − V")
+"""The columns of `markdown_table`."""
+
+
+def markdown_table(sweep: dict) -> str:
+    """A sweep (one settings' entry of the JSON) as a Markdown table for README: one row per (width, seed),
+    Matryoshka (M) beside vanilla (V); held-out FVU at full width; intervals are the JSON's 95% ones."""
+    def iv(x: dict | None) -> str:
+        return interval_text(None if x is None else Interval.from_json(x)) or "-"
+
+    def pair(entry: dict, get, fmt: str) -> str:
+        return " / ".join(format(get(entry[arch]), fmt) for arch in ARCHS)
+
+    rows = []
+    for width, seeds in sorted(sweep["runs"].items(), key=lambda item: int(item[0])):
+        for seed, e in sorted(seeds.items(), key=lambda item: int(item[0])):
+            m, v, d = e["matryoshka"], e["vanilla"], e["difference"]
+            rows.append([f"{int(width):,}", seed, pair(e, lambda a: a["quality"]["heldout_fvu"][-1], ".3f"),
+                         pair(e, lambda a: a["quality"]["fresh_fvu"], ".3f"),
+                         pair(e, lambda a: a["quality"]["dead_fraction"], ".2%"),
+                         iv(m["taxonomy"]["average_precision"]), iv(v["taxonomy"]["average_precision"]),
+                         iv(m["taxonomy"]["absorption"]), iv(v["taxonomy"]["absorption"]),
+                         iv(d["taxonomy_absorption"]), pair(e, lambda a: a["taxonomy"]["member_latents"]["mean"], ".1f"),
+                         iv(m["first_letter"]["absorption_fraction"]), iv(v["first_letter"]["absorption_fraction"]),
+                         iv(d["first_letter_absorption"])])
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionConfig, lm: LoadedLM | None = None,
                   held_in: int = bench_quality.HELD_IN_BATCHES, batch_size: int = 4096,
                   root: Path | None = None, taxonomy_cfg: TaxonomyBenchConfig = TaxonomyBenchConfig()) -> Shared:
@@ -323,10 +356,16 @@ def main() -> None:
     parser.add_argument("--ship-width", action="store_true",
                         help="train nothing: print the re-ship's settings by the stated rule (ship_width) from the "
                              "JSON at --out as shell assignments (WIDTHS=... NARROW=...), and why on stderr")
+    parser.add_argument("--table", action="store_true",
+                        help="train nothing: print the JSON at --out (the entry of these settings) as README's "
+                             "Markdown table")
     args = parser.parse_args()
-    if args.ship_width:
-        key = sweep_key(args.corpus, args.layer, args.k, args.tokens, args.batch_size)
-        sweep = json.loads(args.out.read_text())[key]
+    if args.table or args.ship_width:  # read the JSON only
+        sweep = json.loads(args.out.read_text())[sweep_key(args.corpus, args.layer, args.k, args.tokens,
+                                                           args.batch_size)]
+        if args.table:
+            print(markdown_table(sweep))
+            return
         width, why = ship_width(sweep)
         widths = LAYOUT.widths(width)
         print(f"WIDTHS={','.join(map(str, widths))} NARROW={widths[2]}")

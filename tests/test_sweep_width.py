@@ -186,6 +186,23 @@ def test_the_figure_draws_both_architectures_with_their_intervals(swept):
     assert table["taxonomy absorption M − V"][0] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
 
+def test_the_readme_table_has_a_row_per_pair_with_the_json_figures(swept):
+    sweep = swept["sweep"]
+    lines = sweep_width.markdown_table(sweep).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == list(sweep_width.TABLE_COLUMNS)
+    rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert [(r["width"], r["seed"]) for r in rows] == [(f"{w:,}", str(s)) for w in WIDTHS for s in SEEDS]
+    for row, width in zip(rows, WIDTHS):
+        e = sweep["runs"][str(width)]["0"]
+        assert row["held-out FVU M / V"] == " / ".join(f"{e[a]['quality']['heldout_fvu'][-1]:.3f}"
+                                                       for a in sweep_width.ARCHS)
+        d = e["difference"]["taxonomy_absorption"]
+        assert row["taxonomy absorption M − V"] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+        v = e["vanilla"]["first_letter"]["absorption_fraction"]
+        assert row["first-letter absorption V"] == f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+
 def _difference(mean: float, low: float, high: float) -> dict:
     return {"difference": {"taxonomy_absorption": {"mean": mean, "low": low, "high": high, "n": 60}}}
 
