@@ -281,7 +281,9 @@ def width_sweep_figure(sweep: Mapping) -> go.Figure:
                 mode="markers", name=arch, legendgroup=arch, showlegend=col == 1, marker=dict(color=colour, size=9),
                 row=1, col=col,
                 hovertemplate=f"{arch}<br>width %{{x:,}} seed %{{customdata}}<br>%{{y:.3f}}<extra></extra>")
-        fig.update_xaxes(type="log", title_text="latents", row=1, col=col)
+        widths = sorted({w for w, _s, _e in pairs})
+        fig.update_xaxes(type="log", title_text="latents", tickvals=widths, ticktext=[f"{w:,}" for w in widths],
+                         row=1, col=col)
         fig.update_yaxes(title_text="absorption (lower is better)", rangemode="tozero", row=1, col=col)
     fig.update_layout(height=400, margin=dict(t=50, b=40), title="absorption against dictionary width (95% intervals)")
     return fig

@@ -180,6 +180,8 @@ def test_the_figure_draws_both_architectures_with_their_intervals(swept):
         assert list(trace["y"]) == pytest.approx([x["mean"] for x in shown])
         assert list(trace["error_y"]["array"]) == pytest.approx([x["high"] - x["mean"] for x in shown])
         assert list(trace["error_y"]["arrayminus"]) == pytest.approx([x["mean"] - x["low"] for x in shown])
+    for axis in ("xaxis", "xaxis2"):  # a tick at each measured width, on a log axis
+        assert fig["layout"][axis]["type"] == "log" and list(fig["layout"][axis]["tickvals"]) == WIDTHS
     table = width_sweep_differences(sweep)
     assert list(table["width"]) == WIDTHS
     d = sweep["runs"][str(WIDTHS[0])]["0"]["difference"]["taxonomy_absorption"]
