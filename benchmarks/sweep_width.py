@@ -24,8 +24,9 @@ after every pair, holds under a key naming the sweep's settings, per width and s
 - per SAE: held-out FVU per nested width, per corpus part and on fresh prose, L0, each group's share of it, the
   last group's alive share, θ against BatchTopK, dead fraction (benchmarks/bench_quality.py's `measure`);
 - per SAE, the taxonomy benchmark (msae.analysis.taxbench, `msae hierarchy-bench`: WordNet categories on the real
-  model): parent AP (95% interval over categories and member tokens), absorption and member-specific latents
-  (intervals over categories), and each category's figures;
+  model): parent AP (95% interval over categories and member tokens), absorption, how often a member latent fires
+  and the parent's silence where one does, and member-specific latents (intervals over categories), and each
+  category's figures;
 - per SAE, first-letter absorption (msae.analysis.absorption, `msae absorption`): the absorption fraction and the
   full-absorption rate as means over the letters used, with 95% bootstrap intervals over those letters, the main
   latents' F1 and the variants; and once per pair the validity note that code reports;
@@ -116,10 +117,13 @@ def taxonomy_figures(sae: TaxonomyBenchSAE) -> dict:
         "average_precision": interval(sae.average_precision),
         "average_precision_per_width": sae.average_precision_per_width,
         "absorption": interval(sae.absorption),
+        "member_fired": interval(sae.member_fired),
+        "absorption_given_member": interval(sae.absorption_given_member),
         "member_latents": interval(sae.member_latents),
         "labelled_latents": sae.labelled_latents,
         "categories": [{"category": c.category, "average_precision": c.average_precision, "absorption": c.absorption,
-                        "member_latents": c.member_latents} for c in sae.categories],
+                        "member_latents": c.member_latents, "member_fired": c.member_fired}
+                       for c in sae.categories],
     }
 
 
@@ -149,7 +153,8 @@ def paired_differences(bench: TaxonomyBench, letters: AbsorptionResult) -> dict:
     m, v = bench.saes
     diff = {key: interval(bench.differences[taxbench.difference_key(m.name, v.name, taxbench.DIFFERENCE_MEASURES[f])])
             for key, f in (("parent_ap", "average_precision"), ("taxonomy_absorption", "absorption"),
-                           ("member_latents", "member_latents"))}  # paired by the benchmark itself
+                           ("member_latents", "member_latents"), ("member_fired", "member_fired"),
+                           ("absorption_given_member", "absorption_given_member"))}  # paired by the benchmark
     lm_, lv = (used_letters(letters.saes[arch]) for arch in ARCHS)
     common = [letter for letter in lm_ if letter in lv]  # one set of probes: the same letters for both
     for key, i in (("first_letter_absorption", 0), ("first_letter_full_absorption", 1)):
@@ -287,7 +292,8 @@ def pair_line(width: int, seed: int, entry: dict) -> str:
 
 TABLE_COLUMNS = ("width", "seed", "held-out FVU M / V", "fresh-prose FVU M / V", "dead M / V", "parent AP M",
                  "parent AP V", "taxonomy absorption M", "taxonomy absorption V", "taxonomy absorption M − V",
-                 "member latents M / V", "first-letter absorption M", "first-letter absorption V",
+                 "member latent fires M / V", "absorption where a member latent fires M / V",
+                 "absorption where a member latent fires M − V", "member latents M / V", "first-letter absorption M", "first-letter absorption V",
                  "first-letter absorption M − V")
 """The columns of `markdown_table`."""
 
@@ -299,7 +305,10 @@ def markdown_table(sweep: dict) -> str:
         return interval_text(None if x is None else Interval.from_json(x)) or "-"
 
     def pair(entry: dict, get, fmt: str) -> str:
-        return " / ".join(format(get(entry[arch]), fmt) for arch in ARCHS)
+        return " / ".join("-" if get(entry[arch]) is None else format(get(entry[arch]), fmt) for arch in ARCHS)
+
+    def mean_of(sae: dict, name: str) -> float | None:  # None: measured before the figure existed, or no category
+        return (sae["taxonomy"].get(name) or {}).get("mean")
 
     rows = []
     for width, seeds in sorted(sweep["runs"].items(), key=lambda item: int(item[0])):
@@ -310,7 +319,9 @@ def markdown_table(sweep: dict) -> str:
                          pair(e, lambda a: a["quality"]["dead_fraction"], ".2%"),
                          iv(m["taxonomy"]["average_precision"]), iv(v["taxonomy"]["average_precision"]),
                          iv(m["taxonomy"]["absorption"]), iv(v["taxonomy"]["absorption"]),
-                         iv(d["taxonomy_absorption"]), pair(e, lambda a: a["taxonomy"]["member_latents"]["mean"], ".1f"),
+                         iv(d["taxonomy_absorption"]), pair(e, lambda a: mean_of(a, "member_fired"), ".3f"),
+                         pair(e, lambda a: mean_of(a, "absorption_given_member"), ".3f"),
+                         iv(d.get("absorption_given_member")), pair(e, lambda a: mean_of(a, "member_latents"), ".1f"),
                          iv(m["first_letter"]["absorption_fraction"]), iv(v["first_letter"]["absorption_fraction"]),
                          iv(d["first_letter_absorption"])])
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]

@@ -377,6 +377,8 @@ def coherence_text(coh) -> str:
 WIDTH_SWEEP_DIFFERENCES = {
     "parent_ap": "parent AP",
     "taxonomy_absorption": "taxonomy absorption",
+    "member_fired": "member latent fires",
+    "absorption_given_member": "absorption where a member latent fires",
     "member_latents": "member latents",
     "first_letter_absorption": "first-letter absorption",
     "first_letter_full_absorption": "first-letter full absorption",
@@ -392,7 +394,7 @@ def width_sweep_differences(sweep: Mapping) -> pd.DataFrame:
         for seed, entry in sorted(seeds.items(), key=lambda item: int(item[0])):
             diff = entry["difference"]
             rows.append({"width": int(width), "seed": int(seed),
-                         **{f"{name} M − V": interval_text(Interval.from_json(diff[key]) if diff[key] else None)
+                         **{f"{name} M − V": interval_text(Interval.from_json(diff[key]) if diff.get(key) else None)
                             for key, name in WIDTH_SWEEP_DIFFERENCES.items()}})
     return pd.DataFrame(rows)
 
@@ -512,7 +514,10 @@ def taxonomy_table(bench: TaxonomyBench) -> pd.DataFrame:
         rows.append({"SAE": b.name, "parent AP (held out)": interval_text(b.average_precision),
                      "AP per nested width": ", ".join("-" if v is None else f"{v:.3f}"
                                                       for v in b.average_precision_per_width),
-                     "absorption": interval_text(b.absorption), "member latents per category": interval_text(b.member_latents),
+                     "absorption": interval_text(b.absorption),
+                     "member latent fires": interval_text(b.member_fired),
+                     "absorption where a member latent fires": interval_text(b.absorption_given_member),
+                     "member latents per category": interval_text(b.member_latents),
                      "labelled latents": b.labelled_latents, "link precision": interval_text(b.link_precision),
                      "link precision, null": interval_text(b.link_null),
                      "links measured": b.link_precision.n if b.link_precision else 0,

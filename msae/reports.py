@@ -116,7 +116,9 @@ def format_taxonomy_bench(result: TaxonomyBench) -> str:
     for b in result.saes:
         widths = ", ".join("-" if v is None else f"{v:.3f}" for v in b.average_precision_per_width)
         lines.append(f"  {b.name}: parent AP {iv(b.average_precision)} (per width: {widths}); absorption "
-                     f"{iv(b.absorption)}; member latents/category {iv(b.member_latents)}; labelled latents "
+                     f"{iv(b.absorption)} (a member latent fires on {iv(b.member_fired)}; where it does, the parent is "
+                     f"silent on {iv(b.absorption_given_member)}); member latents/category {iv(b.member_latents)}; "
+                     f"labelled latents "
                      f"{b.labelled_latents}; link precision {iv(b.link_precision)} vs null {iv(b.link_null)} "
                      f"(n {b.link_precision.n if b.link_precision else 0}), over the DAG {iv(b.dag_link_precision)} "
                      f"vs null {iv(b.dag_link_null)} (n {b.dag_link_precision.n if b.dag_link_precision else 0})")

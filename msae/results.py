@@ -516,6 +516,10 @@ class CategoryResult(Record):
     """Share of held-out member occurrences where it is silent and a member-specific latent fires instead."""
     member_latents: int
     """Latents specific to one member token (splitting)."""
+    member_fired: float | None = None
+    """Share of held-out member occurrences where a latent specific to the member's own token fires, whether or not
+    the parent does: how much room absorption has (absorption / member_fired is the parent's silence where a member
+    latent fires). None in results made before it was measured."""
 
 
 @dataclass
@@ -543,6 +547,11 @@ class TaxonomyBenchSAE(Record):
     tree's one parent per child: more labelled pairs than the tree alone."""
     dag_link_null: Interval | None = None
     """Its null, as link_null."""
+    member_fired: Interval | None = None
+    """Mean over categories of CategoryResult.member_fired (None in results made before it was measured)."""
+    absorption_given_member: Interval | None = None
+    """Mean over the categories with member_fired > 0 of absorption / member_fired: where a member latent fires, the
+    share of occurrences on which the parent is silent. Absorption separated from how many member latents there are."""
 
 
 @dataclass

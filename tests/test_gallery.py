@@ -99,8 +99,22 @@ def test_benchmark_writes_every_category_for_both_saes(made):
         assert d.n == result.categories and d.low <= d.mean <= d.high
         assert d.mean == pytest.approx(sum(getattr(a, field) - getattr(b, field)
                                            for a, b in zip(m.categories, v.categories)) / result.categories)
+    for b in result.saes:  # absorption split into how often a member latent fires and the parent's silence then
+        assert all(r.absorption <= r.member_fired <= 1 for r in b.categories)
+        assert b.member_fired.mean == pytest.approx(sum(r.member_fired for r in b.categories) / result.categories)
+        given = [r.absorption / r.member_fired for r in b.categories if r.member_fired > 0]
+        assert (b.absorption_given_member is None) == (not given)
+        if given:
+            assert b.absorption_given_member.n == len(given)
+            assert b.absorption_given_member.mean == pytest.approx(sum(given) / len(given))
+    both = [(a.absorption / a.member_fired) - (b.absorption / b.member_fired)
+            for a, b in zip(m.categories, v.categories) if a.member_fired > 0 and b.member_fired > 0]
+    d = result.differences.get("matryoshka - vanilla absorption where a member latent fires")
+    assert (d is None) == (not both)  # paired over the categories where a member latent fires in both
+    if both:
+        assert d.n == len(both) and d.mean == pytest.approx(sum(both) / len(both))
     report = format_taxonomy_bench(result)
-    assert "parent AP" in report and "matryoshka - vanilla" in report
+    assert "parent AP" in report and "matryoshka - vanilla" in report and "where it does, the parent" in report
 
 
 def test_benchmark_reports_each_stage_to_its_end(made):

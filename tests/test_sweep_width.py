@@ -106,9 +106,19 @@ def test_every_pair_holds_every_figure_with_intervals_around_their_points(swept)
             assert a["first_letter"]["absorption_fraction"]["n"] == len(letters) >= 1
             assert a["first_letter"]["absorption_fraction"]["mean"] == pytest.approx(sum(letters.values()) / len(letters))
         assert entry["difference"].keys() == WIDTH_SWEEP_DIFFERENCES.keys()
-        for name, x in entry["difference"].items():
-            assert x["low"] <= x["mean"] <= x["high"], (name, x)
         m, v = (entry[arch]["taxonomy"]["categories"] for arch in sweep_width.ARCHS)
+        # Absorption where a member latent fires: paired over the categories where one fires in both SAEs.
+        both = [a["absorption"] / a["member_fired"] - b["absorption"] / b["member_fired"]
+                for a, b in zip(m, v) if a["member_fired"] > 0 and b["member_fired"] > 0]
+        given = entry["difference"]["absorption_given_member"]
+        assert (given is None) == (not both)
+        if both:
+            assert given["n"] == len(both) and given["mean"] == pytest.approx(sum(both) / len(both))
+        for name, x in entry["difference"].items():
+            if x is not None or name != "absorption_given_member":
+                assert x["low"] <= x["mean"] <= x["high"], (name, x)
+        assert entry["difference"]["member_fired"]["mean"] == pytest.approx(
+            sum(a["member_fired"] - b["member_fired"] for a, b in zip(m, v)) / len(m))
         assert entry["difference"]["taxonomy_absorption"]["mean"] == pytest.approx(
             sum(a["absorption"] - b["absorption"] for a, b in zip(m, v)) / len(m))
         assert [c["category"] for c in m] == [c["category"] for c in v], "paired over the same categories"

@@ -8,7 +8,8 @@ random corpus rows the negatives. Per SAE:
 - parent recall: the latent that detects the category best on the selection half of the occurrences (even
   contexts), by average precision, and its average precision on the held-out half (odd contexts): threshold-free;
 - absorption: the share of held-out member occurrences where that latent is silent and a latent specific to the
-  member's token fires instead;
+  member's token fires instead; and its two parts: the share where such a member latent fires at all, and among
+  those, the share where the parent is silent (which does not grow with the number of member latents);
 - splitting: latents specific to one member token (at least half of their firings on it), per category;
 - labels: each latent's best category by F1 over the whole pool (labelled at F1 >= label_f1), and the precision of
   the SAE's tree links against WordNet ancestry (the parent's category is the child's or an ancestor of it),
@@ -406,7 +407,8 @@ def measure_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, se
             parent_latent=int(best), average_precision=by.ap(best, positive, held),
             recall=float(fires[pos_held].mean()) if n_pos else 0.0,
             absorption=float((pos_held & ~fires & member_fires).sum() / n_pos) if n_pos else 0.0,
-            member_latents=sum(1 for t in specific.values() if t in mine)))
+            member_latents=sum(1 for t in specific.values() if t in mine),
+            member_fired=float((pos_held & member_fires).sum() / n_pos) if n_pos else 0.0))
         if progress is not None:
             progress(len(results), len(chosen))
     labels = label_latents(sp, pool.token, tax, cfg)
@@ -420,8 +422,17 @@ def measure_sae(name: str, sae: SAE, pool: Pool, chosen: list[tuple[Category, se
         absorption=bootstrap_mean(torch.tensor([r.absorption for r in results]), seed=seed),
         member_latents=bootstrap_mean(torch.tensor([float(r.member_latents) for r in results]), seed=seed),
         labelled_latents=len(labels), link_precision=precision, link_null=null, categories=results,
-        dag_link_precision=dag_precision, dag_link_null=dag_null)
+        dag_link_precision=dag_precision, dag_link_null=dag_null,
+        member_fired=bootstrap_mean(torch.tensor([r.member_fired for r in results]), seed=seed),
+        absorption_given_member=bootstrap_mean(torch.tensor(
+            [g for g in map(absorbed_given_member, results) if g is not None]), seed=seed))
     return bench, reps
+
+
+def absorbed_given_member(r: CategoryResult) -> float | None:
+    """Where a member latent fires on the category's held-out occurrences, the share on which its parent latent is
+    silent (None where no member latent fires, or in a result made before member_fired was measured)."""
+    return r.absorption / r.member_fired if r.member_fired else None
 
 
 def _two_level(reps: np.ndarray, point: Sequence[float], rng: np.random.Generator) -> Interval | None:
@@ -437,7 +448,8 @@ def _two_level(reps: np.ndarray, point: Sequence[float], rng: np.random.Generato
 
 
 DIFFERENCE_MEASURES = {"average_precision": "average precision", "absorption": "absorption",
-                       "member_latents": "member latents"}
+                       "member_latents": "member latents", "member_fired": "member latent fires",
+                       "absorption_given_member": "absorption where a member latent fires"}
 """The paired differences (the run's SAE − each other one) a benchmark records, by field, as their keys name them."""
 
 
@@ -488,6 +500,14 @@ def prepare(cache: Path, lm, layer: int, tax: Taxonomy, cfg: TaxonomyBenchConfig
     return Prepared(chosen, ambiguous, ancestors, pool)
 
 
+PAIRED: dict[str, Callable[[CategoryResult], float | None]] = {
+    "absorption": lambda r: r.absorption, "member_latents": lambda r: r.member_latents,
+    "member_fired": lambda r: r.member_fired, "absorption_given_member": absorbed_given_member}
+"""The per-category figures whose paired differences resample categories (average precision also resamples
+members); a category counts where both SAEs have the figure (absorption_given_member: a member latent fires in
+both)."""
+
+
 def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
               links: dict[str, pd.DataFrame | None], cfg: TaxonomyBenchConfig = DEFAULTS,
               progress: Progress | None = None, prepared: Prepared | None = None) -> TaxonomyBench:
@@ -510,9 +530,9 @@ def run_bench(saes: dict[str, SAE], cache: Path, lm, layer: int, tax: Taxonomy,
         differences[key] = paired_difference(reps[first.name], reps[other.name],
                                              [r.average_precision for r in first.categories],
                                              [r.average_precision for r in other.categories], cfg.seed)
-        for field_ in ("absorption", "member_latents"):  # the same categories for both: resampled together
-            pairs = [float(getattr(a, field_)) - float(getattr(b, field_))
-                     for a, b in zip(first.categories, other.categories)]
+        for field_, get in PAIRED.items():  # the same categories for both, resampled together
+            values = [(get(a), get(b)) for a, b in zip(first.categories, other.categories)]
+            pairs = [float(x) - float(y) for x, y in values if x is not None and y is not None]
             differences[difference_key(first.name, other.name, DIFFERENCE_MEASURES[field_])] = bootstrap_mean(
                 torch.tensor(pairs), seed=cfg.seed)
     return TaxonomyBench(
