@@ -293,8 +293,8 @@ def pair_line(width: int, seed: int, entry: dict) -> str:
 TABLE_COLUMNS = ("width", "seed", "held-out FVU M / V", "fresh-prose FVU M / V", "dead M / V", "parent AP M",
                  "parent AP V", "taxonomy absorption M", "taxonomy absorption V", "taxonomy absorption M − V",
                  "member latent fires M / V", "absorption where a member latent fires M / V",
-                 "absorption where a member latent fires M − V", "member latents M / V", "first-letter absorption M", "first-letter absorption V",
-                 "first-letter absorption M − V")
+                 "absorption where a member latent fires M − V", "member latents M / V", "first-letter absorption M",
+                 "first-letter absorption V", "first-letter absorption M − V")
 """The columns of `markdown_table`."""
 
 

@@ -422,7 +422,8 @@ def taxonomy_difference_lines(bench: TaxonomyBench) -> list[str]:
             x = bench.differences.get(difference_key(first, other.name, measure))
             if x is None:
                 continue
-            verdict = f": {absorption_verdict(x, first, other.name)}" if measure == "absorption" else ""
+            absorbs = measure in (DIFFERENCE_MEASURES["absorption"], DIFFERENCE_MEASURES["absorption_given_member"])
+            verdict = f": {absorption_verdict(x, first, other.name)}" if absorbs else ""
             lines.append(f"**{first} − {other.name}, {measure}**: {interval_text(x)}{verdict}")
     return lines
 

@@ -572,9 +572,10 @@ class TaxonomyBench(Record):
     """Tokens left out as members of unrelated categories (polysemy)."""
     split: str
     saes: list[TaxonomyBenchSAE]
-    differences: dict[str, Interval] = field(default_factory=dict)
-    """Paired over categories, the run's SAE A against each other one B: "A - B average precision", "A - B absorption"
-    and "A - B member latents" (msae.analysis.taxbench.difference_key)."""
+    differences: dict[str, Interval | None] = field(default_factory=dict)
+    """Paired over categories, the run's SAE A against each other one B: "A - B average precision", "A - B absorption",
+    "A - B member latents", "A - B member latent fires" and "A - B absorption where a member latent fires" (None where
+    no category has a member latent firing in both; msae.analysis.taxbench.difference_key)."""
     seconds: float | None = None
     config: TaxonomyBenchConfig | None = None
     """Every size and threshold it used (None in results written before they were recorded)."""

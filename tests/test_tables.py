@@ -80,10 +80,17 @@ def test_taxonomy_differences_are_said_with_what_the_absorption_interval_says():
     bench.differences = {
         taxbench.difference_key(first, others[0], "average precision"): Interval(-0.004, -0.027, 0.021, 60),
         taxbench.difference_key(first, others[0], "absorption"): Interval(0.011, 0.006, 0.016, 60),
+        taxbench.difference_key(first, others[0], "member latent fires"): Interval(0.016, 0.011, 0.020, 60),
+        taxbench.difference_key(first, others[0], "absorption where a member latent fires"):
+            Interval(-0.042, -0.110, -0.025, 60),
         taxbench.difference_key(first, others[1], "absorption"): Interval(-0.001, -0.004, 0.002, 60),
+        taxbench.difference_key(first, others[1], "absorption where a member latent fires"): None,  # none fires in both
     }
     assert tables.taxonomy_difference_lines(bench) == [
         f"**{first} − {others[0]}, average precision**: -0.004 [-0.027, 0.021]",
         f"**{first} − {others[0]}, absorption**: 0.011 [0.006, 0.016]: {first} absorbs more than {others[0]}",
+        f"**{first} − {others[0]}, member latent fires**: 0.016 [0.011, 0.020]",
+        f"**{first} − {others[0]}, absorption where a member latent fires**: -0.042 [-0.110, -0.025]: {first} absorbs "
+        f"less than {others[0]}",
         f"**{first} − {others[1]}, absorption**: -0.001 [-0.004, 0.002]: no difference (the interval includes 0)",
     ]
