@@ -305,7 +305,8 @@ def markdown_table(sweep: dict) -> str:
         return interval_text(None if x is None else Interval.from_json(x)) or "-"
 
     def pair(entry: dict, get, fmt: str) -> str:
-        return " / ".join("-" if get(entry[arch]) is None else format(get(entry[arch]), fmt) for arch in ARCHS)
+        values = (get(entry[arch]) for arch in ARCHS)
+        return " / ".join("-" if x is None else format(x, fmt) for x in values)
 
     def mean_of(sae: dict, name: str) -> float | None:  # None: measured before the figure existed, or no category
         return (sae["taxonomy"].get(name) or {}).get("mean")

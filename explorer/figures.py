@@ -271,6 +271,7 @@ def width_sweep_figure(sweep: Mapping) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(WIDTH_SWEEP_PANELS), subplot_titles=list(WIDTH_SWEEP_PANELS.values()))
     pairs = [(int(width), int(seed), entry) for width, seeds in sweep["runs"].items() for seed, entry in seeds.items()]
     pairs.sort(key=lambda p: (p[0], p[1]))
+    widths = sorted({w for w, _s, _e in pairs})
     for col, (part, field) in enumerate(WIDTH_SWEEP_PANELS, start=1):
         for arch, colour in ARCH_COLOURS.items():
             points = [(w, s, e[arch][part][field]) for w, s, e in pairs if e[arch][part][field] is not None]
@@ -281,7 +282,6 @@ def width_sweep_figure(sweep: Mapping) -> go.Figure:
                 mode="markers", name=arch, legendgroup=arch, showlegend=col == 1, marker=dict(color=colour, size=9),
                 row=1, col=col,
                 hovertemplate=f"{arch}<br>width %{{x:,}} seed %{{customdata}}<br>%{{y:.3f}}<extra></extra>")
-        widths = sorted({w for w, _s, _e in pairs})
         fig.update_xaxes(type="log", title_text="latents", tickvals=widths, ticktext=[f"{w:,}" for w in widths],
                          row=1, col=col)
         fig.update_yaxes(title_text="absorption (lower is better)", rangemode="tozero", row=1, col=col)
