@@ -400,6 +400,7 @@ def width_sweep_differences(sweep: Mapping) -> pd.DataFrame:
 
 
 WIDTH_SWEEP_VERDICTS = {"taxonomy_absorption": "taxonomy absorption",
+                        "absorption_given_member": "absorption where a member latent fires",
                         "first_letter_absorption": "first-letter absorption"}
 """The absorption differences the Diagnostics page states in words, width by width."""
 

@@ -534,6 +534,7 @@ def test_diagnostics_shows_the_width_sweep_or_how_to_run_it(env, tmp_path, monke
     assert any("16,384 latents: Not a valid measurement" in w.value for w in at.warning)
     said = "\n".join(m.value for m in at.markdown)
     assert ("- 16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.020 [-0.024, -0.016]: Matryoshka "
+            "absorbs less than vanilla; absorption where a member latent fires -0.020 [-0.024, -0.016]: Matryoshka "
             "absorbs less than vanilla; first-letter absorption -0.020 [-0.024, -0.016]: Matryoshka absorbs less than "
             "vanilla.") in said
 

@@ -60,8 +60,10 @@ def test_width_sweep_verdicts_say_which_way_each_interval_points():
 
     sweep = {"runs": {
         "16384": {"0": {"difference": {"taxonomy_absorption": diff(-0.012, -0.02, -0.004),
+                                       "absorption_given_member": diff(-0.04, -0.11, 0.03),
                                        "first_letter_absorption": diff(0.05, -0.01, 0.1)}}},
         "4096": {"0": {"difference": {"taxonomy_absorption": diff(0.01, 0.004, 0.02),
+                                      "absorption_given_member": None,  # vanilla has no member latent
                                       "first_letter_absorption": None}}},
     }}
     lines = tables.width_sweep_verdicts(sweep)
@@ -69,7 +71,8 @@ def test_width_sweep_verdicts_say_which_way_each_interval_points():
         "4,096 latents (seed 0), Matryoshka − vanilla: taxonomy absorption 0.010 [0.004, 0.020]: Matryoshka absorbs "
         "more than vanilla.",
         "16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.012 [-0.020, -0.004]: Matryoshka "
-        "absorbs less than vanilla; first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval "
+        "absorbs less than vanilla; absorption where a member latent fires -0.040 [-0.110, 0.030]: no difference (the "
+        "interval includes 0); first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval "
         "includes 0).",
     ]
 
