@@ -7,7 +7,7 @@ absorbing, and does a Matryoshka SAE of the same width then keep its parents? Wr
 
     python benchmarks/sweep_width.py --seeds 0,1,2 --widths 16384     # the seeds at one width
     python benchmarks/sweep_width.py --ship-width                     # the re-ship's WIDTHS and NARROW (ship_width)
-    python benchmarks/sweep_width.py --table                          # the JSON as README's Markdown table
+    python benchmarks/sweep_width.py --table                          # the JSON as README's Markdown tables
 
 At every width W a Matryoshka SAE and a vanilla SAE of width W train on the same batches (one Trainer, one stream:
 TrainConfig.also_vanilla), BatchTopK with k, on the first --tokens rows of the --corpus extraction at --layer (`msae
@@ -33,7 +33,8 @@ after every pair, holds under a key naming the sweep's settings, per width and s
 - the paired differences Matryoshka − vanilla: parent AP resampling categories and members, the others resampling
   the same categories (or letters) for both.
 Every (W, seed) with both SAEs measured also lands in "by_width": the mean and standard deviation (ddof 1) of the
-main figures across the width's seeds. Each pair's files also get the results: matryoshka/hierarchy_bench.json and
+main figures across the width's seeds, and of each paired difference, with how many seeds' intervals exclude 0 on
+either side (`--table` prints them where a width has two seeds or more). Each pair's files also get the results: matryoshka/hierarchy_bench.json and
 matryoshka/absorption.json, as `msae hierarchy-bench` and `msae absorption` write them.
 
 Duration on 2 quiet CPU cores (estimates from step times, not a measurement of this sweep; README's Benchmarks
@@ -202,13 +203,24 @@ SPREAD = {
 
 
 def by_width(runs: dict[str, dict[str, dict]]) -> dict:
-    """Per width and architecture, the mean and standard deviation across seeds of the SPREAD figures."""
+    """Per width and architecture, the mean and standard deviation across seeds of the SPREAD figures; per width,
+    those of each paired difference's mean (None where a seed has none) and how many seeds' 95% intervals lie
+    entirely above 0 and entirely below it."""
     out = {}
     for width, seeds in runs.items():
         out[width] = {"seeds": sorted(seeds, key=int)}
         for arch in ARCHS:
             values = [{name: get(entry[arch]) for name, get in SPREAD.items()} for entry in seeds.values()]
             out[width][arch] = dict(zip(("mean", "std"), sweep_levels.mean_std(values)))
+        diffs = [{key: (entry["difference"].get(key) or {}).get("mean") for key in WIDTH_SWEEP_DIFFERENCES}
+                 for entry in seeds.values()]
+        out[width]["difference"] = dict(zip(("mean", "std"), sweep_levels.mean_std(diffs)))
+        out[width]["difference"]["seeds_above_0"] = {
+            key: sum(1 for e in seeds.values() if (e["difference"].get(key) or {}).get("low", 0) > 0)
+            for key in WIDTH_SWEEP_DIFFERENCES}
+        out[width]["difference"]["seeds_below_0"] = {
+            key: sum(1 for e in seeds.values() if (e["difference"].get(key) or {}).get("high", 0) < 0)
+            for key in WIDTH_SWEEP_DIFFERENCES}
     return out
 
 
@@ -325,8 +337,32 @@ def markdown_table(sweep: dict) -> str:
                          iv(d.get("absorption_given_member")), pair(e, lambda a: mean_of(a, "member_latents"), ".1f"),
                          iv(m["first_letter"]["absorption_fraction"]), iv(v["first_letter"]["absorption_fraction"]),
                          iv(d["first_letter_absorption"])])
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return _markdown(TABLE_COLUMNS, rows)
+
+
+def _markdown(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def spread_table(sweep: dict) -> str | None:
+    """Across the seeds of each width measured at more than one: every paired difference Matryoshka − vanilla as the
+    mean ± standard deviation of the seeds' means, and how many seeds' 95% intervals lie above 0 and below it, as a
+    Markdown table (None when no width has two seeds)."""
+    spread = by_width(sweep["runs"])
+    rows = []
+    for width, s in sorted(spread.items(), key=lambda item: int(item[0])):
+        if len(s["seeds"]) < 2:
+            continue
+        d, cells = s["difference"], []
+        for key in WIDTH_SWEEP_DIFFERENCES:
+            mean, std = d["mean"][key], d["std"][key]
+            cells.append("-" if mean is None else f"{mean:+.3f} ± {std:.3f} ({d['seeds_above_0'][key]} above 0, "
+                                                  f"{d['seeds_below_0'][key]} below)")
+        rows.append([f"{int(width):,}", ", ".join(s["seeds"]), *cells])
+    if not rows:
+        return None
+    return _markdown(("width", "seeds", *(f"{label} M − V" for label in WIDTH_SWEEP_DIFFERENCES.values())), rows)
 
 
 def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionConfig, lm: LoadedLM | None = None,
@@ -377,6 +413,10 @@ def main() -> None:
                                                            args.batch_size)]
         if args.table:
             print(markdown_table(sweep))
+            spread = spread_table(sweep)
+            if spread:
+                print("\nAcross seeds (mean ± standard deviation of the seeds' paired differences):\n")
+                print(spread)
             return
         width, why = ship_width(sweep)
         widths = LAYOUT.widths(width)

@@ -5,6 +5,7 @@ Diagnostics page."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -213,6 +214,33 @@ def test_the_readme_table_has_a_row_per_pair_with_the_json_figures(swept):
         assert row["taxonomy absorption M − V"] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
         v = e["vanilla"]["first_letter"]["absorption_fraction"]
         assert row["first-letter absorption V"] == f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+
+def test_the_spread_across_seeds_counts_the_seeds_whose_interval_excludes_0(swept):
+    """With three seeds at a width (the measured pair copied, its differences moved), by_width and the README's
+    across-seeds table give each paired difference's mean ± standard deviation over the seeds and how many seeds'
+    intervals lie above and below 0; a width with one seed gets no row."""
+    sweep = copy.deepcopy(swept["sweep"])
+    assert sweep_width.spread_table(sweep) is None, "one seed per width: nothing to spread"
+    width = str(WIDTHS[1])
+    base = sweep["runs"][width]["0"]
+    for seed, (mean, low, high) in {"0": (0.01, 0.004, 0.016), "1": (0.02, 0.01, 0.03),
+                                    "2": (-0.01, -0.02, -0.001)}.items():
+        entry = copy.deepcopy(base)
+        entry["difference"]["taxonomy_absorption"] = {"mean": mean, "low": low, "high": high, "n": 60}
+        entry["difference"]["absorption_given_member"] = None if seed == "2" else entry["difference"]["parent_ap"]
+        sweep["runs"][width][seed] = entry
+    spread = sweep_width.by_width(sweep["runs"])[width]["difference"]
+    assert spread["mean"]["taxonomy_absorption"] == pytest.approx(0.02 / 3)
+    assert spread["std"]["taxonomy_absorption"] == pytest.approx(0.01527525, abs=1e-7)
+    assert spread["seeds_above_0"]["taxonomy_absorption"] == 2 and spread["seeds_below_0"]["taxonomy_absorption"] == 1
+    assert spread["mean"]["absorption_given_member"] is None, "a seed without the figure: no mean"
+    lines = sweep_width.spread_table(sweep).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    assert [(r["width"], r["seeds"]) for r in rows] == [(f"{WIDTHS[1]:,}", "0, 1, 2")]
+    assert rows[0]["taxonomy absorption M − V"] == "+0.007 ± 0.015 (2 above 0, 1 below)"
+    assert rows[0]["absorption where a member latent fires M − V"] == "-"
 
 
 def _difference(mean: float, low: float, high: float) -> dict:
