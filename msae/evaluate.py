@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from msae.activations import CachedActivations, heldout_contexts, read_manifest, row_parts
+from msae.io import atomic_save_safetensors
 from msae.lm import LoadedLM, decoder_layers
 from msae.results import EvalResult, PartFVU
 from msae.train import group_l0
@@ -18,6 +19,9 @@ from msae.run import Run
 from msae.sae import SAE
 
 
+HELDOUT_CONTEXTS_FILE = "heldout_contexts.safetensors"
+"""Beside eval.json: the token ids of the held-out contexts its CE loss was measured on, so that another tool (SAEBench,
+tests/test_interop.py) can run the same text without the corpus or the activation cache."""
 FREQ_QUANTILES = (0.1, 0.5, 0.9)
 ALIVE_RATE = 1e-5
 """A latent counts as alive when it fires on at least this share of rows (once per 100k tokens)."""
@@ -142,14 +146,24 @@ def ce_loss_recovered(lm: LoadedLM, sae: SAE, context_tokens: Tensor, layer: int
     return {"tokens": count, "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_loss_recovered": recovered}
 
 
+def spread_rows(x: Tensor, n: int) -> Tensor:
+    """`n` rows of `x` evenly spaced from its first to its last (all of them when it has at most `n`)."""
+    if x.shape[0] <= n:
+        return x
+    if n == 1:
+        return x[:1]
+    return x[[round(j * (x.shape[0] - 1) / (n - 1)) for j in range(n)]]
+
+
 def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int = 64) -> EvalResult:
     """Held-out metrics of the run at `run_dir` on the held-out shard of `cache` (the one it was trained on), with
-    CE loss recovered on the first `n_contexts` held-out contexts; written to the run's eval.json.
+    CE loss recovered on `n_contexts` held-out contexts spread evenly over the shard; written to the run's eval.json,
+    and those contexts' token ids to HELDOUT_CONTEXTS_FILE beside it.
 
     Raises ValueError when the cache holds nothing out (a single shard)."""
     run = Run(run_dir)
     heldout = CachedActivations(cache, heldout=True)
-    contexts = heldout_contexts(cache)[:n_contexts]
+    contexts = spread_rows(heldout_contexts(cache), n_contexts)
     layer = read_manifest(cache).layer
     # The encoder in the model's precision: one setting for the forward and the SAE.
     sae = run.load_sae(device=lm.device, precision="bfloat16" if lm.dtype == torch.bfloat16 else "float32")
@@ -157,4 +171,6 @@ def evaluate_run(run_dir: Path | str, cache: Path, lm: LoadedLM, n_contexts: int
     result = dataclasses.replace(result, layer=layer, parts=fvu_by_part(sae, heldout),
                                  **ce_loss_recovered(lm, sae, contexts, layer))
     run.write_result(result)
+    atomic_save_safetensors({"context_tokens": contexts.to(torch.int32).contiguous()},
+                            Path(run_dir) / HELDOUT_CONTEXTS_FILE)
     return result

@@ -477,20 +477,31 @@ def heldout_sample(run: Path, n: int, bos: int, tokenizer) -> torch.Tensor:
     spaced over it, each as SAEBench's pretokenized contexts begin: the tokenizer's BOS, then the context's first
     ctx_len - 1 tokens.
 
-    The corpus is read again as extraction read it (msae.corpus.contexts, in corpus order); the held-out shard is
-    the extraction's last, so its last ceil(rows / (ctx_len - 1)) contexts are held out whatever the shard's size."""
+    From the held-out contexts eval.json's CE loss ran on, saved beside it (msae.evaluate.HELDOUT_CONTEXTS_FILE), the
+    full-length ones. A run evaluated before that file existed: the corpus is read again as extraction read it
+    (msae.corpus.contexts, in corpus order); the held-out shard is the extraction's last, so its last
+    ceil(rows / (ctx_len - 1)) contexts are held out whatever the shard's size."""
     from msae import corpus
     from msae.activations import corpus_provenance
+    from msae.evaluate import HELDOUT_CONTEXTS_FILE
 
     _, cfg = io.load_sae(run)
     extraction = cfg["msae"]["extraction"]
-    here = dataclasses.asdict(corpus_provenance("builtin"))["sources"]
+    if (run / HELDOUT_CONTEXTS_FILE).exists():
+        saved = load_file(str(run / HELDOUT_CONTEXTS_FILE))["context_tokens"]
+        full = [row.tolist() for row in saved if bool((row >= 0).all())]
+        assert len(full) >= n, f"{len(full)} full held-out contexts in {HELDOUT_CONTEXTS_FILE}"
+        picked = [full[round(j * (len(full) - 1) / (n - 1))] for j in range(n)]
+        return torch.tensor([[bos, *ids[: extraction["ctx_len"] - 1]] for ids in picked])
+    kind = extraction["corpus"]["kind"]
+    here = dataclasses.asdict(corpus_provenance(kind))["sources"]
     if here != extraction["corpus"]["sources"]:
-        pytest.skip(f"the built-in corpus here is not the one {run.name} was extracted from ({corpus.missing_note() or 'other content'})")
+        pytest.skip(f"the {kind} corpus here is not the one {run.name} was extracted from "
+                    f"({corpus.missing_note(kind) or 'other content'})")
     ctx_len, last = extraction["ctx_len"], extraction["contexts"]
     first = last - math.ceil(json.loads((run / "eval.json").read_text())["rows"] / (ctx_len - 1))
     held = []
-    for i, (ids, _doc) in enumerate(corpus.contexts(corpus.builtin_documents(), tokenizer, ctx_len)):
+    for i, (ids, _doc) in enumerate(corpus.contexts(corpus.documents(kind), tokenizer, ctx_len)):
         if i >= last:
             break
         if i >= first and len(ids) == ctx_len:

@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from msae import corpus as corpus_mod
 from msae import lm as lm_mod
 from msae.activations import (MANIFEST, OLD_MANIFEST, SHARD_TENSORS, CachedActivations, cache_root, extract,
-                              has_manifest, iter_shards, read_manifest, read_shard)
+                              has_manifest, heldout_contexts, iter_shards, read_manifest, read_shard)
 from msae.analysis.analyze import find_cache
 from msae.config import ExtractConfig
 from msae.cli import main as cli_main
 from msae.corpus import CorpusError, file_documents, strip_wiki_markup
-from msae.evaluate import evaluate_run
+from msae.evaluate import HELDOUT_CONTEXTS_FILE, evaluate_run, spread_rows
 from msae.io import load_sae, save_sae, sha256_file
 from msae.lm import BUILTIN, builtin_model_dir, decoder_layers, load_lm, residual_after
 from msae.run import Run
@@ -338,6 +339,14 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(lm, text_file, tmp_path, monkeyp
     assert held["parts"][0]["fvu"] == pytest.approx(held["fvu"][-1], rel=1e-4), "one part: its FVU is the whole's"
     assert held["ce_clean"] < held["ce_sae"] < held["ce_zero"], "a barely trained SAE sits between clean and zero"
     assert "CE loss recovered" in capsys.readouterr().out
+    # the held-out contexts the CE loss ran on, spread over the held-out shard, beside eval.json
+    cache = cache_root() / Run(tmp_path / "run" / "matryoshka").info().extraction.cache_id
+    every = heldout_contexts(cache)
+    with safe_open(str(tmp_path / "run" / "matryoshka" / HELDOUT_CONTEXTS_FILE), framework="pt") as f:
+        saved = f.get_tensor("context_tokens")
+    assert saved.dtype == torch.int32 and saved.shape == (min(4, every.shape[0]), every.shape[1])
+    assert torch.equal(saved[0], every[0].to(torch.int32)) and torch.equal(saved[-1], every[-1].to(torch.int32))
+    assert all(any(torch.equal(row, e.to(torch.int32)) for e in every) for row in saved)
 
     # a float16 copy (how the shipped runs are stored) evaluates like the float32 run it came from
     sae, cfg = load_sae(tmp_path / "run" / "matryoshka")
@@ -347,6 +356,13 @@ def test_msae_train_end_to_end_on_a_tiny_corpus(lm, text_file, tmp_path, monkeyp
     assert half.rows == held["rows"] and half.fvu == pytest.approx(held["fvu"], abs=2e-3)
     assert half.ce_sae == pytest.approx(held["ce_sae"], abs=2e-2)
     assert json.loads((tmp_path / "half" / "eval.json").read_text())["fvu"] == pytest.approx(half.fvu)
+
+
+def test_spread_rows_takes_evenly_spaced_rows_from_first_to_last():
+    x = torch.arange(10)[:, None]
+    assert spread_rows(x, 4)[:, 0].tolist() == [0, 3, 6, 9]
+    assert spread_rows(x, 10)[:, 0].tolist() == list(range(10)) and spread_rows(x, 50).shape == (10, 1)
+    assert spread_rows(x, 1)[:, 0].tolist() == [0]
 
 
 def test_contexts_never_cross_documents(lm):
