@@ -322,10 +322,16 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
 
 
 class _ShardWriter:
-    """Accumulates kept rows and writes them as a shard (then the manifest), each file atomically."""
+    """Accumulates kept rows and writes them as a shard (then the manifest), each file atomically.
 
-    def __init__(self, cache: Path, manifest: CacheManifest, dtype: torch.dtype):
-        self.cache, self.manifest, self.dtype = cache, manifest, dtype
+    The cache's last shard is held out, so the last flush of an extraction does not leave a sliver there: rows
+    fewer than half a shard join the shard before them (written again under a new name, the manifest pointed at it,
+    then the old file removed; a stop in between leaves the old shard and manifest intact), unless that would leave
+    a single shard, and nothing held out. The last shard then holds from half a shard to one and a half, and the
+    cache exactly the rows extracted."""
+
+    def __init__(self, cache: Path, manifest: CacheManifest, dtype: torch.dtype, shard_rows: int):
+        self.cache, self.manifest, self.dtype, self.shard_rows = cache, manifest, dtype, shard_rows
         self.parts: dict[str, list[Tensor]] = {"activations": [], "token_ids": [], "context": [], "position": []}
         self.contexts: list[Tensor] = []
         self.context_docs: list[Tensor] = []
@@ -346,25 +352,39 @@ class _ShardWriter:
         for k, v in dropped.items():
             self.pending_dropped[k] += v
 
-    def flush(self, exhausted: bool = False) -> None:
+    def flush(self, exhausted: bool = False, last: bool = False) -> None:
+        """Writes the pending rows as a shard, or with `last` (the extraction's end) as part of the shard before
+        them when they are fewer than half a shard and two shards or more were written before."""
         # Made at the first write, so an extraction that fails before it leaves no empty cache directory behind.
         self.cache.mkdir(parents=True, exist_ok=True)
         m = self.manifest
+        replaced = None
         if self.pending_rows:
-            name = f"shard_{len(m.shards):05d}.safetensors"
             tensors = {k: torch.cat(v) for k, v in self.parts.items()}
             tensors["context_tokens"] = torch.cat(self.contexts)
             tensors["context_doc"] = torch.cat(self.context_docs)
             tensors["context_part"] = torch.cat(self.context_parts)
             tensors["context_start"] = torch.tensor([m.contexts_done], dtype=torch.long)
+            before = read_shard(self.cache, m.shards[-1], SHARD_TENSORS) if (
+                last and len(m.shards) >= 2 and self.pending_rows < self.shard_rows // 2) else {}
+            if before.keys() == set(SHARD_TENSORS):  # not a shard written before every tensor existed
+                replaced, kept = m.shards.pop(), tensors
+                tensors = {k: before[k] if k == "context_start" else torch.cat([before[k], kept[k]]) for k in kept}
+                rows, contexts = replaced.rows + self.pending_rows, replaced.contexts + self.pending_contexts
+                name = f"shard_{len(m.shards):05d}_{rows}.safetensors"
+            else:
+                rows, contexts = self.pending_rows, self.pending_contexts
+                name = f"shard_{len(m.shards):05d}.safetensors"
             io.atomic_save_safetensors(tensors, self.cache / name)
-            m.shards.append(Shard(file=name, rows=self.pending_rows, contexts=self.pending_contexts))
+            m.shards.append(Shard(file=name, rows=rows, contexts=contexts))
         m.rows += self.pending_rows
         m.contexts_done += self.pending_contexts
         for k, v in self.pending_dropped.items():
             m.dropped[k] += v
         m.exhausted = exhausted
         io.atomic_write_text(manifest_path(self.cache), json.dumps(m.to_json(), indent=1))
+        if replaced is not None and replaced.file != m.shards[-1].file:
+            (self.cache / replaced.file).unlink(missing_ok=True)
         self.parts = {k: [] for k in self.parts}
         self.contexts = []
         self.context_docs = []
@@ -500,7 +520,7 @@ def extract(
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     if cfg.corpus in corpus_mod.CORPORA and corpus_mod.missing_note(cfg.corpus) and world.main:
         print(f"note: {corpus_mod.missing_note(cfg.corpus)}")
-    writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype))
+    writer = _ShardWriter(cache, manifest, getattr(torch, cfg.cache_dtype), cfg.shard_rows)
     doc_parts: list[int] = []  # per document read so far, its part's index in manifest.parts
 
     def tracked(docs: Iterator[corpus_mod.Document]) -> Iterator[corpus_mod.Document]:
@@ -551,7 +571,7 @@ def extract(
         if world.broadcast_(torch.tensor(stopped)).item():
             break
     if world.main:
-        writer.flush(exhausted=not stopped)
+        writer.flush(exhausted=not stopped, last=True)
     bar.close()
     world.barrier()  # the other ranks read the cache only once the main rank has written it
     return cache

@@ -200,6 +200,54 @@ def test_cache_is_written_reused_and_resumed(lm, text_file, tmp_path):
             torch.testing.assert_close(want[key], got[key], atol=1e-2, rtol=1e-3)
 
 
+def assert_aligned(cache: Path) -> list[int]:
+    """Every shard's rows point at its own contexts, the shards' contexts follow one another; returns the starts."""
+    manifest = read_manifest(cache)
+    starts = []
+    for shard in manifest.shards:
+        t = read_shard(cache, shard, ["context_start", "context_tokens", "context", "position", "token_ids"])
+        start = int(t["context_start"][0])
+        ctx_tokens, context = t["context_tokens"], t["context"] - start
+        assert t["token_ids"].shape[0] == shard.rows and ctx_tokens.shape[0] == shard.contexts
+        assert context.min() >= 0 and context.max() < ctx_tokens.shape[0]
+        assert torch.equal(ctx_tokens[context, t["position"].long()], t["token_ids"]), \
+            f"{shard.file}: rows point at other contexts"
+        starts.append(start)
+    assert starts == [sum(s.contexts for s in manifest.shards[:i]) for i in range(len(starts))]
+    return starts
+
+
+def test_the_held_out_shard_is_never_a_sliver(lm, text_file, tmp_path):
+    """The cache's last shard is held out: rows left over at the end that are fewer than half a shard join the shard
+    before them (when two or more were written: one must stay held out), so the last holds from half a shard to one
+    and a half, and the cache the same rows as one written in a single shard."""
+    tokens = 250
+    single = extract(ExtractConfig(corpus=str(text_file), tokens=tokens, ctx_len=32, lm_batch=1, shard_rows=10**6,
+                                   layer=15), lm=lm, root=tmp_path / "single")
+    want = read_manifest(single)
+    merged = 0
+    for shard_rows in (60, 70, 80, 90, 100):  # one context (≤ 31 rows) a batch: a tail is often under half a shard
+        cache = extract(ExtractConfig(corpus=str(text_file), tokens=tokens, ctx_len=32, lm_batch=1,
+                                      shard_rows=shard_rows, layer=15), lm=lm, root=tmp_path / str(shard_rows))
+        m = read_manifest(cache)
+        assert (m.rows, m.contexts_done) == (want.rows, want.contexts_done)
+        assert sum(s.rows for s in m.shards) == m.rows and len(m.shards) >= 2
+        assert m.shards[-1].rows >= shard_rows // 2, f"shard_rows {shard_rows}: a held-out sliver"
+        assert sorted(p.name for p in cache.glob("*.safetensors")) == sorted(s.file for s in m.shards), \
+            "no file of a replaced shard is left"
+        assert_aligned(cache)
+        rows = torch.cat([t["token_ids"] for _i, _s, t in iter_shards(cache, ["token_ids"])])
+        assert torch.equal(rows, read_shard(single, want.shards[0], ["token_ids"])["token_ids"])
+        merged += m.shards[-1].file.count("_") == 2  # shard_NNNNN_ROWS.safetensors: the tail joined it
+    assert merged, "no shard size left a tail to join: the check above tested nothing"
+    # One shard and a short tail: the tail stays a shard of its own, or nothing would be held out.
+    cache = extract(ExtractConfig(corpus=str(text_file), tokens=tokens, ctx_len=32, lm_batch=1, shard_rows=200,
+                                  layer=15), lm=lm, root=tmp_path / "one")
+    m = read_manifest(cache)
+    assert len(m.shards) == 2 and m.shards[-1].rows < 100 and m.rows == want.rows
+    assert len(m.heldout_shards()) == 1
+
+
 def test_a_cache_grown_with_another_batch_size_keeps_rows_and_contexts_aligned(lm, text_file, tmp_path):
     # 3 contexts a batch, then 4: the second extraction starts inside one of its batches.
     first = extract(ExtractConfig(corpus=str(text_file), tokens=100, ctx_len=32, lm_batch=3, shard_rows=60, layer=15),
@@ -210,17 +258,8 @@ def test_a_cache_grown_with_another_batch_size_keeps_rows_and_contexts_aligned(l
                     lm=lm, root=tmp_path)
     assert grown == first
     manifest = read_manifest(grown)
-    starts, rows = [], 0
-    for shard in manifest.shards:
-        t = read_shard(grown, shard, ["context_start", "context_tokens", "context", "position", "token_ids"])
-        start = int(t["context_start"][0])
-        ctx_tokens, context = t["context_tokens"], t["context"] - start
-        assert context.min() >= 0 and context.max() < ctx_tokens.shape[0]
-        assert torch.equal(ctx_tokens[context, t["position"].long()], t["token_ids"]), \
-            f"{shard.file}: rows point at other contexts"
-        starts.append(start)
-        rows += shard.rows
-    assert starts == [sum(s.contexts for s in manifest.shards[:i]) for i in range(len(starts))]
+    assert_aligned(grown)
+    rows = manifest.rows
     # No context was extracted twice: the stored contexts are the corpus's, in order.
     stored = torch.cat([t["context_tokens"] for _i, _s, t in iter_shards(grown, ["context_tokens"])])
     straight = extract(ExtractConfig(corpus=str(text_file), tokens=rows, ctx_len=32, lm_batch=4, shard_rows=10**6,
