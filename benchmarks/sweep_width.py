@@ -34,8 +34,9 @@ after every pair, holds under a key naming the sweep's settings, per width and s
   the same categories (or letters) for both.
 Every (W, seed) with both SAEs measured also lands in "by_width": the mean and standard deviation (ddof 1) of the
 main figures across the width's seeds, and of each paired difference, with how many seeds' intervals exclude 0 on
-either side (`--table` prints them where a width has two seeds or more). Each pair's files also get the results: matryoshka/hierarchy_bench.json and
-matryoshka/absorption.json, as `msae hierarchy-bench` and `msae absorption` write them.
+either side (`--table` prints them where a width has two seeds or more). Each pair's files also get the results:
+matryoshka/hierarchy_bench.json and matryoshka/absorption.json, as `msae hierarchy-bench` and `msae absorption`
+write them.
 
 Duration on 2 quiet CPU cores (estimates from step times, not a measurement of this sweep; README's Benchmarks
 section gives the arithmetic): with bf16 on an Intel Xeon with AMX, about 2 h 40 min of training for the four widths
