@@ -481,18 +481,26 @@ def heldout_sample(run: Path, n: int, bos: int, tokenizer) -> torch.Tensor:
     full-length ones. A run evaluated before that file existed: the corpus is read again as extraction read it
     (msae.corpus.contexts, in corpus order); the held-out shard is the extraction's last, so its last
     ceil(rows / (ctx_len - 1)) contexts are held out whatever the shard's size."""
-    from msae import corpus
-    from msae.activations import corpus_provenance
-    from msae.evaluate import HELDOUT_CONTEXTS_FILE
+    from msae.evaluate import HELDOUT_CONTEXTS_FILE, spread_rows
 
     _, cfg = io.load_sae(run)
     extraction = cfg["msae"]["extraction"]
     if (run / HELDOUT_CONTEXTS_FILE).exists():
         saved = load_file(str(run / HELDOUT_CONTEXTS_FILE))["context_tokens"]
         full = [row.tolist() for row in saved if bool((row >= 0).all())]
-        assert len(full) >= n, f"{len(full)} full held-out contexts in {HELDOUT_CONTEXTS_FILE}"
-        picked = [full[round(j * (len(full) - 1) / (n - 1))] for j in range(n)]
-        return torch.tensor([[bos, *ids[: extraction["ctx_len"] - 1]] for ids in picked])
+    else:
+        full = _heldout_contexts_from_the_corpus(run, extraction, tokenizer)
+    assert len(full) >= n, f"{len(full)} full held-out contexts"
+    picked = spread_rows(torch.tensor(full), n)[:, : extraction["ctx_len"] - 1]
+    return torch.cat([torch.full((n, 1), bos, dtype=picked.dtype), picked], dim=1)
+
+
+def _heldout_contexts_from_the_corpus(run: Path, extraction: dict, tokenizer) -> list[list[int]]:
+    """The full-length held-out contexts of a run evaluated before HELDOUT_CONTEXTS_FILE existed, read again from the
+    corpus as extraction read it (skips when the corpus here is another one)."""
+    from msae import corpus
+    from msae.activations import corpus_provenance
+
     kind = extraction["corpus"]["kind"]
     here = dataclasses.asdict(corpus_provenance(kind))["sources"]
     if here != extraction["corpus"]["sources"]:
@@ -506,9 +514,7 @@ def heldout_sample(run: Path, n: int, bos: int, tokenizer) -> torch.Tensor:
             break
         if i >= first and len(ids) == ctx_len:
             held.append(ids)
-    assert len(held) >= n, f"{len(held)} full held-out contexts"
-    picked = [held[round(j * (len(held) - 1) / (n - 1))] for j in range(n)]
-    return torch.tensor([[bos, *ids[: ctx_len - 1]] for ids in picked])
+    return held
 
 
 def test_saebench_core_eval_of_the_shipped_runs_agrees_with_eval_json(side_python, tmp_path):
