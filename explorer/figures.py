@@ -265,23 +265,38 @@ them), and their titles."""
 ARCH_COLOURS = {"matryoshka": GROUP_COLOURS[0], "vanilla": GROUP_COLOURS[1]}
 
 
+DODGE_OCTAVES = 0.06
+"""How far apart, in octaves on the log width axis, the width sweep figure draws the points of one width."""
+
+
+def dodged_width(width: int, slot: int, slots: int) -> float:
+    """Where the width sweep figure draws point `slot` of the `slots` at `width`: centred on it, DODGE_OCTAVES
+    apart."""
+    return width * 2 ** (DODGE_OCTAVES * (slot - (slots - 1) / 2))
+
+
 def width_sweep_figure(sweep: Mapping) -> go.Figure:
     """Absorption against dictionary width for both architectures, one panel per measure: every (width, seed) a
-    point with its 95% interval (`sweep`: one settings' entry of benchmarks/results/sweep_width.json)."""
+    point with its 95% interval (`sweep`: one settings' entry of benchmarks/results/sweep_width.json). The points of
+    one width sit side by side around it (`dodged_width`), Matryoshka's seeds left of vanilla's, so that no interval
+    hides another; the hover gives the width itself."""
     fig = make_subplots(rows=1, cols=len(WIDTH_SWEEP_PANELS), subplot_titles=list(WIDTH_SWEEP_PANELS.values()))
     pairs = [(int(width), int(seed), entry) for width, seeds in sweep["runs"].items() for seed, entry in seeds.items()]
     pairs.sort(key=lambda p: (p[0], p[1]))
     widths = sorted({w for w, _s, _e in pairs})
+    seeds = {w: [s for pw, s, _e in pairs if pw == w] for w in widths}
     for col, (part, field) in enumerate(WIDTH_SWEEP_PANELS, start=1):
-        for arch, colour in ARCH_COLOURS.items():
+        for a, (arch, colour) in enumerate(ARCH_COLOURS.items()):
             points = [(w, s, e[arch][part][field]) for w, s, e in pairs if e[arch][part][field] is not None]
             fig.add_scatter(
-                x=[w for w, _s, _p in points], y=[p["mean"] for _w, _s, p in points], customdata=[s for _w, s, _p in points],
+                x=[dodged_width(w, a * len(seeds[w]) + seeds[w].index(s), len(ARCH_COLOURS) * len(seeds[w]))
+                   for w, s, _p in points],
+                y=[p["mean"] for _w, _s, p in points], customdata=[[w, s] for w, s, _p in points],
                 error_y=dict(type="data", symmetric=False, array=[p["high"] - p["mean"] for _w, _s, p in points],
                              arrayminus=[p["mean"] - p["low"] for _w, _s, p in points]),
                 mode="markers", name=arch, legendgroup=arch, showlegend=col == 1, marker=dict(color=colour, size=9),
                 row=1, col=col,
-                hovertemplate=f"{arch}<br>width %{{x:,}} seed %{{customdata}}<br>%{{y:.3f}}<extra></extra>")
+                hovertemplate=f"{arch}<br>width %{{customdata[0]:,}} seed %{{customdata[1]}}<br>%{{y:.3f}}<extra></extra>")
         fig.update_xaxes(type="log", title_text="latents", tickvals=widths, ticktext=[f"{w:,}" for w in widths],
                          row=1, col=col)
         fig.update_yaxes(title_text="absorption (lower is better)", rangemode="tozero", row=1, col=col)

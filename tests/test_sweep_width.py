@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,10 @@ def test_the_figure_draws_both_architectures_with_their_intervals(swept):
     traces = fig["data"]
     assert [t["name"] for t in traces] == ["matryoshka", "vanilla"] * 2
     for trace, (part, field) in zip(traces, [p for p in figures.WIDTH_SWEEP_PANELS for _ in range(2)]):
-        assert list(trace["x"]) == WIDTHS
+        assert [w for w, _s in trace["customdata"]] == WIDTHS  # the width itself, for the hover
+        side = -1 if trace["name"] == "matryoshka" else 1  # beside its width, not on it: no interval hides another
+        assert [(x - w) * side > 0 and abs(math.log2(x / w)) < 0.1 for x, w in zip(trace["x"], WIDTHS)] == \
+            [True] * len(WIDTHS)
         shown = [sweep["runs"][str(w)]["0"][trace["name"]][part][field] for w in WIDTHS]
         assert list(trace["y"]) == pytest.approx([x["mean"] for x in shown])
         assert list(trace["error_y"]["array"]) == pytest.approx([x["high"] - x["mean"] for x in shown])
@@ -197,6 +201,19 @@ def test_the_figure_draws_both_architectures_with_their_intervals(swept):
     assert list(table["width"]) == WIDTHS
     d = sweep["runs"][str(WIDTHS[0])]["0"]["difference"]["taxonomy_absorption"]
     assert table["taxonomy absorption M − V"][0] == f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def test_the_seeds_of_a_width_are_drawn_apart():
+    """Three seeds of one width: six points (two architectures), each at its own place around the width and in the
+    order Matryoshka's seeds, then vanilla's."""
+    figure = {"mean": 0.1, "low": 0.05, "high": 0.15}
+    entry = {arch: {part: {field: figure} for part, field in figures.WIDTH_SWEEP_PANELS} for arch in sweep_width.ARCHS}
+    sweep = {"runs": {"4096": {str(seed): entry for seed in (2, 0, 1)}}}
+    traces = figures.width_sweep_figure(sweep).to_plotly_json()["data"][:2]
+    xs = [x for trace in traces for x in trace["x"]]
+    assert xs == sorted(xs) and len(set(xs)) == 6
+    assert [s for trace in traces for _w, s in trace["customdata"]] == [0, 1, 2] * 2
+    assert xs[2] < 4096 < xs[3] and math.isclose(xs[0] * xs[5], 4096 ** 2)
 
 
 def test_the_readme_table_has_a_row_per_pair_with_the_json_figures(swept):
