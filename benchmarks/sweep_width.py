@@ -66,7 +66,7 @@ import sweep_levels  # noqa: E402  (the layouts, resumable training, means acros
 from msae import io  # noqa: E402
 from msae.activations import CachedActivations, extract, extraction_info, read_manifest  # noqa: E402
 from msae.analysis import absorption, taxbench  # noqa: E402
-from explorer.tables import WIDTH_SWEEP_DIFFERENCES, interval_text  # noqa: E402  (the paired differences' names)
+from explorer.tables import WIDTH_SWEEP_DIFFERENCES, interval_text, seed_spread  # noqa: E402  (the paired differences)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
 from msae.config import AbsorptionConfig, ExtractConfig, TaxonomyBenchConfig, TrainConfig  # noqa: E402
 from msae.lm import LoadedLM, load_lm  # noqa: E402
@@ -213,15 +213,7 @@ def by_width(runs: dict[str, dict[str, dict]]) -> dict:
         for arch in ARCHS:
             values = [{name: get(entry[arch]) for name, get in SPREAD.items()} for entry in seeds.values()]
             out[width][arch] = dict(zip(("mean", "std"), sweep_levels.mean_std(values)))
-        diffs = [{key: (entry["difference"].get(key) or {}).get("mean") for key in WIDTH_SWEEP_DIFFERENCES}
-                 for entry in seeds.values()]
-        out[width]["difference"] = dict(zip(("mean", "std"), sweep_levels.mean_std(diffs)))
-        out[width]["difference"]["seeds_above_0"] = {
-            key: sum(1 for e in seeds.values() if (e["difference"].get(key) or {}).get("low", 0) > 0)
-            for key in WIDTH_SWEEP_DIFFERENCES}
-        out[width]["difference"]["seeds_below_0"] = {
-            key: sum(1 for e in seeds.values() if (e["difference"].get(key) or {}).get("high", 0) < 0)
-            for key in WIDTH_SWEEP_DIFFERENCES}
+        out[width]["difference"] = seed_spread(seeds)  # the page's across-seeds lines read the same figures
     return out
 
 

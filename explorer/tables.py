@@ -8,6 +8,7 @@ act."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -442,6 +443,41 @@ def width_sweep_verdicts(sweep: Mapping) -> list[str]:
                     parts.append(f"{name} {interval_text(x)}: {absorption_verdict(x, 'Matryoshka', 'vanilla')}")
             if parts:
                 lines.append(f"{int(width):,} latents (seed {seed}), Matryoshka − vanilla: " + "; ".join(parts) + ".")
+    return lines
+
+
+def seed_spread(seeds: Mapping[str, Mapping]) -> dict:
+    """Across the seeds of one width of a width sweep (seed -> its entry): each paired difference's mean over the
+    seeds' means and their standard deviation (ddof 1; 0 for one seed; None where a seed lacks it), and how many
+    seeds' 95% intervals lie entirely above 0 and entirely below it."""
+    out: dict = {"mean": {}, "std": {}, "seeds_above_0": {}, "seeds_below_0": {}}
+    for key in WIDTH_SWEEP_DIFFERENCES:
+        found = [entry["difference"].get(key) or None for entry in seeds.values()]
+        means = [d["mean"] for d in found if d is not None]
+        whole = len(means) == len(found) and len(found) > 0
+        out["mean"][key] = statistics.fmean(means) if whole else None
+        out["std"][key] = (statistics.stdev(means) if len(means) > 1 else 0.0) if whole else None
+        out["seeds_above_0"][key] = sum(1 for d in found if d is not None and d["low"] > 0)
+        out["seeds_below_0"][key] = sum(1 for d in found if d is not None and d["high"] < 0)
+    return out
+
+
+def width_sweep_seed_lines(sweep: Mapping) -> list[str]:
+    """One sentence per width of a width sweep measured at two seeds or more: each absorption difference Matryoshka
+    − vanilla as the mean ± standard deviation across the seeds, and on how many seeds its interval excludes 0."""
+    lines = []
+    for width, seeds in sorted(sweep["runs"].items(), key=lambda item: int(item[0])):
+        if len(seeds) < 2:
+            continue
+        spread, parts = seed_spread(seeds), []
+        for key, name in WIDTH_SWEEP_VERDICTS.items():
+            if spread["mean"][key] is not None:
+                parts.append(f"{name} {spread['mean'][key]:+.3f} ± {spread['std'][key]:.3f} (Matryoshka more "
+                             f"absorbed on {spread['seeds_above_0'][key]} of {len(seeds)} seeds, less on "
+                             f"{spread['seeds_below_0'][key]})")
+        if parts:
+            lines.append(f"{int(width):,} latents across seeds {', '.join(sorted(seeds, key=int))}, Matryoshka − "
+                         "vanilla: " + "; ".join(parts) + ".")
     return lines
 
 

@@ -116,6 +116,10 @@ if sweeps:
     st.plotly_chart(figures.width_sweep_figure(sweeps[key]))
     st.dataframe(tables.width_sweep_differences(sweeps[key]), hide_index=True)
     st.markdown("\n".join(f"- {line}" for line in tables.width_sweep_verdicts(sweeps[key])))
+    across = tables.width_sweep_seed_lines(sweeps[key])
+    if across:
+        st.markdown("Across seeds (mean ± standard deviation of the seeds' paired differences):\n"
+                    + "\n".join(f"- {line}" for line in across))
     st.caption(f"Reading: a Matryoshka SAE and a vanilla SAE of each width trained on the same batches ({key}); "
                "taxonomy absorption is the share of a WordNet category's member occurrences where its parent latent "
                "is silent and a latent for the member's own token fires, first-letter absorption the share of a "

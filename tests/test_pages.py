@@ -2,6 +2,7 @@
 analysed over a few hundred tokens of real text): widgets in, figures' data and tables out, bad inputs answered
 with a message while the page keeps working."""
 
+import copy
 import html
 import json
 import re
@@ -520,23 +521,33 @@ def test_diagnostics_shows_the_width_sweep_or_how_to_run_it(env, tmp_path, monke
     assert any("has not been run" in i.value and "python benchmarks/sweep_width.py" in i.value for i in at.info)
     before = len(figures(at))
 
-    (tmp_path / "sweep_width.json").write_text(json.dumps({"tiny settings": width_sweep()}))
+    sweep = width_sweep()
+    second = copy.deepcopy(sweep["runs"]["16384"]["0"])  # a second seed at 16,384 whose interval includes 0
+    second["difference"] = {key: interval(-0.004, 0.006) for key in tables.WIDTH_SWEEP_DIFFERENCES}
+    sweep["runs"]["16384"]["1"] = second
+    (tmp_path / "sweep_width.json").write_text(json.dumps({"tiny settings": sweep}))
     at = ok(open_page("pages/3_Diagnostics.py", run))
     shown = figures(at)
     assert len(shown) == before + 1
     sweep = next(f for f in shown if f["layout"]["title"]["text"].startswith("absorption against dictionary width"))
     assert [t["name"] for t in sweep["data"]] == ["matryoshka", "vanilla"] * 2
-    assert sweep["data"][1]["x"] == [4096, 16384] and sweep["data"][1]["y"] == pytest.approx([0.02, 0.04])
-    assert sweep["data"][3]["error_y"]["array"] == pytest.approx([0.05, 0.05])
+    assert [list(c) for c in sweep["data"][1]["customdata"]] == [[4096, 0], [16384, 0], [16384, 1]]
+    assert len(set(sweep["data"][0]["x"] + sweep["data"][1]["x"])) == 6, "no point drawn on another"
+    assert sweep["data"][1]["y"] == pytest.approx([0.02, 0.04, 0.04])
+    assert sweep["data"][3]["error_y"]["array"] == pytest.approx([0.05, 0.05, 0.05])
     table = next(d.value for d in at.dataframe if "taxonomy absorption M − V" in d.value.columns)
-    assert list(table["width"]) == [4096, 16384]
-    assert list(table["taxonomy absorption M − V"]) == ["-0.010 [-0.014, -0.006]", "-0.020 [-0.024, -0.016]"]
+    assert list(table["width"]) == [4096, 16384, 16384]
+    assert list(table["taxonomy absorption M − V"]) == ["-0.010 [-0.014, -0.006]", "-0.020 [-0.024, -0.016]",
+                                                       "-0.004 [-0.010, 0.002]"]
     assert any("16,384 latents: Not a valid measurement" in w.value for w in at.warning)
     said = "\n".join(m.value for m in at.markdown)
     assert ("- 16,384 latents (seed 0), Matryoshka − vanilla: taxonomy absorption -0.020 [-0.024, -0.016]: Matryoshka "
             "absorbs less than vanilla; absorption where a member latent fires -0.020 [-0.024, -0.016]: Matryoshka "
             "absorbs less than vanilla; first-letter absorption -0.020 [-0.024, -0.016]: Matryoshka absorbs less than "
             "vanilla.") in said
+    assert ("- 16,384 latents across seeds 0, 1, Matryoshka − vanilla: taxonomy absorption -0.012 ± 0.011 "
+            "(Matryoshka more absorbed on 0 of 2 seeds, less on 1)") in said
+    assert "4,096 latents across seeds" not in said, "one seed: nothing to spread"
 
 
 # ---- Compare ----------------------------------------------------------------------------------------------------

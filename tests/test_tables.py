@@ -4,6 +4,7 @@ text and numbers fails there (ArrowInvalid in the server log) and the table is s
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from explorer import tables
 from msae.analysis import taxbench
@@ -74,6 +75,31 @@ def test_width_sweep_verdicts_say_which_way_each_interval_points():
         "absorbs less than vanilla; absorption where a member latent fires -0.040 [-0.110, 0.030]: no difference (the "
         "interval includes 0); first-letter absorption 0.050 [-0.010, 0.100]: no difference (the interval "
         "includes 0).",
+    ]
+
+
+def test_width_sweep_seed_lines_spread_each_difference_across_the_seeds():
+    """Mean ± standard deviation (ddof 1) of the seeds' paired differences and the seeds whose interval lies above
+    or below 0; a difference one seed lacks is left out, and a width with one seed gets no line."""
+    def diff(mean, low, high):
+        return {"mean": mean, "low": low, "high": high, "n": 60}
+
+    sweep = {"runs": {
+        "16384": {"0": {"difference": {"taxonomy_absorption": diff(0.01, 0.004, 0.016),
+                                       "absorption_given_member": diff(-0.04, -0.11, 0.03)}},
+                  "1": {"difference": {"taxonomy_absorption": diff(0.02, 0.01, 0.03),
+                                       "absorption_given_member": None}},
+                  "2": {"difference": {"taxonomy_absorption": diff(-0.01, -0.02, -0.001),
+                                       "absorption_given_member": diff(0.01, -0.05, 0.07)}}},
+        "4096": {"0": {"difference": {"taxonomy_absorption": diff(0.01, 0.004, 0.02)}}},
+    }}
+    spread = tables.seed_spread(sweep["runs"]["16384"])
+    assert spread["mean"]["taxonomy_absorption"] == pytest.approx(0.02 / 3)
+    assert spread["std"]["taxonomy_absorption"] == pytest.approx(0.01527525, abs=1e-7)
+    assert spread["mean"]["absorption_given_member"] is None and spread["std"]["absorption_given_member"] is None
+    assert tables.width_sweep_seed_lines(sweep) == [
+        "16,384 latents across seeds 0, 1, 2, Matryoshka − vanilla: taxonomy absorption +0.007 ± 0.015 (Matryoshka "
+        "more absorbed on 2 of 3 seeds, less on 1).",
     ]
 
 
