@@ -3,16 +3,18 @@ absorbing, and does a Matryoshka SAE of the same width then keep its parents? Wr
 
     python benchmarks/sweep_width.py [--widths 4096,8192,16384,32768] [--seeds 0] [--tokens 10000000]
         [--corpus large] [--layer 15] [--k 32] [--batch-size 4096] [--runs /work/sweep_width]
-        [--out benchmarks/results/sweep_width.json] [--measure-again]
+        [--out benchmarks/results/sweep_width.json] [--measure-again] [--precision auto|float32|bfloat16]
 
     python benchmarks/sweep_width.py --seeds 0,1,2 --widths 16384     # the seeds at one width
     python benchmarks/sweep_width.py --ship-width                     # the re-ship's WIDTHS and NARROW (ship_width)
-    python benchmarks/sweep_width.py --table                          # the JSON as README's Markdown tables
+    python benchmarks/sweep_width.py --table                          # every entry of the JSON as Markdown tables
 
 At every width W a Matryoshka SAE and a vanilla SAE of width W train on the same batches (one Trainer, one stream:
 TrainConfig.also_vanilla), BatchTopK with k, on the first --tokens rows of the --corpus extraction at --layer (`msae
-extract`, run first when the cache holds fewer; the model's precision is "auto", bf16 where the CPU is fast at it),
-each row read once (steps None: one pass). The Matryoshka layout is the shipped one scaled to W: 4 geometric levels
+extract`, run first when the cache holds fewer), each row read once (steps None: one pass). --precision (default
+auto: bf16 where the CPU is fast at it, msae.lm.bf16_is_fast) is the model's forward and the SAEs' encoder matmuls
+alike; a bf16 extraction is a cache of its own, so bf16 pairs land in an entry of their own (sweep_key: the settings'
+name ends in " bf16"), never beside float32 pairs, and the settings record the precision and the CPU. The Matryoshka layout is the shipped one scaled to W: 4 geometric levels
 from W/32 with balance 0.25 (benchmarks/sweep_levels.py's m4-1/32-b0.25 row; assets/make_default.sh ships it at
 8,192 as 256,816,2576,8192). Both SAEs of a pair start from the same seed, as the shipped pair does; pairs of
 different seeds are independent.
@@ -40,9 +42,11 @@ write them.
 
 Duration on 2 quiet CPU cores (estimates from step times, not a measurement of this sweep; README's Benchmarks
 section gives the arithmetic): with bf16 on an Intel Xeon with AMX, about 2 h 40 min of training for the four widths
-with one seed and two more seeds at 16,384; in float32 on an AMD EPYC without bf16 instructions, about 7 h 35 min.
-Measuring adds roughly 30 min, and extracting the rows first where the cache lacks them 35 min (bf16) to 2 h
-(float32) per 10M rows.
+with one seed and two more seeds at 16,384; in float32 on an AMD EPYC (Zen 3) without bf16 instructions, about
+7 h 35 min. On an AMD EPYC (Zen 4) with AVX-512 BF16, one-off bf16 step times (Matryoshka + vanilla, random rows:
+0.83 s at 16,384, 1.43 s at 32,768 latents) give about 34 and 58 min a pair. Measuring adds roughly 30 min, and
+extracting the rows first where the cache lacks them 35 min (bf16, AMX), 79 min (bf16, Zen 4: 2,120 rows/s,
+results/extract_amd_epyc_zen4.json) or 2 h 40 min (float32) per 10M rows.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from msae.analysis import absorption, taxbench  # noqa: E402
 from explorer.tables import WIDTH_SWEEP_DIFFERENCES, interval_text, seed_spread  # noqa: E402  (the paired differences)
 from msae.analysis.validate import bootstrap_mean  # noqa: E402
 from msae.config import AbsorptionConfig, ExtractConfig, TaxonomyBenchConfig, TrainConfig  # noqa: E402
-from msae.lm import LoadedLM, load_lm  # noqa: E402
+from msae.lm import LoadedLM, compute_dtype, cpu_description, load_lm  # noqa: E402
 from msae.results import AbsorptionResult, TaxonomyBench, Interval, RunInfo, SAEAbsorption, TaxonomyBenchSAE  # noqa: E402
 from msae.run import Run  # noqa: E402
 from msae.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
@@ -102,11 +106,15 @@ class Shared:
     absorption_cfg: AbsorptionConfig
     probed: absorption.ProbedWords
     """The first-letter words, their activations and probes."""
+    precision: str = "auto"
+    """The SAEs' encoder precision (the model's forward ran in the same: ExtractConfig.precision)."""
 
 
-def train_config(width: int, k: int, batch_size: int, seed: int) -> TrainConfig:
-    """The pair at `width`: the shipped layout and a vanilla twin on the same batches, one pass (steps None)."""
-    return dataclasses.replace(LAYOUT.train_config(width, k, None, batch_size, seed), also_vanilla=True)
+def train_config(width: int, k: int, batch_size: int, seed: int, precision: str = "auto") -> TrainConfig:
+    """The pair at `width`: the shipped layout and a vanilla twin on the same batches, one pass (steps None), the
+    encoder's matmuls in `precision`."""
+    return dataclasses.replace(LAYOUT.train_config(width, k, None, batch_size, seed), also_vanilla=True,
+                               precision=precision)
 
 
 def interval(x: Interval | None) -> dict | None:
@@ -239,15 +247,25 @@ def ship_width(sweep: dict, seed: int = 0) -> tuple[int, str]:
     return max(SHIPPABLE), f"no width where vanilla absorbs more (upper ends of Matryoshka − vanilla: {diffs})"
 
 
-def sweep_key(corpus: str, layer: int, k: int, tokens: int, batch_size: int) -> str:
-    return f"{corpus} layer{layer} k{k} tokens{tokens} batch{batch_size}"
+def sweep_key(corpus: str, layer: int, k: int, tokens: int, batch_size: int, precision: str = "float32") -> str:
+    """The JSON's entry for these settings. `precision` is the one the model's forward and the SAEs' encoders ran
+    in (resolved: float32 or bfloat16): bf16 pairs train on another cache (a bf16 extraction) with other rounding,
+    so they get an entry of their own, named with " bf16"; float32 keeps the name it had before bf16 sweeps."""
+    key = f"{corpus} layer{layer} k{k} tokens{tokens} batch{batch_size}"
+    return key if precision == "float32" else f"{key} {precision.replace('float', 'f')}"
+
+
+def resolved_precision(precision: str) -> str:
+    """float32 or bfloat16: what `precision` (auto, float32, bfloat16) means on this machine's CPU."""
+    return io.dtype_name(compute_dtype(precision, torch.device("cpu")))
 
 
 def run_sweep(widths: list[int], seeds: list[int], k: int, batch_size: int, tokens: int, shared: Shared, runs: Path,
               out_path: Path, key: str, measure_again: bool = False) -> dict:
     """Train and measure every (width, seed) pair, the JSON at `out_path` rewritten after each; returns the sweep
     (the JSON's entry at `key`)."""
-    cfgs = {(w, s): train_config(w, k, batch_size, s).for_rows(shared.source.n_rows) for w in widths for s in seeds}
+    cfgs = {(w, s): train_config(w, k, batch_size, s, shared.precision).for_rows(shared.source.n_rows)
+            for w in widths for s in seeds}
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
     sweep = out.setdefault(key, {"runs": {}})
     steps = next(iter(cfgs.values())).steps
@@ -256,9 +274,10 @@ def run_sweep(widths: list[int], seeds: list[int], k: int, batch_size: int, toke
         "passes": round(steps * batch_size / shared.source.n_rows, 4), "layout": LAYOUT.name,
         "balance": LAYOUT.balance, "checkpoint_every": sweep_levels.CHECKPOINT_EVERY, "cache": str(shared.cache),
         "cache_rows": read_manifest(shared.cache).rows, "runs": str(runs), "layer": shared.layer,
-        "fresh_text": bench_quality.FRESH_TEXT.name, "absorption": shared.absorption_cfg.to_json()}
+        "fresh_text": bench_quality.FRESH_TEXT.name, "absorption": shared.absorption_cfg.to_json(),
+        "precision": resolved_precision(shared.precision)}
     sweep["machine"] = {"cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "platform": platform.platform()}
+                        "torch": torch.__version__, "platform": platform.platform(), "cpu": cpu_description()}
     for (width, seed), cfg in cfgs.items():
         run_dir = runs / f"w{width}-s{seed}"
         print(f"width {width} seed {seed}: {run_dir}", flush=True)
@@ -375,7 +394,7 @@ def shared_inputs(ecfg: ExtractConfig, tokens: int, absorption_cfg: AbsorptionCo
                   held_in=bench_quality.held_in_batches(cache, held_in, batch_size), taxonomy=tax,
                   taxonomy_cfg=taxonomy_cfg, prepared=taxbench.prepare(cache, lm, layer, tax, taxonomy_cfg),
                   absorption_cfg=absorption_cfg,
-                  probed=absorption.probe_words(lm, layer, absorption_cfg))
+                  probed=absorption.probe_words(lm, layer, absorption_cfg), precision=ecfg.precision)
 
 
 def ints(text: str) -> list[int]:
@@ -394,33 +413,43 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/work/sweep_width"), help="where the run directories go")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sweep_width.json")
     parser.add_argument("--measure-again", action="store_true", help="measure pairs already in the JSON again")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"),
+                        help="the model's forward and the SAEs' encoder matmuls (default auto: bf16 where this CPU "
+                             "is fast at it); bf16 pairs land in an entry of their own (sweep_key). With "
+                             "--ship-width: the entry whose pairs the rule reads (default float32)")
     parser.add_argument("--ship-width", action="store_true",
                         help="train nothing: print the re-ship's settings by the stated rule (ship_width) from the "
                              "JSON at --out as shell assignments (WIDTHS=... NARROW=...), and why on stderr")
     parser.add_argument("--table", action="store_true",
-                        help="train nothing: print the JSON at --out (the entry of these settings) as README's "
-                             "Markdown table")
+                        help="train nothing: print every entry of the JSON at --out as README's Markdown tables")
     args = parser.parse_args()
-    if args.table or args.ship_width:  # read the JSON only
-        sweep = json.loads(args.out.read_text())[sweep_key(args.corpus, args.layer, args.k, args.tokens,
-                                                           args.batch_size)]
-        if args.table:
+    if args.table:  # read the JSON only
+        for key, sweep in json.loads(args.out.read_text()).items():
+            print(f"### {key} ({sweep.get('settings', {}).get('precision', 'float32')})\n")
             print(markdown_table(sweep))
             spread = spread_table(sweep)
             if spread:
                 print("\nAcross seeds (mean ± standard deviation of the seeds' paired differences):\n")
                 print(spread)
-            return
-        width, why = ship_width(sweep)
+            print()
+        return
+    if args.ship_width:
+        sweeps = json.loads(args.out.read_text())
+        key = sweep_key(args.corpus, args.layer, args.k, args.tokens, args.batch_size,
+                        resolved_precision(args.precision or "float32"))
+        if key not in sweeps:
+            sys.exit(f"{args.out} has no sweep {key!r} (it has: {', '.join(map(repr, sweeps))})")
+        width, why = ship_width(sweeps[key])
         widths = LAYOUT.widths(width)
         print(f"WIDTHS={','.join(map(str, widths))} NARROW={widths[2]}")
         print(f"shipped width {width}: {why}", file=sys.stderr)
         return
+    precision = args.precision or "auto"
     for width in args.widths:  # every setting checked before the slow part starts
-        train_config(width, args.k, args.batch_size, args.seeds[0])
-    ecfg = ExtractConfig(corpus=args.corpus, layer=args.layer, tokens=args.tokens)
+        train_config(width, args.k, args.batch_size, args.seeds[0], precision)
+    ecfg = ExtractConfig(corpus=args.corpus, layer=args.layer, tokens=args.tokens, precision=precision)
     shared = shared_inputs(ecfg, args.tokens, AbsorptionConfig(), batch_size=args.batch_size)
-    key = sweep_key(args.corpus, shared.layer, args.k, args.tokens, args.batch_size)
+    key = sweep_key(args.corpus, shared.layer, args.k, args.tokens, args.batch_size, resolved_precision(precision))
     run_sweep(args.widths, args.seeds, args.k, args.batch_size, args.tokens, shared, args.runs, args.out, key,
               args.measure_again)
 

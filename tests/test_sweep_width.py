@@ -233,6 +233,31 @@ def test_the_readme_table_has_a_row_per_pair_with_the_json_figures(swept):
         assert row["first-letter absorption V"] == f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
 
 
+def test_a_bf16_sweep_is_an_entry_of_its_own_and_the_table_prints_every_entry(swept, tmp_path):
+    """Pairs whose model and encoders ran in bf16 train on another cache with other rounding: they never land beside
+    float32 pairs. The float32 entry keeps the name the shipped JSON uses; --table prints every entry; --ship-width
+    reads the float32 entry unless told, and names the entries there are when it is missing."""
+    sweep = swept["sweep"]
+    precision = sweep_width.resolved_precision("auto")
+    assert sweep["settings"]["precision"] == precision  # what this machine ran the tiny sweep in
+    dirs = sae_dirs(swept["first"], swept["runs"] / f"w{WIDTHS[0]}-s{SEEDS[0]}")
+    assert {Run(d).info().compute_dtype for d in dirs.values()} == {precision}
+    f32 = sweep_width.sweep_key("large", 15, 32, 10_000_000, 4096)
+    assert f32 == sweep_width.sweep_key("large", 15, 32, 10_000_000, 4096, "float32")
+    assert f32 in json.loads((Path(sweep_width.__file__).parent / "results" / "sweep_width.json").read_text())
+    bf16 = sweep_width.sweep_key("large", 15, 32, 10_000_000, 4096, "bfloat16")
+    assert bf16 == f32 + " bf16"
+    out = tmp_path / "sweep_width.json"
+    out.write_text(json.dumps({bf16: sweep}))
+    script = [sys.executable, str(Path(sweep_width.__file__)), "--out", str(out)]
+    missing = subprocess.run([*script, "--ship-width"], capture_output=True, text=True)
+    assert missing.returncode != 0 and repr(f32) in missing.stderr and repr(bf16) in missing.stderr
+    out.write_text(json.dumps({f32: sweep, bf16: sweep}))
+    table = subprocess.run([*script, "--table"], capture_output=True, text=True, check=True).stdout
+    assert table.count("| width | seed |") == 2
+    assert f"### {f32} ({precision})" in table and f"### {bf16} ({precision})" in table
+
+
 def test_the_spread_across_seeds_counts_the_seeds_whose_interval_excludes_0(swept):
     """With three seeds at a width (the measured pair copied, its differences moved), by_width and the README's
     across-seeds table give each paired difference's mean ± standard deviation over the seeds and how many seeds'
