@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ import bench_quality  # noqa: E402  (the measurements, shared with benchmarks/be
 from msae.activations import cache_key, cache_path_for, extraction_info, read_manifest  # noqa: E402
 from msae.activations import CachedActivations  # noqa: E402
 from msae.config import ExtractConfig, TrainConfig  # noqa: E402
+from msae.analysis.validate import mean_std  # noqa: E402  (element-wise across seeds)
 from msae.lm import load_lm  # noqa: E402
 from msae.results import RunInfo  # noqa: E402
 from msae.run import Run, checkpoint_path, locked  # noqa: E402
@@ -160,21 +160,6 @@ def headline(result: dict) -> dict:
         "dead_fraction": result["heldout"]["dead_fraction"],
         "train_s": result["train_s"],
     }
-
-
-def mean_std(values: list) -> tuple:
-    """Element-wise mean and standard deviation (ddof 1; 0 for one value) of numbers, lists or dicts alike (None
-    where a value is missing from any of them)."""
-    first = values[0]
-    if isinstance(first, dict):
-        pairs = {key: mean_std([v[key] for v in values]) for key in first}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
-    if isinstance(first, list):
-        pairs = [mean_std(list(column)) for column in zip(*values)]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    if any(v is None for v in values):
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _fmt(values, digits: int = 3) -> str:

@@ -8,7 +8,6 @@ act."""
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -17,6 +16,7 @@ import pandas as pd
 from explorer.tree import ancestry
 from msae.config import LinkConfig
 from msae.analysis.taxbench import DIFFERENCE_MEASURES, difference_key
+from msae.analysis.validate import mean_std
 from msae.lm import builtin_of
 from msae.results import (AbsorptionResult, EvalResult, TaxonomyBench, HierarchyFigures, Interval, LinkValidation,
                           StoreManifest)
@@ -453,10 +453,7 @@ def seed_spread(seeds: Mapping[str, Mapping]) -> dict:
     out: dict = {"mean": {}, "std": {}, "seeds_above_0": {}, "seeds_below_0": {}}
     for key in WIDTH_SWEEP_DIFFERENCES:
         found = [entry["difference"].get(key) or None for entry in seeds.values()]
-        means = [d["mean"] for d in found if d is not None]
-        whole = len(means) == len(found) and len(found) > 0
-        out["mean"][key] = statistics.fmean(means) if whole else None
-        out["std"][key] = (statistics.stdev(means) if len(means) > 1 else 0.0) if whole else None
+        out["mean"][key], out["std"][key] = mean_std([d and d["mean"] for d in found]) if found else (None, None)
         out["seeds_above_0"][key] = sum(1 for d in found if d is not None and d["low"] > 0)
         out["seeds_below_0"][key] = sum(1 for d in found if d is not None and d["high"] < 0)
     return out

@@ -406,7 +406,7 @@ class ExtractConfig(Config):
     """Device for the LM: auto (CUDA when present), cpu or cuda."""
     precision: Precision = "auto"
     """Dtype of the LM's forward: auto (bfloat16 on CUDA and on CPUs with AMX or AVX-512 BF16, where it is about 4x
-    faster; float32 elsewhere), float32 or bfloat16. Part of the cache key: a bfloat16 and a float32 extraction of
+    or 2x faster; float32 elsewhere), float32 or bfloat16. Part of the cache key: a bfloat16 and a float32 extraction of
     the same text are different caches (their rows differ by about 1% of their norm)."""
 
     def validate(self) -> None:

@@ -10,6 +10,7 @@ intervals resample parents, not links: the links of one parent stand or fall tog
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -30,6 +31,21 @@ TREESAE_MIN_CHILD_FIRES = 100
 TREESAE_TOP = 5
 """Tree SAE's hierarchy score: 5 children a parent, children firing >= 100 times, both in the top 5 (their Eq. 5)."""
 SIBLING_PAIRS_MAX = 20_000
+
+
+def mean_std(values: list) -> tuple:
+    """Element-wise mean and standard deviation (ddof 1; 0 for one value) of numbers, lists or dicts alike (None
+    where a value is missing from any of them)."""
+    first = values[0]
+    if isinstance(first, dict):
+        pairs = {key: mean_std([v[key] for v in values]) for key in first}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(first, list):
+        pairs = [mean_std(list(column)) for column in zip(*values)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    if any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def bootstrap_mean(values: Tensor, reps: int = 1000, seed: int = 0) -> Interval | None:
