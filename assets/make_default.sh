@@ -6,6 +6,10 @@
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
 #
+# `finish` run again after a stop goes on where it stopped: each step that ends marks itself done in $OUT/finished/
+# with the digest of the Matryoshka weights it finished, and a plain `finish` skips the steps marked with the
+# weights there now (steps named are run whatever their mark; new weights make every mark stale).
+#
 # CORPUS, TOKENS, STEPS (empty: each training row read once), WIDTHS, NARROW, BALANCE, SEED and ANALYZE_TOKENS
 # override the settings of the runs shipped now (the defaults below), e.g. a one-pass run on the large corpus:
 #   CORPUS=large TOKENS=21000000 STEPS= OUT=/work/shipped/v3 bash assets/make_default.sh train
@@ -50,15 +54,21 @@ import shutil, sys, torch
 from pathlib import Path
 from msae.io import load_sae, save_sae
 out, narrow = Path(sys.argv[1]), sys.argv[2]
+names = ("matryoshka", "vanilla", f"vanilla-{narrow}")
+new = Path("assets/default.new")
+shutil.rmtree(new, ignore_errors=True)
+for name in names:  # every new run written beside the shipped ones first: a bad one replaces nothing
+    sae, cfg = load_sae(out / name)
+    save_sae(sae, new / name, cfg={"msae": cfg["msae"]}, dtype=torch.float16)
+    shutil.copy(out / name / "metrics.jsonl", new / name / "metrics.jsonl")
 for stale in Path("assets/default").glob("vanilla-*"):  # a narrow run of another width is not shipped beside these
     if stale.name != f"vanilla-{narrow}":
         shutil.rmtree(stale)
-for name in ("matryoshka", "vanilla", f"vanilla-{narrow}"):
-    src, dst = out / name, Path("assets/default") / name
+for name in names:
+    dst = Path("assets/default") / name
     shutil.rmtree(dst, ignore_errors=True)  # no file of the runs it replaces stays beside the new SAE
-    sae, cfg = load_sae(src)
-    save_sae(sae, dst, cfg={"msae": cfg["msae"]}, dtype=torch.float16)
-    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+    (new / name).rename(dst)
+new.rmdir()
 EOF
 }
 
@@ -96,14 +106,21 @@ finish() {
   # Every step, or the ones named (`finish analyze_v bench ...`: a stop in the middle loses only the step it hit:
   # every step after `copy` writes its files through a temporary file and a rename). About 1 h 30 min in all here; each step's
   # time is printed.
-  local steps=("$@")
-  [ ${#steps[@]} -eq 0 ] && steps=("${FINISH_STEPS[@]}")
+  local steps=("$@") named=1 weights
+  [ ${#steps[@]} -eq 0 ] && { steps=("${FINISH_STEPS[@]}"); named=0; }
+  weights=$(sha256sum "$OUT/matryoshka/sae_weights.safetensors" | cut -c1-16)
+  mkdir -p "$OUT/finished"
   for step in "${steps[@]}"; do
     [[ " ${FINISH_STEPS[*]} " == *" $step "* ]] || { echo "unknown step $step (${FINISH_STEPS[*]})" >&2; exit 2; }
+    if [ $named = 0 ] && [ "$(cut -d' ' -f1 "$OUT/finished/$step" 2>/dev/null)" = "$weights" ]; then
+      echo "== $step: done before for these weights ($(cut -d' ' -f2- "$OUT/finished/$step")), skipped"
+      continue
+    fi
     local t0=$SECONDS
     echo "== $(date +%T) $step"
     "$step"
     echo "== $step took $((SECONDS - t0)) s"
+    echo "$weights $(date -u +%FT%TZ), $((SECONDS - t0)) s" > "$OUT/finished/$step"
   done
 }
 

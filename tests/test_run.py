@@ -4,6 +4,8 @@ read and written through them, and the shipped runs record no machine's paths.""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +136,86 @@ def test_shipped_assets_stay_within_160_mb():
     issue 23, which lets a 16,384-latent pair ship in float16 with its stores."""
     total = sum(path.stat().st_size for path in ASSETS.rglob("*") if path.is_file())
     assert total <= 160e6, f"assets/ holds {total / 1e6:.1f} MB"
+
+
+def test_make_default_finish_goes_on_where_it_stopped_and_redoes_all_for_new_weights(tmp_path):
+    """assets/make_default.sh finish skips the steps marked done for the weights in $OUT and runs every step again
+    for other weights. Run in a copy of the script whose .venv's programs fail at once, so no step can touch the
+    repository's assets."""
+    import hashlib
+    import re
+    import subprocess
+
+    script = ASSETS / "make_default.sh"
+    tree = tmp_path / "tree"
+    (tree / "assets").mkdir(parents=True)
+    (tree / "assets" / "make_default.sh").write_text(script.read_text())
+    (tree / ".venv" / "bin").mkdir(parents=True)
+    for program in ("python", "msae"):
+        (tree / ".venv" / "bin" / program).write_text("#!/bin/sh\nexit 3\n")
+        (tree / ".venv" / "bin" / program).chmod(0o755)
+    steps = re.search(r"^FINISH_STEPS=\((.*)\)$", script.read_text(), re.M).group(1).split()
+    out = tmp_path / "out"
+    (out / "matryoshka").mkdir(parents=True)
+    (out / "finished").mkdir()
+    weights = out / "matryoshka" / "sae_weights.safetensors"
+    weights.write_bytes(b"the weights finished before")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    for step in steps:
+        (out / "finished" / step).write_text(f"{digest} 2026-12-05T00:00:00Z, 7 s\n")
+
+    def finish(*named):
+        return subprocess.run(["bash", str(tree / "assets" / "make_default.sh"), "finish", *named], text=True,
+                              capture_output=True, env={**os.environ, "OUT": str(out)})
+
+    done = finish()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("skipped") == len(steps) and " took " not in done.stdout
+    again = finish("bench")  # a step named runs whatever its mark
+    assert again.returncode == 3 and "== bench: done before" not in again.stdout and "bench\n" in again.stdout
+    weights.write_bytes(b"new weights")
+    stale = finish()
+    assert stale.returncode == 3 and "skipped" not in stale.stdout and f"{steps[0]}\n" in stale.stdout
+    assert (out / "finished" / steps[0]).read_text().startswith(digest)  # a failed step leaves its old mark
+
+
+def test_make_default_copy_replaces_the_shipped_runs_only_when_every_new_one_loads(tmp_path):
+    """`make_default.sh finish copy` writes the three new runs in float16 beside the shipped ones first: when one of
+    them cannot be read nothing shipped is touched; when all can, they replace the shipped runs and a narrow run of
+    another width goes."""
+    import subprocess
+
+    from msae.io import load_sae
+    from msae.train import TensorBatches, Trainer
+
+    tree = tmp_path / "tree"
+    (tree / "assets" / "default" / "vanilla-8").mkdir(parents=True)
+    (tree / "assets" / "default" / "vanilla-8" / "kept.txt").write_text("shipped")
+    (tree / "assets" / "make_default.sh").write_text((ASSETS / "make_default.sh").read_text())
+    (tree / ".venv" / "bin").mkdir(parents=True)
+    (tree / ".venv" / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tree / ".venv" / "bin" / "python").chmod(0o755)
+    cfg = TrainConfig(widths=(4, 16), k=2, steps=4, batch_size=64, device="cpu", also_vanilla=True, also_narrow=4)
+    dirs = Trainer(cfg, TensorBatches(torch.randn(512, 8)), tmp_path / "out").train()
+    assert sorted(d.name for d in dirs.values()) == ["matryoshka", "vanilla", "vanilla-4"]
+
+    def copy():
+        return subprocess.run(["bash", str(tree / "assets" / "make_default.sh"), "finish", "copy"], text=True,
+                              capture_output=True, env={**os.environ, "OUT": str(tmp_path / "out"), "NARROW": "4"})
+
+    (tmp_path / "out" / "vanilla-4" / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    broken = copy()
+    assert broken.returncode != 0 and "vanilla-4" in broken.stderr
+    assert sorted(p.name for p in (tree / "assets" / "default").iterdir()) == ["vanilla-8"]
+    Trainer(cfg, TensorBatches(torch.randn(512, 8)), tmp_path / "again").train()
+    (tmp_path / "out" / "vanilla-4" / "sae_weights.safetensors").write_bytes(
+        (tmp_path / "again" / "vanilla-4" / "sae_weights.safetensors").read_bytes())
+    done = copy()
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tree / "assets").iterdir()) == ["default", "make_default.sh"]
+    assert sorted(p.name for p in (tree / "assets" / "default").iterdir()) == ["matryoshka", "vanilla", "vanilla-4"]
+    sae, _ = load_sae(tree / "assets" / "default" / "matryoshka")
+    assert sae.W_dec.dtype == torch.float16 and sae.d_sae == 16
 
 
 def test_checkpoint_refuses_to_resume_with_other_settings(tmp_path):
