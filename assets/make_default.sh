@@ -5,6 +5,7 @@
 #   bash assets/make_default.sh train     # about 2 h 40 min on 2 CPU cores (three SAEs); a background job is fine (nohup ... &)
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
+#   bash assets/make_default.sh all       # train, then finish: run it again after any stop to go on
 #
 # `finish` run again after a stop goes on where it stopped: each step that ends marks itself done in $OUT/finished/
 # with the digest of the Matryoshka weights it finished, and a plain `finish` skips the steps marked with the
@@ -124,6 +125,8 @@ finish() {
   done
 }
 
-cmd=${1:?train or finish [STEP ...]}
+all() { train; finish; }
+
+cmd=${1:?train, finish [STEP ...] or all}
 shift
 "$cmd" "$@"
