@@ -1,7 +1,9 @@
 """What the Hierarchy page opens on, measured: the default view of a run's feature store under the library's link
 rule (LinkConfig's defaults, as the page applies them), the share of its nodes under roots firing on more than
-tree.HUB_DENSITY of the tokens, and the WordNet coherence of its trees against random trees of the same sizes.
-Writes a JSON.
+tree.HUB_DENSITY of the tokens, and the WordNet coherence of its trees against random trees of the same sizes drawn as
+tree.band_pools says (roots that could root a tree of the band; for concept trees, word latents only). Per view, every band of
+tree.BAND_KINDS; the page opens on the first (concept trees: a specific root whose top tokens are words). Writes a
+JSON.
 
     python benchmarks/bench_trees.py RUN_DIR [--max-nodes 400] [--out benchmarks/results/trees.json]
 """
@@ -20,29 +22,40 @@ def interval(x) -> dict | None:
     return None if x is None else {"mean": round(x.mean, 4), "low": round(x.low, 4), "high": round(x.high, 4), "n": x.n}
 
 
-def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats) -> dict:
-    """The page's default view at `rule`'s specificity bounds (where stricter than the store's) and its figures."""
+def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats, words: set[int]) -> dict:
+    """The page's view at `rule`'s specificity bounds (where stricter than the store's), band by band (the first
+    is the default), and their figures."""
     from explorer import tree
-    from msae.analysis import coherence
 
     min_reverse = max(rule.min_reverse, store_cfg.min_reverse)
     max_parent = min(rule.max_parent_density, store_cfg.max_parent_density)
     min_lift = max(rule.min_lift, store_cfg.min_lift)
     nodes = tree.hierarchy_nodes(latents, links, store_cfg.score_threshold, threshold=store_cfg.score_threshold,
                                  min_reverse=min_reverse, max_parent_freq=max_parent, min_lift=min_lift)
-    concept, _hubs = tree.split_hubs(nodes)
-    shown = tree.largest_trees(concept, max_nodes)
     freq = latents.set_index("latent")["freq"]
     whole_hubs = float((nodes["root"].map(freq) > tree.HUB_DENSITY).mean()) if len(nodes) else None
-    top = {int(l): [int(t) for t in ids] for l, ids in zip(latents["latent"], latents["top_token_ids"])}
-    live = latents.loc[latents["count"] > 0, "latent"].tolist()
-    coh = coherence.forest_coherence(tree.tree_members(shown), top, cats, live)
-    table = tree.trees_table(shown, latents)
-    return {"min_reverse": min_reverse, "max_parent_density": max_parent, "min_lift": min_lift, "nodes": len(shown),
-            "trees": int((shown["parent"] < 0).sum()),
-            "share_under_hub_roots": float((shown["root"].map(freq) > tree.HUB_DENSITY).mean()) if len(shown) else None,
+    return {"min_reverse": min_reverse, "max_parent_density": max_parent, "min_lift": min_lift,
             "all_nodes": len(nodes), "all_nodes_share_under_hub_roots": whole_hubs,
+            "bands": {kind: band_figures(latents, nodes, max_nodes, cats, words, kind)
+                      for kind, nodes in tree.bands(nodes, words).items()}}
+
+
+def band_figures(latents, band, max_nodes: int, cats, words: set[int], kind: str) -> dict:
+    """One band's view as the page draws it (its largest trees, whole, within `max_nodes`): its size, the share of
+    its nodes under hub roots, its coherence against random trees rooted like its trees, and its first trees."""
+    from explorer import tree
+    from msae.analysis import coherence
+
+    shown = tree.largest_trees(band, max_nodes)
+    freq = latents.set_index("latent")["freq"]
+    top = {int(l): [int(t) for t in ids] for l, ids in zip(latents["latent"], latents["top_token_ids"])}
+    roots, others = tree.band_pools(latents, words, kind)
+    coh = coherence.forest_coherence(tree.tree_members(shown), top, cats, others, root_pool=roots)
+    table = tree.trees_table(shown, latents)
+    return {"nodes": len(shown), "trees": int((shown["parent"] < 0).sum()), "band_nodes": len(band),
+            "share_under_hub_roots": float((shown["root"].map(freq) > tree.HUB_DENSITY).mean()) if len(shown) else None,
             "coherence": interval(coh.trees) if coh else None, "random_tree_null": interval(coh.null) if coh else None,
+            "coherence_above_null": bool(coh.trees.low > coh.null.high) if coh else None,
             "first_trees": table.head(10).to_dict(orient="records")}
 
 
@@ -53,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "trees.json"))
     args = ap.parse_args()
 
+    from explorer import tree
     from msae import taxonomy
     from msae.analysis import coherence
     from msae.analysis.store import load_store
@@ -62,19 +76,22 @@ def main() -> None:
     store = load_store(args.run_dir)
     cats = coherence.token_categories(taxonomy.load_taxonomy(taxonomy.SHIPPED, store.manifest.model))
     store_cfg = store.manifest.link_config
+    words = tree.word_latents(store.latents, store.vocab)
     report = {"run": args.run_dir, "rows": store.manifest.rows, "store_rule": store_cfg.to_json(),
-              "related_category_max": coherence.RELATED_CATEGORY_MAX,
+              "related_category_max": coherence.RELATED_CATEGORY_MAX, "default_band": tree.BAND_KINDS[0],
+              "word_latents": len(words),
               "views": {"the store's rule": view_figures(store.latents, store.links, store_cfg, store_cfg,
-                                                         args.max_nodes, cats),
+                                                         args.max_nodes, cats, words),
                         "the library's rule": view_figures(store.latents, store.links, store_cfg, LinkConfig(),
-                                                           args.max_nodes, cats)}}
+                                                           args.max_nodes, cats, words)}}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str))
     tmp.replace(out)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "first_trees"} for k, v in report["views"].items()},
+    print(json.dumps({view: {kind: {k: v for k, v in band.items() if k != "first_trees"}
+                             for kind, band in figures["bands"].items()} for view, figures in report["views"].items()},
                      indent=1))
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from explorer.tree import ancestry
+from explorer.tree import HUB_DENSITY, ancestry
 from msae.config import LinkConfig
 from msae.analysis.taxbench import DIFFERENCE_MEASURES, difference_key
 from msae.analysis.validate import mean_std
@@ -365,12 +365,21 @@ def interval_text(x: Interval | None) -> str:
     return "" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
 
 
+TREE_BANDS = (
+    "concept trees (a specific root whose top tokens are words)",
+    "symbol trees (a specific root on punctuation, digits, code or function words)",
+    f"hubs (root fires on > {HUB_DENSITY:.0%} of tokens: word pieces, parts of speech)",
+)
+"""The Hierarchy page's names of explorer.tree.BAND_KINDS, in that order (the first is the default)."""
+
+
 def coherence_text(coh) -> str:
     """What the coherence figure of some trees (msae.analysis.coherence.Coherence) says, in words."""
     above = coh.trees.low > coh.null.high
     return (f"Coherence, a check the link rule does not use: {interval_text(coh.trees)} of the pairs of latents within "
             f"a tree have top tokens in one WordNet noun category of ≤ {coh.related_category_max} words "
-            f"(interval over the {coh.trees.n} trees); random trees of the same sizes: {interval_text(coh.null)} "
+            f"(interval over the {coh.trees.n} trees); random trees of the same sizes, rooted in latents that could "
+            f"root a tree of this band (and for concept trees, made of word latents only): {interval_text(coh.null)} "
             f"({coh.null.n} draws). " + ("The trees are more coherent than random ones." if above else
                                          "The trees are not clearly more coherent than random ones."))
 

@@ -117,6 +117,70 @@ def split_hubs(nodes: pd.DataFrame, hub_density: float = HUB_DENSITY) -> tuple[p
     return nodes[~hub], nodes[hub]
 
 
+FUNCTION_WORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below between both
+but by can could did do does doing down during each either even ever every few for from further had has have having
+he her here hers herself him himself his how however i if in into is it its itself just may me might more most much
+must my myself neither no nor not now of off on once one only or other ought our ours ourselves out over own per
+rather same shall she should since so some such than that the their theirs them themselves then there these they
+this those though through thus to too two under until up upon us very was we were what when where whether which
+while who whom whose why will with within without would yet you your yours yourself
+""".split())
+"""English function words (articles, pronouns, prepositions, conjunctions, auxiliaries): a latent that fires most on
+them reads a part of speech, not a concept."""
+
+
+def is_word(token: str) -> bool:
+    """Whether a token's text is a content word: letters only, at least 3 of them, not a function word. Punctuation,
+    digits, code, whitespace, word pieces of one or two letters and function words are not."""
+    text = token.strip()
+    return len(text) >= 3 and text.isalpha() and text.lower() not in FUNCTION_WORDS
+
+
+def word_latents(latents: pd.DataFrame, vocab: list[str]) -> set[int]:
+    """The latents whose top tokens (store column top_token_ids) are at least half content words (`is_word`)."""
+    out = set()
+    for latent, ids in zip(latents["latent"].tolist(), latents["top_token_ids"]):
+        words = [is_word(vocab[int(t)]) for t in ids]
+        if words and 2 * sum(words) >= len(words):
+            out.add(int(latent))
+    return out
+
+
+def split_words(nodes: pd.DataFrame, words: set[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trees whose root is in `words`, the other trees): the nodes of each."""
+    by_word = nodes["root"].isin(words)
+    return nodes[by_word], nodes[~by_word]
+
+
+BAND_KINDS = ("concept", "symbol", "hub")
+"""The Hierarchy page's bands of trees, the first its default: concept trees (a specific root whose top tokens are
+content words), symbol trees (a specific root on punctuation, digits, code, function words or word pieces) and hubs
+(a root firing on more than HUB_DENSITY of all tokens)."""
+
+
+def bands(nodes: pd.DataFrame, words: set[int], hub_density: float = HUB_DENSITY) -> dict[str, pd.DataFrame]:
+    """The nodes of each band of BAND_KINDS (`words`: `word_latents` of the store)."""
+    specific, hubs = split_hubs(nodes, hub_density)
+    concept, symbol = split_words(specific, words)
+    return {"concept": concept, "symbol": symbol, "hub": hubs}
+
+
+def band_pools(latents: pd.DataFrame, words: set[int], band: str,
+               hub_density: float = HUB_DENSITY) -> tuple[list[int], list[int]]:
+    """What the coherence null draws random trees of `band` from: (their roots, their other latents). The roots are
+    the live latents that could root a tree of the band; the others are every live latent, but for concept trees
+    only live word latents, so that random trees of words, not random trees of a word over symbols, are what the
+    band's trees must beat."""
+    live = latents[latents["count"] > 0]
+    dense = live["freq"] > hub_density
+    word = live["latent"].isin(words)
+    keep = {"concept": ~dense & word, "symbol": ~dense & ~word, "hub": dense}[band]
+    roots = live.loc[keep, "latent"].astype(int).tolist()
+    others = live.loc[word, "latent"] if band == "concept" else live["latent"]
+    return roots, others.astype(int).tolist()
+
+
 def trees_table(nodes: pd.DataFrame, latents: pd.DataFrame) -> pd.DataFrame:
     """One row per tree, largest first (then the rarer root): its root, how often the root fires, its children and
     all nodes below it, and the share of the root's firings its linked children cover (store column coverage)."""

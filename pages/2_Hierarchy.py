@@ -70,12 +70,13 @@ nodes = tree.hierarchy_nodes(latents, links, min_score, groups, min_freq, thresh
 if nodes.empty:
     st.info("No links at these settings: lower the link strength, the lift or the frequency, or add groups.")
     st.stop()
-concept, hubs = tree.split_hubs(nodes)
-BANDS = {f"concept trees (root fires on ≤ {tree.HUB_DENSITY:.0%} of tokens)": concept,
-         f"hubs (root fires on > {tree.HUB_DENSITY:.0%}: word pieces, parts of speech)": hubs}
+words = tree.word_latents(latents, store.vocab)
+by_kind = tree.bands(nodes, words)
+BANDS = dict(zip(tables.TREE_BANDS, tree.BAND_KINDS))
 band = st.radio("trees", list(BANDS), horizontal=True, key="tree_band",
-                format_func=lambda b: f"{b} · {int((BANDS[b]['parent'] < 0).sum()):,} trees, {len(BANDS[b]):,} latents")
-in_band = BANDS[band]
+                format_func=lambda b: f"{b} · {int((by_kind[BANDS[b]]['parent'] < 0).sum()):,} trees, "
+                                      f"{len(by_kind[BANDS[b]]):,} latents")
+in_band = by_kind[BANDS[band]]
 if in_band.empty:
     st.info("No tree in this band at these settings.")
     st.stop()
@@ -83,15 +84,19 @@ shown = tree.largest_trees(in_band, int(max_nodes))
 n_roots = int((shown["parent"] < 0).sum())
 st.caption(f"{len(shown):,} latents in {n_roots:,} trees" + (f" (the largest trees of {len(in_band):,} latents)"
                                                                if len(shown) < len(in_band) else "")
-           + ". Trees are ordered by size (latents below the root), largest first, then by the rarer root. Click a "
-             "node to select it (and zoom into it); colours are groups.")
+           + ". A tree's band is decided by its root alone: a hub's fires on more than "
+             f"{tree.HUB_DENSITY:.0%} of tokens; of the others, a concept tree's root has top tokens that are at "
+             "least half words (letters only, 3 or more, not a function word such as \"of\" or \"the\"), a symbol "
+             "tree's does not. Trees are ordered by size (latents below the root), largest first, then by the rarer "
+             "root. Click a node to select it (and zoom into it); colours are groups.")
 with st.expander(f"The trees in view ({n_roots:,}): size, how much of the root its children cover, coherence",
                  expanded=True):
     st.dataframe(tree.trees_table(shown, latents), hide_index=True,
                  column_config={"fires on": st.column_config.NumberColumn(format="percent"),
                                 "children cover": st.column_config.NumberColumn(format="percent")})
     members = tuple(tuple(t) for t in tree.tree_members(shown))
-    coh = loaders.tree_coherence(store.manifest.model, members, latents, str(run))
+    coh = loaders.tree_coherence(store.manifest.model, members, latents, str(run),
+                                 tuple(map(tuple, tree.band_pools(latents, words, BANDS[band]))))
     st.caption(tables.coherence_text(coh) if coh else "Coherence needs the shipped WordNet taxonomy of this model's "
                                                        "vocabulary.")
 

@@ -27,7 +27,7 @@ from msae.analysis.analyze import analyze
 from msae.analysis.store import load_store
 from msae.config import AbsorptionConfig, AnalyzeConfig, ExtractConfig, LinkConfig, TrainConfig, to_flags
 from msae.analysis.inference import text_latents
-from explorer.tree import HUB_DENSITY, hierarchy_nodes, largest_trees, split_hubs, subtree
+from explorer.tree import BAND_KINDS, HUB_DENSITY, bands, hierarchy_nodes, largest_trees, subtree, word_latents
 from msae.lm import DEFAULT_MODEL
 from msae.analysis import taxbench
 from msae.results import (AbsorptionMean, AbsorptionResult, Interval, LetterAbsorption, SAEAbsorption,
@@ -337,7 +337,7 @@ def test_features_opens_from_a_link_and_a_run_without_store_warns(env):
 # ---- Hierarchy --------------------------------------------------------------------------------------------------
 
 
-HUB_BAND = f"hubs (root fires on > {HUB_DENSITY:.0%}: word pieces, parts of speech)"
+BAND_NAMES = dict(zip(BAND_KINDS, tables.TREE_BANDS))
 
 
 def test_hierarchy_tree_filters_and_opens_a_feature(env):
@@ -350,12 +350,18 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
                             min_reverse=max(rule.min_reverse, cfg.min_reverse),
                             max_parent_freq=min(rule.max_parent_density, cfg.max_parent_density),
                             min_lift=cfg.min_lift)
-    concept, hubs = split_hubs(every)
+    words = word_latents(store.latents, store.vocab)
+    by_kind = bands(every, words)
+    concept, hubs = by_kind["concept"], by_kind["hub"]
     freq = store.latents.set_index("latent")["freq"]
     assert (concept["root"].map(freq) <= HUB_DENSITY).all() and (hubs["root"].map(freq) > HUB_DENSITY).all()
+    assert concept["root"].isin(words).all() and not by_kind["symbol"]["root"].isin(words).any()
+    assert sorted(pd.concat(by_kind.values())["latent"]) == sorted(every["latent"])
     # The page opens on the concept band; this small fixture's text may hold no concept tree, and then the checks
-    # below run on the hub band.
-    state = {"tree_lift": cfg.min_lift, **({} if len(concept) else {"tree_band": HUB_BAND})}
+    # below run on the first band that has trees.
+    opened = next((kind for kind in BAND_KINDS if len(by_kind[kind])), None)
+    assert opened is not None, "the fixture's store has links"
+    state = {"tree_lift": cfg.min_lift, **({} if opened == "concept" else {"tree_band": BAND_NAMES[opened]})}
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
     if concept.empty:
         assert "No tree in this band" in at.info[0].value
@@ -363,7 +369,7 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     tree = figures(at)[0]["data"][0]
     assert tree["type"] == "icicle"
     limit = at.number_input(key="tree_max").value
-    want = largest_trees(concept if len(concept) else hubs, limit)  # one band's trees, whole, largest first
+    want = largest_trees(by_kind[opened], limit)  # one band's trees, whole, largest first
     table = at.dataframe[0].value
     assert sorted(table["root"]) == sorted(want.loc[want["parent"] < 0, "latent"])
     assert "Coherence" in " ".join(c.value for c in at.caption)
@@ -390,11 +396,12 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
         assert score >= 1.0 if parent else score == -1, "each drawn link scores at least the slider's 1.0; roots none"
     at.radio(key="tree_kind").set_value("sunburst").run()
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
-    if len(concept) and len(hubs):
-        at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
-        at.radio(key="tree_band").set_value(HUB_BAND).run()
-        hub_view = figures(ok(at))[0]["data"][0]
-        assert {latent_of_node(i) for i in hub_view["ids"]} <= set(hubs["latent"])
+    for kind in BAND_KINDS:
+        if kind != opened and len(by_kind[kind]):
+            at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
+            at.radio(key="tree_band").set_value(BAND_NAMES[kind]).run()
+            view = figures(ok(at))[0]["data"][0]
+            assert {latent_of_node(i) for i in view["ids"]} <= set(by_kind[kind]["latent"])
     # The library's lift bound keeps fewer links than the store's rule.
     strict = hierarchy_nodes(store.latents, store.links, cfg.score_threshold, threshold=cfg.score_threshold,
                              min_lift=rule.min_lift)

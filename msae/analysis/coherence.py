@@ -53,19 +53,29 @@ class Coherence:
 
 
 def forest_coherence(trees: list[list[int]], top_tokens: Mapping[int, Sequence[int]], cats: dict[int, frozenset[int]],
-                     pool: Sequence[int], reps: int = 200, seed: int = 0) -> Coherence | None:
+                     pool: Sequence[int], reps: int = 200, seed: int = 0,
+                     root_pool: Sequence[int] | None = None) -> Coherence | None:
     """The coherence of `trees` (lists of latents, root first) against random trees of the same sizes drawn from
-    `pool` (the latents a tree could hold); None without a tree of two latents or more."""
+    `pool` (the latents a tree could hold), each random tree's root from `root_pool` when given (the latents that
+    could root a tree of the kind shown) and the rest from `pool`; None without a tree of two latents or more."""
     trees = [t for t in trees if len(t) >= 2]
     if not trees:
         return None
     observed = torch.tensor([tree_coherence(t, top_tokens, cats) for t in trees])
     g = torch.Generator().manual_seed(seed)
     pool_t = torch.tensor(list(pool))
+    roots_t = None if root_pool is None else torch.tensor(list(root_pool))
+
+    def random_tree(size: int) -> list[int]:
+        if roots_t is None:
+            return pool_t[torch.randperm(pool_t.numel(), generator=g)[:size]].tolist()
+        root = int(roots_t[torch.randint(roots_t.numel(), (1,), generator=g)])
+        rest = pool_t[pool_t != root]
+        return [root] + rest[torch.randperm(rest.numel(), generator=g)[: size - 1]].tolist()
+
     null_means = []
     for _ in range(reps):
-        values = [tree_coherence(pool_t[torch.randperm(pool_t.numel(), generator=g)[: len(t)]].tolist(), top_tokens, cats)
-                  for t in trees]
+        values = [tree_coherence(random_tree(len(t)), top_tokens, cats) for t in trees]
         null_means.append(sum(values) / len(values))
     nulls = torch.tensor(null_means, dtype=torch.float64)
     low, high = torch.quantile(nulls, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
