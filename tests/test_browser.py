@@ -282,19 +282,23 @@ def test_open_feature_from_hierarchy(page, server):
     with step(page, server, "hierarchy-open"):
         open_page(page, server, "Hierarchy", "Hierarchy")
         before = current_node(page)
-        # The table of the trees in view comes first: bring the tree figure into the viewport.
-        page.locator('[data-testid="stPlotlyChart"]').first.scroll_into_view_if_needed()
-        # 1. The icicle: a node with a subtree small enough for the node-link view and tall enough to click.
+        # 1. The icicle: a node with a subtree small enough for the node-link view and tall enough to click. The
+        #    figure can be taller than the window: the node is scrolled to the middle of it (clear of Streamlit's
+        #    header) and clicked where the browser finds that node on top.
         slices = page.evaluate(f"""() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] g.slice')]
-            .map(el => {{ const d = el.__data__, r = el.getBoundingClientRect();
-                         return {{id: d && d.data && d.data.data ? d.data.data.id : null,
-                                  n: d && d.descendants ? d.descendants().length : 0,
-                                  x: r.x + r.width / 2, y: r.y + r.height / 2, h: r.height}}; }})
+            .map((el, i) => {{ const d = el.__data__, r = el.getBoundingClientRect();
+                              return {{i, id: d && d.data && d.data.data ? d.data.data.id : null,
+                                       n: d && d.descendants ? d.descendants().length : 0, h: r.height}}; }})
             .filter(s => s.id && /^L\\d+$/.test(s.id) && s.id !== 'L{before}' && s.n >= 2 && s.n <= 150
-                         && s.h >= 6 && s.y < window.innerHeight)""")
-        assert slices, "no node of the tree figure to click (none with a small subtree in view)"
+                         && s.h >= 6)""")
+        assert slices, "no node of the tree figure to click (none with a small subtree)"
         target = int(slices[0]["id"][1:])
-        page.mouse.click(slices[0]["x"], slices[0]["y"])
+        at = page.evaluate("""i => { const el = document.querySelectorAll('[data-testid="stPlotlyChart"] g.slice')[i];
+            el.scrollIntoView({block: 'center'}); const r = el.getBoundingClientRect();
+            const x = r.x + r.width / 2, y = r.y + r.height / 2;
+            return {x, y, on_top: el.contains(document.elementFromPoint(x, y))}; }""", slices[0]["i"])
+        assert at["on_top"], f"#{target}'s slice is covered where it would be clicked"
+        page.mouse.click(at["x"], at["y"])
         wait_selected(page, target)
         print(f"Hierarchy: clicked #{target} in the tree figure ({slices[0]['n'] - 1} below it)")
         # 2. The node-link view of its subtree: click another node.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from msae.analysis.validate import bootstrap_mean
 from msae.results import Interval
@@ -30,14 +31,38 @@ def token_categories(taxonomy: Taxonomy, max_size: int = RELATED_CATEGORY_MAX) -
 
 def related(a: Sequence[int], b: Sequence[int], cats: dict[int, frozenset[int]]) -> bool:
     """Whether a top token of one latent and a top token of the other share a small category."""
-    mine = frozenset().union(*(cats.get(t, frozenset()) for t in a))
-    return any(mine & cats.get(t, frozenset()) for t in b)
+    return not _categories(a, cats).isdisjoint(_categories(b, cats))
 
 
-def tree_coherence(tree: Sequence[int], top_tokens: Mapping[int, Sequence[int]], cats: dict[int, frozenset[int]]) -> float:
-    """Share of the pairs of a tree's latents (root and every node under it) whose top tokens are related."""
-    pairs = [(a, b) for i, a in enumerate(tree) for b in tree[i + 1:]]
-    return sum(related(top_tokens[a], top_tokens[b], cats) for a, b in pairs) / max(len(pairs), 1)
+def _categories(tokens: Sequence[int], cats: dict[int, frozenset[int]]) -> frozenset[int]:
+    """The small categories that hold any of `tokens`."""
+    return frozenset().union(*(cats.get(t, frozenset()) for t in tokens))
+
+
+def tree_coherence(tree: Sequence[int], top_tokens: Mapping[int, Sequence[int]], cats: dict[int, frozenset[int]],
+                   memo: dict[int, frozenset[int]] | None = None) -> float:
+    """Share of the pairs of a tree's latents (root and every node under it) whose top tokens are related. `memo`
+    keeps each latent's categories across calls."""
+    memo = {} if memo is None else memo
+    sets = []
+    for latent in tree:
+        if latent not in memo:
+            memo[latent] = _categories(top_tokens[latent], cats)
+        sets.append(memo[latent])
+    n = len(sets)
+    hits = sum(not sets[i].isdisjoint(sets[j]) for i in range(n) for j in range(i + 1, n) if sets[i] and sets[j])
+    return hits / max(n * (n - 1) // 2, 1)
+
+
+def _draw(pool: Tensor, size: int, g: torch.Generator, exclude: int | None = None) -> list[int]:
+    """`size` distinct members of `pool` (none equal to `exclude`) at random: a few random picks, repeats dropped,
+    for the small trees drawn from large pools; a permutation where that comes up short."""
+    picks = pool[torch.randint(pool.numel(), (2 * size + 8,), generator=g)].tolist()
+    out = [v for v in dict.fromkeys(picks) if v != exclude][:size]
+    if len(out) < size:
+        rest = pool[pool != exclude] if exclude is not None else pool
+        out = rest[torch.randperm(rest.numel(), generator=g)[:size]].tolist()
+    return out
 
 
 @dataclass
@@ -61,21 +86,21 @@ def forest_coherence(trees: list[list[int]], top_tokens: Mapping[int, Sequence[i
     trees = [t for t in trees if len(t) >= 2]
     if not trees:
         return None
-    observed = torch.tensor([tree_coherence(t, top_tokens, cats) for t in trees])
+    memo: dict[int, frozenset[int]] = {}
+    observed = torch.tensor([tree_coherence(t, top_tokens, cats, memo) for t in trees])
     g = torch.Generator().manual_seed(seed)
     pool_t = torch.tensor(list(pool))
     roots_t = None if root_pool is None else torch.tensor(list(root_pool))
 
     def random_tree(size: int) -> list[int]:
         if roots_t is None:
-            return pool_t[torch.randperm(pool_t.numel(), generator=g)[:size]].tolist()
+            return _draw(pool_t, size, g)
         root = int(roots_t[torch.randint(roots_t.numel(), (1,), generator=g)])
-        rest = pool_t[pool_t != root]
-        return [root] + rest[torch.randperm(rest.numel(), generator=g)[: size - 1]].tolist()
+        return [root] + _draw(pool_t, size - 1, g, exclude=root)
 
     null_means = []
     for _ in range(reps):
-        values = [tree_coherence(random_tree(len(t)), top_tokens, cats) for t in trees]
+        values = [tree_coherence(random_tree(len(t)), top_tokens, cats, memo) for t in trees]
         null_means.append(sum(values) / len(values))
     nulls = torch.tensor(null_means, dtype=torch.float64)
     low, high = torch.quantile(nulls, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
