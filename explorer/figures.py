@@ -302,3 +302,46 @@ def width_sweep_figure(sweep: Mapping) -> go.Figure:
         fig.update_yaxes(title_text="absorption (lower is better)", rangemode="tozero", row=1, col=col)
     fig.update_layout(height=400, margin=dict(t=50, b=40), title="absorption against dictionary width (95% intervals)")
     return fig
+
+
+def worst_part(entry: Mapping) -> Mapping | None:
+    """The left-out corpus part on which a rule of benchmarks/bench_links.py's curve holds least (lowest held-out
+    P(p | c) among the parts it measured links on)."""
+    parts = [p for p in entry["left_out"] if p.get("heldout")]
+    return min(parts, key=lambda p: p["heldout"]["mean"]) if parts else None
+
+
+def link_curve_figure(curve: Mapping) -> go.Figure:
+    """The link rule's trade-off (benchmarks/results/links.json): each rule a point, the tree links it keeps on all
+    rows against the held-out P(parent | child) on its worst left-out corpus part (95% interval resampling parents),
+    coloured by its lift bound; the targets as lines and the chosen rule ringed."""
+    fig = go.Figure()
+    lifts = sorted({e["rule"]["min_lift"] for e in curve["curve"]})
+    for i, lift in enumerate(lifts):
+        rows = [(e, worst_part(e)) for e in curve["curve"] if e["rule"]["min_lift"] == lift]
+        rows = [(e, w) for e, w in rows if w is not None]
+        fig.add_scatter(
+            x=[e["tree_links"] for e, _w in rows], y=[w["heldout"]["mean"] for _e, w in rows],
+            error_y=dict(type="data", symmetric=False, array=[w["heldout"]["high"] - w["heldout"]["mean"] for _e, w in rows],
+                         arrayminus=[w["heldout"]["mean"] - w["heldout"]["low"] for _e, w in rows], thickness=1),
+            customdata=[[e["rule"]["min_coverage"], e["rule"]["max_parent_density"], e["rule"]["min_reverse"], w["part"],
+                         e["hub_share"]] for e, w in rows],
+            mode="markers", name=f"lift ≥ {lift:g}", marker=dict(color=GROUP_COLOURS[i % len(GROUP_COLOURS)], size=8),
+            hovertemplate="P(p | c) ≥ %{customdata[0]}, parent density ≤ %{customdata[1]}, P(c | p) ≥ "
+                          "%{customdata[2]}<br>%{x:,} tree links; on %{customdata[3]} (left out): %{y:.3f}"
+                          "<br>under hub parents: %{customdata[4]:.0%}<extra></extra>")
+    chosen = curve.get("chosen")
+    if chosen is not None and worst_part(chosen) is not None:
+        fig.add_scatter(x=[chosen["tree_links"]], y=[worst_part(chosen)["heldout"]["mean"]], mode="markers",
+                        name="chosen rule", hoverinfo="skip",
+                        marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(color="black", width=2)))
+    target = curve.get("target", {})
+    if "heldout_per_part" in target:
+        fig.add_hline(y=target["heldout_per_part"], line_dash="dot", annotation_text="target P(p | c)")
+    if "tree_links" in target:
+        fig.add_vline(x=target["tree_links"], line_dash="dot", annotation_text="target links")
+    fig.update_xaxes(type="log", title_text="tree links kept (all rows)")
+    fig.update_yaxes(title_text="held-out P(parent | child), worst left-out part")
+    fig.update_layout(height=420, margin=dict(t=50, b=40),
+                      title="link rules: links kept against how well they hold on a corpus part left out")
+    return fig

@@ -196,12 +196,32 @@ WIDTH_SWEEP = APP_DIR / "benchmarks" / "results" / "sweep_width.json"
 def width_sweep() -> dict | None:
     """The width sweep's results (one entry per settings), or None when it has not been run; None after a warning
     when the file cannot be read."""
-    if not WIDTH_SWEEP.exists():
+    return _benchmark_json(WIDTH_SWEEP)
+
+
+LINK_CURVE = APP_DIR / "benchmarks" / "results" / "links.json"
+"""benchmarks/bench_links.py's results (the link rule's trade-off on one run), where the script writes them."""
+
+
+def link_curve(run: Path) -> dict | None:
+    """The link rule's trade-off curve when bench_links.py measured `run` (its "run", relative to the app's folder
+    or absolute, is that folder); None otherwise, or after a warning when the file cannot be read."""
+    curve = _benchmark_json(LINK_CURVE)
+    if curve is None or "run" not in curve:
+        return None
+    measured = Path(curve["run"])
+    measured = measured if measured.is_absolute() else APP_DIR / measured
+    return curve if measured.resolve() == Path(run).resolve() else None
+
+
+def _benchmark_json(path: Path) -> dict | None:
+    """A benchmark's JSON, or None when it is not there; None after a warning when it cannot be read."""
+    if not path.exists():
         return None
     try:
-        return json.loads(WIDTH_SWEEP.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        st.warning(f"{WIDTH_SWEEP} cannot be read: {exc}")
+        st.warning(f"{path} cannot be read: {exc}")
         return None
 
 

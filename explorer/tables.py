@@ -365,6 +365,29 @@ def interval_text(x: Interval | None) -> str:
     return "" if x is None else f"{x.mean:.3f} [{x.low:.3f}, {x.high:.3f}]"
 
 
+def link_curve_text(curve: Mapping) -> str:
+    """What benchmarks/bench_links.py's curve (links.json) measured and chose, in words, for the figure's caption."""
+    chosen, target = curve.get("chosen"), curve.get("target", {})
+    rule = chosen["rule"] if chosen else None
+    said = (f"Reading: {len(curve['curve'])} link rules on {curve['rows']:,} rows of {curve.get('documents', '?')} "
+            f"documents, each made on every corpus part but one and measured on that part "
+            f"(`python benchmarks/bench_links.py RUN`). Each point is a rule: the tree links it keeps on all rows, "
+            f"and where a child fires on its worst left-out part, how often its parent fires too (95% interval "
+            f"resampling parents). ")
+    if rule is not None:
+        worst = chosen["worst_part_heldout"]
+        density = "any" if rule["max_parent_density"] >= 1 else f"≤ {rule['max_parent_density']:g}"
+        said += (f"Chosen ({curve['choice']}): P(p | c) ≥ {rule['min_coverage']:g}, lift ≥ {rule['min_lift']:g}, "
+                 f"parent density {density}, P(c | p) ≥ {rule['min_reverse']:g}: "
+                 f"{chosen['tree_links']:,} tree links, {worst:.3f} on its worst part, the harder null at most "
+                 f"{chosen['worst_lift_null_ratio']:.0%} of the held-out figure. ")
+        said += ("It meets the target." if chosen["meets_target"] else
+                 f"No rule meets the target (≥ {target.get('heldout_per_part', 0.8):g} on every part left out, the "
+                 f"harder null ≤ {target.get('lift_null_share_of_heldout', 0.5):.0%} of it, ≥ "
+                 f"{target.get('tree_links', 1000):,} tree links): this is the best trade-off found.")
+    return said
+
+
 TREE_BANDS = (
     "concept trees (a specific root whose top tokens are words)",
     "symbol trees (a specific root on punctuation, digits, code or function words)",

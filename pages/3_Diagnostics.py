@@ -51,6 +51,11 @@ if manifest is not None and manifest.link_validation is not None:
                "rule on every corpus part but P and measure it on P. 95% bootstrap intervals resample parents (the "
                "links of one parent together); stores made before this measured alternate contexts and resampled "
                "links.")
+curve = loaders.link_curve(run)
+if curve is not None:
+    st.subheader("The link rule's trade-off")
+    st.plotly_chart(figures.link_curve_figure(curve))
+    st.caption(tables.link_curve_text(curve))
 figs = {}
 if manifest is not None and manifest.hierarchy_figures is not None:
     figs[Run(run).name] = manifest.hierarchy_figures

@@ -557,6 +557,39 @@ def test_diagnostics_shows_the_width_sweep_or_how_to_run_it(env, tmp_path, monke
     assert "4,096 latents across seeds" not in said, "one seed: nothing to spread"
 
 
+def link_curve(run: Path) -> dict:
+    """A hand-made benchmarks/results/links.json: three rules, two lift bounds, two corpus parts left out."""
+    def entry(coverage, lift, links, wiki, news):
+        return {"rule": {"min_coverage": coverage, "max_parent_density": 1.0, "min_reverse": 0.0, "min_lift": lift},
+                "tree_links": links, "hub_share": 0.1, "worst_part_heldout": min(wiki, news),
+                "worst_lift_null_ratio": 0.3, "meets_target": False,
+                "left_out": [{"part": "wikipedia", "heldout": interval(wiki, 0.02)},
+                             {"part": "news", "heldout": interval(news, 0.03)},
+                             {"part": "python-docs", "heldout": None}]}
+    rules = [entry(0.7, 2.0, 1800, 0.55, 0.70), entry(0.7, 10.0, 1009, 0.60, 0.74), entry(0.9, 10.0, 400, 0.81, 0.66)]
+    return {"run": str(run), "rows": 1000, "documents": 12, "curve": rules, "chosen": rules[1],
+            "choice": "the best worst-part P(p|c) among rules with >= 1,000 tree links",
+            "target": {"heldout_per_part": 0.8, "lift_null_share_of_heldout": 0.5, "tree_links": 1000}}
+
+
+def test_diagnostics_draws_the_link_rule_trade_off_for_the_run_it_measured(env, tmp_path, monkeypatch):
+    """bench_links.py's curve on Diagnostics: every rule a point at (tree links, P(p | c) on its worst left-out part),
+    by lift bound, the chosen rule ringed and the caption saying the target is not met; nothing for another run."""
+    monkeypatch.setattr(loaders, "LINK_CURVE", tmp_path / "links.json")
+    (tmp_path / "links.json").write_text(json.dumps(link_curve(env["matryoshka"])))
+    at = ok(open_page("pages/3_Diagnostics.py", env["matryoshka"]))
+    fig = next(f for f in figures(at) if f["layout"]["title"]["text"].startswith("link rules"))
+    assert [t["name"] for t in fig["data"]] == ["lift ≥ 2", "lift ≥ 10", "chosen rule"]
+    assert fig["data"][1]["x"] == [1009, 400] and fig["data"][1]["y"] == pytest.approx([0.60, 0.66])
+    assert [c[3] for c in fig["data"][1]["customdata"]] == ["wikipedia", "news"]  # each rule's worst part
+    assert fig["data"][2]["x"] == [1009] and fig["data"][2]["y"] == pytest.approx([0.60])
+    caption = " ".join(c.value for c in at.caption)
+    assert "1,009 tree links, 0.600 on its worst part" in caption and "No rule meets the target" in caption
+    (tmp_path / "links.json").write_text(json.dumps(link_curve(env["vanilla"])))
+    at = ok(open_page("pages/3_Diagnostics.py", env["matryoshka"]))
+    assert not any(f["layout"]["title"]["text"].startswith("link rules") for f in figures(at))
+
+
 # ---- Compare ----------------------------------------------------------------------------------------------------
 
 
