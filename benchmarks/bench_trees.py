@@ -22,7 +22,7 @@ def interval(x) -> dict | None:
     return None if x is None else {"mean": round(x.mean, 4), "low": round(x.low, 4), "high": round(x.high, 4), "n": x.n}
 
 
-def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats, words: set[int]) -> dict:
+def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats, words: set[int], top: dict) -> dict:
     """The page's view at `rule`'s specificity bounds (where stricter than the store's), band by band (the first
     is the default), and their figures."""
     from explorer import tree
@@ -36,19 +36,17 @@ def view_figures(latents, links, store_cfg, rule, max_nodes: int, cats, words: s
     whole_hubs = float((nodes["root"].map(freq) > tree.HUB_DENSITY).mean()) if len(nodes) else None
     return {"min_reverse": min_reverse, "max_parent_density": max_parent, "min_lift": min_lift,
             "all_nodes": len(nodes), "all_nodes_share_under_hub_roots": whole_hubs,
-            "bands": {kind: band_figures(latents, nodes, max_nodes, cats, words, kind)
+            "bands": {kind: band_figures(latents, nodes, max_nodes, cats, words, top, freq, kind)
                       for kind, nodes in tree.bands(nodes, words).items()}}
 
 
-def band_figures(latents, band, max_nodes: int, cats, words: set[int], kind: str) -> dict:
+def band_figures(latents, band, max_nodes: int, cats, words: set[int], top: dict, freq, kind: str) -> dict:
     """One band's view as the page draws it (its largest trees, whole, within `max_nodes`): its size, the share of
     its nodes under hub roots, its coherence against random trees rooted like its trees, and its first trees."""
     from explorer import tree
     from msae.analysis import coherence
 
     shown = tree.largest_trees(band, max_nodes)
-    freq = latents.set_index("latent")["freq"]
-    top = {int(l): [int(t) for t in ids] for l, ids in zip(latents["latent"], latents["top_token_ids"])}
     roots, others = tree.band_pools(latents, words, kind)
     coh = coherence.forest_coherence(tree.tree_members(shown), top, cats, others, root_pool=roots)
     table = tree.trees_table(shown, latents)
@@ -76,14 +74,14 @@ def main() -> None:
     store = load_store(args.run_dir)
     cats = coherence.token_categories(taxonomy.load_taxonomy(taxonomy.SHIPPED, store.manifest.model))
     store_cfg = store.manifest.link_config
-    words = tree.word_latents(store.latents, store.vocab)
+    words, top = tree.word_latents(store.latents, store.vocab), tree.top_tokens(store.latents)
     report = {"run": args.run_dir, "rows": store.manifest.rows, "store_rule": store_cfg.to_json(),
               "related_category_max": coherence.RELATED_CATEGORY_MAX, "default_band": tree.BAND_KINDS[0],
               "word_latents": len(words),
               "views": {"the store's rule": view_figures(store.latents, store.links, store_cfg, store_cfg,
-                                                         args.max_nodes, cats, words),
+                                                         args.max_nodes, cats, words, top),
                         "the library's rule": view_figures(store.latents, store.links, store_cfg, LinkConfig(),
-                                                           args.max_nodes, cats, words)}}
+                                                           args.max_nodes, cats, words, top)}}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -331,8 +331,9 @@ def link_curve_figure(curve: Mapping) -> go.Figure:
                           "%{customdata[2]}<br>%{x:,} tree links; on %{customdata[3]} (left out): %{y:.3f}"
                           "<br>under hub parents: %{customdata[4]:.0%}<extra></extra>")
     chosen = curve.get("chosen")
-    if chosen is not None and worst_part(chosen) is not None:
-        fig.add_scatter(x=[chosen["tree_links"]], y=[worst_part(chosen)["heldout"]["mean"]], mode="markers",
+    chosen_worst = worst_part(chosen) if chosen is not None else None
+    if chosen_worst is not None:
+        fig.add_scatter(x=[chosen["tree_links"]], y=[chosen_worst["heldout"]["mean"]], mode="markers",
                         name="chosen rule", hoverinfo="skip",
                         marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(color="black", width=2)))
     target = curve.get("target", {})

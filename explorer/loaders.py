@@ -11,6 +11,7 @@ from typing import Sequence, TypeVar
 import pandas as pd
 import streamlit as st
 
+from explorer import tree
 from explorer.state import APP_DIR, against_runs, short_name
 from msae import taxonomy, toy
 from msae.analysis import coherence
@@ -249,15 +250,12 @@ def _token_categories(model: str) -> dict[int, frozenset[int]] | None:
 
 @st.cache_data(show_spinner="Measuring the trees' coherence against random trees…", max_entries=32)
 def tree_coherence(model: str, trees: tuple[tuple[int, ...], ...], _latents: pd.DataFrame, run_dir: str,
-                   pools: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> coherence.Coherence | None:
+                   pools: tuple[tuple[int, ...], tuple[int, ...]]) -> coherence.Coherence | None:
     """The WordNet coherence of `trees` (msae.analysis.coherence) for the store of `run_dir`, against random trees
-    drawn from `pools` (explorer.tree.band_pools: their roots, their other latents; default: every live latent);
-    None when the shipped taxonomy is not for `model`'s vocabulary."""
+    drawn from `pools` (explorer.tree.band_pools: their roots, their other latents); None when the shipped taxonomy
+    is not for `model`'s vocabulary."""
     cats = _token_categories(model)
     if cats is None:
         return None
-    top = {int(l): [int(t) for t in ids] for l, ids in zip(_latents["latent"], _latents["top_token_ids"])}
-    if pools is None:
-        return coherence.forest_coherence([list(t) for t in trees], top, cats,
-                                          _latents.loc[_latents["count"] > 0, "latent"].tolist())
-    return coherence.forest_coherence([list(t) for t in trees], top, cats, list(pools[1]), root_pool=list(pools[0]))
+    return coherence.forest_coherence([list(t) for t in trees], tree.top_tokens(_latents), cats, list(pools[1]),
+                                      root_pool=list(pools[0]))

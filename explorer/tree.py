@@ -137,6 +137,11 @@ def is_word(token: str) -> bool:
     return len(text) >= 3 and text.isalpha() and text.lower() not in FUNCTION_WORDS
 
 
+def top_tokens(latents: pd.DataFrame) -> dict[int, list[int]]:
+    """Each latent's top tokens (store column top_token_ids), by latent: what the coherence figure relates."""
+    return {int(l): [int(t) for t in ids] for l, ids in zip(latents["latent"], latents["top_token_ids"])}
+
+
 def word_latents(latents: pd.DataFrame, vocab: list[str]) -> set[int]:
     """The latents whose top tokens (store column top_token_ids) are at least half content words (`is_word`)."""
     out = set()
