@@ -2,7 +2,8 @@
 # Makes the shipped default runs again (assets/README.md says what they are and what they measure). `train` can be
 # run again after a stop: it resumes from its last checkpoint. `finish` replaces assets/default/ with the new runs.
 #
-#   bash assets/make_default.sh train     # about 2 h 40 min on 2 CPU cores (three SAEs); a background job is fine (nohup ... &)
+#   bash assets/make_default.sh train     # extraction to 21M rows (about 2 h 40 min from nothing), then the three SAEs
+#                                         # in one pass (about 1 h 35 min in bf16 on 2 AVX-512 BF16 cores); nohup ... & is fine
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
 #   bash assets/make_default.sh all       # train, then finish: run it again after any stop to go on
@@ -12,27 +13,31 @@
 # weights there now (steps named are run whatever their mark; new weights make every mark stale).
 #
 # CORPUS, TOKENS, STEPS (empty: each training row read once), WIDTHS, NARROW, BALANCE, SEED and ANALYZE_TOKENS
-# override the settings of the runs shipped now (the defaults below), e.g. a one-pass run on the large corpus:
-#   CORPUS=large TOKENS=21000000 STEPS= OUT=/work/shipped/v3 bash assets/make_default.sh train
-# OUT is where the float32 runs are trained (default /work/shipped/v2); WORDNET: the built-in corpus holds WordNet's
-# definitions only where Debian's wordnet-base is installed, so the same runs need it (apt-get install wordnet-base).
+# override the settings of the runs shipped now (the defaults below), e.g. the 8,192-latent trio shipped before,
+# 5,000 steps over the built-in corpus's 1.5M rows:
+#   CORPUS=builtin TOKENS=1500000 STEPS=5000 WIDTHS=256,816,2576,8192 NARROW=2576 ANALYZE_TOKENS= OUT=/work/shipped/v2 \
+#     bash assets/make_default.sh all
+# OUT is where the float32 runs are trained (default /work/shipped/v4); WORDNET: the built-in corpus holds WordNet's
+# definitions only where Debian's wordnet-base is installed, so the same runs need it (apt-get install wordnet-base);
+# the large corpus's Debian packages come with `make corpus` (msae corpus --info lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/work/shipped/v2}
+OUT=${OUT:-/work/shipped/v4}
 MSAE=.venv/bin/msae
 # The layout the sweep chose (benchmarks/sweep_levels.py, 2,048 latents: 4 levels from 1/32 with balance 0.5 had the
-# best full-width and fresh-text FVU and no group above 35% of the L0), scaled to 8,192 latents. At 8,192 latents
-# balance 0.5 let the first group take 51% of the L0 by step 1,000, still rising; with balance 0.25 (level weights
-# 1/64, 1/16, 1/4, 1) no group held more than 33% at step 600, where the full-width training FVU was the same (0.307
-# against 0.306) (benchmarks/results/probe_8192.json, benchmarks/group_share.py).
-WIDTHS=${WIDTHS:-256,816,2576,8192}
-NARROW=${NARROW:-2576}
+# best full-width and fresh-text FVU and no group above 35% of the L0), scaled to 16,384 latents, the widest pair
+# assets/ holds (benchmarks/sweep_width.py --ship-width). At 8,192 latents balance 0.5 let the first group take 51% of
+# the L0 by step 1,000, still rising; with balance 0.25 (level weights 1/64, 1/16, 1/4, 1) no group held more than 33%
+# at step 600, where the full-width training FVU was the same (0.307 against 0.306) (benchmarks/results/probe_8192.json,
+# benchmarks/group_share.py), so 0.25 it stays.
+WIDTHS=${WIDTHS:-512,1632,5168,16384}
+NARROW=${NARROW:-5168}
 BALANCE=${BALANCE:-0.25}
-STEPS=${STEPS-5000}
+STEPS=${STEPS-}
 # What it trains on: the corpus and how many rows of it to extract (the last shard is held out). STEPS empty reads
-# every training row once (one pass), as the width sweep does.
-CORPUS=${CORPUS:-builtin}
-TOKENS=${TOKENS:-1500000}
+# every training row once (one pass), as the width sweep does: ≥ 20M distinct tokens of --corpus large, each read once.
+CORPUS=${CORPUS:-large}
+TOKENS=${TOKENS:-21000000}
 SEED=${SEED:-0}
 
 train() {
@@ -41,8 +46,8 @@ train() {
   local balance=() steps=()
   [ -n "$BALANCE" ] && balance=(--balance "$BALANCE")
   [ -n "$STEPS" ] && steps=(--steps "$STEPS")
-  # 5,000 steps of 4,096 rows = 20.5M tokens, about 14 epochs of the 1.45M training rows (about 1.75 s a step for the
-  # three SAEs here). A checkpoint every 100 steps, so a stop loses at most 100 steps.
+  # One pass over the ~20.9M training rows is 5,089 steps of 4,096 rows (about 1.1 s a step for the three SAEs in bf16
+  # here). A checkpoint every 100 steps, so a stop loses at most 100 steps.
   "$MSAE" train --model smollm2-135m --layer 15 --corpus "$CORPUS" --tokens "$TOKENS" \
     --arch matryoshka --also-vanilla --also-narrow "$NARROW" --widths "$WIDTHS" --k 32 "${balance[@]}" \
     "${steps[@]}" --batch-size 4096 --seed "$SEED" --checkpoint-every 100 --log-every 20 --out "$OUT" "${resume[@]}"
@@ -88,7 +93,8 @@ for run in sys.argv[1:]:
 EOF
 }
 
-# ANALYZE_TOKENS: the cache rows analysed (default: all of them; a 21M-row cache takes hours per run at 16k latents).
+# ANALYZE_TOKENS: the cache rows analysed (empty: all of them; all 21M rows would take hours per run at 16k latents).
+ANALYZE_TOKENS=${ANALYZE_TOKENS-3000000}
 ANALYZE=("$MSAE" analyze ${ANALYZE_TOKENS:+--tokens "$ANALYZE_TOKENS"})
 analyze_m() { "${ANALYZE[@]}" "$M" --against "$V"; }
 analyze_v() { "${ANALYZE[@]}" "$V" --against "$N" --no-absorption; }

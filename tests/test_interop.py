@@ -435,7 +435,7 @@ def test_saelens_hooks_the_residual_stream_that_our_hook_name_names(peers):
 
 
 def test_the_shipped_runs_have_unit_decoder_rows_and_their_stores_the_same_scale():
-    """Re-saved with unit rows (assets/unit_decoders.py): float16's rounding leaves the rows within SAEBench's
+    """Saved with unit rows, as msae saves every run: float16's rounding leaves the rows within SAEBench's
     float16 tolerance (1e-2), and a stored top activation is what the run's encoder gives on that context now."""
     import pyarrow.parquet as pq
 

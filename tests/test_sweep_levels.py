@@ -22,11 +22,11 @@ def test_layouts_are_the_documented_geometric_levels(name, widths):
     assert sweep_levels.CONFIGS[name].widths(2048) == widths
 
 
-def test_the_shipped_layout_at_8192_latents_is_what_make_default_trains():
-    """The sweep's layout scaled to 8,192 latents; its balance lowered from 0.5 to 0.25 at that size, where 0.5 let
-    the first group pass 40% of the L0 (benchmarks/results/probe_8192.json)."""
+def test_the_shipped_layout_at_16384_latents_is_what_make_default_trains():
+    """The sweep's layout scaled to 16,384 latents; its balance lowered from 0.5 to 0.25, as at 8,192 latents, where
+    0.5 let the first group pass 40% of the L0 (benchmarks/results/probe_8192.json)."""
     script = (Path(__file__).resolve().parents[1] / "assets" / "make_default.sh").read_text()
-    widths = sweep_levels.CONFIGS[sweep_levels.CHOSEN].widths(8192)
+    widths = sweep_levels.CONFIGS[sweep_levels.CHOSEN].widths(16384)
     assert f"WIDTHS=${{WIDTHS:-{','.join(map(str, widths))}}}" in script
     assert f"NARROW=${{NARROW:-{widths[2]}}}" in script
     assert sweep_levels.CONFIGS[sweep_levels.CHOSEN].balance == 0.5
