@@ -2,7 +2,7 @@
 # Makes the shipped default runs again (assets/README.md says what they are and what they measure). `train` can be
 # run again after a stop: it resumes from its last checkpoint. `finish` replaces assets/default/ with the new runs.
 #
-#   bash assets/make_default.sh train     # extraction to 21M rows (about 2 h 40 min from nothing), then the three SAEs
+#   bash assets/make_default.sh train     # extraction to 21M rows (about 2 h 35 min from nothing), then the three SAEs
 #                                         # in one pass (about 1 h 35 min in bf16 on 2 AVX-512 BF16 cores); nohup ... & is fine
 #   bash assets/make_default.sh finish    # copy into assets/ in float16; evaluate, analyse, benchmark, gallery
 #   bash assets/make_default.sh finish analyze_v bench   # only the steps named (FINISH_STEPS below)
