@@ -94,7 +94,7 @@ EOF
 }
 
 # ANALYZE_TOKENS: the cache rows analysed (empty: all of them; all 21M rows would take hours per run at 16k latents).
-ANALYZE_TOKENS=${ANALYZE_TOKENS-3000000}
+ANALYZE_TOKENS=${ANALYZE_TOKENS-2000000}
 ANALYZE=("$MSAE" analyze ${ANALYZE_TOKENS:+--tokens "$ANALYZE_TOKENS"})
 analyze_m() { "${ANALYZE[@]}" "$M" --against "$V"; }
 analyze_v() { "${ANALYZE[@]}" "$V" --against "$N" --no-absorption; }
