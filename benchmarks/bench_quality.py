@@ -11,10 +11,10 @@ extraction.cache_id under msae.activations.cache_root(), or --cache):
 - inference L0 with θ against BatchTopK's L0 on held-in rows (16 batches of 4096 from the training shards, in a
   seeded order other than any run's);
 - per nested group: its share of the L0, firing-frequency quantiles, the share of its latents firing at least once
-  per 100k held-out tokens (the held-out shard holds about 50k rows, so this is "fired at least once there": a
-  noisy reading of a 1e-5 rate); where the run has a feature store (`msae analyze`), the same share from the
-  store's firing counts over every cache row (1.5M rows for the built-in cache: a rate of 1e-5 is 15 firings),
-  as `groups.store_alive_per_100k`, beside it and not in its place;
+  per 100k held-out tokens (the held-out shard holds about 50k rows of the built-in cache, 156k of the large one,
+  so this is "fired once or a few times there": a noisy reading of a 1e-5 rate); where the run has a feature store
+  (`msae analyze`), the same share from the store's firing counts over the rows it analysed (2M for the shipped
+  runs: a rate of 1e-5 is 20 firings), as `groups.store_alive_per_100k`, beside it and not in its place;
 - for a BatchTopK SAE, the same held-out and fresh-text FVU with BatchTopK kept at inference (`batchtopk_at_k`:
   L0 exactly k per batch), the reconstruction within the sparsity budget where θ's L0 drifts above k on rows
   unlike those it was set on;
@@ -59,14 +59,16 @@ HELD_IN_BATCHES, HELD_IN_BATCH_SIZE, HELD_IN_SEED = 16, 4096, 12345
 """Held-in rows for θ against BatchTopK: training shards, shuffled with a seed no run trains with."""
 
 TARGETS = {
-    "part_fvu_max": 0.25,
-    "fresh_fvu_max": 0.30,
+    "part_fvu_max": 0.20,
+    "fresh_fvu_max": 0.25,
     "theta_l0_tolerance": 0.05,
     "group_l0_share_max": 0.40,
     "last_group_alive_min": 0.80,
 }
 """The targets: held-out full-width FVU per corpus part, FVU on fresh text, |θ-L0 / BatchTopK L0 - 1|, the largest
-nested group's share of the L0, the share of the last group's latents alive (once per 100k tokens)."""
+nested group's share of the L0, the share of the last group's latents alive (once per 100k tokens). The FVU bounds
+are issue 23's for the shipped runs (0.20 and 0.25; until the 16,384-latent re-ship they were 0.25 and 0.30, the
+keys of quality.json's older entries)."""
 
 
 @dataclass
@@ -175,8 +177,8 @@ def targets(sae: SAE, parts: list[dict], heldout_fvu: float, fresh_fvu: float, l
     nested = sae.n_groups > 1
     part_fvus = [p["fvu"] for p in parts] or [heldout_fvu]
     return {
-        "heldout_fvu_every_part_le_0.25": max(part_fvus) <= TARGETS["part_fvu_max"],
-        "fresh_fvu_le_0.30": fresh_fvu <= TARGETS["fresh_fvu_max"],
+        "heldout_fvu_every_part_le_0.20": max(part_fvus) <= TARGETS["part_fvu_max"],
+        "fresh_fvu_le_0.25": fresh_fvu <= TARGETS["fresh_fvu_max"],
         "inference_l0_le_k": l0 <= sae.k,
         "theta_l0_within_5pct_of_batchtopk": theta["within_5pct"] if theta is not None else None,
         "no_group_over_40pct_of_l0": max(l0_share) <= TARGETS["group_l0_share_max"] if nested else None,

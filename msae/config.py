@@ -464,19 +464,21 @@ class LinkConfig(Config):
 
     criterion: typing.Literal["coverage", "cosine"] = "coverage"
     """Which rule makes a candidate a link (see above)."""
-    min_coverage: float = 0.7
+    min_coverage: float = 0.9
     """coverage: P(p | c), the share of the child's tokens on which the parent fires, at least this."""
-    # Why 0.7, with min_lift and the two specificity bounds below: chosen from benchmarks/bench_links.py's curve (links
-    # made without each corpus part, measured on it) by the rule stated there. No rule of the grid met the target on
-    # every part; this one has the best worst-part held-out P(p | c) (0.585, wikipedia) of those keeping >= 1,000 tree
-    # links (assets/README.md). A comment, not the field's docstring: the docstring is --min-coverage's help.
+    # Why 0.9, with min_lift 2 and the two specificity bounds below off: chosen from benchmarks/bench_links.py's curve
+    # (links made without each corpus part, measured on it) on the shipped 16,384-latent Matryoshka run by the rule
+    # stated there. No rule of the grid met the target on every part; this one has the best worst-part held-out
+    # P(p | c) (0.713) of those keeping >= 1,000 tree links (1,071; assets/README.md). On the 8,192-latent run shipped
+    # before, the same rule chose 0.7 with lift 10. A comment, not the field's docstring: that is --min-coverage's help.
     max_reverse: float = 0.9
     """coverage: P(c | p) at most this (a child that covers its parent is a duplicate, not a child)."""
-    min_lift: float = 10.0
+    min_lift: float = 2.0
     """coverage: P(p | c) / P(p) at least this: a latent that fires on a large share of all tokens covers any
-    child without saying anything about it. 10 also keeps out parents firing on more than a tenth of all tokens
-    (lift <= 1 / P(p)); at 2, 48% of the tree's latents hung under roots firing on more than 5% of tokens, at 10,
-    14% (bench_links.py)."""
+    child without saying anything about it (a bound of L also keeps out parents firing on more than 1/L of all
+    tokens, since lift <= 1 / P(p)). On the shipped run at P(p | c) >= 0.9, 60% of the tree's latents hang under
+    roots firing on more than 5% of tokens at 2, 20% at 10 (bench_links.py); the Hierarchy page puts those trees in
+    a band of their own."""
     min_child_fires: int = 20
     """coverage: children firing on fewer tokens get no parent (their coverage is a handful of tokens)."""
     max_parent_density: float = 1.0

@@ -91,7 +91,7 @@ def _go_to(page, title: str) -> None:
 
 def _lower_until_a_tree_shows(page) -> None:
     """Do on the Hierarchy page what it tells a user until a tree figure shows. A 300-step SAE has few links as
-    strong and specific as the default rule asks (lift >= 10, P(p|c) >= 0.7): while it says "No links", lower the
+    strong as the default rule asks (P(p|c) >= 0.9, lift >= 2): while it says "No links", lower the
     lift, then the link strength, with each slider's keyboard; while it says "No tree in this band", open the hubs'
     band (its few trees hang under dense roots). Each action is idempotent and the page is read again after it: a
     rerun that a slider starts may begin after the page looked idle, so one read can be stale. Fails when no tree
