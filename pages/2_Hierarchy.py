@@ -36,9 +36,13 @@ with st.container(border=True):
                                 format_func=lambda f: f"{f:.3%}" if f else "any")
     # P(p | c) tops out at 1; the cosine score (× a max ratio capped at 1) too, but older stores went above.
     max_score = max(1.0, float(links["score"].max()))
-    min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=threshold, step=0.05,
-                          key="tree_score", help="Below the link threshold you see the store's best candidates too.")
     rule = LinkConfig()
+    # A coverage store's score is P(p | c): the library's bound applies where it is stricter, as the bounds below do.
+    strength = max(threshold, rule.min_coverage) if link_cfg.criterion == "coverage" else threshold
+    min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=min(strength, max_score),
+                          step=0.05, key="tree_score",
+                          help="Below the link threshold you see the store's best candidates too. The default is the "
+                               "library's current P(parent | child) bound where it is stricter than the store's.")
     min_reverse = c2.select_slider("P(child | parent) at least", REVERSE_STEPS, key="tree_reverse",
                                    value=max(rule.min_reverse, link_cfg.min_reverse),
                                    help="Drops links whose child is a sliver of a far broader parent. The default is "
@@ -58,6 +62,7 @@ with st.container(border=True):
                                 help="The largest trees are drawn first, whole, while they fit.")
 
 stricter = [f"{name} {value:g}" for name, value, tighter in (
+    ("link strength ≥", min_score, min_score > threshold),
     ("lift ≥", min_lift, min_lift > link_cfg.min_lift),
     ("P(child | parent) ≥", min_reverse, min_reverse > link_cfg.min_reverse),
     ("parent density ≤", max_parent, max_parent < link_cfg.max_parent_density)) if tighter]

@@ -345,9 +345,13 @@ BAND_NAMES = dict(zip(BAND_KINDS, tables.TREE_BANDS))
 def test_hierarchy_tree_filters_and_opens_a_feature(env):
     store = load_store(env["matryoshka"])
     cfg, rule = store.manifest.link_config, LinkConfig()
-    # By default the page applies the library's lift bound where it is stricter than the store's.
+    # By default the page applies the library's P(p | c) and lift bounds where they are stricter than the store's,
+    # and says so.
     at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"]))
     assert at.select_slider(key="tree_lift").value == max(rule.min_lift, cfg.min_lift)
+    assert cfg.criterion == "coverage" and rule.min_coverage > cfg.score_threshold
+    assert at.slider(key="tree_score").value == pytest.approx(rule.min_coverage)
+    assert any("link strength ≥ 0.9" in c.value for c in at.caption)
     every = hierarchy_nodes(store.latents, store.links, cfg.score_threshold, threshold=cfg.score_threshold,
                             min_reverse=max(rule.min_reverse, cfg.min_reverse),
                             max_parent_freq=min(rule.max_parent_density, cfg.max_parent_density),
@@ -363,8 +367,9 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     # below run on the first band that has trees.
     opened = next((kind for kind in BAND_KINDS if len(by_kind[kind])), None)
     assert opened is not None, "the fixture's store has links"
-    state = {"tree_lift": cfg.min_lift, **({} if opened == "concept" else {"tree_band": BAND_NAMES[opened]})}
-    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
+    store_rule = {"tree_lift": cfg.min_lift, "tree_score": cfg.score_threshold}
+    state = {**store_rule, **({} if opened == "concept" else {"tree_band": BAND_NAMES[opened]})}
+    at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], **store_rule))
     if concept.empty:
         assert "No tree in this band" in at.info[0].value
         at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], **state))
@@ -400,7 +405,7 @@ def test_hierarchy_tree_filters_and_opens_a_feature(env):
     assert figures(ok(at))[0]["data"][0]["type"] == "sunburst"
     for kind in BAND_KINDS:
         if kind != opened and len(by_kind[kind]):
-            at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], tree_lift=cfg.min_lift))
+            at = ok(open_page("pages/2_Hierarchy.py", env["matryoshka"], **store_rule))
             at.radio(key="tree_band").set_value(BAND_NAMES[kind]).run()
             view = figures(ok(at))[0]["data"][0]
             assert {latent_of_node(i) for i in view["ids"]} <= set(by_kind[kind]["latent"])
