@@ -39,8 +39,8 @@ with st.container(border=True):
     rule = LinkConfig()
     # A coverage store's score is P(p | c): the library's bound applies where it is stricter, as the bounds below do.
     strength = max(threshold, rule.min_coverage) if link_cfg.criterion == "coverage" else threshold
-    min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=min(strength, max_score),
-                          step=0.05, key="tree_score",
+    min_score = c3.slider("link strength at least", 0.0, round(max_score, 2), value=strength, step=0.05,
+                          key="tree_score",
                           help="Below the link threshold you see the store's best candidates too. The default is the "
                                "library's current P(parent | child) bound where it is stricter than the store's.")
     min_reverse = c2.select_slider("P(child | parent) at least", REVERSE_STEPS, key="tree_reverse",
